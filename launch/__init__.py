@@ -1,0 +1,1 @@
+"""Entry points: training launches, merging, prediction, submission checks, scoring and benchmarks."""

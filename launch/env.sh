@@ -1,0 +1,9 @@
+# Sourced by medkd's shell entry points: offline, no telemetry, quiet tokenizers.
+# Without these a failing Axolotl run was seen retrying telemetry for over 10 minutes.
+export AXOLOTL_DO_NOT_TRACK=1 HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" WANDB_MODE="${WANDB_MODE:-disabled}"
+export TRL_EXPERIMENTAL_SILENCE=1 TOKENIZERS_PARALLELISM=false VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
+export PYTHONUNBUFFERED=1
+MEDKD_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export MEDKD_ROOT
+export PYTHONPATH="$MEDKD_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+PY="$MEDKD_ROOT/.venv/bin/python"

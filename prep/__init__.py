@@ -1,0 +1,1 @@
+"""Data in: competition cases, teacher answers and soft labels, shaped for training and inference."""

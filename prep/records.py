@@ -1,0 +1,175 @@
+"""Competition cases: the `{"id", "feature_content"}` reader and `python -m prep.records` validator.
+
+Every bad line is reported with file, line and field. The caller chooses between stopping at the
+first problem (`on_error="raise"`) and collecting problems (`"collect"`, optionally written to a
+rejects file); nothing is ever dropped silently.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from prep.jsonio import InputError, iter_json_lines, write_jsonl_atomic
+
+CASE_KEYS = ("id", "feature_content")
+# Fields every case carries (values may be empty) and those that appear only sometimes.
+ALWAYS_FIELDS = ("性别", "年龄", "主诉", "现病史", "既往史", "个人史", "过敏史", "婚育史")
+OPTIONAL_FIELDS = ("流行病史", "体格检查", "辅助检查")
+_FIELD_LINE = re.compile(r"^(" + "|".join(ALWAYS_FIELDS + OPTIONAL_FIELDS) + r")[:：]\s?(.*)$")
+
+
+@dataclass(frozen=True)
+class Case:
+    id: int
+    feature_content: str
+    source: str = field(default="", compare=False)  # "path:line", for messages downstream
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "feature_content": self.feature_content}
+
+
+@dataclass
+class ReadResult:
+    cases: list[Case]
+    problems: list[InputError]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def parse_case_line(path: str | Path, line_number: int, text: str) -> Case:
+    """One JSON line -> Case, or InputError naming the field at fault."""
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(path, line_number, f"invalid JSON ({err.msg}, column {err.colno})") from None
+    if not isinstance(row, dict):
+        raise InputError(path, line_number, f"expected a JSON object, got {type(row).__name__}")
+    for key in CASE_KEYS:
+        if key not in row:
+            raise InputError(path, line_number, "missing", field=key)
+    extra = sorted(set(row) - set(CASE_KEYS))
+    if extra:
+        raise InputError(path, line_number, "unexpected key (a case has only id and feature_content)", field=extra[0])
+    case_id, content = row["id"], row["feature_content"]
+    if isinstance(case_id, bool) or not isinstance(case_id, int):
+        raise InputError(path, line_number, f"must be an integer, got {json.dumps(case_id, ensure_ascii=False)}", field="id")
+    if not isinstance(content, str):
+        raise InputError(path, line_number, f"must be a string, got {type(content).__name__}", field="feature_content")
+    if not content.strip():
+        raise InputError(path, line_number, "is empty", field="feature_content")
+    return Case(case_id, content, source=f"{path}:{line_number}")
+
+
+def read_cases(
+    path: str | Path,
+    on_error: Literal["raise", "collect"] = "raise",
+    rejects_path: str | Path | None = None,
+) -> ReadResult:
+    """Read a JSONL (or JSON array) case file.
+
+    on_error="raise" stops at the first bad line; "collect" keeps going and returns every problem,
+    writing the bad lines with their reasons to `rejects_path` when given. Duplicate ids are
+    problems (the second and later occurrences), as a submission needs each id exactly once.
+    """
+    cases: list[Case] = []
+    problems: list[InputError] = []
+    rejects: list[dict] = []
+    first_line_of: dict[int, int] = {}
+    for line_number, text in iter_json_lines(path):
+        try:
+            case = parse_case_line(path, line_number, text)
+            if case.id in first_line_of:
+                raise InputError(path, line_number, f"duplicate id {case.id} (first on line {first_line_of[case.id]})", field="id")
+        except InputError as problem:
+            if on_error == "raise":
+                raise
+            problems.append(problem)
+            rejects.append({"source": f"{path}:{line_number}", "reason": str(problem), "raw": text})
+            continue
+        first_line_of[case.id] = line_number
+        cases.append(case)
+    if rejects_path is not None and rejects:
+        write_jsonl_atomic(rejects_path, rejects)
+    return ReadResult(cases, problems)
+
+
+def parse_fields(feature_content: str) -> dict[str, str]:
+    """Split `字段: 值` lines into a dict; continuation lines belong to the field above them."""
+    fields: dict[str, str] = {}
+    current = None
+    for line in feature_content.split("\n"):
+        match = _FIELD_LINE.match(line)
+        if match:
+            current = match.group(1)
+            fields[current] = match.group(2).strip()
+        elif current is not None:
+            fields[current] = (fields[current] + "\n" + line).strip()
+    return fields
+
+
+def percentiles(values: list[int], points: tuple[int, ...] = (50, 90, 99, 100)) -> dict[str, int]:
+    ordered = sorted(values)
+    if not ordered:
+        return {}
+    return {f"p{p}": ordered[min(len(ordered) - 1, max(0, -(-p * len(ordered) // 100) - 1))] for p in points}
+
+
+def summarise(cases: list[Case], count_tokens=None) -> dict:
+    """Records, unique ids, duplicate texts, field presence (non-empty share) and length percentiles."""
+    texts = Counter(case.feature_content for case in cases)
+    presence = Counter()
+    for case in cases:
+        for name, value in parse_fields(case.feature_content).items():
+            presence[name] += bool(value)
+    summary = {
+        "records": len(cases),
+        "unique_ids": len({case.id for case in cases}),
+        "duplicate_texts": sum(n - 1 for n in texts.values() if n > 1),
+        "field_non_empty": {name: presence[name] for name in ALWAYS_FIELDS + OPTIONAL_FIELDS},
+        "chars": percentiles([len(case.feature_content) for case in cases]),
+    }
+    if count_tokens is not None:
+        summary["qwen_tokens"] = percentiles([count_tokens(case.feature_content) for case in cases])
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m prep.records", description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", help="case files (JSONL or a JSON array)")
+    parser.add_argument("--rejects", help="write bad lines with their reasons to this JSONL file")
+    parser.add_argument("--tokenizer", help="model folder whose tokenizer counts tokens (default: the Qwen2.5 tokenizer built from its BPE ranks)")
+    parser.add_argument("--no-tokens", action="store_true", help="skip the token-length percentiles")
+    args = parser.parse_args(argv)
+
+    count_tokens = None
+    if not args.no_tokens:
+        from prep.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer)
+        count_tokens = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+
+    bad = 0
+    for path in args.paths:
+        try:
+            result = read_cases(path, on_error="collect", rejects_path=args.rejects)
+        except InputError as err:  # unreadable file as a whole
+            print(err, file=sys.stderr)
+            bad += 1
+            continue
+        for problem in result.problems:
+            print(problem, file=sys.stderr)
+        bad += len(result.problems)
+        print(json.dumps({"path": str(path), "bad_lines": len(result.problems), **summarise(result.cases, count_tokens)}, ensure_ascii=False, indent=1))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
