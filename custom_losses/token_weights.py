@@ -1,0 +1,101 @@
+"""Per-token weights for the answer: more weight where the diagnosis and its evidence are.
+
+w_t is 0 on prompt tokens (they carry no label), 1 on ordinary answer tokens, `w_diseases` on the
+tokens inside the `diseases` value, and `w_terms` on tokens of lexicon terms that also occur in the
+case (the findings that justify the diagnosis). Where both apply, the larger weight wins.
+Spans are found on the answer's characters and mapped to tokens through the tokenizer's offsets,
+so the weights follow the exact tokens the model is trained on.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_LEXICON = "data/medical_terms.txt"
+
+
+@dataclass(frozen=True)
+class TokenWeightConfig:
+    w_diseases: float = 2.0
+    w_terms: float = 1.5
+    lexicon_path: str | None = DEFAULT_LEXICON
+
+    def __post_init__(self) -> None:
+        if self.w_diseases < 0 or self.w_terms < 0:
+            raise ValueError("token weights w_diseases and w_terms must be >= 0")
+
+
+@lru_cache(maxsize=8)
+def load_lexicon(path: str | None) -> tuple[str, ...]:
+    """Terms, longest first (so a longer term claims its characters before a shorter one inside it)."""
+    if not path:
+        return ()
+    resolved = Path(path) if Path(path).is_absolute() or Path(path).exists() else REPO_ROOT / path
+    terms = {line.strip() for line in resolved.read_text(encoding="utf-8").splitlines()}
+    return tuple(sorted((t for t in terms if t and not t.startswith("#")), key=lambda t: (-len(t), t)))
+
+
+def diseases_value_span(answer_text: str) -> tuple[int, int]:
+    """Character span [start, end) of the `diseases` string value inside an answer's JSON text.
+
+    Decoded with the JSON decoder rather than searched for, so a reason that mentions "diseases"
+    or holds escaped quotes cannot fool it.
+    """
+    decoder = json.JSONDecoder(strict=False)
+    position = answer_text.index("{") + 1
+    while True:
+        while answer_text[position] in " \t\r\n,":
+            position += 1
+        if answer_text[position] == "}":
+            raise ValueError("the answer JSON has no 'diseases' key")
+        key, position = decoder.raw_decode(answer_text, position)
+        while answer_text[position] in " \t\r\n:":
+            position += 1
+        value_start = position
+        _, position = decoder.raw_decode(answer_text, position)
+        if key == "diseases":
+            return value_start + 1, position - 1  # inside the quotes
+
+
+def term_spans(answer_text: str, case_text: str, lexicon: tuple[str, ...]) -> list[tuple[int, int]]:
+    """Spans of lexicon terms that occur in both the answer and the case (non-overlapping, longest first)."""
+    taken = [False] * len(answer_text)
+    spans = []
+    for term in lexicon:
+        if term not in case_text:
+            continue
+        start = answer_text.find(term)
+        while start != -1:
+            end = start + len(term)
+            if not any(taken[start:end]):
+                spans.append((start, end))
+                taken[start:end] = [True] * len(term)
+            start = answer_text.find(term, end)
+    return sorted(spans)
+
+
+def answer_token_weights(tokenizer, answer_text: str, case_text: str, config: TokenWeightConfig) -> tuple[list[int], list[float]]:
+    """Token ids of the assistant content followed by <|im_end|>, and one weight per token.
+
+    The content is tokenised on its own: in the ChatML rendering it sits between
+    `<|im_start|>assistant\\n` and the special `<|im_end|>`, and Qwen's pre-tokenizer splits at
+    both, so these are exactly the tokens of the full conversation.
+    """
+    encoded = tokenizer(answer_text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
+    disease_start, disease_end = diseases_value_span(answer_text)
+    terms = term_spans(answer_text, case_text, load_lexicon(config.lexicon_path))
+    weights = []
+    for start, end in offsets:
+        weight = 1.0
+        if start < disease_end and end > disease_start:
+            weight = max(weight, config.w_diseases)
+        if any(start < term_end and end > term_start for term_start, term_end in terms):
+            weight = max(weight, config.w_terms)
+        weights.append(weight)
+    ids.append(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    weights.append(1.0)
+    return ids, weights
