@@ -1,0 +1,268 @@
+"""A real HTTP server on 127.0.0.1 that speaks enough of the OpenAI API to test clients against faults.
+
+It answers GET /v1/models and POST /v1/chat/completions (and /v1/completions when proxying) over
+HTTP/1.1 keep-alive, built on asyncio streams so no extra package is needed. Each chat request
+takes the next item of a script, or the default behaviour when the script is empty:
+
+    "ok"                  a valid answer (the default answer_fn, or the upstream server's when proxying)
+    "429"                 rate limited, no Retry-After;  "429 retry-after=2": with Retry-After: 2
+    "500", "503", "400"   that status with an OpenAI-style error body
+    "slow 3"              wait 3 s before answering (beyond the client's timeout)
+    "reset"               drop the connection with a TCP reset, no response
+    "truncated"           headers promise more body than is sent, then close
+    "malformed"           200 with a body that is not JSON
+    {"answer": TEXT}      200 whose assistant content is TEXT (e.g. an invalid answer)
+
+It counts what it was asked (received, completed, in flight, the peak in flight) and keeps each
+chat request's body and arrival time for assertions. Run in a thread (`with FaultServer() as s`)
+for tests, or as a process for benchmarks:
+
+    python -m tests.fault_server --latency 0.3 --capacity 64      # prints "port N", serves until killed
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import socket
+import struct
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+DEFAULT_MODEL = "fault-model"
+_DISEASES = ["急性扁桃体炎", "社区获得性肺炎", "2型糖尿病", "高血压病", "急性胃肠炎", "偏头痛"]
+
+
+def default_answer(body: dict) -> str:
+    """A valid answer that depends only on the case text, so reruns and samples are reproducible."""
+    user = next((m["content"] for m in body.get("messages", []) if m.get("role") == "user"), "")
+    digest = int(hashlib.sha256(user.encode("utf-8")).hexdigest(), 16)
+    disease = _DISEASES[digest % len(_DISEASES)]
+    return json.dumps({"reason": f"1. 主诉与现病史支持{disease}；2. 病例编号{digest % 1000}", "diseases": disease},
+                      ensure_ascii=False, separators=(",", ":"))
+
+
+class FaultServer:
+    def __init__(self, model: str = DEFAULT_MODEL, latency_s: float = 0.0, capacity: int | None = None,
+                 api_key: str | None = None, upstream: str | None = None,
+                 answer_fn: Callable[[dict], str] = default_answer, list_models: bool = True):
+        self.model, self.latency_s, self.capacity = model, latency_s, capacity
+        self.api_key, self.upstream, self.answer_fn, self.list_models = api_key, upstream, answer_fn, list_models
+        self.script: deque[Any] = deque()
+        self.received = self.completed = self.in_flight = self.peak_in_flight = self.models_requests = 0
+        self.requests: list[dict] = []          # chat request bodies, in arrival order
+        self.arrivals: list[float] = []         # time.monotonic() of each chat request
+        self.host, self.port = "127.0.0.1", 0
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---- control (thread-safe) ---------------------------------------------------------------
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def push(self, *items: Any) -> "FaultServer":
+        with self._lock:
+            self.script.extend(items)
+        return self
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return {"received": self.received, "completed": self.completed, "in_flight": self.in_flight,
+                    "peak_in_flight": self.peak_in_flight}
+
+    def start(self) -> "FaultServer":
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run_forever, args=(ready,), daemon=True, name="fault-server")
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("fault server did not start")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._loop = None
+
+    def __enter__(self) -> "FaultServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _run_forever(self, ready: threading.Event) -> None:
+        self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self._loop)
+        server = self._loop.run_until_complete(self.serve())
+        ready.set()
+        try:
+            self._loop.run_forever()
+        finally:
+            server.close()
+            for task in asyncio.all_tasks(self._loop):
+                task.cancel()
+            self._loop.run_until_complete(asyncio.sleep(0))
+            self._loop.close()
+
+    async def serve(self) -> asyncio.AbstractServer:
+        self._slots = asyncio.Semaphore(self.capacity) if self.capacity else None
+        server = await asyncio.start_server(self._connection, self.host, self.port, backlog=1024)
+        self.port = server.sockets[0].getsockname()[1]
+        return server
+
+    # ---- HTTP ----------------------------------------------------------------------------------
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                request_line = await reader.readline()
+                if not request_line.strip():
+                    break
+                method, path, _ = request_line.decode("latin-1").split(" ", 2)
+                headers = {}
+                while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    name, _, value = line.decode("latin-1").partition(":")
+                    headers[name.strip().lower()] = value.strip()
+                length = int(headers.get("content-length") or 0)
+                body = await reader.readexactly(length) if length else b""
+                if not await self._dispatch(method, path.split("?")[0], headers, body, writer):
+                    break
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass
+        finally:
+            if not writer.is_closing():
+                writer.close()
+
+    async def _dispatch(self, method: str, path: str, headers: dict, body: bytes, writer) -> bool:
+        if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
+            presented = headers.get("authorization", "").removeprefix("Bearer ")
+            # Like real providers, the message echoes the key it was given: clients must not repeat it.
+            return await self._error(writer, 401, f"Incorrect API key provided: {presented}", "invalid_request_error")
+        if method == "GET" and path.endswith("/models"):
+            with self._lock:
+                self.models_requests += 1
+            if not self.list_models:
+                return await self._error(writer, 404, "Not Found", "not_found")
+            models = [{"id": self.model, "object": "model", "created": 0, "owned_by": "fault-server"}]
+            return await self._send(writer, 200, {"object": "list", "data": models})
+        if method == "POST" and path.endswith(("/chat/completions", "/completions")):
+            return await self._completion(path, body, writer)
+        return await self._error(writer, 404, f"no route {method} {path}", "not_found")
+
+    async def _completion(self, path: str, raw: bytes, writer) -> bool:
+        request = json.loads(raw)
+        with self._lock:
+            self.received += 1
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+            self.requests.append(request)
+            self.arrivals.append(time.monotonic())
+            item = self.script.popleft() if self.script else "ok"
+        try:
+            if self._slots is not None:
+                async with self._slots:
+                    return await self._respond(item, path, request, raw, writer)
+            return await self._respond(item, path, request, raw, writer)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    async def _respond(self, item: Any, path: str, request: dict, raw: bytes, writer) -> bool:
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        if request.get("model") != self.model and not (isinstance(item, str) and item.startswith(("4", "5"))):
+            return await self._error(writer, 404, f"The model `{request.get('model')}` does not exist.", "NotFoundError")
+        kind, _, arg = item.partition(" ") if isinstance(item, str) else ("answer", "", "")
+        if kind == "slow":
+            await asyncio.sleep(float(arg))
+            kind = "ok"
+        if kind.isdigit():
+            headers = {"Retry-After": arg.split("=", 1)[1]} if arg.startswith("retry-after=") else {}
+            return await self._error(writer, int(kind), f"scripted {kind}", "scripted", headers)
+        if kind == "reset":
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            return False
+        if kind == "truncated":
+            payload = json.dumps(self._chat_body(request, self.answer_fn(request))).encode()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(payload) + 100}\r\n\r\n".encode() + payload[: len(payload) // 2])
+            await writer.drain()
+            writer.transport.abort()
+            return False
+        if kind == "malformed":
+            return await self._send(writer, 200, b'{"id": "x", "choices": [{"message": ', mark_done=True)
+        if kind == "answer":
+            return await self._send(writer, 200, self._chat_body(request, item["answer"]), mark_done=True)
+        if self.upstream:
+            status, payload = await asyncio.to_thread(self._proxy, path, raw)
+            return await self._send(writer, status, payload, mark_done=status == 200)
+        return await self._send(writer, 200, self._chat_body(request, self.answer_fn(request)), mark_done=True)
+
+    def _proxy(self, path: str, raw: bytes) -> tuple[int, bytes]:
+        url = self.upstream.rstrip("/") + path[path.index("/v1") + 3:] if "/v1" in path else self.upstream + path
+        http = urllib.request.Request(url, data=raw, headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(http, timeout=300) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read()
+
+    def _chat_body(self, request: dict, content: str) -> dict:
+        prompt_chars = sum(len(str(m.get("content", ""))) for m in request.get("messages", []))
+        return {
+            "id": f"chatcmpl-{self.received}", "object": "chat.completion", "created": int(time.time()),
+            "model": request.get("model"),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop",
+                         "logprobs": None}],
+            "usage": {"prompt_tokens": prompt_chars, "completion_tokens": len(content),
+                      "total_tokens": prompt_chars + len(content)},
+        }
+
+    async def _error(self, writer, status: int, message: str, kind: str, headers: dict | None = None) -> bool:
+        body = {"error": {"message": message, "type": kind, "code": status}}
+        return await self._send(writer, status, body, headers=headers)
+
+    async def _send(self, writer, status: int, body: Any, headers: dict | None = None, mark_done: bool = False) -> bool:
+        payload = body if isinstance(body, bytes) else json.dumps(body, ensure_ascii=False).encode("utf-8")
+        lines = [f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}", "Content-Type: application/json",
+                 f"Content-Length: {len(payload)}"] + [f"{k}: {v}" for k, v in (headers or {}).items()]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + payload)
+        await writer.drain()
+        if mark_done:
+            with self._lock:
+                self.completed += 1
+        return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.fault_server", description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds each request takes")
+    parser.add_argument("--capacity", type=int, default=None, help="requests served at once; more wait in line")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    args = parser.parse_args(argv)
+    server = FaultServer(model=args.model, latency_s=args.latency, capacity=args.capacity)
+    server.port = args.port
+
+    async def serve() -> None:
+        await server.serve()
+        print(f"port {server.port}", flush=True)
+        await asyncio.Event().wait()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
