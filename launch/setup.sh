@@ -13,7 +13,7 @@ CONSTRAINTS="$ROOT/constraints.txt"
 export PIP_CONSTRAINT="$CONSTRAINTS" PIP_DISABLE_PIP_VERSION_CHECK=1
 CACHE="${MEDKD_CACHE:-$ROOT/.cache}"
 
-TRAIN_PACKAGES="torch axolotl[deepspeed] deepspeed openai tiktoken rouge-chinese matplotlib pytest pytest-timeout"
+TRAIN_PACKAGES="torch axolotl[deepspeed] deepspeed openai aiohttp tiktoken rouge-chinese matplotlib pytest pytest-timeout"
 if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
   VLLM_PACKAGES="vllm"
 else

@@ -1,0 +1,111 @@
+"""Benchmark the teacher client against a local server of known latency and capacity.
+
+The server (tests/fault_server.py) runs in its own process, answering every chat request after a
+fixed latency with at most CAPACITY requests served at once, so the best possible rate is
+CAPACITY / LATENCY. The client side is the real teacher path (prompt building, ChatClient limits
+and retries, answer parsing, the exactly-once cache runner writing a cache) in this process, whose
+CPU time per request is reported.
+
+    python -m launch.bench_teacher [--requests 1280] [--latency 0.3] [--capacity 64]
+
+Last line: `capacity_fraction=F speedup_vs_sequential=S client_cpu_ms=C`.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from prep.client import ChatClient, ClientSettings, run_cached  # noqa: E402
+from prep.config import load_recipe  # noqa: E402
+from prep.prompts import load_prompts  # noqa: E402
+from prep.records import Case, read_cases  # noqa: E402
+from prep.teacher import Labeller, TeacherRecipe  # noqa: E402
+
+
+def start_server(latency: float, capacity: int) -> tuple[subprocess.Popen, str]:
+    process = subprocess.Popen([sys.executable, "-m", "tests.fault_server", "--latency", str(latency),
+                                "--capacity", str(capacity)], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    port = int(process.stdout.readline().split()[1])
+    return process, f"http://127.0.0.1:{port}/v1"
+
+
+def process_cpu_s(pid: int) -> float:
+    """utime + stime of another process (Linux /proc), to show what the server itself costs."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+def synthetic_cases(count: int, first_id: int) -> list[Case]:
+    """COUNT distinct cases cycled from the bundled samples (distinct ids, so distinct cache keys)."""
+    samples = read_cases(REPO_ROOT / "data" / "sample_cases.jsonl").cases
+    return [Case(first_id + i, samples[i % len(samples)].feature_content) for i in range(count)]
+
+
+async def label(labeller: Labeller, settings: ClientSettings, cases: list[Case], cache: Path) -> tuple[float, float, int]:
+    """(wall seconds, client CPU seconds, requests) for labelling CASES through run_cached."""
+    async with ChatClient(settings) as client:
+        warm = synthetic_cases(settings.concurrency, 10_000_000)   # open the connections outside the timing
+        await asyncio.gather(*(labeller.label(client, (case, 0)) for case in warm))
+        before = client.stats.requests
+        cpu, wall = time.process_time(), time.perf_counter()
+        report = await run_cached(labeller.items(cases), labeller.key, lambda item: labeller.label(client, item), cache,
+                                  max_in_flight=2 * settings.concurrency, stats=client.stats, progress=False)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        assert report.finished == len(cases) and not report.failed, report
+        return wall, cpu, client.stats.requests - before
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m launch.bench_teacher", description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=1280, help="requests in the concurrent run")
+    parser.add_argument("--sequential-requests", type=int, default=20)
+    parser.add_argument("--latency", type=float, default=0.3)
+    parser.add_argument("--capacity", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=None, help="client concurrency (default: the capacity)")
+    args = parser.parse_args(argv)
+
+    recipe = load_recipe(TeacherRecipe, REPO_ROOT / "recipes" / "teacher" / "local-tiny-vllm.yaml", ["server=null"])
+    server, base_url = start_server(args.latency, args.capacity)
+    try:
+        labeller = Labeller(recipe, load_prompts(), "fault-model")
+        base = dataclasses.replace(recipe.client, base_url=base_url, model="fault-model", request_timeout_s=60)
+        with tempfile.TemporaryDirectory() as tmp:
+            seq_wall, seq_cpu, seq_n = asyncio.run(label(labeller, dataclasses.replace(base, concurrency=1),
+                                                         synthetic_cases(args.sequential_requests, 0), Path(tmp) / "seq.jsonl"))
+            concurrency = args.concurrency or args.capacity
+            server_cpu = process_cpu_s(server.pid)
+            wall, cpu, n = asyncio.run(label(labeller, dataclasses.replace(base, concurrency=concurrency),
+                                             synthetic_cases(args.requests, 1_000_000), Path(tmp) / "par.jsonl"))
+            server_cpu = process_cpu_s(server.pid) - server_cpu
+    finally:
+        server.terminate()
+        server.wait(10)
+
+    capacity_rate = args.capacity / args.latency
+    sequential_rate, rate = seq_n / seq_wall, n / wall
+    print(f"server: latency {args.latency} s, capacity {args.capacity} -> at most {capacity_rate:.1f} requests/s")
+    print(f"sequential client: {seq_n} requests in {seq_wall:.2f} s = {sequential_rate:.2f} requests/s "
+          f"({seq_cpu / seq_n * 1000:.2f} ms CPU each)")
+    print(f"concurrent client ({concurrency} in flight): {n} requests in {wall:.2f} s = {rate:.1f} requests/s, "
+          f"{cpu:.2f} s client CPU; the server process used {server_cpu:.2f} s CPU "
+          f"({server_cpu / n * 1000:.2f} ms per request, warm-up included); load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} cores")
+    print(f"capacity_fraction={rate / capacity_rate:.3f} speedup_vs_sequential={rate / sequential_rate:.1f} "
+          f"client_cpu_ms={cpu / n * 1000:.2f}")
+
+
+if __name__ == "__main__":
+    main()
