@@ -291,7 +291,7 @@ class _FusedLinearTopKKD(torch.autograd.Function):
         compute_dtype: torch.dtype,
     ) -> tuple[Tensor, Tensor, Tensor]:
         n = hidden.shape[0]
-        want_h, want_w = hidden.requires_grad, weight.requires_grad
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.zeros_like(hidden) if want_h else None
         # Accumulated in the weight's dtype (like autograd would) to avoid a second [V, H] float32 buffer.
         grad_weight = torch.zeros_like(weight) if want_w else None
@@ -459,7 +459,9 @@ def weighted_topk_kd_loss(
             weighted tokens under Rho-1 (1 when off or when no token has weight).
 
     Gradients are computed during the forward (per chunk) when grad mode is on and hidden or lm_head_weight
-    requires grad; otherwise only the values are computed. Assumes a row's valid top-k ids are distinct.
+    requires grad; otherwise only the values are computed. Rho-1 selection costs one extra no-grad pass over
+    the lm_head (it needs every token's student CE before choosing). Assumes a row's valid top-k ids are
+    distinct, as a teacher's top-k always are.
     """
     _check_inputs(hidden, lm_head_weight, target_ids, topk_ids, topk_logprobs, weights, teacher_temperature)
     compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32

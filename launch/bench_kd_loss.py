@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import multiprocessing as mp
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -80,10 +83,25 @@ def loss_kd_naive(x: dict[str, torch.Tensor], chunk: int) -> torch.Tensor:
     return ALPHA * kd + (1.0 - ALPHA) * ce
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence fd 2: importing TRL prints a screenful of optional-kernel warnings (torchao, bitsandbytes)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _trl_chunked_ce() -> tuple[Callable, str]:
     """TRL's own chunked CE if importable, else a copy of its algorithm (checkpointed 256-token chunks)."""
     try:
-        from trl.trainer.sft_trainer import _chunked_cross_entropy_loss
+        with _quiet_stderr():
+            from trl.trainer.sft_trainer import _chunked_cross_entropy_loss
 
         return _chunked_cross_entropy_loss, "trl.trainer.sft_trainer._chunked_cross_entropy_loss"
     except ImportError:
@@ -142,8 +160,9 @@ def measure(variant: str, n: int, hidden: int, vocab: int, k: int, device: str, 
     torch.manual_seed(0)
     dtype = getattr(torch, dtype_name)
     fn = LOSSES[variant]
+    source = ""
     if variant == "ce_trl":
-        _trl_chunked_ce()  # import TRL before the baseline so its import does not count as the loss's memory
+        _, source = _trl_chunked_ce()  # imported before the baseline: the import is not the loss's memory
     x = make_inputs(n, hidden, vocab, k, device, dtype)
     # Warm-up on a few tokens: kernels and allocator pools set up outside the measured peak.
     small = {key: (val.detach()[:8].requires_grad_(val.requires_grad) if key != "weight" else val) for key, val in x.items()}
@@ -177,7 +196,7 @@ def measure(variant: str, n: int, hidden: int, vocab: int, k: int, device: str, 
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return {"peak_bytes": peak, "time_s": statistics.median(times), "loss": loss_value}
+    return {"peak_bytes": peak, "time_s": statistics.median(times), "loss": loss_value, "source": source}
 
 
 def measure_in_fresh_process(*args) -> dict | None:
@@ -218,7 +237,7 @@ def main() -> None:
         print("memory: torch.cuda.max_memory_allocated during one forward+backward minus memory_allocated with inputs ready")
     else:
         print("memory: peak RSS (VmHWM, reset via /proc/self/clear_refs) minus RSS with inputs ready, fresh process each")
-    print(f"time: median of {repeats} forward+backward after the measured (warm-up) one; (c) is {_trl_chunked_ce()[1]}")
+    print(f"time: median of {repeats} forward+backward after the measured one (which follows an 8-token warm-up)")
 
     results: dict[tuple[int, str], dict | None] = {}
     print(f"\n{'tokens':>7} {'variant':<11} {'peak MiB':>10} {'time s':>8} {'loss':>10}")
@@ -231,6 +250,8 @@ def main() -> None:
             else:
                 print(f"{n:>7} {variant:<11} {r['peak_bytes'] / 2**20:>10.0f} {r['time_s']:>8.3f} {r['loss']:>10.4f}", flush=True)
 
+    trl_sources = {r["source"] for (_, v), r in results.items() if v == "ce_trl" and r}
+    print(f"(c) ran {', '.join(sorted(trl_sources)) or 'nowhere (failed)'}")
     n = max(seqs)
     a, b, c = (results[(n, v)] for v in ("kd_chunked", "kd_naive", "ce_trl"))
     ratio = lambda x, y, key: f"{x[key] / y[key]:.3f}" if x and y and y[key] > 0 else "nan"
