@@ -77,7 +77,14 @@ def term_spans(answer_text: str, case_text: str, lexicon: tuple[str, ...]) -> li
     return sorted(spans)
 
 
-def answer_token_weights(tokenizer, answer_text: str, case_text: str, config: TokenWeightConfig) -> tuple[list[int], list[float]]:
+@dataclass(frozen=True)
+class AnswerTokens:
+    ids: list[int]            # assistant content tokens, then <|im_end|>
+    weights: list[float]      # one per token
+    in_diseases: list[bool]   # the token carries part of the diseases value (for logging the weight share)
+
+
+def answer_token_weights(tokenizer, answer_text: str, case_text: str, config: TokenWeightConfig) -> AnswerTokens:
     """Token ids of the assistant content followed by <|im_end|>, and one weight per token.
 
     The content is tokenised on its own: in the ChatML rendering it sits between
@@ -88,14 +95,17 @@ def answer_token_weights(tokenizer, answer_text: str, case_text: str, config: To
     ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
     disease_start, disease_end = diseases_value_span(answer_text)
     terms = term_spans(answer_text, case_text, load_lexicon(config.lexicon_path))
-    weights = []
+    weights, in_diseases = [], []
     for start, end in offsets:
         weight = 1.0
-        if start < disease_end and end > disease_start:
+        in_value = start < disease_end and end > disease_start
+        if in_value:
             weight = max(weight, config.w_diseases)
         if any(start < term_end and end > term_start for term_start, term_end in terms):
             weight = max(weight, config.w_terms)
         weights.append(weight)
+        in_diseases.append(in_value)
     ids.append(tokenizer.convert_tokens_to_ids("<|im_end|>"))
     weights.append(1.0)
-    return ids, weights
+    in_diseases.append(False)
+    return AnswerTokens(ids, weights, in_diseases)

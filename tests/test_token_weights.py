@@ -33,7 +33,9 @@ def byte_spans(tokenizer, ids):
 def test_diseases_weight_is_exactly_on_the_value_tokens(qwen_tokenizer, answer):
     config = TokenWeightConfig(w_diseases=3.0, w_terms=1.0, lexicon_path=None)
     text = answer_json(answer)
-    ids, weights = answer_token_weights(qwen_tokenizer, text, CASE.feature_content, config)
+    tokens = answer_token_weights(qwen_tokenizer, text, CASE.feature_content, config)
+    ids, weights = tokens.ids, tokens.weights
+    assert tokens.in_diseases == [w == 3.0 for w in weights]
     assert ids[-1] == qwen_tokenizer.convert_tokens_to_ids("<|im_end|>") and weights[-1] == 1.0
     start, end = diseases_value_span(text)
     assert text[start:end] == answer.diseases
@@ -50,7 +52,7 @@ def test_answer_tokens_are_those_of_the_full_conversation(qwen_tokenizer, answer
     messages = load_prompts().messages(CASE, answer)
     full = chat_token_ids(qwen_tokenizer, messages)
     prompt = chat_token_ids(qwen_tokenizer, messages[:2], add_generation_prompt=True)
-    ids, _ = answer_token_weights(qwen_tokenizer, answer_json(answer), CASE.feature_content, TokenWeightConfig())
+    ids = answer_token_weights(qwen_tokenizer, answer_json(answer), CASE.feature_content, TokenWeightConfig()).ids
     assert full[: len(prompt)] == prompt
     assert full[len(prompt) : len(prompt) + len(ids)] == ids
     assert full[len(prompt) + len(ids) :] == qwen_tokenizer("\n", add_special_tokens=False)["input_ids"]
@@ -66,7 +68,8 @@ def test_terms_in_case_and_answer_get_w_terms(qwen_tokenizer):
     assert "血红蛋白" not in found  # claimed by the longer term
     assert "头痛" in found  # in the case's chief complaint and in the diagnosis
     config = TokenWeightConfig(w_diseases=2.0, w_terms=1.5)
-    ids, weights = answer_token_weights(qwen_tokenizer, answer, CASE.feature_content, config)
+    tokens = answer_token_weights(qwen_tokenizer, answer, CASE.feature_content, config)
+    ids, weights = tokens.ids, tokens.weights
     term_tokens = qwen_tokenizer.decode([i for i, w in zip(ids, weights) if w == 1.5])
     assert "糖化血红蛋白" in term_tokens
     # Overlap with the diseases value keeps the larger weight.
@@ -75,9 +78,9 @@ def test_terms_in_case_and_answer_get_w_terms(qwen_tokenizer):
 
 def test_terms_absent_from_the_case_are_not_weighted(qwen_tokenizer):
     case_text = "主诉: 咳嗽"
-    ids, weights = answer_token_weights(qwen_tokenizer, answer_json(Answer("血压高", "高血压")), case_text,
-                                        TokenWeightConfig(w_diseases=1.0, w_terms=5.0))
-    assert set(weights) == {1.0}
+    tokens = answer_token_weights(qwen_tokenizer, answer_json(Answer("血压高", "高血压")), case_text,
+                                  TokenWeightConfig(w_diseases=1.0, w_terms=5.0))
+    assert set(tokens.weights) == {1.0}
 
 
 def test_negative_weights_are_refused():

@@ -1,0 +1,88 @@
+"""The stage-two trainer on the tiny model: features, collator alignment, accumulation, metrics."""
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
+
+from custom_losses.token_weights import TokenWeightConfig, answer_token_weights
+from custom_losses.trainer import KDConfig, KDDataCollator, WeightedKDTrainer, build_kd_features
+from prep.answers import Answer, answer_json
+from prep.prompts import load_prompts
+from prep.records import read_cases
+from tests.conftest import SAMPLE_CASES
+
+ANSWERS = [
+    Answer("1. 咽痛发热；2. 扁桃体脓性分泌物。", "急性化脓性扁桃体炎"),
+    Answer("1. 活动后胸闷；2. ST段压低。", "1. 冠心病；2. 稳定型心绞痛；3. 原发性高血压（2级）"),
+    Answer("1. 血糖升高多年。", "2型糖尿病"),
+    Answer("1. 停经45天；2. hCG阳性。", "1. 早孕；2. 先兆流产"),
+]
+TOP_K = 4
+
+
+def softlabel_rows(tokenizer, count=4, seed=0):
+    """Rows in prep.softlabels' layout with a synthetic teacher: the answer token at rank 1 plus random others."""
+    generator = torch.Generator().manual_seed(seed)
+    prompts, cases = load_prompts(), read_cases(SAMPLE_CASES).cases
+    rows = []
+    for index in range(count):
+        case, answer = cases[index], ANSWERS[index % len(ANSWERS)]
+        messages = prompts.messages(case, answer)
+        ids = answer_token_weights(tokenizer, answer_json(answer), messages[1]["content"], TokenWeightConfig()).ids
+        others = torch.randint(0, 150000, (len(ids), TOP_K - 1), generator=generator)
+        topk = torch.cat([torch.tensor(ids)[:, None], others], dim=1)
+        logprobs = torch.log_softmax(torch.randn(len(ids), TOP_K, generator=generator) + torch.tensor([3.0, 0, 0, 0]), -1)
+        rows.append({"id": case.id, "messages": messages, "answer_token_ids": ids, "target_token_ids": topk.tolist(),
+                     "logprobs": logprobs.tolist(), "temperature": 1.0})
+    return rows
+
+
+def test_features_and_collator_put_soft_labels_on_label_positions(qwen_tokenizer):
+    rows = softlabel_rows(qwen_tokenizer, 2)
+    features = [build_kd_features(row, qwen_tokenizer, TokenWeightConfig()) for row in rows]
+    batch = KDDataCollator(qwen_tokenizer.pad_token_id, TOP_K)(features)
+    for row_index, row in enumerate(rows):
+        answer = batch["labels"][row_index].ne(-100)
+        # Every labelled position carries the teacher's top-k whose rank-1 id is that label.
+        assert torch.equal(batch["kd_topk_ids"][row_index][answer][:, 0], batch["labels"][row_index][answer])
+        assert torch.equal(batch["kd_topk_ids"][row_index][answer], torch.tensor(row["target_token_ids"]))
+        assert (batch["kd_weights"][row_index][~answer] == 0).all() and (batch["kd_weights"][row_index][answer] >= 1).all()
+        assert (batch["kd_topk_ids"][row_index][~answer] == -1).all()
+    # Diseases tokens carry w_diseases.
+    assert (batch["kd_weights"][batch["kd_in_diseases"]] == 2.0).all() and batch["kd_in_diseases"].any()
+
+
+def test_mismatched_answer_tokens_are_refused(qwen_tokenizer):
+    row = softlabel_rows(qwen_tokenizer, 1)[0]
+    row["answer_token_ids"] = row["answer_token_ids"][:-2]
+    with pytest.raises(ValueError, match="differ from the tokenizer's"):
+        build_kd_features(row, qwen_tokenizer, TokenWeightConfig())
+
+
+def _one_sgd_step(model_dir, tokenizer, features, tmp_path, batch_size, accumulation):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    args = KDConfig(output_dir=str(tmp_path), per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                    max_steps=1, learning_rate=1.0, lr_scheduler_type="constant", optim="sgd", max_grad_norm=0.0, bf16=False,
+                    weight_decay=0.0, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, seed=0,
+                    data_seed=0, dataloader_drop_last=False, kd_alpha=0.7, kd_temperature=2.0, w_diseases=3.0)
+    trainer = WeightedKDTrainer(model=model, args=args, train_dataset=Dataset.from_list(features),
+                                data_collator=KDDataCollator(tokenizer.pad_token_id, TOP_K), processing_class=tokenizer)
+    trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.train()
+    return {n: (p.detach() - before[n]) for n, p in model.named_parameters()}, trainer
+
+
+def test_two_micro_batches_of_two_equal_one_batch_of_four(tiny_model_dir, qwen_tokenizer, tmp_path):
+    features = [build_kd_features(r, qwen_tokenizer, TokenWeightConfig()) for r in softlabel_rows(qwen_tokenizer, 4)]
+    accumulated, trainer = _one_sgd_step(tiny_model_dir, qwen_tokenizer, features, tmp_path / "a", 2, 2)
+    whole, _ = _one_sgd_step(tiny_model_dir, qwen_tokenizer, features, tmp_path / "b", 4, 1)
+    for name in whole:
+        assert torch.allclose(accumulated[name], whole[name], atol=1e-6, rtol=1e-4), name
+    assert any(delta.abs().max() > 0 for delta in whole.values())
+    logged = trainer.state.log_history[0]
+    assert {"kd_loss", "ce_loss", "diseases_weight_share"} <= set(logged)
+    assert 0 < logged["diseases_weight_share"] < 1 and math.isfinite(logged["kd_loss"])
