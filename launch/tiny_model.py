@@ -76,6 +76,11 @@ def tiny_model_dir() -> Path:
     return target
 
 
+def resolve_model(name: str) -> str:
+    """`medkd/tiny-qwen2.5` in a recipe names the locally built fixture; anything else is a folder or hub id."""
+    return str(tiny_model_dir()) if name == TINY_MODEL_NAME else name
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m launch.tiny_model", description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="write here instead of the cache")

@@ -16,6 +16,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from launch.tiny_model import resolve_model  # recipes may name the tiny fixture as their model
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -156,10 +158,3 @@ def load_server_spec(source: str | Path | dict, overrides: list[str] | None = No
     spec = build(ServerSpec, apply_overrides(data, overrides), source if isinstance(source, (str, Path)) else "server")
     spec.model = str(resolve_model(spec.model))
     return spec
-
-
-def resolve_model(name: str) -> str | Path:
-    """`medkd/tiny-qwen2.5` names the locally built tiny fixture; anything else is a folder or hub id."""
-    from launch.tiny_model import TINY_MODEL_NAME, tiny_model_dir
-
-    return tiny_model_dir() if name == TINY_MODEL_NAME else name

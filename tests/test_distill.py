@@ -1,0 +1,80 @@
+"""launch/distill.py end to end on CPU: the real recipe + the CPU override, KD falls, kill and resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from datasets import Dataset, DatasetDict
+
+from tests.conftest import REPO_ROOT
+from tests.test_kd_trainer import softlabel_rows
+
+RECIPE = "recipes/distill/qwen2.5-7b-instruct-qlora-1gpu.yaml"
+CPU_OVERRIDE = "recipes/distill/overrides/cpu-tiny.yaml"
+
+
+def distill_command(dataset_dir: Path, output_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "launch/distill.py", "--config", RECIPE, "--config", CPU_OVERRIDE,
+            "--dataset_path", str(dataset_dir), "--output_dir", str(output_dir), *extra]
+
+
+@pytest.fixture(scope="module")
+def softlabel_dir(tmp_path_factory, qwen_tokenizer):
+    """Soft labels in prep.softlabels' layout (synthetic teacher; prep.softlabels' own tests use vLLM)."""
+    folder = tmp_path_factory.mktemp("softlabels")
+    DatasetDict({"train": Dataset.from_list(softlabel_rows(qwen_tokenizer, 8))}).save_to_disk(str(folder / "dataset"))
+    return folder
+
+
+@pytest.mark.slow
+def test_distill_kd_falls_and_resumes_after_kill(softlabel_dir, tmp_path, tiny_model_dir):
+    output = tmp_path / "distill"
+    command = distill_command(softlabel_dir, output, "--max_steps", "20", "--save_steps", "5",
+                              "--per_device_train_batch_size", "1", "--learning_rate", "0.01")
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    deadline = time.monotonic() + 400
+    while not (output / "checkpoint-10" / "trainer_state.json").exists():
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint-10 in time"
+        time.sleep(0.5)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert not (output / "adapter").exists()
+
+    second = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming from" in second.stdout and "checkpoint-1" in second.stdout
+    state = json.loads((output / "checkpoint-20" / "trainer_state.json").read_text())
+    steps = [entry for entry in state["log_history"] if "kd_loss" in entry]
+    assert [entry["step"] for entry in steps] == list(range(1, 21))  # every step exactly once across the kill
+    first_kd = sum(entry["kd_loss"] for entry in steps[:4]) / 4
+    last_kd = sum(entry["kd_loss"] for entry in steps[-4:]) / 4
+    assert last_kd < 0.8 * first_kd, (first_kd, last_kd)
+    assert all(0 < entry["diseases_weight_share"] < 1 for entry in steps)
+    # The adapter and a merged model vLLM can serve, with the exact chat template.
+    assert (output / "adapter" / "adapter_config.json").exists()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(output / "merged")
+    assert AutoTokenizer.from_pretrained(output / "merged").chat_template == \
+        AutoTokenizer.from_pretrained(tiny_model_dir).chat_template
+
+
+def test_unknown_recipe_key_stops_before_training(softlabel_dir, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kd_alpah: 0.5\n", encoding="utf-8")
+    result = subprocess.run([sys.executable, "launch/distill.py", "--config", RECIPE, "--config", str(bad),
+                             "--dataset_path", str(softlabel_dir), "--output_dir", str(tmp_path / "o")],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "unknown recipe keys" in result.stderr and "kd_alpah" in result.stderr
+
+
+def test_bad_loss_knob_is_refused(softlabel_dir, tmp_path):
+    result = subprocess.run(distill_command(softlabel_dir, tmp_path / "o", "--kd_divergence", "l2"),
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "divergence" in result.stderr
