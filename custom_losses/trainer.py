@@ -32,7 +32,7 @@ class KDConfig(SFTConfig):
     kd_divergence: str = field(default="forward_kl", metadata={"help": "forward_kl | reverse_kl | jsd"})
     kd_beta: float = field(default=0.5, metadata={"help": "Generalised JSD mixing (TRL GKD convention)."})
     kd_support: str = field(default="renorm", metadata={"help": "renorm (over the teacher's top-k) | tail (plus a rest-of-vocabulary bucket)"})
-    kd_chunk_size: int = field(default=1024, metadata={"help": "Answer tokens per chunk of the fused lm_head + loss."})
+    kd_chunk_size: int = field(default=256, metadata={"help": "Answer tokens per chunk of the fused lm_head + loss."})
     kd_rho_keep_fraction: float = field(default=1.0, metadata={"help": "Rho-1 token selection by excess loss; 1.0 = off."})
     w_diseases: float = field(default=2.0, metadata={"help": "Weight of tokens inside the diseases value."})
     w_terms: float = field(default=1.5, metadata={"help": "Weight of lexicon terms found in both case and answer."})
