@@ -106,6 +106,10 @@ class atomic_open:
 
     def __enter__(self) -> TextIO:
         fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        # mkstemp creates 0600; outputs are ordinary files, so give them the umask's usual mode.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         self.handle = os.fdopen(fd, "w", encoding="utf-8")
         return self.handle
 
