@@ -352,7 +352,7 @@ class ChatClient:
         retries = 0
         while True:
             await self._wait_for_limits(estimate)
-            retry_after = None
+            retry_after, refused = None, None
             async with self._slots:
                 self.stats.requests += 1
                 try:
@@ -362,8 +362,7 @@ class ChatClient:
                     reason, retry_after = str(err.status_code), _retry_after(err.response.headers)
                     message = _server_message(err, self._secret)
                     if err.status_code not in RETRYABLE_STATUS:
-                        self.stats.failed += 1
-                        self._raise_for_status(err.status_code, message, retries)
+                        refused = err.status_code
                 except APIConnectionError as err:  # APITimeoutError included
                     reason = _transport_failure(err)
                     message = (f"no answer within {self.settings.request_timeout_s:g} s" if reason == "timeout"
@@ -378,6 +377,9 @@ class ChatClient:
                     if self._tpm and (usage["prompt_tokens"] or usage["completion_tokens"]):
                         self._tpm.settle(estimate - usage["prompt_tokens"] - usage["completion_tokens"])
                     return data, retries
+            if refused is not None:  # raised here, outside the except clause, so no chained error carries the raw body
+                self.stats.failed += 1
+                self._raise_for_status(refused, message, retries)
             if retries >= self.settings.max_retries:
                 self.stats.failed += 1
                 raise RequestFailed(f"gave up after {retries + 1} attempts; last: {reason} ({message})", reason, retries)
@@ -495,28 +497,32 @@ async def check_endpoint_async(settings: ClientSettings, api_key: str | None = N
     timeout = min(settings.request_timeout_s, 30.0)
     client = AsyncOpenAI(base_url=settings.base_url, api_key=secret, max_retries=0,
                          timeout=httpx2.Timeout(timeout, connect=min(settings.connect_timeout_s, timeout)))
+    problem, response = None, None
     try:
         for attempt in range(attempts):
             try:
                 response = await client.get("/models", cast_to=httpx2.Response)
                 break
             except APIStatusError as err:
-                message = _server_message(err, secret)
-                if err.status_code in (401, 403):
-                    raise ClientError(f"{settings.base_url} refused the API key (HTTP {err.status_code}: {message}); "
-                                      f"check that {key_source(settings)} holds a valid key for this endpoint") from None
-                if err.status_code in (404, 405):
+                status, message = err.status_code, _server_message(err, secret)
+                if status in (401, 403):
+                    problem = (f"{settings.base_url} refused the API key (HTTP {status}: {message}); "
+                               f"check that {key_source(settings)} holds a valid key for this endpoint")
+                    break
+                if status in (404, 405):
                     return None  # some providers do not list models; the first request will tell
-                if attempt == attempts - 1:
-                    raise ClientError(f"{settings.base_url} answered HTTP {err.status_code} to GET /models ({message}); "
-                                      f"check client.base_url or try again later") from None
+                problem = (f"{settings.base_url} answered HTTP {status} to GET /models ({message}); "
+                           f"check client.base_url or try again later")
             except APIConnectionError as err:
-                if attempt == attempts - 1:
-                    why = redact(_describe_cause(err), secret)
-                    raise ClientError(f"cannot reach {settings.base_url} ({why}); check client.base_url and that the server is running") from None
-            await asyncio.sleep(1.0)
+                problem = (f"cannot reach {settings.base_url} ({redact(_describe_cause(err), secret)}); "
+                           f"check client.base_url and that the server is running")
+            if attempt < attempts - 1:
+                await asyncio.sleep(1.0)
     finally:
         await client.close()
+    if response is None:
+        # Raised outside the except clauses: no chained SDK error carries the server's raw words.
+        raise ClientError(problem)
     try:
         data = json.loads(response.content)
         served = [str(item["id"]) for item in data["data"]]

@@ -276,7 +276,7 @@ def resolve_settings(recipe: TeacherRecipe) -> tuple[ClientSettings, Any]:
 async def _label_all(labeller: Labeller, items: list, settings: ClientSettings, api_key: str, out: Path, progress: bool):
     async with ChatClient(settings, api_key=api_key) as client:
         report = await run_cached(items, labeller.key, lambda item: labeller.label(client, item), out / "cache.jsonl",
-                                  max_in_flight=2 * settings.concurrency, stats=client.stats, desc="teacher",
+                                  max_in_flight=settings.concurrency, stats=client.stats, desc="teacher",
                                   label_fn=lambda item: (item[0].id, item[1]), progress=progress)
         return report, client.stats
 
@@ -354,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--fresh", dest="fresh", action="store_true", help="move the cache aside and ask everything again")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key (repeatable)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(fresh=False)  # store_false would otherwise make --resume's default True
     args = parser.parse_args(argv)
 
     out = Path(args.out)

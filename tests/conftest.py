@@ -59,3 +59,12 @@ def vllm_server(tmp_path_factory):
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def fault_server():
+    """A fault-injecting OpenAI-style server on 127.0.0.1 (tests/fault_server.py), fresh for each test."""
+    from tests.fault_server import FaultServer
+
+    with FaultServer() as server:
+        yield server
