@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -62,10 +63,28 @@ async def label(labeller: Labeller, settings: ClientSettings, cases: list[Case],
         before = client.stats.requests
         cpu, wall = time.process_time(), time.perf_counter()
         report = await run_cached(labeller.items(cases), labeller.key, lambda item: labeller.label(client, item), cache,
-                                  max_in_flight=2 * settings.concurrency, stats=client.stats, progress=False)
+                                  max_in_flight=settings.concurrency, stats=client.stats, progress=False)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         assert report.finished == len(cases) and not report.failed, report
         return wall, cpu, client.stats.requests - before
+
+
+async def bare_aiohttp(base_url: str, body: dict, requests: int, concurrency: int) -> tuple[float, float]:
+    """(requests/s, CPU ms per request) of a bare aiohttp loop: what this machine allows right now, for context."""
+    import aiohttp
+
+    payload, url = json.dumps(body, ensure_ascii=False).encode("utf-8"), base_url + "/chat/completions"
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        slots = asyncio.Semaphore(concurrency)
+
+        async def one() -> None:
+            async with slots, session.post(url, data=payload, headers={"Content-Type": "application/json"}) as response:
+                json.loads(await response.read())
+
+        await asyncio.gather(*(one() for _ in range(concurrency)))
+        cpu, wall = time.process_time(), time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(requests)))
+        return requests / (time.perf_counter() - wall), (time.process_time() - cpu) / requests * 1000
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,6 +109,9 @@ def main(argv: list[str] | None = None) -> None:
             wall, cpu, n = asyncio.run(label(labeller, dataclasses.replace(base, concurrency=concurrency),
                                              synthetic_cases(args.requests, 1_000_000), Path(tmp) / "par.jsonl"))
             server_cpu = process_cpu_s(server.pid) - server_cpu
+            case = synthetic_cases(1, 0)[0]
+            body = {"model": "fault-model", "messages": labeller.prompts.messages(case), **labeller.sampling, **labeller.constraint["extra_body"]}
+            bare_rate, bare_cpu_ms = asyncio.run(bare_aiohttp(base_url, body, args.requests, concurrency))
     finally:
         server.terminate()
         server.wait(10)
@@ -103,6 +125,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{cpu:.2f} s client CPU; the server process used {server_cpu:.2f} s CPU "
           f"({server_cpu / n * 1000:.2f} ms per request, warm-up included); load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cores")
+    print(f"for context, a bare aiohttp loop (no SDK, no retries, limits, parsing or cache) at the same time: "
+          f"{bare_rate:.1f} requests/s = {bare_rate / capacity_rate:.3f} of capacity, {bare_cpu_ms:.2f} ms CPU each")
     print(f"capacity_fraction={rate / capacity_rate:.3f} speedup_vs_sequential={rate / sequential_rate:.1f} "
           f"client_cpu_ms={cpu / n * 1000:.2f}")
 

@@ -39,8 +39,11 @@ from prep.jsonio import JsonlAppender, dumps, read_appended
 
 log = logging.getLogger("medkd.client")
 
-# Statuses worth another try: the request was not served, and may be next time.
-RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504, 520, 522, 524, 529}
+# Statuses worth another try: the request was not served, and may be next time (every 5xx but 501 Not Implemented).
+def retryable_status(status: int) -> bool:
+    return status in (408, 409, 429) or (status >= 500 and status != 501)
+
+
 MAX_RETRY_AFTER_S = 600.0     # a server asking for longer than this is treated as down
 PLACEHOLDER_KEY = "EMPTY"     # local servers without auth; the SDK refuses an empty key
 
@@ -361,13 +364,13 @@ class ChatClient:
                 except APIStatusError as err:
                     reason, retry_after = str(err.status_code), _retry_after(err.response.headers)
                     message = _server_message(err, self._secret)
-                    if err.status_code not in RETRYABLE_STATUS:
+                    if not retryable_status(err.status_code):
                         refused = err.status_code
                 except APIConnectionError as err:  # APITimeoutError included
                     reason = _transport_failure(err)
                     message = (f"no answer within {self.settings.request_timeout_s:g} s" if reason == "timeout"
                                else self.redact(_describe_cause(err)))
-                except (MalformedResponse, ValueError) as err:  # a garbled body (json.JSONDecodeError is a ValueError)
+                except ValueError as err:  # a garbled body: json.JSONDecodeError, MalformedResponse
                     reason, message = "malformed", self.redact(str(err))[:200]
                 else:
                     self.stats.succeeded += 1

@@ -65,6 +65,7 @@ FAULTS = [  # script item, the retry reason counted
     ("429 retry-after=1", "429"),
     ("500", "500"),
     ("503", "503"),
+    ("504", "504"),
     ("slow 3", "timeout"),
     ("reset", "connection"),
     ("truncated", "connection"),
@@ -96,9 +97,10 @@ def test_retries_give_up_after_the_budget(fault_server):
     assert caught.value.reason == "503" and caught.value.retries == 3 and fault_server.received == 4
 
 
-def test_a_bad_request_is_not_retried(fault_server):
-    fault_server.push("400")
-    with pytest.raises(RequestFailed, match=r"HTTP 400"):
+@pytest.mark.parametrize("status", ["400", "422", "501"])
+def test_a_request_refused_as_bad_is_not_retried(fault_server, status):
+    fault_server.push(status)
+    with pytest.raises(RequestFailed, match=rf"HTTP {status}"):
         asyncio.run(ask(settings_for(fault_server)))
     assert fault_server.received == 1
 
