@@ -8,9 +8,10 @@ The model is first principles, term by term, per GPU (GiB = 2**30 bytes):
                al. 2023, sec. 3: block-64 absmax constants cost 32/64 = 0.5 bit/param, double
                quantisation cuts that to 8/64 + 32/(64*256) = 0.127); embeddings and lm_head stay bf16.
   trainable    LoRA A/B (r * (d_in + d_out) per targeted linear), fp32 (PEFT casts adapters up):
-               4 B weight + 4 B grad + 8 B AdamW moments = 16 B/param; full fine-tune under
-               DeepSpeed bf16: 2 B bf16 grads + 12 B fp32 master weight and moments (ZeRO paper,
-               Rajbhandari et al. 2020: "2 + 2 + 12 bytes per parameter"), sharded by the ZeRO stage.
+               4 B weight + 4 B grad + 8 B AdamW moments = 16 B/param. Under DeepSpeed bf16 (LoRA
+               or full): 2 B bf16 weight + 2 B grad + 12 B fp32 master weight and moments (ZeRO
+               paper, Rajbhandari et al. 2020: "2 + 2 + 12 bytes per parameter"), the 12 sharded from
+               stage 1, the grads from stage 2, the weights from stage 3; plus its comm buckets.
   activations  per token per decoder layer, 16-bit: saved inputs of the two RMSNorms, q/k/v after
                RoPE, the attention output, gate/up/SiLU/product of the SwiGLU MLP
                (6h + 2*kv + 4*I elements; the Megatron accounting of Korthikanti et al. 2022 adapted
@@ -23,16 +24,25 @@ The model is first principles, term by term, per GPU (GiB = 2**30 bytes):
                cross-entropy processes chunks and never holds them.
   overhead     CUDA context and allocator slack: 0.75 GiB + 5 %.
 
-Checked against published single-run measurements (tests/test_estimate_memory.py): the Qwen
-team's own profile of Qwen-7B fine-tuning (README of github.com/QwenLM/Qwen, "Profiling of Memory
-and Speed": one A100-80G, flash-attention 2, batch 1, gradient checkpointing; LoRA r=64 20.1G at 256
-tokens, 21.5G at 1024, 29.7G at 4096; Q-LoRA 11.5G at 256, 12.3G at 1024, 16.9G at 4096; full
-fine-tune on 2 A100s with ZeRO-2 139.2G in total at 256 tokens, 148.0G at 512) and ms-swift's
-benchmark of qwen-7b-chat LoRA r=8 on one A100 (docs/source_en/LLM/Benchmark.md: 18.01 GiB at 512,
-21.73 at 1024, 27.74 at 2048). Predictions fall within 20 % of each. LLaMA-Factory's hardware
-table (README, "estimated": 7B LoRA 16 GB, QLoRA-4bit 6 GB, full AMP 120 GB) is a rule of thumb for
-the static part only; the static terms here agree with it within 25 %. No GPU was available to
-measure this repo's own recipes: their figures are predictions only.
+Checked against published measurements (tests/test_estimate_memory.py), all on one A100-80G with
+flash-attention 2, micro-batch 1 and gradient checkpointing:
+  * the Qwen team's profile of Qwen-7B fine-tuning (README of github.com/QwenLM/Qwen, "Profiling of
+    Memory and Speed"; their finetune.py: LoRA r=64 on c_attn/c_proj/w1/w2, dropout 0.05, bf16;
+    Q-LoRA on the GPTQ Int4 model under DeepSpeed ZeRO-2; full fine-tune on 2 GPUs with ZeRO-2):
+      LoRA    20.1G at 256 tokens, 20.4 / 21.5 / 23.8 / 29.7 / 36.6G at 512 / 1k / 2k / 4k / 8k
+      Q-LoRA  11.5G at 256, 11.5 / 12.3 / 13.9 / 16.9 / 23.5G at 512 / 1k / 2k / 4k / 8k
+      full    139.2G (2 GPUs) at 256, 148.0G at 512, 162.0G at 1024
+    every prediction is within 15 % (most within 8 %; the largest gap, -13 %, is LoRA at 4k).
+    Their model computes the loss on 16-bit logits (about 8 B per logit at the peak), so these checks
+    use logits_bytes=8 rather than transformers' 12.
+  * LLaMA-Factory's hardware table (README, marked "estimated"): 7B LoRA 16 GB, QLoRA 4-bit 6 GB,
+    full AMP 120 GB, a rule of thumb for the static part (weights + trainable states); the static
+    terms here agree within 25 %.
+ms-swift's benchmark (docs/source_en/LLM/Benchmark.md) reports more for the same model (qwen-7b-chat
+LoRA r=8: 18.0 GiB at 512 tokens, 27.7 at 2048, 35.3 at 4096), i.e. more than the Qwen team measured
+with a 8x larger adapter; this model is 5 % under it at 512 tokens and 32 % under at 4096, so it is
+not used as a check. No GPU was available to measure this repo's own recipes: their figures are
+predictions only, and launch/sft_preflight.py calls a GPU with less than 15 % headroom tight.
 """
 from __future__ import annotations
 
@@ -66,12 +76,15 @@ class ModelShape:
     tied_embeddings: bool = False
     # (d_in, d_out) of each linear in one decoder layer; LoRA with all-linear targets adapts each.
     linears: tuple[tuple[int, int], ...] = ()
+    bias_per_layer: int = -1             # Qwen2 has q/k/v biases; -1 = q + 2 * kv
 
     def __post_init__(self):
+        h, kv, i = self.hidden, self.kv_heads * self.head_dim, self.intermediate
+        q = self.heads * self.head_dim
         if not self.linears:
-            h, kv, i = self.hidden, self.kv_heads * self.head_dim, self.intermediate
-            q = self.heads * self.head_dim
             object.__setattr__(self, "linears", ((h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)))
+        if self.bias_per_layer < 0:
+            object.__setattr__(self, "bias_per_layer", q + 2 * kv)
 
     @property
     def kv_dim(self) -> int:
@@ -88,7 +101,7 @@ class ModelShape:
     @property
     def params(self) -> int:
         norms = self.layers * 2 * self.hidden + self.hidden
-        return self.linear_params + self.embedding_params + norms
+        return self.linear_params + self.embedding_params + norms + self.layers * self.bias_per_layer
 
     def lora_params(self, rank: int) -> int:
         return self.layers * sum(rank * (d_in + d_out) for d_in, d_out in self.linears)
@@ -103,13 +116,14 @@ class ModelShape:
                    tied_embeddings=bool(config.get("tie_word_embeddings", False)))
 
 
-# Qwen/Qwen2.5-7B-Instruct config.json: 7.62B parameters.
+# Qwen/Qwen2.5-7B-Instruct config.json: 7,615,616,512 parameters.
 QWEN25_7B = ModelShape("Qwen2.5-7B-Instruct", vocab=152064, hidden=3584, intermediate=18944, layers=28,
                        heads=28, kv_heads=4, head_dim=128)
 # Qwen/Qwen-7B (v1), the model of the Qwen team's published profile: fused c_attn (q, k, v), MHA.
 QWEN1_7B = ModelShape("Qwen-7B", vocab=151936, hidden=4096, intermediate=11008, layers=32, heads=32,
                       kv_heads=32, head_dim=128,
-                      linears=((4096, 3 * 4096), (4096, 4096), (4096, 11008), (4096, 11008), (11008, 4096)))
+                      linears=((4096, 3 * 4096), (4096, 4096), (4096, 11008), (4096, 11008), (11008, 4096)),
+                      bias_per_layer=3 * 4096)
 KNOWN_SHAPES = {"qwen/qwen2.5-7b-instruct": QWEN25_7B, "qwen/qwen2.5-7b": QWEN25_7B}
 
 
@@ -197,10 +211,13 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
         terms["optimizer (master + moments)"] = master_and_moments / GIB
     else:
         trainable = shape.lora_params(setup.lora_rank)
-        state = trainable * (4 + setup.optimizer_state_bytes)
         if setup.zero_stage >= 1:
-            state /= n
-        terms["LoRA weights + grads"] = trainable * 8 / GIB
+            # DeepSpeed keeps the module's copy in bf16 and an fp32 master + moments, sharded.
+            weights_and_grads = trainable * (2 + 2 / (n if setup.zero_stage >= 2 else 1))
+            state = 0 if setup.offload_optimizer else trainable * (4 + setup.optimizer_state_bytes) / n
+        else:
+            weights_and_grads, state = trainable * 8, trainable * setup.optimizer_state_bytes
+        terms["LoRA weights + grads"] = weights_and_grads / GIB
         terms["LoRA optimizer"] = state / GIB
     if setup.bucket_elements:
         terms["DeepSpeed buckets"] = 2 * setup.bucket_elements * 2 / GIB
@@ -260,7 +277,11 @@ def setup_from_config(config: dict[str, Any], gpus: int = 1) -> Setup:
     fp32 = not (config.get("bf16") or config.get("fp16"))
     buckets = 0.0
     if ds:
-        sizes = [zero.get("allgather_bucket_size", DS_DEFAULT_BUCKET), zero.get("reduce_bucket_size", DS_DEFAULT_BUCKET)]
+        # Stage 2 all-gathers and reduces in buckets of these sizes; stage 3 only reduces. "auto" is
+        # hidden_size**2 in the HF integration: a few MB, left out.
+        sizes = [zero.get("reduce_bucket_size", DS_DEFAULT_BUCKET)]
+        if stage <= 2:
+            sizes.append(zero.get("allgather_bucket_size", DS_DEFAULT_BUCKET))
         numeric = [float(size) for size in sizes if not isinstance(size, str)]
         buckets = max(numeric) if numeric else 0.0
     return Setup(
@@ -302,11 +323,6 @@ def estimate_config(config: dict[str, Any], gpus: int = 1) -> Estimate:
     return estimate(shape_for(str(config["base_model"])), setup_from_config(config, gpus))
 
 
-def default_gpus(config: dict[str, Any]) -> int:
-    """The GPU count a recipe is written for: its `# gpus:` intent is in the header; DeepSpeed recipes assume 8."""
-    return 8 if config.get("deepspeed") else 1
-
-
 def main(argv: list[str] | None = None) -> int:
     from launch.sft_config import compose, split_args
     from prep.config import RecipeError
@@ -314,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.estimate_memory", description=__doc__.splitlines()[0])
     parser.add_argument("recipe")
     parser.add_argument("rest", nargs="*", help="overlay .yaml files and key=value overrides")
-    parser.add_argument("--gpus", type=int, help="GPUs the run shards over (default: 1, or 8 for a DeepSpeed recipe)")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs the run shards over (default 1)")
     parser.add_argument("--gpu-mem", type=float, help="GiB per GPU; warn when the prediction does not fit")
     parser.add_argument("--strict", action="store_true", help="exit 1 when it does not fit")
     parser.add_argument("--json", action="store_true", help="print the breakdown as JSON")
@@ -322,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overlays, overrides = split_args(args.rest)
         config = compose(args.recipe, overlays, overrides)
-        gpus = args.gpus or default_gpus(config)
+        gpus = args.gpus
         result = estimate_config(config, gpus)
     except (RecipeError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -35,6 +35,7 @@ from prep.tokenizer import CHAT_TEMPLATE_PATH
 
 DONE_NAME = "medkd-sft.done"
 GIB = 2**30
+ESTIMATE_TOLERANCE = 0.15   # the memory estimator's error against published measurements
 ROLES = {"system", "user", "assistant", "tool"}
 # Keys whose change makes old checkpoints in output_dir belong to another model.
 IDENTITY_KEYS = ("base_model", "adapter", "lora_r", "lora_alpha", "lora_target_linear", "lora_target_modules",
@@ -304,6 +305,8 @@ def preflight(recipe: str, overlays: list[str] = (), overrides: list[str] = (), 
                 raise PreflightError(f"{recipe}: {message}: it will not fit; use more GPUs, the QLoRA recipe, "
                                      f"a smaller micro_batch_size or sequence_len (or --force)")
             log(f"[preflight] warning: {message}; continuing (--force)")
+        elif estimate.total * (1 + ESTIMATE_TOLERANCE) > smallest:
+            log(f"[preflight] warning: {message}: tight, within the estimator's {ESTIMATE_TOLERANCE:.0%} error")
         else:
             log(f"[preflight] memory: {message}")
     else:

@@ -51,3 +51,104 @@ def write_sample_sft(teacher_dir: Path, n_train: int = 8, n_valid: int = 2) -> t
     """The first N_TRAIN sample cases as train, the next N_VALID as valid."""
     rows = chat_rows(sample_cases())
     return write_sft_split(teacher_dir, rows[:n_train], rows[n_train:n_train + n_valid])
+
+
+# ---- running launch/sft.sh and reading what it wrote ---------------------------------------------
+
+SFT_ENV = {"AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TRL_EXPERIMENTAL_SILENCE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def run_sft(args: list[str], timeout: float = 600):
+    """`bash launch/sft.sh ARGS` as a user runs it; returns the CompletedProcess (stdout+stderr in .stdout)."""
+    import os
+    import subprocess
+
+    return subprocess.run(["bash", str(REPO_ROOT / "launch" / "sft.sh"), *args], cwd=REPO_ROOT, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout,
+                          env={**os.environ, **SFT_ENV})
+
+
+def logged_losses(log_text: str) -> list[float]:
+    """The per-step training losses the HF Trainer logged (`{'loss': '11.94', ...}` lines), in order."""
+    import re
+
+    return [float(value) for value in re.findall(r"\{'loss': '([0-9.]+)'", log_text)]
+
+
+def prepared_datasets(prepared_dir: Path) -> list:
+    """Every tokenised dataset Axolotl saved under dataset_prepared_path."""
+    from datasets import load_from_disk
+
+    return [load_from_disk(str(folder)) for folder in sorted(Path(prepared_dir).iterdir()) if folder.is_dir()]
+
+
+# ---- Axolotl's own checks, in a subprocess (its import patches libraries this test process shares) --
+
+AXOLOTL_CHECKS = r'''
+import json, sys
+from axolotl.utils.config import prepare_plugins, validate_config
+from axolotl.utils.dict import DictDefault
+
+def fields_of(cls):
+    names = set()
+    for name, info in cls.model_fields.items():
+        names.add(name)
+        if info.alias:
+            names.add(info.alias)
+    return names
+
+results = {}
+for job in json.load(sys.stdin):
+    label, kind = job["label"], job["kind"]
+    try:
+        if kind == "validate":
+            cfg = DictDefault(job["config"])
+            prepare_plugins(cfg)
+            from axolotl.integrations.config import merge_input_args
+            from axolotl.utils.schemas.datasets import SFTDataset
+            schema = merge_input_args()[0] if cfg.get("plugins") else __import__(
+                "axolotl.utils.schemas.config", fromlist=["x"]).AxolotlConfigWCapabilities
+            known = fields_of(schema)
+            unknown = sorted(set(job["config"]) - known) if job.get("strict_keys") else []
+            unknown += sorted(f"datasets.{key}" for ds in job["config"].get("datasets") or [] for key in ds
+                              if key not in fields_of(SFTDataset)) if job.get("strict_keys") else []
+            validated = validate_config(cfg, capabilities=job["capabilities"], env_capabilities={"torch_version": "2.13.0"})
+            results[label] = {"ok": True, "unknown_keys": unknown,
+                              "datasets": [dict(ds) for ds in validated.get("datasets") or []],
+                              "values": {key: validated.get(key) for key in job.get("report", [])}}
+        elif kind == "known_keys":
+            from axolotl.utils.schemas.config import AxolotlConfigWCapabilities
+            results[label] = {"ok": True, "unknown_keys": sorted(set(job["keys"]) - fields_of(AxolotlConfigWCapabilities))}
+        elif kind == "excess_length":
+            from datasets import Dataset
+            from axolotl.utils.data.utils import handle_long_seq_in_dataset
+            rows = {"input_ids": [[1] * n for n in job["lengths"]], "labels": [[1] * n for n in job["lengths"]],
+                    "attention_mask": [[1] * n for n in job["lengths"]]}
+            cfg = DictDefault({"excess_length_strategy": job["strategy"], "sequence_len": job["sequence_len"],
+                               "dataset_num_proc": 1, "is_preprocess": True})
+            try:
+                kept = handle_long_seq_in_dataset(Dataset.from_dict(rows), job["sequence_len"], cfg)
+                results[label] = {"ok": True, "kept": len(kept)}
+            except ValueError as err:
+                results[label] = {"ok": True, "raised": str(err)[:300]}
+    except Exception as err:
+        results[label] = {"ok": False, "error": f"{type(err).__name__}: {err}"[:2000]}
+print("MEDKD-AXOLOTL-CHECKS " + json.dumps(results, default=str))
+'''
+
+
+def axolotl_checks(jobs: list[dict], timeout: float = 300) -> dict[str, dict]:
+    """Run Axolotl's config validation / length handling on JOBS in one fresh process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", AXOLOTL_CHECKS], input=json.dumps(jobs, default=str), text=True,
+                            capture_output=True, timeout=timeout, cwd=REPO_ROOT, env={**os.environ, **SFT_ENV})
+    marker = "MEDKD-AXOLOTL-CHECKS "
+    lines = [line for line in result.stdout.splitlines() if line.startswith(marker)]
+    if not lines:
+        raise RuntimeError(f"Axolotl checks produced no result (exit {result.returncode}):\n{result.stderr[-3000:]}")
+    return json.loads(lines[-1][len(marker):])
