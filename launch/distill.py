@@ -64,6 +64,23 @@ def parse_recipe(argv: list[str]):
     return script_args, training_args, model_args
 
 
+def validate_recipe(path: str | Path) -> None:
+    """Parse a distill recipe (or an overlay, over every full recipe) into its dataclasses.
+
+    TrainingArguments refuses bf16 without a GPU, so on a CPU machine the check runs with bf16 off
+    and use_cpu on: every key and type is still validated.
+    """
+    import torch
+
+    path = Path(path)
+    cpu_flags = [] if torch.cuda.is_available() else ["--bf16", "false", "--use_cpu", "true"]
+    if path.parent.name == "overrides":
+        for recipe in sorted(path.parent.parent.glob("*.yaml")):
+            parse_recipe(["--config", str(recipe), "--config", str(path), *cpu_flags])
+    else:
+        parse_recipe(["--config", str(path), *cpu_flags])
+
+
 def load_softlabel_dataset(path: str):
     from datasets import DatasetDict, load_from_disk
 

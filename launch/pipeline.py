@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from launch.vllm_server import new_session_dying_with_parent
 from prep.config import RecipeError, load_recipe, resolve_path
 from prep.jsonio import InputError, dumps, read_jsonl, write_jsonl_atomic, write_text_atomic
 from prep.records import Case, read_cases
@@ -45,7 +46,7 @@ class StageOne:
 
 @dataclass
 class StageTwo:
-    softlabels: str                                         # teacher recipe used for soft labels
+    softlabels: str                                         # recipes/teacher/*-softlabels.yaml
     distill: str                                            # recipes/distill/*.yaml (TRL)
     predict: str
     softlabels_set: list[str] = field(default_factory=list)
@@ -197,6 +198,18 @@ def write_final_submission(test_cases: str, predictions: str, submission: str) -
 
 # --------------------------------------------------------------------------- preflight
 
+def validate_recipe(path: str | Path) -> PipelineRecipe:
+    """The pipeline recipe's own keys, and that every stage recipe and overlay it names exists."""
+    recipe = load_recipe(PipelineRecipe, path)
+    stages = [recipe.stage1] + ([recipe.stage2] if recipe.stage2 else [])
+    named = [value for stage in stages for key, value in vars(stage).items() if isinstance(value, str)]
+    named += [overlay for stage in stages for overlay in getattr(stage, "sft_overlays", []) + getattr(stage, "distill_overlays", [])]
+    for name in named:
+        if not resolve_path(name).exists():
+            raise RecipeError(path, None, f"names {name}, which does not exist")
+    return recipe
+
+
 def preflight(recipe: PipelineRecipe, recipe_path: str) -> list[str]:
     """Everything that can be checked in seconds, before any GPU or API time; returns notes."""
     notes = []
@@ -209,7 +222,9 @@ def preflight(recipe: PipelineRecipe, recipe_path: str) -> list[str]:
     load_recipe(PredictRecipe, recipe.stage1.predict, recipe.stage1.predict_set)
     notes.append(sft_memory_check(recipe))
     if 2 in recipe.stages:
-        load_recipe(TeacherRecipe, recipe.stage2.softlabels, recipe.stage2.softlabels_set)
+        from prep.softlabels import SoftLabelRecipe
+
+        softlabels = load_recipe(SoftLabelRecipe, recipe.stage2.softlabels, recipe.stage2.softlabels_set)
         load_recipe(PredictRecipe, recipe.stage2.predict, recipe.stage2.predict_set)
         from launch.distill import parse_recipe
 
@@ -225,16 +240,22 @@ def preflight(recipe: PipelineRecipe, recipe_path: str) -> list[str]:
     vllm_python = Path(os.environ.get("MEDKD_VLLM_PYTHON", REPO_ROOT / ".venv-vllm" / "bin" / "python"))
     if not vllm_python.exists():
         raise PipelineError(f"{vllm_python}: the vLLM environment is missing; run `bash launch/setup.sh`")
-    if teacher.server is None:
-        from prep.client import check_endpoint
-        from prep.teacher import resolve_settings
-
-        settings, _ = resolve_settings(teacher)
-        check_endpoint(settings)  # one sentence on a missing key, 401, wrong model or unreachable endpoint
-        notes.append(f"teacher endpoint {settings.base_url} answers")
-    else:
-        notes.append("teacher is self-hosted: prep.teacher starts its vLLM server")
+    teachers = [("teacher", teacher)] + ([("soft-label teacher", softlabels)] if 2 in recipe.stages else [])
+    for role, teacher_recipe in teachers:
+        notes.append(check_teacher(role, teacher_recipe))
     return notes
+
+
+def check_teacher(role: str, teacher) -> str:
+    """A hosted teacher must answer now (key set, key accepted, model listed); a self-hosted one is started later."""
+    if teacher.server is not None:
+        return f"{role} is self-hosted: its step starts the vLLM server"
+    from prep.client import check_endpoint
+    from prep.teacher import resolve_settings
+
+    settings, _ = resolve_settings(teacher)
+    check_endpoint(settings)  # one sentence on a missing key, 401, wrong model or unreachable endpoint
+    return f"{role} endpoint {settings.base_url} answers"
 
 
 def sft_memory_check(recipe: PipelineRecipe) -> str:
@@ -278,7 +299,8 @@ def run_step(step: Step, logs: Path, timeout_s: float) -> float:
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(step.argv)}\n")
         log.flush()
         # Own session, so a timeout ends the step's whole process tree.
-        process = subprocess.Popen(step.argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(step.argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                   preexec_fn=new_session_dying_with_parent)
         try:
             code = process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
