@@ -172,3 +172,21 @@ def read_appended(path: str | os.PathLike) -> list[dict[str, Any]]:
         except json.JSONDecodeError as err:
             raise InputError(path, number, f"corrupt cache line ({err.msg}); delete the line or use --fresh") from None
     return rows
+
+
+def write_dir_atomic(folder: str | os.PathLike, write: Any) -> Path:
+    """WRITE(staging) fills a sibling folder that then replaces FOLDER: readers never see half a folder
+    (e.g. a `datasets` save_to_disk)."""
+    import shutil
+
+    folder = Path(folder)
+    staging, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    for path in (staging, old):
+        shutil.rmtree(path, ignore_errors=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    write(staging)
+    if folder.exists():
+        folder.rename(old)
+    staging.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder

