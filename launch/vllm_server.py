@@ -50,7 +50,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _new_session_dying_with_parent() -> None:
+def new_session_dying_with_parent() -> None:
     os.setsid()
     if sys.platform.startswith("linux"):
         import ctypes
@@ -100,7 +100,7 @@ class VLLMServer:
         # Own process group, so stop() also ends vLLM's engine workers; and the server dies with its
         # parent, so a SIGKILLed run leaves no orphan server holding memory and a port.
         self.process = subprocess.Popen(command_line(self.spec, self.port), stdout=log, stderr=subprocess.STDOUT,
-                                        env=env, preexec_fn=_new_session_dying_with_parent)
+                                        env=env, preexec_fn=new_session_dying_with_parent)
         log.close()
         self.wait_healthy()
         return self
