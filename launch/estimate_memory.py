@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-mem", type=float, help="GiB per GPU; warn when the prediction does not fit")
     parser.add_argument("--strict", action="store_true", help="exit 1 when it does not fit")
     parser.add_argument("--json", action="store_true", help="print the breakdown as JSON")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         overlays, overrides = split_args(args.rest)
         config = compose(args.recipe, overlays, overrides)

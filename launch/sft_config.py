@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe")
     parser.add_argument("rest", nargs="*", help="overlay .yaml files and key=value overrides, in order")
     parser.add_argument("--run", help=f"run folder replacing {RECIPE_RUN} in the recipe's data and output paths")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         overlays, overrides = split_args(args.rest)
         sys.stdout.write(dump(compose(args.recipe, overlays, overrides, args.run)))

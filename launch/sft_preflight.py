@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="delete old checkpoints and train from the start")
     parser.add_argument("--force", action="store_true", help="continue when the memory estimate says it will not fit")
     parser.add_argument("--mark-done", metavar="CONFIG", help="record that CONFIG trained to the end")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if args.mark_done:
         print(mark_done(args.mark_done))
         return 0

@@ -67,6 +67,10 @@ def axolotl_results() -> dict[str, dict]:
             jobs.append({"label": f"{rel(overlay)}+{rel(recipe)}", "kind": "validate", "config": config,
                          "capabilities": CPU, "report": ["lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel",
                                                          "lora_embedding_kernel", "attn_implementation", "bf16"]})
+    # What Axolotl does with a row longer than sequence_len, by default and with the recipes' key.
+    for strategy in ("drop", "raise"):
+        jobs.append({"label": f"excess:{strategy}", "kind": "excess_length", "lengths": [300, 5000],
+                     "sequence_len": 4096, "strategy": strategy})
     return axolotl_checks(jobs)
 
 
@@ -200,3 +204,10 @@ def test_lora_rank_fits_the_vllm_serve_recipe():
         config = yaml.safe_load(recipe.read_text())
         if config.get("adapter"):
             assert config["lora_r"] <= serve["max_lora_rank"], f"{rel(recipe)}: vLLM's --max-lora-rank must be >= lora_r"
+
+
+def test_over_long_rows_stop_preprocessing_instead_of_vanishing(axolotl_results):
+    # Axolotl's default drops a too-long row with nothing but a log line: one training case gone.
+    assert axolotl_results["excess:drop"] == {"ok": True, "kept": 1}
+    # The recipes' `excess_length_strategy: raise` (asserted above for each) makes the same row an error.
+    assert "exceeds the maximum 4096" in axolotl_results["excess:raise"]["raised"]
