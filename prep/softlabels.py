@@ -292,8 +292,10 @@ class SoftLabeller:
                   source: str) -> dict[str, Any]:
         rows = [topk_row(position, target, self.settings.top_k) for position, target in zip(positions, answer_ids)]
         sampling_temperature = self.recipe.sampling.temperature if self.answers is None else None
+        # Padding's -inf is stored as null: the cache stays standard JSON.
+        logprobs = [[None if lp == float("-inf") else lp for lp in lps] for _, lps in rows]
         return self._row(case, status="ok", answer=text, answer_token_ids=answer_ids,
-                         target_token_ids=[ids for ids, _ in rows], logprobs=[lps for _, lps in rows],
+                         target_token_ids=[ids for ids, _ in rows], logprobs=logprobs,
                          dropped=sum(position.dropped for position in positions),
                          chosen_end=positions[-1].chosen if source == "chat" else None, source=source,
                          sampling_temperature=sampling_temperature, finish_reason=result.finish_reason,
@@ -385,7 +387,7 @@ def filler_row(k: int, floor: float) -> tuple[list[int], list[float]]:
 
 def dataset_row(cache_row: dict[str, Any], messages: list[dict[str, str]], settings: SoftLabelSettings) -> dict[str, Any]:
     floor = settings.logprob_floor
-    logprobs = [[lp if lp != lp or lp == float("-inf") or lp >= floor else floor for lp in row]   # pads stay -inf
+    logprobs = [[float("-inf") if lp is None or lp == float("-inf") else max(lp, floor) for lp in row]   # pads: -inf
                 for row in cache_row["logprobs"]]
     filler_ids, filler_logprobs = filler_row(settings.top_k, floor)
     return {"id": cache_row["id"], "messages": messages, "answer_token_ids": cache_row["answer_token_ids"],

