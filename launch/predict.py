@@ -17,7 +17,6 @@ logged and flagged `filled` in predictions.jsonl.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import json
@@ -34,11 +33,12 @@ from launch.submission import SubmissionError, id_list, write_submission
 from prep.answers import Answer, AnswerError, answer_from_object
 from prep.client import (ChatClient, ClientError, ClientSettings, StructuredOutput, archive_cache, cache_key,
                          check_endpoint, load_cache, resolve_api_key, run_cached, structured_output_params)
-from prep.config import RecipeError, load_recipe
+from prep.config import load_recipe
 from prep.jsonio import InputError, dumps, write_jsonl_atomic, write_text_atomic
 from prep.prompts import PromptSet, load_prompts
 from prep.records import Case, read_cases
-from prep.teacher import PromptFiles, Sampling, _log_to, validate_answer
+from prep.cli import STAGE_ERRORS, fail, logging_to, stage_parser
+from prep.teacher import PromptFiles, Sampling, validate_answer
 from prep.tokenizer import CHAT_TEMPLATE_PATH
 
 log = logging.getLogger("medkd.predict")
@@ -378,23 +378,13 @@ def finish(predictor: Predictor, recipe: PredictRecipe, cases: list[Case], out: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.predict", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="predict recipe (recipes/predict/*.yaml)")
+    parser = stage_parser("python -m launch.predict", __doc__.splitlines()[0], "predict recipe (recipes/predict/*.yaml)",
+                          "output folder (cache, predictions, submission, summary, log)", "answer only the first N cases")
     parser.add_argument("--model", help="merged model folder or hub id, or a LoRA adapter folder (default: the recipe's "
                                         "server.model; with server=null, the served model name to ask)")
-    parser.add_argument("--input", required=True, help="cases JSONL ({id, feature_content})")
-    parser.add_argument("--out", required=True, help="output folder (cache, predictions, submission, summary, log)")
-    parser.add_argument("--limit", type=int, help="answer only the first N cases")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--resume", dest="fresh", action="store_false", help="reuse the cache (default)")
-    group.add_argument("--fresh", dest="fresh", action="store_true", help="move the cache aside and ask everything again")
-    parser.set_defaults(fresh=False)   # two actions share the dest; without this the first one's default (True) wins
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key (repeatable)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
     out = Path(args.out)
-    handler = None
     try:
         recipe = load_recipe(PredictRecipe, args.config, args.set)
         cases = read_cases(args.input).cases
@@ -406,17 +396,10 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"{args.model}: --model is neither a folder nor a hub id (owner/name)")
         prompts = load_prompts(recipe.prompts.system, recipe.prompts.user)
         out.mkdir(parents=True, exist_ok=True)
-        handler = _log_to(out / "predict.log")
-        summary = run_predict(recipe, cases, prompts, out, model=args.model, fresh=args.fresh, progress=not args.no_progress)
-    except (RecipeError, InputError, ClientError, FileNotFoundError, ValueError, RuntimeError) as err:
-        # RuntimeError: the vLLM server would not start; its log tail follows the sentence.
-        log.error("%s", err)
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        if handler is not None:
-            logging.getLogger("medkd").removeHandler(handler)
-            handler.close()
+        with logging_to(out / "predict.log"):
+            summary = run_predict(recipe, cases, prompts, out, model=args.model, fresh=args.fresh, progress=not args.no_progress)
+    except STAGE_ERRORS as err:
+        return fail(log, err)
     print(f"{summary['answered']}/{summary['cases']} cases answered ({summary['raw_valid']} valid JSON as generated, "
           f"{summary['filled']} filled, {summary['failed_requests']} failed requests); outputs in {out}", file=sys.stderr)
     if summary["error"]:

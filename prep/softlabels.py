@@ -47,7 +47,6 @@ custom_losses.trainer.build_kd_features reads only the first A rows.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -67,7 +66,8 @@ from prep.config import RecipeError, load_recipe
 from prep.jsonio import InputError, dumps, read_jsonl, write_dir_atomic, write_jsonl_atomic, write_text_atomic
 from prep.prompts import PromptSet, load_prompts
 from prep.records import Case, read_cases
-from prep.teacher import TeacherRecipe, _digest, _log_to, _reason_kind, resolve_settings, validate_answer, validation_ids
+from prep.cli import STAGE_ERRORS, fail, logging_to, stage_parser
+from prep.teacher import TeacherRecipe, _digest, _reason_kind, resolve_settings, validate_answer, validation_ids
 from prep.tokenizer import _byte_to_unicode, chat_token_ids, load_tokenizer
 
 log = logging.getLogger("medkd.softlabels")
@@ -558,22 +558,14 @@ def run_softlabels(recipe: SoftLabelRecipe, cases: list[Case], prompts: PromptSe
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m prep.softlabels", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="soft-label recipe (recipes/teacher/*-softlabels.yaml)")
-    parser.add_argument("--input", required=True, help="cases JSONL ({id, feature_content})")
-    parser.add_argument("--out", required=True, help="output folder (cache, rejects, dataset/, summary.json, softlabels.log)")
+    parser = stage_parser("python -m prep.softlabels", __doc__.splitlines()[0],
+                          "soft-label recipe (recipes/teacher/*-softlabels.yaml)",
+                          "output folder (cache, rejects, dataset/, summary.json, softlabels.log)", "only the first N cases")
     parser.add_argument("--answers", help="score these fixed answers instead of generating: prep.teacher's output folder "
                                           "or a JSONL file (rows with messages, or reason and diseases)")
-    parser.add_argument("--limit", type=int, help="only the first N cases")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--resume", dest="fresh", action="store_false", help="reuse the cache (default)")
-    group.add_argument("--fresh", dest="fresh", action="store_true", help="move the cache aside and ask everything again")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key (repeatable)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(fresh=False)
     args = parser.parse_args(argv)
 
-    out, handler = Path(args.out), None
+    out = Path(args.out)
     try:
         recipe = load_recipe(SoftLabelRecipe, args.config, args.set)
         cases = read_cases(args.input).cases
@@ -582,17 +574,10 @@ def main(argv: list[str] | None = None) -> int:
         answers = read_answers(args.answers) if args.answers else None
         prompts = load_prompts(recipe.prompts.system, recipe.prompts.user)
         out.mkdir(parents=True, exist_ok=True)
-        handler = _log_to(out / "softlabels.log")
-        summary = run_softlabels(recipe, cases, prompts, out, answers=answers, fresh=args.fresh, progress=not args.no_progress)
-    except (RecipeError, InputError, ClientError, FileNotFoundError, ValueError, RuntimeError) as err:
-        # RuntimeError: the vLLM server would not start; its log tail follows the sentence.
-        log.error("%s", err)
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        if handler is not None:
-            logging.getLogger("medkd").removeHandler(handler)
-            handler.close()
+        with logging_to(out / "softlabels.log"):
+            summary = run_softlabels(recipe, cases, prompts, out, answers=answers, fresh=args.fresh, progress=not args.no_progress)
+    except STAGE_ERRORS as err:
+        return fail(log, err)
     print(f"{summary['answered']}/{summary['cases']} cases have soft labels ({summary['rejected']} rejected, "
           f"{summary['failed']} failed, {summary['incomplete']} incomplete, {summary['without_answer']} without an answer); "
           f"{summary['bytes_per_answer_token']} bytes per answer token on disk; outputs in {out}", file=sys.stderr)

@@ -12,7 +12,6 @@ recipe starts its own vLLM server).
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import hashlib
@@ -26,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from prep.answers import Answer, AnswerError, answer_from_object, normalise_diseases, parse_answer
+from prep.cli import STAGE_ERRORS, fail, logging_to, stage_parser
 from prep.client import (ChatClient, ClientError, ClientSettings, RequestFailed, StructuredOutput, archive_cache,
                          cache_key, check_endpoint, load_cache, resolve_api_key, run_cached, structured_output_params)
-from prep.config import RecipeError, load_recipe
-from prep.jsonio import InputError, write_jsonl_atomic, write_text_atomic, dumps
+from prep.config import load_recipe
+from prep.jsonio import dumps, write_jsonl_atomic, write_text_atomic
 from prep.prompts import PromptSet, load_prompts
 from prep.records import Case, read_cases
 
@@ -334,31 +334,12 @@ def run_teacher(recipe: TeacherRecipe, cases: list[Case], prompts: PromptSet, ou
     return summary
 
 
-def _log_to(path: Path) -> logging.Handler:
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger = logging.getLogger("medkd")
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    return handler
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m prep.teacher", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="teacher recipe (recipes/teacher/*.yaml)")
-    parser.add_argument("--input", required=True, help="cases JSONL ({id, feature_content})")
-    parser.add_argument("--out", required=True, help="output folder (cache, rejects, sft/, summary.json, teacher.log)")
-    parser.add_argument("--limit", type=int, help="label only the first N cases")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--resume", dest="fresh", action="store_false", help="reuse the cache (default)")
-    group.add_argument("--fresh", dest="fresh", action="store_true", help="move the cache aside and ask everything again")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key (repeatable)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(fresh=False)  # store_false would otherwise make --resume's default True
+    parser = stage_parser("python -m prep.teacher", __doc__.splitlines()[0], "teacher recipe (recipes/teacher/*.yaml)",
+                          "output folder (cache, rejects, sft/, summary.json, teacher.log)", "label only the first N cases")
     args = parser.parse_args(argv)
 
     out = Path(args.out)
-    handler = None
     try:
         recipe = load_recipe(TeacherRecipe, args.config, args.set)
         cases = read_cases(args.input).cases
@@ -366,20 +347,10 @@ def main(argv: list[str] | None = None) -> int:
             cases = cases[: args.limit]
         prompts = load_prompts(recipe.prompts.system, recipe.prompts.user)
         out.mkdir(parents=True, exist_ok=True)
-        handler = _log_to(out / "teacher.log")
-        summary = run_teacher(recipe, cases, prompts, out, fresh=args.fresh, progress=not args.no_progress)
-    except (RecipeError, InputError, ClientError, FileNotFoundError, ValueError) as err:
-        log.error("%s", err)
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:     # the vLLM server would not start; its log tail follows the sentence
-        log.error("%s", err)
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        if handler is not None:
-            logging.getLogger("medkd").removeHandler(handler)
-            handler.close()
+        with logging_to(out / "teacher.log"):
+            summary = run_teacher(recipe, cases, prompts, out, fresh=args.fresh, progress=not args.no_progress)
+    except STAGE_ERRORS as err:
+        return fail(log, err)
     print(f"{summary['answered']}/{summary['cases']} cases answered ({summary['rejected']} rejected, "
           f"{summary['failed']} failed, {summary['incomplete']} incomplete); {summary['retries']} retries; "
           f"outputs in {out}", file=sys.stderr)
