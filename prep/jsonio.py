@@ -190,3 +190,18 @@ def write_dir_atomic(folder: str | os.PathLike, write: Any) -> Path:
     staging.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def save_splits(rows_by_split: dict[str, list[dict]], features: Any, folder: str | os.PathLike) -> Path:
+    """A `datasets` DatasetDict of the given splits, written with write_dir_atomic.
+
+    datasets 4.8 saves an empty split as zero shards, which load_from_disk cannot read back, so an
+    empty split is written as one empty shard.
+    """
+    from datasets import Dataset, DatasetDict, disable_progress_bars
+
+    disable_progress_bars()  # one bar per split per save: noise beside the stage's own progress bar
+    splits = {name: Dataset.from_dict({column: [row[column] for row in rows] for column in features}, features=features)
+              for name, rows in rows_by_split.items()}
+    empty = {name: 1 for name, split in splits.items() if len(split) == 0}
+    return write_dir_atomic(folder, lambda staging: DatasetDict(splits).save_to_disk(str(staging), num_shards=empty))

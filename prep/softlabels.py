@@ -63,7 +63,7 @@ from prep.answers import AnswerError, parse_answer
 from prep.client import (ChatClient, ChatResult, ClientError, archive_cache, cache_key, check_endpoint, load_cache,
                          resolve_api_key, run_cached, structured_output_params)
 from prep.config import RecipeError, load_recipe
-from prep.jsonio import InputError, dumps, read_jsonl, write_dir_atomic, write_jsonl_atomic, write_text_atomic
+from prep.jsonio import InputError, dumps, read_jsonl, save_splits, write_jsonl_atomic, write_text_atomic
 from prep.prompts import PromptSet, load_prompts
 from prep.records import Case, read_cases
 from prep.cli import STAGE_ERRORS, fail, logging_to, stage_parser
@@ -397,9 +397,8 @@ def dataset_row(cache_row: dict[str, Any], messages: list[dict[str, str]], setti
 
 
 def save_softlabel_dataset(train: list[dict], valid: list[dict], folder: Path) -> None:
-    from datasets import Dataset, DatasetDict, Features, List, Value, disable_progress_bars
+    from datasets import Features, List, Value
 
-    disable_progress_bars()
     features = Features({
         "id": Value("int64"), "messages": List({"role": Value("string"), "content": Value("string")}),
         "answer_token_ids": List(Value("int32")), "target_token_ids": List(List(Value("int32"))),
@@ -407,11 +406,7 @@ def save_softlabel_dataset(train: list[dict], valid: list[dict], folder: Path) -
         "sampling_temperature": Value("float64"), "k": Value("int32"), "teacher_model": Value("string"),
         "source": Value("string"),
     })
-    splits = {name: Dataset.from_dict({column: [row[column] for row in rows] for column in features}, features=features)
-              for name, rows in (("train", train), ("validation", valid))}
-    # datasets 4.8 saves an empty split as zero shards, which load_from_disk then cannot read: give it one.
-    empty = {name: 1 for name, split in splits.items() if len(split) == 0}
-    write_dir_atomic(folder, lambda staging: DatasetDict(splits).save_to_disk(str(staging), num_shards=empty))
+    save_splits({"train": train, "validation": valid}, features, folder)
 
 
 def storage_figures(folder: Path, answer_tokens: int) -> dict[str, float | None]:

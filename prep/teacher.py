@@ -16,7 +16,6 @@ import asyncio
 import dataclasses
 import hashlib
 import logging
-import shutil
 import sys
 import time
 from collections import Counter
@@ -29,7 +28,7 @@ from prep.cli import STAGE_ERRORS, fail, logging_to, stage_parser
 from prep.client import (ChatClient, ClientError, ClientSettings, RequestFailed, StructuredOutput, archive_cache,
                          cache_key, check_endpoint, load_cache, resolve_api_key, run_cached, structured_output_params)
 from prep.config import load_recipe
-from prep.jsonio import dumps, write_jsonl_atomic, write_text_atomic
+from prep.jsonio import dumps, save_splits, write_jsonl_atomic, write_text_atomic
 from prep.prompts import PromptSet, load_prompts
 from prep.records import Case, read_cases
 
@@ -237,23 +236,12 @@ def derive_outputs(labeller: Labeller, cases: list[Case], out: Path, failed: lis
 
 
 def save_dataset(train: list[dict], valid: list[dict], folder: Path) -> None:
-    """A DatasetDict (train, validation) saved beside FOLDER, then swapped in: never half a folder."""
-    from datasets import Dataset, DatasetDict, Features, List, Value, disable_progress_bars
-
-    disable_progress_bars()  # one bar per split per save: noise beside the teacher's own
+    """A DatasetDict (train, validation), swapped in whole: never half a folder."""
+    from datasets import Features, List, Value
 
     features = Features({"id": Value("int64"), "messages": List({"role": Value("string"), "content": Value("string")}),
                          "agreement": Value("float64")})
-    splits = {name: Dataset.from_dict({column: [row[column] for row in rows] for column in features}, features=features)
-              for name, rows in (("train", train), ("validation", valid))}
-    staging, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
-    for path in (staging, old):
-        shutil.rmtree(path, ignore_errors=True)
-    DatasetDict(splits).save_to_disk(str(staging))
-    if folder.exists():
-        folder.rename(old)
-    staging.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+    save_splits({"train": train, "validation": valid}, features, folder)
 
 
 # ---- the run ----------------------------------------------------------------------------------------
