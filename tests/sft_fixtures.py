@@ -69,6 +69,39 @@ def run_sft(args: list[str], timeout: float = 600):
                           env={**os.environ, **SFT_ENV})
 
 
+def run_sft_interrupted(args: list[str], checkpoint: Path, timeout: float = 600) -> str:
+    """Start `bash launch/sft.sh ARGS`, kill it (the whole process group, as Ctrl-C or a lost node would)
+    once CHECKPOINT has been written completely (the Trainer writes trainer_state.json last); its output."""
+    import os
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    process = subprocess.Popen(["bash", str(REPO_ROOT / "launch" / "sft.sh"), *args], cwd=REPO_ROOT, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **SFT_ENV},
+                               start_new_session=True)
+    chunks: list[str] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(process.stdout.readline, "")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while process.poll() is None and not (checkpoint / "trainer_state.json").is_file():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {checkpoint} after {timeout:.0f} s:\n{''.join(chunks)[-3000:]}")
+            time.sleep(0.2)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        reader.join(timeout=10)
+    return "".join(chunks)
+
+
 def logged_losses(log_text: str) -> list[float]:
     """The per-step training losses the HF Trainer logged (`{'loss': '11.94', ...}` lines), in order."""
     import re
