@@ -287,3 +287,20 @@ def test_preflight_refuses_bad_inputs_with_one_sentence(tmp_path, tiny_model_dir
     with pytest.raises(PreflightError, match=r"holds checkpoints of another setup \(key 'adapter'"):
         preflight(LORA, [CPU], ["deepspeed=null"], run_dir=str(run), **quiet)   # ... is no LoRA run's to resume
     assert preflight(QLORA, [CPU], run_dir=str(run), **quiet).status == "resume"
+    assert preflight(QLORA, [CPU], run_dir=str(run), fresh=True, **quiet).status == "train"   # --fresh starts over
+    assert not (run / "sft" / "checkpoint-4").exists()
+
+
+def test_merge_of_a_full_fine_tune_copies_the_model_and_the_base_tokenizer(tmp_path, tiny_model_dir):
+    from launch.merge import merge
+
+    out_dir = tmp_path / "run" / "sft"                          # what a full fine-tune's output_dir holds
+    out_dir.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy2(tiny_model_dir / name, out_dir / name)
+    (out_dir / "medkd-sft.yaml").write_text(yaml.safe_dump({"base_model": str(tiny_model_dir), "output_dir": str(out_dir)}))
+    merged = merge(out_dir, log=lambda message: None)
+    assert merged == tmp_path / "run" / "merged"
+    assert (merged / "model.safetensors").read_bytes() == (tiny_model_dir / "model.safetensors").read_bytes()
+    assert (merged / "tokenizer_config.json").read_bytes() == (tiny_model_dir / "tokenizer_config.json").read_bytes()
+    assert json.loads((merged / "medkd-merge.json").read_text())["kind"] == "full"
