@@ -22,7 +22,7 @@ from pathlib import Path
 
 from prep.answers import AnswerError, answer_from_object, normalise_diseases, parse_answer
 from prep.config import RecipeError, apply_overrides, build
-from prep.jsonio import InputError, iter_json_lines, write_jsonl_atomic, write_text_atomic
+from prep.jsonio import InputError, iter_json_lines, parse_object_line, write_jsonl_atomic, write_text_atomic
 from launch.submission import id_list
 
 GENERIC_STEMS = {"submission", "predictions", "prediction", "valid", "test"}
@@ -86,12 +86,7 @@ def load_answers(path: str | Path, strict: bool) -> AnswerFile:
     first_line: dict[int, int] = {}
     for number, text in iter_json_lines(path):
         try:
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise InputError(path, number, f"invalid JSON ({err.msg}, column {err.colno})") from None
-            if not isinstance(row, dict):
-                raise InputError(path, number, f"expected a JSON object, got {type(row).__name__}")
+            row = parse_object_line(path, number, text)
             case_id = row.get("id")
             if isinstance(case_id, bool) or not isinstance(case_id, int):
                 raise InputError(path, number, f"must be an integer, got {json.dumps(case_id, ensure_ascii=False)}", field="id")

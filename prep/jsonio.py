@@ -62,18 +62,20 @@ def _iter_array_items(path: Path, text: str) -> Iterator[tuple[int, str]]:
         position = end
 
 
+def parse_object_line(path: str | os.PathLike, number: int, text: str) -> dict[str, Any]:
+    """One line that must hold a JSON object, or InputError naming the file and line."""
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(path, number, f"invalid JSON ({err.msg}, column {err.colno})") from None
+    if not isinstance(row, dict):
+        raise InputError(path, number, f"expected a JSON object, got {type(row).__name__}")
+    return row
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Read a JSONL file whose every line must be a JSON object (used for our own caches and outputs)."""
-    rows = []
-    for number, line in iter_json_lines(path):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(path, number, f"invalid JSON ({err.msg}, column {err.colno})") from None
-        if not isinstance(row, dict):
-            raise InputError(path, number, f"expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return rows
+    return [parse_object_line(path, number, line) for number, line in iter_json_lines(path)]
 
 
 def dumps(row: Any) -> str:

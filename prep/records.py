@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from prep.jsonio import InputError, iter_json_lines, write_jsonl_atomic
+from prep.jsonio import InputError, iter_json_lines, parse_object_line, write_jsonl_atomic
 
 CASE_KEYS = ("id", "feature_content")
 # Fields every case carries (values may be empty) and those that appear only sometimes.
@@ -46,12 +46,7 @@ class ReadResult:
 
 def parse_case_line(path: str | Path, line_number: int, text: str) -> Case:
     """One JSON line -> Case, or InputError naming the field at fault."""
-    try:
-        row = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise InputError(path, line_number, f"invalid JSON ({err.msg}, column {err.colno})") from None
-    if not isinstance(row, dict):
-        raise InputError(path, line_number, f"expected a JSON object, got {type(row).__name__}")
+    row = parse_object_line(path, line_number, text)
     for key in CASE_KEYS:
         if key not in row:
             raise InputError(path, line_number, "missing", field=key)
