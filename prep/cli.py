@@ -56,3 +56,12 @@ def fail(log: logging.Logger, err: BaseException) -> int:
     log.error("%s", err)
     print(f"error: {err}", file=sys.stderr)
     return 2
+
+
+def retry_status(summary: dict, out: Path) -> int:
+    """Exit 1 when requests failed after their retries (a re-run asks for just those), else 0."""
+    if summary["failed"] or summary["incomplete"]:
+        print(f"error: {summary['failed']} requests failed after retries (see {out / 'summary.json'}); "
+              f"run the same command again to ask for them", file=sys.stderr)
+        return 1
+    return 0

@@ -66,7 +66,7 @@ from prep.config import RecipeError, load_recipe
 from prep.jsonio import InputError, dumps, read_jsonl, save_splits, write_jsonl_atomic, write_text_atomic
 from prep.prompts import PromptSet, load_prompts
 from prep.records import Case, read_cases
-from prep.cli import STAGE_ERRORS, fail, logging_to, stage_parser
+from prep.cli import STAGE_ERRORS, fail, logging_to, retry_status, stage_parser
 from prep.teacher import TeacherRecipe, _digest, _reason_kind, resolve_settings, validate_answer, validation_ids
 from prep.tokenizer import _byte_to_unicode, chat_token_ids, load_tokenizer
 
@@ -576,11 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{summary['answered']}/{summary['cases']} cases have soft labels ({summary['rejected']} rejected, "
           f"{summary['failed']} failed, {summary['incomplete']} incomplete, {summary['without_answer']} without an answer); "
           f"{summary['bytes_per_answer_token']} bytes per answer token on disk; outputs in {out}", file=sys.stderr)
-    if summary["failed"] or summary["incomplete"]:
-        print(f"error: {summary['failed']} requests failed after retries (see {out / 'summary.json'}); "
-              f"run the same command again to ask for them", file=sys.stderr)
-        return 1
-    return 0
+    return retry_status(summary, out)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from prep.answers import Answer, AnswerError, answer_from_object, normalise_diseases, parse_answer
-from prep.cli import STAGE_ERRORS, fail, logging_to, stage_parser
+from prep.cli import STAGE_ERRORS, fail, logging_to, retry_status, stage_parser
 from prep.client import (ChatClient, ClientError, ClientSettings, RequestFailed, StructuredOutput, archive_cache,
                          cache_key, check_endpoint, load_cache, resolve_api_key, run_cached, structured_output_params)
 from prep.config import load_recipe
@@ -342,11 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{summary['answered']}/{summary['cases']} cases answered ({summary['rejected']} rejected, "
           f"{summary['failed']} failed, {summary['incomplete']} incomplete); {summary['retries']} retries; "
           f"outputs in {out}", file=sys.stderr)
-    if summary["failed"] or summary["incomplete"]:
-        print(f"error: {summary['failed']} requests failed after retries (see {out / 'summary.json'}); "
-              f"run the same command again to ask for them", file=sys.stderr)
-        return 1
-    return 0
+    return retry_status(summary, out)
 
 
 if __name__ == "__main__":
