@@ -27,7 +27,7 @@ from typing import Callable
 from launch.vllm_server import new_session_dying_with_parent
 from prep.config import RecipeError, load_recipe, resolve_path
 from prep.jsonio import InputError, dumps, read_jsonl, write_jsonl_atomic, write_text_atomic
-from prep.records import Case, read_cases
+from prep.records import read_cases
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -125,7 +125,7 @@ def _check_jsonl_ids_unique(path: Path) -> None:
 
 
 def build_plan(recipe: PipelineRecipe) -> list[Step]:
-    out = resolve_path(recipe.out) if not Path(recipe.out).is_absolute() else Path(recipe.out)
+    out = resolve_path(recipe.out)
     train_cases, test_cases = resolve_path(recipe.train_cases), resolve_path(recipe.test_cases)
     s1, scored = out / "stage1", []
     teacher_out = s1 / "teacher"
