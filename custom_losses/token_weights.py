@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from prep.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_LEXICON = "data/medical_terms.txt"
 
 

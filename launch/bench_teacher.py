@@ -23,18 +23,16 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from prep.client import ChatClient, ClientSettings, run_cached  # noqa: E402
-from prep.config import load_recipe  # noqa: E402
-from prep.prompts import load_prompts  # noqa: E402
-from prep.records import Case, read_cases  # noqa: E402
-from prep.teacher import Labeller, TeacherRecipe  # noqa: E402
+from prep.client import ChatClient, ClientSettings, run_cached
+from prep.config import load_recipe
+from prep.prompts import load_prompts
+from prep.records import Case, read_cases
+from prep.teacher import Labeller, TeacherRecipe
+from prep.paths import REPO_ROOT
 
 
 def start_server(latency: float, capacity: int) -> tuple[subprocess.Popen, str]:
-    process = subprocess.Popen([sys.executable, "-m", "tests.fault_server", "--latency", str(latency),
+    process = subprocess.Popen([sys.executable, "-m", "launch.fault_server", "--latency", str(latency),
                                 "--capacity", str(capacity)], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
     port = int(process.stdout.readline().split()[1])
     return process, f"http://127.0.0.1:{port}/v1"

@@ -9,7 +9,7 @@ cd "$MEDKD_ROOT"
 RECIPE="${1:?usage: launch/distill.sh RECIPE [--config OVERRIDE] [--key value ...]}"; shift
 OUT="$("$PY" - "$RECIPE" "$@" <<'PYEOF'
 import sys
-from launch.distill import parse_recipe
+from custom_losses.distill import parse_recipe
 print(parse_recipe(["--config", *sys.argv[1:]])[1].output_dir)
 PYEOF
 )"

@@ -13,7 +13,7 @@ CONSTRAINTS="$ROOT/constraints.txt"
 export PIP_CONSTRAINT="$CONSTRAINTS" PIP_DISABLE_PIP_VERSION_CHECK=1
 CACHE="${MEDKD_CACHE:-$ROOT/.cache}"
 
-TRAIN_PACKAGES="torch axolotl[deepspeed] deepspeed openai aiohttp tiktoken rouge-chinese matplotlib pytest pytest-timeout"
+TRAIN_PACKAGES="torch axolotl[deepspeed] deepspeed openai aiohttp tiktoken rouge-chinese matplotlib pytest pytest-timeout ruff"
 if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
   VLLM_PACKAGES="vllm"
 else
@@ -43,6 +43,10 @@ ensure_venv() {  # ensure_venv DIR "PACKAGES" -> installs when the stamp differs
 }
 
 ensure_venv .venv "$TRAIN_PACKAGES"
+# medkd itself, editable: commands and tests import prep/custom_losses/launch from any directory.
+if ! (cd / && "$ROOT/.venv/bin/python" -I -c "import prep.paths, sys; sys.exit(str(prep.paths.REPO_ROOT) != sys.argv[1])" "$ROOT" 2>/dev/null); then
+  quiet_pip .venv/bin/pip install -q --no-deps --no-build-isolation -e "$ROOT"
+fi
 [[ "${MEDKD_SKIP_VLLM:-0}" == 1 ]] || ensure_venv .venv-vllm "$VLLM_PACKAGES"
 
 RANKS="$CACHE/qwen.tiktoken"

@@ -6,6 +6,7 @@ for nested sections) change recipe keys; they never hold settings of their own.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -15,7 +16,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from prep.paths import resolve_path
+
 T = TypeVar("T")
 
 
@@ -23,14 +25,6 @@ class RecipeError(ValueError):
     def __init__(self, path: str | Path, key: str | None, problem: str):
         self.path, self.key = str(path), key
         super().__init__(f"{path}: key '{key}': {problem}" if key else f"{path}: {problem}")
-
-
-def resolve_path(path: str | Path) -> Path:
-    """Recipe paths are relative to the working directory when they exist there, else to the repo root."""
-    path = Path(path)
-    if path.is_absolute() or path.exists():
-        return path
-    return REPO_ROOT / path
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -48,21 +42,66 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def parse_override(item: str) -> tuple[str, Any]:
+    """`key=value` -> (key, value parsed as YAML; an empty value is null)."""
+    if "=" not in item or item.startswith("-"):
+        raise ValueError(f"override '{item}' must look like key=value")
+    key, raw = item.split("=", 1)
+    return key.strip(), (yaml.safe_load(raw) if raw.strip() else None)
+
+
+def set_key(data: dict[str, Any], key: str, value: Any, item: str = "") -> None:
+    """Set a dotted KEY in DATA in place: sections are created as needed, integers index lists."""
+    parts = key.split(".")
+    target: Any = data
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(target, list):
+            if not part.isdigit() or int(part) >= len(target):
+                where = ".".join(parts[:depth + 1])
+                raise ValueError(f"override '{item or key}': '{where}' is not an item of a {len(target)}-item list")
+            if last:
+                target[int(part)] = value
+            else:
+                target = target[int(part)]
+        elif last:
+            target[part] = value
+        else:
+            if not isinstance(target.get(part), (dict, list)):
+                target[part] = {}
+            target = target[part]
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
-    """`key=value` strings (values parsed as YAML; dotted keys reach into sections) applied to a copy."""
-    data = dict(data)
+    """`key=value` strings (the one override syntax, from `--set`) applied to a deep copy of DATA."""
+    data = copy.deepcopy(data)
     for item in overrides or []:
-        if "=" not in item:
-            raise ValueError(f"override '{item}' must look like key=value")
-        key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else None
-        target = data
-        *parents, leaf = key.strip().split(".")
-        for parent in parents:
-            target[parent] = dict(target.get(parent) or {})
-            target = target[parent]
-        target[leaf] = value
+        key, value = parse_override(item)
+        set_key(data, key, value, item)
     return data
+
+
+def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """OVERLAY over BASE: mappings merge key by key, anything else (lists included) is replaced."""
+    merged = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def compose(recipe: str | Path, overlays: list[str | Path] = (), overrides: list[str] = ()) -> dict[str, Any]:
+    """The one way a run's settings are put together: the recipe, each overlay file merged over it in
+    order, then each `key=value` override. Errors name the recipe file."""
+    data = read_yaml(recipe)
+    for overlay in overlays:
+        data = deep_merge(data, read_yaml(overlay))
+    try:
+        return apply_overrides(data, overrides)
+    except ValueError as err:
+        raise RecipeError(recipe, None, str(err)) from None
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
@@ -125,9 +164,10 @@ def build(schema: type[T], data: dict[str, Any], path: str | Path, prefix: str =
         raise RecipeError(path, None, str(err)) from None
 
 
-def load_recipe(schema: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
-    """Read, override and validate a recipe; the result keeps `recipe_path` when the schema has it."""
-    data = apply_overrides(read_yaml(path), overrides)
+def load_recipe(schema: type[T], path: str | Path, overrides: list[str] | None = None,
+                overlays: list[str | Path] = ()) -> T:
+    """Compose, then validate a recipe; the result keeps `recipe_path` when the schema has it."""
+    data = compose(path, overlays, overrides or [])
     recipe = build(schema, data, path)
     if hasattr(recipe, "recipe_path"):
         object.__setattr__(recipe, "recipe_path", str(path))

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from prep.answers import Answer, answer_json
 from prep.records import Case
+from prep.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PROMPT_DIR = REPO_ROOT / "data" / "prompts"
 PLACEHOLDER = "{feature_content}"
 

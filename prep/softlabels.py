@@ -66,7 +66,7 @@ from prep.config import RecipeError, load_recipe
 from prep.jsonio import InputError, dumps, read_jsonl, save_splits, write_jsonl_atomic, write_text_atomic
 from prep.prompts import PromptSet, load_prompts
 from prep.records import Case, read_cases
-from prep.cli import STAGE_ERRORS, fail, logging_to, retry_status, stage_parser
+from prep.stage import STAGE_ERRORS, fail, logging_to, retry_status, stage_parser
 from prep.teacher import TeacherRecipe, _digest, _reason_kind, resolve_settings, validate_answer, validation_ids
 from prep.tokenizer import _byte_to_unicode, chat_token_ids, load_tokenizer
 
@@ -126,7 +126,7 @@ class SoftLabelRecipe(TeacherRecipe):
 def validate_recipe(path: str | Path, overrides: list[str] | None = None) -> SoftLabelRecipe:
     """Load a soft-label recipe and check what a run would read first (prompt files, the serve recipe),
     without asking anything."""
-    from prep.config import resolve_path
+    from prep.paths import resolve_path
 
     recipe = load_recipe(SoftLabelRecipe, path, overrides)
     load_prompts(recipe.prompts.system, recipe.prompts.user)
@@ -494,7 +494,7 @@ def serving(settings, spec, log_path: Path):
     server = None
     try:
         if spec is not None:
-            from launch.vllm_server import VLLMServer
+            from prep.serving import VLLMServer
 
             log.info("starting the vLLM server for %s", spec.model)
             server = VLLMServer(spec, log_path).start()

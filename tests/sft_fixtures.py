@@ -12,8 +12,8 @@ from prep.answers import Answer
 from prep.jsonio import write_jsonl_atomic
 from prep.prompts import load_prompts
 from prep.records import Case, read_cases
+from prep.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_CASES = REPO_ROOT / "data" / "sample_cases.jsonl"
 
 # Hand-written answers in the official style (numbered reasons citing the case; one or more diseases).

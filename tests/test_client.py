@@ -10,7 +10,7 @@ from prep.answers import ANSWER_REGEX, Answer, answer_json, parse_answer
 from prep.client import (ChatClient, ClientError, ClientSettings, RequestFailed, StructuredOutput, answer_regex,
                          answer_schema, check_endpoint, load_cache, resolve_api_key, run_cached,
                          structured_output_params)
-from tests.fault_server import FaultServer
+from launch.fault_server import FaultServer
 
 MESSAGES = [{"role": "system", "content": "你是医生。"}, {"role": "user", "content": "病例：咽痛伴发热2天。"}]
 
@@ -162,7 +162,7 @@ def test_preflight_lists_models_and_names_a_missing_model(fault_server):
 
 
 def test_preflight_names_an_unreachable_endpoint():
-    from launch.vllm_server import free_port
+    from prep.serving import free_port
 
     url = f"http://127.0.0.1:{free_port()}/v1"
     started = time.monotonic()

@@ -10,8 +10,8 @@ from dataclasses import replace
 
 import pytest
 
-from launch.estimate_memory import GIB, QWEN1_7B, QWEN25_7B, Setup, estimate, estimate_config, main, shape_for
-from launch.sft_config import compose
+from custom_losses.memory import GIB, QWEN1_7B, QWEN25_7B, Setup, estimate, estimate_config, main, shape_for
+from custom_losses.sft_config import compose
 
 TOLERANCE = 0.15
 GB = 1e9 / GIB   # LLaMA-Factory writes decimal GB

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch.submission import check_submission
+from prep.submission import check_submission
 from prep.jsonio import read_appended, read_jsonl
 from tests.conftest import REPO_ROOT, SAMPLE_CASES
 

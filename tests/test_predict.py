@@ -10,12 +10,12 @@ import time
 import pytest
 
 from launch import predict, score, submission
-from launch.predict import PredictRecipe, judge, lora_rank_for, resolve_target
+from prep.predict import PredictRecipe, judge, lora_rank_for, resolve_target
 from prep.client import load_cache
 from prep.config import RecipeError, load_recipe
 from prep.records import read_cases
 from tests.conftest import REPO_ROOT, SAMPLE_CASES
-from tests.fault_server import FaultServer, default_answer
+from launch.fault_server import FaultServer, default_answer
 
 TINY = REPO_ROOT / "recipes" / "predict" / "tiny-cpu.yaml"
 CASES = read_cases(SAMPLE_CASES).cases
@@ -188,7 +188,7 @@ def test_the_recipe_starts_its_own_server_for_a_lora_adapter(vllm_server, tmp_pa
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from launch.tiny_model import tiny_model_dir
+    from prep.tiny_model import tiny_model_dir
 
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir()), dtype=torch.float32)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))

@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch.sft_config import compose
+from custom_losses.sft_config import compose
 from tests.sft_fixtures import axolotl_checks
+from prep.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES = REPO_ROOT / "recipes"
 ALL_FILES = sorted(p for p in RECIPES.rglob("*") if p.is_file() and p.suffix in (".yaml", ".yml", ".json"))
 SFT_RECIPES = sorted(p for p in (RECIPES / "sft").glob("*.yaml"))
@@ -127,7 +127,7 @@ def test_every_recipe_file_validates(path: Path, axolotl_results):
         assert config.num_processes >= 1 and config.use_cpu is False
         assert str(config.mixed_precision) == "no", "precision comes from the Axolotl recipe, not from here"
     elif folder == "serve":
-        from launch.vllm_server import load_server_spec
+        from prep.serving import load_server_spec
 
         spec = load_server_spec(path)
         assert spec.model
@@ -186,7 +186,7 @@ def test_cpu_overlay_changes_only_what_the_hardware_or_fixture_forces():
 
 @pytest.mark.parametrize("recipe", SFT_RECIPES, ids=rel)
 def test_sft_recipe_header_names_gpus_memory_and_launch(recipe: Path):
-    from launch.estimate_memory import estimate_config
+    from custom_losses.memory import estimate_config
 
     header = "".join(line for line in recipe.read_text(encoding="utf-8").splitlines(keepends=True) if line.startswith("#"))
     assert re.search(r"^# GPUs: ", header, re.M)

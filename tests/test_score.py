@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from launch.score import ScoreSettings, char_dice, fuzzy_matches, load_answers, main, rouge_l_f1, score_files
+from prep.score import ScoreSettings, char_dice, fuzzy_matches, load_answers, main, rouge_l_f1, score_files
 from prep.jsonio import InputError
 from tests.conftest import SHARED_DATA
 

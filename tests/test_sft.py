@@ -24,16 +24,16 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from launch.sft_config import compose, write_composed
+from custom_losses.sft_config import compose, write_composed
 from prep.answers import Answer, answer_json
 from prep.jsonio import InputError
 from prep.tokenizer import CHAT_TEMPLATE_PATH, chat_token_ids
 from tests.sft_fixtures import (SFT_ENV, chat_rows, logged_losses, prepared_datasets, run_sft, run_sft_interrupted,
+from prep.paths import REPO_ROOT
                                 sample_cases, write_sample_sft, write_sft_split)
 
 pytestmark = pytest.mark.slow
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 QLORA = "recipes/sft/qwen2.5-7b-instruct-qlora-1gpu.yaml"
 LORA = "recipes/sft/qwen2.5-7b-instruct-lora-zero2.yaml"
 CPU = "recipes/sft/overrides/cpu-tiny.yaml"
@@ -133,7 +133,7 @@ def test_labels_mask_system_and_user_and_train_the_answer_with_its_im_end(lora_r
 
 
 def test_training_text_is_the_inference_chat_template(lora_run, qwen_tokenizer, tiny_model_dir):
-    from launch.sft_preflight import chat_template_of
+    from custom_losses.sft_preflight import chat_template_of
 
     template = CHAT_TEMPLATE_PATH.read_text(encoding="utf-8")
     assert chat_template_of(tiny_model_dir) == template, "the base model folder carries data/qwen2.5_chat_template.jinja"
@@ -188,7 +188,7 @@ def test_merged_model_loads_in_transformers_and_answers_through_vllm(lora_run, q
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from launch.vllm_server import VLLMServer, load_server_spec
+    from prep.serving import VLLMServer, load_server_spec
 
     merge = subprocess.run(["bash", str(REPO_ROOT / "launch" / "merge.sh"), str(lora_run.out)], cwd=REPO_ROOT, text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
@@ -247,7 +247,7 @@ def test_merged_model_loads_in_transformers_and_answers_through_vllm(lora_run, q
 # ---- the preflight ---------------------------------------------------------------------------------
 
 def test_preflight_refuses_bad_inputs_with_one_sentence(tmp_path, tiny_model_dir):
-    from launch.sft_preflight import PreflightError, preflight
+    from custom_losses.sft_preflight import PreflightError, preflight
 
     quiet = {"log": lambda message: None}
     run = tmp_path / "run"
@@ -292,7 +292,7 @@ def test_preflight_refuses_bad_inputs_with_one_sentence(tmp_path, tiny_model_dir
 
 
 def test_merge_of_a_full_fine_tune_copies_the_model_and_the_base_tokenizer(tmp_path, tiny_model_dir):
-    from launch.merge import merge
+    from custom_losses.merge import merge
 
     out_dir = tmp_path / "run" / "sft"                          # what a full fine-tune's output_dir holds
     out_dir.mkdir(parents=True)

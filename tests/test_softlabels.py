@@ -18,7 +18,7 @@ from prep.records import read_cases
 from prep.softlabels import (ForeignTokenizer, Position, SoftLabelRecipe, VocabIndex, dataset_row, main,
                              positions_from_chat, read_answers, topk_row, validate_recipe)
 from tests.conftest import REPO_ROOT, SAMPLE_CASES
-from tests.fault_server import FaultServer
+from launch.fault_server import FaultServer
 
 RECIPE = REPO_ROOT / "recipes" / "teacher" / "local-tiny-vllm-softlabels.yaml"
 SOFTLABEL_RECIPES = sorted((REPO_ROOT / "recipes" / "teacher").glob("*-softlabels*.yaml"))

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from launch.submission import SubmissionError, check_submission, main, write_submission
+from prep.submission import SubmissionError, check_submission, main, write_submission
 from prep.answers import Answer
 from prep.records import read_cases
 from tests.conftest import REPO_ROOT, SAMPLE_CASES

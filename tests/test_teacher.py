@@ -17,7 +17,7 @@ from prep.prompts import load_prompts
 from prep.records import read_cases
 from prep.teacher import TeacherRecipe, main, select_by_agreement, validation_ids
 from tests.conftest import REPO_ROOT, SAMPLE_CASES
-from tests.fault_server import FaultServer
+from launch.fault_server import FaultServer
 
 RECIPE = REPO_ROOT / "recipes" / "teacher" / "local-tiny-vllm.yaml"
 # *-softlabels.yaml add a softlabels: section (prep.softlabels.SoftLabelRecipe; tests/test_softlabels.py validates them).
@@ -285,7 +285,7 @@ def test_a_bad_recipe_key_is_named(fault_server, tmp_path, capsys):
 
 
 def _closed_port_url() -> str:
-    from launch.vllm_server import free_port
+    from prep.serving import free_port
 
     return f"http://127.0.0.1:{free_port()}/v1"
 

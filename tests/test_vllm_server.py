@@ -2,7 +2,7 @@
 import pytest
 from openai import OpenAI
 
-from launch.vllm_server import ServerSpec, VLLMServer
+from prep.serving import ServerSpec, VLLMServer
 from prep.answers import parse_answer
 from prep.prompts import load_prompts
 from prep.records import read_cases

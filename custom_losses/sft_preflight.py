@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from launch.sft_config import COMPOSED_NAME, compose, config_hash, split_args, write_composed
+from custom_losses.sft_config import COMPOSED_NAME, compose, config_hash, split_args, write_composed
 from prep.config import RecipeError
 from prep.jsonio import InputError, iter_json_lines
 from prep.tokenizer import CHAT_TEMPLATE_PATH
@@ -257,7 +257,7 @@ def mark_done(config_path: str | Path) -> Path:
 
 def preflight(recipe: str, overlays: list[str] = (), overrides: list[str] = (), run_dir: str | None = None,
               fresh: bool = False, force: bool = False, log=lambda message: print(message, file=sys.stderr)) -> Plan:
-    from launch.estimate_memory import estimate_config, shape_for
+    from custom_losses.memory import estimate_config, shape_for
     from prep.tokenizer import load_tokenizer
 
     config = compose(recipe, overlays, overrides, run_dir)

@@ -16,9 +16,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launch.tiny_model import resolve_model  # recipes may name the tiny fixture as their model
+from prep.tiny_model import resolve_model  # recipes may name the tiny fixture as their model
+from prep.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass

@@ -20,8 +20,8 @@ from typing import Any
 import yaml
 
 from prep.config import RecipeError, read_yaml
+from prep.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 COMPOSED_NAME = "medkd-sft.yaml"  # inside output_dir
 # The run folder the recipes are written for; `--run DIR` moves every path under it to DIR.
 RECIPE_RUN = "runs/stage1"
@@ -75,7 +75,7 @@ def _absolute(path: str) -> str:
 
 def resolve_paths(config: dict[str, Any]) -> dict[str, Any]:
     """Repo-relative paths -> absolute; `medkd/tiny-qwen2.5` -> the locally built tiny model folder."""
-    from launch.tiny_model import resolve_model
+    from prep.tiny_model import resolve_model
 
     config = copy.deepcopy(config)
     for key in PATH_KEYS:

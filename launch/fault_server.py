@@ -17,7 +17,7 @@ It counts what it was asked (received, completed, in flight, the peak in flight)
 chat request's body and arrival time for assertions. Run in a thread (`with FaultServer() as s`)
 for tests, or as a process for benchmarks:
 
-    python -m tests.fault_server --latency 0.3 --capacity 64      # prints "port N", serves until killed
+    python -m launch.fault_server --latency 0.3 --capacity 64      # prints "port N", serves until killed
 """
 from __future__ import annotations
 
@@ -244,7 +244,7 @@ class FaultServer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tests.fault_server", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m launch.fault_server", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds each request takes")
     parser.add_argument("--capacity", type=int, default=None, help="requests served at once; more wait in line")
