@@ -28,8 +28,8 @@ from custom_losses.sft_config import compose, write_composed
 from prep.answers import Answer, answer_json
 from prep.jsonio import InputError
 from prep.tokenizer import CHAT_TEMPLATE_PATH, chat_token_ids
-from tests.sft_fixtures import (SFT_ENV, chat_rows, logged_losses, prepared_datasets, run_sft, run_sft_interrupted,
 from prep.paths import REPO_ROOT
+from tests.sft_fixtures import (SFT_ENV, chat_rows, logged_losses, prepared_datasets, run_sft, run_sft_interrupted,
                                 sample_cases, write_sample_sft, write_sft_split)
 
 pytestmark = pytest.mark.slow
