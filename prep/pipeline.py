@@ -47,7 +47,7 @@ class StageOne:
 
 @dataclass
 class StageTwo:
-    softlabels: str                                         # recipes/teacher/*-softlabels.yaml
+    softlabels: str                                         # recipes/softlabels/*.yaml
     distill: str                                            # recipes/distill/*.yaml (TRL)
     predict: str
     softlabels_set: list[str] = field(default_factory=list)

@@ -1,8 +1,8 @@
 """Stage two data: the teacher's top-k log-probabilities at every answer token, in the student's token ids.
 
-    python -m prep.softlabels --config recipes/teacher/local-tiny-vllm-softlabels.yaml \
+    python -m prep.softlabels --config recipes/softlabels/local-tiny-vllm.yaml \
         --input data/sample_cases.jsonl --out runs/softlabels-tiny
-    python -m prep.softlabels --config recipes/teacher/vllm-qwen2.5-72b-instruct-softlabels.yaml \
+    python -m prep.softlabels --config recipes/softlabels/vllm-qwen2.5-72b-instruct.yaml \
         --input CASES.jsonl --answers runs/teacher-72b --out runs/softlabels-72b     # score fixed answers
 
 Two sources of soft labels, through the teacher prep's client, limits, retries and cache runner:
@@ -88,7 +88,7 @@ class ForeignTokenizer(ClientError):
 
 @dataclass
 class SoftLabelSettings:
-    """The `softlabels:` section of recipes/teacher/*-softlabels.yaml."""
+    """The `softlabels:` section of recipes/softlabels/*.yaml."""
 
     top_k: int = 20                          # alternatives per position; 20 is the usual API cap (vLLM --max-logprobs)
     return_tokens_as_token_ids: bool = True  # vLLM: tokens come back as token_id:N (exact); false for servers without it (bytes path)
@@ -554,7 +554,7 @@ def run_softlabels(recipe: SoftLabelRecipe, cases: list[Case], prompts: PromptSe
 
 def main(argv: list[str] | None = None) -> int:
     parser = stage_parser("python -m prep.softlabels", __doc__.splitlines()[0],
-                          "soft-label recipe (recipes/teacher/*-softlabels.yaml)",
+                          "soft-label recipe (recipes/softlabels/*.yaml)",
                           "output folder (cache, rejects, dataset/, summary.json, softlabels.log)", "only the first N cases")
     parser.add_argument("--answers", help="score these fixed answers instead of generating: prep.teacher's output folder "
                                           "or a JSONL file (rows with messages, or reason and diseases)")

@@ -36,11 +36,11 @@ CPU = {"bf16": False, "fp8": False, "tf32": False, "n_gpu": 1, "compute_capabili
 # in order; the first candidate that applies to a file validates it. (launch.distill's parse_recipe
 # builds TrainingArguments, which refuses bf16 on a CPU, so distill recipes need a validate_recipe.)
 OWNERS = {
-    "teacher": [("prep.softlabels", "validate_recipe", "SoftLabelRecipe", lambda data: "softlabels" in data),
-                ("prep.teacher", "validate_recipe", "TeacherRecipe", lambda data: True)],
-    "predict": [("launch.predict", "validate_recipe", "PredictRecipe", lambda data: True)],
-    "distill": [("launch.distill", "validate_recipe", None, lambda data: True)],
-    "pipeline": [("launch.pipeline", "validate_recipe", "PipelineRecipe", lambda data: True)],
+    "softlabels": [("prep.softlabels", "validate_recipe", "SoftLabelRecipe", lambda data: True)],
+    "teacher": [("prep.teacher", "validate_recipe", "TeacherRecipe", lambda data: True)],
+    "predict": [("prep.predict", "validate_recipe", "PredictRecipe", lambda data: True)],
+    "distill": [("custom_losses.distill", "validate_recipe", None, lambda data: True)],
+    "pipeline": [("prep.pipeline", "validate_recipe", "PipelineRecipe", lambda data: True)],
 }
 
 def rel(path: Path) -> str:

@@ -20,8 +20,8 @@ from prep.softlabels import (ForeignTokenizer, Position, SoftLabelRecipe, VocabI
 from tests.conftest import REPO_ROOT, SAMPLE_CASES
 from launch.fault_server import FaultServer
 
-RECIPE = REPO_ROOT / "recipes" / "teacher" / "local-tiny-vllm-softlabels.yaml"
-SOFTLABEL_RECIPES = sorted((REPO_ROOT / "recipes" / "teacher").glob("*-softlabels*.yaml"))
+RECIPE = REPO_ROOT / "recipes" / "softlabels" / "local-tiny-vllm.yaml"
+SOFTLABEL_RECIPES = sorted((REPO_ROOT / "recipes" / "softlabels").glob("*.yaml"))
 K, IM_END, END_OF_TEXT, VOCAB = 20, 151645, 151643, 152064
 
 

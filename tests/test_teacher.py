@@ -20,8 +20,7 @@ from tests.conftest import REPO_ROOT, SAMPLE_CASES
 from launch.fault_server import FaultServer
 
 RECIPE = REPO_ROOT / "recipes" / "teacher" / "local-tiny-vllm.yaml"
-# *-softlabels.yaml add a softlabels: section (prep.softlabels.SoftLabelRecipe; tests/test_softlabels.py validates them).
-TEACHER_RECIPES = sorted(p for p in (REPO_ROOT / "recipes" / "teacher").glob("*.yaml") if not p.stem.endswith("-softlabels"))
+TEACHER_RECIPES = sorted((REPO_ROOT / "recipes" / "teacher").glob("*.yaml"))
 SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1",
                   "WANDB_MODE": "disabled", "TRL_EXPERIMENTAL_SILENCE": "1"}
 
