@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from prep.paths import REPO_ROOT
+from prep.qwen import IM_END
 
 DEFAULT_LEXICON = "data/medical_terms.txt"
 
@@ -105,7 +106,7 @@ def answer_token_weights(tokenizer, answer_text: str, case_text: str, config: To
             weight = max(weight, config.w_terms)
         weights.append(weight)
         in_diseases.append(in_value)
-    ids.append(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    ids.append(tokenizer.convert_tokens_to_ids(IM_END))
     weights.append(1.0)
     in_diseases.append(False)
     return AnswerTokens(ids, weights, in_diseases)

@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
-# The README's test command: builds what is missing (environments, ranks), then runs the whole suite.
-#   bash launch/test.sh [pytest args]
+# The README's test command: builds what is missing (environments, ranks), lints, then runs the suite.
+#   bash launch/test.sh [--quick] [pytest args]
+#   --quick   the fast tier for development: no vLLM server, no slow tests, and no vLLM environment needed
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$MEDKD_ROOT"
+MARKS=()
+if [[ "${1:-}" == --quick ]]; then
+  shift
+  export MEDKD_SKIP_VLLM=1
+  MARKS=(-m "not vllm and not slow")
+fi
 bash launch/setup.sh
+"$MEDKD_ROOT/.venv/bin/ruff" check .
 # 45 minutes is far above the suite's time on a 2-core CPU; it only guards against a hang.
-timeout --signal=INT 2700 "$PY" -m pytest -q -p no:cacheprovider --timeout=900 "$@"
+timeout --signal=INT 2700 "$PY" -m pytest -q -p no:cacheprovider --timeout=900 "${MARKS[@]}" "$@"
