@@ -1,120 +1,92 @@
 """The real Qwen2.5 tokenizer, rebuilt offline from the BPE ranks that ship in the `dashscope` wheel.
 
 No model hub is reachable here, yet every token count, training mask and soft-label id must be
-exactly Qwen2.5's. The ranks (`qwen.tiktoken`, 151,643 base64 tokens) give the vocabulary; the
-merges are recovered from them (a token of rank r splits into exactly two parts when BPE runs with
-only lower ranks); Qwen2's pre-tokenizer regex, NFC normalisation, the 22 added tokens and the
-ChatML template complete it. A real checkpoint folder (`--tokenizer DIR`) is always preferred.
+exactly Qwen2.5's. The ranks (`qwen.tiktoken`, 151,643 base64 tokens) are the vocabulary;
+transformers' own tiktoken converter turns them into a byte-level BPE with Qwen2's pre-tokenizer
+regex (transformers' constant), and this module adds what the ranks do not carry: NFC
+normalisation, the 22 added tokens, eos/pad and the ChatML template. A real checkpoint folder
+(`--tokenizer DIR`) is always preferred.
 """
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
+from importlib.metadata import version
 from pathlib import Path
-from prep.paths import REPO_ROOT, cache_dir
+from typing import Any
 
-BUILDER_VERSION = "1"
+from prep.paths import DATA_DIR, cache_dir
+from prep.qwen import END_OF_TEXT, FIRST_ADDED_ID, IM_END, IM_START
 
-# Qwen2's pre-tokenizer split (identical to the tiktoken pattern Qwen ships).
-QWEN_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-# (content, special) for ids 151643..151664, as in Qwen2.5-*-Instruct's tokenizer_config.json.
+BUILDER_VERSION = "2"       # bump when the files written for the same ranks and template change
+
+# (content, special) for ids FIRST_ADDED_ID.., in order, as in Qwen2.5-*-Instruct's tokenizer_config.json.
 ADDED_TOKENS = [
-    ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True),
+    (END_OF_TEXT, True), (IM_START, True), (IM_END, True),
     ("<|object_ref_start|>", True), ("<|object_ref_end|>", True), ("<|box_start|>", True), ("<|box_end|>", True),
     ("<|quad_start|>", True), ("<|quad_end|>", True), ("<|vision_start|>", True), ("<|vision_end|>", True),
     ("<|vision_pad|>", True), ("<|image_pad|>", True), ("<|video_pad|>", True),
     ("<tool_call>", False), ("</tool_call>", False), ("<|fim_prefix|>", False), ("<|fim_middle|>", False),
     ("<|fim_suffix|>", False), ("<|fim_pad|>", False), ("<|repo_name|>", False), ("<|file_sep|>", False),
 ]
-FIRST_ADDED_ID = 151643
-EOS_TOKEN, PAD_TOKEN = "<|im_end|>", "<|endoftext|>"
-CHAT_TEMPLATE_PATH = REPO_ROOT / "data" / "qwen2.5_chat_template.jinja"
+EOS_TOKEN, PAD_TOKEN = IM_END, END_OF_TEXT
+CHAT_TEMPLATE_PATH = DATA_DIR / "qwen2.5_chat_template.jinja"
 
 
 def default_ranks_path() -> Path:
     return cache_dir() / "qwen.tiktoken"
 
 
-def load_ranks(path: str | Path) -> dict[bytes, int]:
-    ranks = {}
-    for line in Path(path).read_text(encoding="ascii").splitlines():
-        if line:
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
-    return ranks
+def split_pattern() -> str:
+    """Qwen2's pre-tokenizer regex, taken from transformers' Qwen2 tokenizer (the one copy medkd uses)."""
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-
-def _bpe_split(token: bytes, ranks: dict[bytes, int], max_rank: int) -> list[bytes]:
-    """tiktoken's merge loop over TOKEN's bytes, using only ranks below MAX_RANK."""
-    parts = [bytes([byte]) for byte in token]
-    while True:
-        best_index, best_rank = None, None
-        for index in range(len(parts) - 1):
-            rank = ranks.get(parts[index] + parts[index + 1])
-            if rank is not None and rank < max_rank and (best_rank is None or rank < best_rank):
-                best_index, best_rank = index, rank
-        if best_index is None:
-            return parts
-        parts[best_index : best_index + 2] = [parts[best_index] + parts[best_index + 1]]
-
-
-def recover_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
-    merges = []
-    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
-        if len(token) == 1:
-            continue
-        parts = _bpe_split(token, ranks, rank)
-        if len(parts) != 2:
-            raise ValueError(f"rank {rank} does not split into exactly two lower-rank parts: {parts!r}")
-        merges.append((parts[0], parts[1]))
-    return merges
+    return PRETOKENIZE_REGEX
 
 
 def _byte_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map used by byte-level BPE vocabularies."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    mapping, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            mapping[byte] = chr(byte)
+    """GPT-2's reversible byte -> printable character map of byte-level BPE vocabularies (transformers')."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return bytes_to_unicode()
+
+
+@contextmanager
+def _tiktoken_file_cache_off() -> Iterator[None]:
+    """tiktoken keeps a copy of every file it reads under /tmp keyed by the file's *path*, so a ranks file
+    replaced in place would be read stale; an empty TIKTOKEN_CACHE_DIR turns that cache off."""
+    previous = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = ""
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
         else:
-            mapping[byte] = chr(256 + extra)
-            extra += 1
-    return mapping
+            os.environ["TIKTOKEN_CACHE_DIR"] = previous
 
 
-def build_tokenizer_json(ranks: dict[bytes, int]) -> dict:
-    """The `tokenizers` JSON of Qwen2.5's tokenizer (same components as the hub's tokenizer.json)."""
-    to_unicode = _byte_to_unicode()
-    as_text = lambda token: "".join(to_unicode[byte] for byte in token)  # noqa: E731
-    vocab = {as_text(token): rank for token, rank in ranks.items()}
-    merges = [[as_text(left), as_text(right)] for left, right in recover_merges(ranks)]
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
-    return {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": [
-            {"id": FIRST_ADDED_ID + offset, "content": content, "single_word": False, "lstrip": False,
-             "rstrip": False, "normalized": False, "special": special}
-            for offset, (content, special) in enumerate(ADDED_TOKENS)
-        ],
-        "normalizer": {"type": "NFC"},
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": QWEN_PATTERN}, "behavior": "Isolated", "invert": False},
-            byte_level,
-        ]},
-        "post_processor": byte_level,
-        "decoder": {**byte_level, "trim_offsets": True},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
-                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                  "vocab": vocab, "merges": merges},
-    }
+def build_backend(ranks_path: str | Path) -> Any:
+    """The `tokenizers.Tokenizer` of Qwen2.5: transformers' TikTokenConverter, then NFC and the added tokens."""
+    from tokenizers import AddedToken, normalizers
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    with _tiktoken_file_cache_off():
+        backend = TikTokenConverter(vocab_file=str(ranks_path), pattern=split_pattern()).converted()
+    if backend.get_vocab_size() != FIRST_ADDED_ID:
+        raise ValueError(f"{ranks_path}: {backend.get_vocab_size()} ranks, Qwen2.5 has {FIRST_ADDED_ID}")
+    backend.normalizer = normalizers.NFC()
+    backend.add_tokens([AddedToken(content, special=special, normalized=False) for content, special in ADDED_TOKENS])
+    for offset, (content, _) in enumerate(ADDED_TOKENS):
+        if backend.token_to_id(content) != FIRST_ADDED_ID + offset:
+            raise ValueError(f"{ranks_path}: {content} got id {backend.token_to_id(content)}, "
+                             f"Qwen2.5 has {FIRST_ADDED_ID + offset}")
+    return backend
 
 
 def tokenizer_config() -> dict:
@@ -125,7 +97,7 @@ def tokenizer_config() -> dict:
                                              "rstrip": False, "single_word": False, "special": special}
             for offset, (content, special) in enumerate(ADDED_TOKENS)
         },
-        "additional_special_tokens": [content for content, special in ADDED_TOKENS[1:14]],
+        "additional_special_tokens": [content for content, special in ADDED_TOKENS[1:] if special],
         "bos_token": None,
         "eos_token": EOS_TOKEN,
         "pad_token": PAD_TOKEN,
@@ -139,45 +111,52 @@ def tokenizer_config() -> dict:
     }
 
 
+def _require_ranks(ranks_path: Path) -> Path:
+    if not ranks_path.exists():
+        raise FileNotFoundError(f"{ranks_path}: Qwen BPE ranks missing; run `bash launch/setup.sh` "
+                                "(it extracts them from the dashscope wheel)")
+    return ranks_path
+
+
 def write_tokenizer_files(out_dir: str | Path, ranks_path: str | Path | None = None) -> Path:
     """Write tokenizer.json + tokenizer_config.json (with the chat template) into OUT_DIR."""
-    ranks_path = Path(ranks_path or default_ranks_path())
-    if not ranks_path.exists():
-        raise FileNotFoundError(f"{ranks_path}: Qwen BPE ranks missing; run `bash launch/setup.sh` (it extracts them from the dashscope wheel)")
+    ranks_path = _require_ranks(Path(ranks_path or default_ranks_path()))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer_json(load_ranks(ranks_path))
-    (out_dir / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False), encoding="utf-8")
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), ensure_ascii=False, indent=2), encoding="utf-8")
+    build_backend(ranks_path).save(str(out_dir / "tokenizer.json"), pretty=False)   # 8 MB instead of 19
+    config = json.dumps(tokenizer_config(), ensure_ascii=False, indent=2)
+    (out_dir / "tokenizer_config.json").write_text(config, encoding="utf-8")
     return out_dir
 
 
 def tokenizer_dir(ranks_path: str | Path | None = None) -> Path:
-    """The cached tokenizer folder, rebuilt when the ranks, the template or this builder change."""
-    ranks_path = Path(ranks_path or default_ranks_path())
+    """The cached tokenizer folder, rebuilt when the ranks, the template, this builder or the converter change."""
+    ranks_path = _require_ranks(Path(ranks_path or default_ranks_path()))
     key = hashlib.sha256()
-    for part in (BUILDER_VERSION.encode(), ranks_path.read_bytes() if ranks_path.exists() else b"", CHAT_TEMPLATE_PATH.read_bytes()):
+    for part in (BUILDER_VERSION.encode(), version("transformers").encode(), ranks_path.read_bytes(),
+                 CHAT_TEMPLATE_PATH.read_bytes()):
         key.update(part)
     target = cache_dir() / f"qwen2.5-tokenizer-{key.hexdigest()[:10]}"
     if not (target / "tokenizer_config.json").exists():
-        staging = target.with_name(target.name + f".tmp{os.getpid()}")
+        staging = target.with_name(f"{target.name}.tmp{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
         write_tokenizer_files(staging, ranks_path)
         try:
             os.replace(staging, target)
-        except OSError:  # another process won the race; its folder is identical
-            pass
+        except OSError:  # another process published first; its folder is identical
+            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
 @lru_cache(maxsize=4)
-def load_tokenizer(path: str | None = None):
+def load_tokenizer(path: str | None = None) -> Any:
     """A transformers tokenizer: from a model folder when given, else the rebuilt Qwen2.5 one."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path or tokenizer_dir()))
 
 
-def chat_token_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+def chat_token_ids(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
     """Token ids of MESSAGES rendered by the tokenizer's chat template (the one template everywhere)."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
