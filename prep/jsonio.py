@@ -100,11 +100,20 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
-class atomic_open:
-    """Context manager: a text handle on a temporary file that replaces PATH only on success."""
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(path, binary=True) as handle:
+        handle.write(data)
+    return path
 
-    def __init__(self, path: str | os.PathLike):
+
+class atomic_open:
+    """Context manager: a text (or BINARY) handle on a temporary file that replaces PATH only on success."""
+
+    def __init__(self, path: str | os.PathLike, binary: bool = False):
         self.path = Path(path)
+        self.binary = binary
 
     def __enter__(self) -> TextIO:
         fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
@@ -112,7 +121,7 @@ class atomic_open:
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)
-        self.handle = os.fdopen(fd, "w", encoding="utf-8")
+        self.handle = os.fdopen(fd, "wb") if self.binary else os.fdopen(fd, "w", encoding="utf-8")
         return self.handle
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -192,6 +201,26 @@ def write_dir_atomic(folder: str | os.PathLike, write: Any) -> Path:
     staging.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def build_dir_once(target: str | os.PathLike, build: Any) -> Path:
+    """A cached build: BUILD(staging) fills a per-process staging folder that is published as TARGET unless
+    TARGET exists. Two processes may build at once; the first to publish wins and the other's identical
+    copy is discarded, so readers only ever see a complete folder."""
+    import shutil
+
+    target = Path(target)
+    if target.exists():
+        return target
+    staging = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    build(staging)
+    try:
+        os.replace(staging, target)
+    except OSError:  # another process published first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def save_splits(rows_by_split: dict[str, list[dict]], features: Any, folder: str | os.PathLike) -> Path:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -20,6 +19,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from prep.jsonio import build_dir_once
 from prep.paths import DATA_DIR, cache_dir
 from prep.qwen import END_OF_TEXT, FIRST_ADDED_ID, IM_END, IM_START
 
@@ -137,15 +137,7 @@ def tokenizer_dir(ranks_path: str | Path | None = None) -> Path:
                  CHAT_TEMPLATE_PATH.read_bytes()):
         key.update(part)
     target = cache_dir() / f"qwen2.5-tokenizer-{key.hexdigest()[:10]}"
-    if not (target / "tokenizer_config.json").exists():
-        staging = target.with_name(f"{target.name}.tmp{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        write_tokenizer_files(staging, ranks_path)
-        try:
-            os.replace(staging, target)
-        except OSError:  # another process published first; its folder is identical
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return build_dir_once(target, lambda staging: write_tokenizer_files(staging, ranks_path))
 
 
 @lru_cache(maxsize=4)
