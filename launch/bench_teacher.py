@@ -1,12 +1,15 @@
 """Benchmark the teacher client against a local server of known latency and capacity.
 
-The server (tests/fault_server.py) runs in its own process, answering every chat request after a
+The server (launch/fault_server.py) runs in its own process, answering every chat request after a
 fixed latency with at most CAPACITY requests served at once, so the best possible rate is
 CAPACITY / LATENCY. The client side is the real teacher path (prompt building, ChatClient limits
 and retries, answer parsing, the exactly-once cache runner writing a cache) in this process, whose
 CPU time per request is reported.
 
-    python -m launch.bench_teacher [--requests 1280] [--latency 0.3] [--capacity 64]
+    python -m launch.bench_teacher [--requests 1280] [--latency 0.3] [--capacity 64] \
+        [--config recipes/teacher/local-tiny-vllm.yaml] [--set KEY=VALUE]...
+
+The recipe gives the prompts, sampling and constraint; its endpoint is replaced by the fault server.
 
 Last line: `capacity_fraction=F speedup_vs_sequential=S client_cpu_ms=C`.
 """
@@ -23,12 +26,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from launch.fault_server import DEFAULT_MODEL
 from prep.client import ChatClient, ClientSettings, run_cached
-from prep.config import load_recipe
+from prep.paths import REPO_ROOT, resolve_path
 from prep.prompts import load_prompts
 from prep.records import Case, read_cases
-from prep.teacher import Labeller, TeacherRecipe
-from prep.paths import REPO_ROOT
+from prep.teacher import Labeller, validate_recipe
+
+SAMPLE_CASES = "data/sample_cases.jsonl"
 
 
 def start_server(latency: float, capacity: int) -> tuple[subprocess.Popen, str]:
@@ -49,19 +54,20 @@ def process_cpu_s(pid: int) -> float:
 
 def synthetic_cases(count: int, first_id: int) -> list[Case]:
     """COUNT distinct cases cycled from the bundled samples (distinct ids, so distinct cache keys)."""
-    samples = read_cases(REPO_ROOT / "data" / "sample_cases.jsonl").cases
+    samples = read_cases(resolve_path(SAMPLE_CASES)).cases
     return [Case(first_id + i, samples[i % len(samples)].feature_content) for i in range(count)]
 
 
-async def label(labeller: Labeller, settings: ClientSettings, cases: list[Case], cache: Path) -> tuple[float, float, int]:
+async def label(labeller: Labeller, settings: ClientSettings, cases: list[Case],
+                cache: Path) -> tuple[float, float, int]:
     """(wall seconds, client CPU seconds, requests) for labelling CASES through run_cached."""
     async with ChatClient(settings) as client:
         warm = synthetic_cases(settings.concurrency, 10_000_000)   # open the connections outside the timing
         await asyncio.gather(*(labeller.label(client, (case, 0)) for case in warm))
         before = client.stats.requests
         cpu, wall = time.process_time(), time.perf_counter()
-        report = await run_cached(labeller.items(cases), labeller.key, lambda item: labeller.label(client, item), cache,
-                                  max_in_flight=settings.concurrency, stats=client.stats, progress=False)
+        report = await run_cached(labeller.items(cases), labeller.key, lambda item: labeller.label(client, item),
+                                  cache, max_in_flight=settings.concurrency, stats=client.stats, progress=False)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         assert report.finished == len(cases) and not report.failed, report
         return wall, cpu, client.stats.requests - before
@@ -76,7 +82,8 @@ async def bare_aiohttp(base_url: str, body: dict, requests: int, concurrency: in
         slots = asyncio.Semaphore(concurrency)
 
         async def one() -> None:
-            async with slots, session.post(url, data=payload, headers={"Content-Type": "application/json"}) as response:
+            headers = {"Content-Type": "application/json"}
+            async with slots, session.post(url, data=payload, headers=headers) as response:
                 json.loads(await response.read())
 
         await asyncio.gather(*(one() for _ in range(concurrency)))
@@ -92,23 +99,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency", type=float, default=0.3)
     parser.add_argument("--capacity", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=None, help="client concurrency (default: the capacity)")
+    parser.add_argument("--config", default="recipes/teacher/local-tiny-vllm.yaml", help="teacher recipe")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     args = parser.parse_args(argv)
 
-    recipe = load_recipe(TeacherRecipe, REPO_ROOT / "recipes" / "teacher" / "local-tiny-vllm.yaml", ["server=null"])
+    recipe = validate_recipe(args.config, overrides=[*args.set, "server=null"])
     server, base_url = start_server(args.latency, args.capacity)
     try:
-        labeller = Labeller(recipe, load_prompts(), "fault-model")
-        base = dataclasses.replace(recipe.client, base_url=base_url, model="fault-model", request_timeout_s=60)
+        labeller = Labeller(recipe, load_prompts(recipe.prompts.system, recipe.prompts.user), DEFAULT_MODEL)
+        base = dataclasses.replace(recipe.client, base_url=base_url, model=DEFAULT_MODEL, request_timeout_s=60)
         with tempfile.TemporaryDirectory() as tmp:
             seq_wall, seq_cpu, seq_n = asyncio.run(label(labeller, dataclasses.replace(base, concurrency=1),
-                                                         synthetic_cases(args.sequential_requests, 0), Path(tmp) / "seq.jsonl"))
+                                                         synthetic_cases(args.sequential_requests, 0),
+                                                         Path(tmp) / "seq.jsonl"))
             concurrency = args.concurrency or args.capacity
             server_cpu = process_cpu_s(server.pid)
             wall, cpu, n = asyncio.run(label(labeller, dataclasses.replace(base, concurrency=concurrency),
                                              synthetic_cases(args.requests, 1_000_000), Path(tmp) / "par.jsonl"))
             server_cpu = process_cpu_s(server.pid) - server_cpu
             case = synthetic_cases(1, 0)[0]
-            body = {"model": "fault-model", "messages": labeller.prompts.messages(case), **labeller.sampling, **labeller.constraint["extra_body"]}
+            body = {"model": DEFAULT_MODEL, "messages": labeller.prompts.messages(case), **labeller.sampling,
+                    **labeller.constraint["extra_body"]}
             bare_rate, bare_cpu_ms = asyncio.run(bare_aiohttp(base_url, body, args.requests, concurrency))
     finally:
         server.terminate()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import socket
@@ -68,7 +69,7 @@ class FaultServer:
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}/v1"
 
-    def push(self, *items: Any) -> "FaultServer":
+    def push(self, *items: Any) -> FaultServer:
         with self._lock:
             self.script.extend(items)
         return self
@@ -78,7 +79,7 @@ class FaultServer:
             return {"received": self.received, "completed": self.completed, "in_flight": self.in_flight,
                     "peak_in_flight": self.peak_in_flight}
 
-    def start(self) -> "FaultServer":
+    def start(self) -> FaultServer:
         ready = threading.Event()
         self._thread = threading.Thread(target=self._run_forever, args=(ready,), daemon=True, name="fault-server")
         self._thread.start()
@@ -92,7 +93,7 @@ class FaultServer:
             self._thread.join(10)
             self._loop = None
 
-    def __enter__(self) -> "FaultServer":
+    def __enter__(self) -> FaultServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -178,7 +179,8 @@ class FaultServer:
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
         if request.get("model") != self.model and not (isinstance(item, str) and item.startswith(("4", "5"))):
-            return await self._error(writer, 404, f"The model `{request.get('model')}` does not exist.", "NotFoundError")
+            return await self._error(writer, 404, f"The model `{request.get('model')}` does not exist.",
+                                     "NotFoundError")
         kind, _, arg = item.partition(" ") if isinstance(item, str) else ("answer", "", "")
         if kind == "slow":
             await asyncio.sleep(float(arg))
@@ -231,7 +233,8 @@ class FaultServer:
         body = {"error": {"message": message, "type": kind, "code": status}}
         return await self._send(writer, status, body, headers=headers)
 
-    async def _send(self, writer, status: int, body: Any, headers: dict | None = None, mark_done: bool = False) -> bool:
+    async def _send(self, writer, status: int, body: Any, headers: dict | None = None,
+                    mark_done: bool = False) -> bool:
         payload = body if isinstance(body, bytes) else json.dumps(body, ensure_ascii=False).encode("utf-8")
         lines = [f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}", "Content-Type: application/json",
                  f"Content-Length: {len(payload)}"] + [f"{k}: {v}" for k, v in (headers or {}).items()]
@@ -258,10 +261,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"port {server.port}", flush=True)
         await asyncio.Event().wait()
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve())
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

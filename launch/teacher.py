@@ -1,7 +1,40 @@
-"""`python -m launch.teacher`: the command over prep.teacher (shim while the library split lands)."""
+"""Stage one data: teacher answers for every case, from any OpenAI-compatible endpoint, into an SFT dataset.
+
+    python -m launch.teacher --config recipes/teacher/local-tiny-vllm.yaml --input data/sample_cases.jsonl \
+        --out runs/teacher-tiny [--limit N] [--resume | --fresh] [--overlay FILE]... [--set KEY=VALUE]... \
+        [--no-progress]
+
+The recipe names the endpoint (client.base_url, client.model, client.api_key_env) or the vLLM server
+to start (server:), the sampling, the answer constraint, the prompt files and the repair turns. A
+rerun (the default, --resume) asks only for what OUT/cache.jsonl lacks; --fresh moves the cache
+aside first. Outputs under OUT: cache.jsonl, rejects.jsonl, sft/train.jsonl, sft/valid.jsonl,
+sft/dataset/, summary.json, teacher.log (and server.log). Exit status: 0 done, 1 some requests
+failed after their retries (run the same command again), 2 bad input or an endpoint problem.
+"""
+from __future__ import annotations
+
 import sys
 
-from prep.teacher import main
+from prep.stage import STAGE_ERRORS, fail, retry_status, stage_parser
+from prep.teacher import TeacherStage
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_parser("python -m launch.teacher", __doc__, "teacher recipe (recipes/teacher/*.yaml)",
+                          "output folder (cache, rejects, sft/, summary.json, teacher.log)",
+                          "label only the first N cases")
+    args = parser.parse_args(argv)
+    try:
+        stage = TeacherStage.from_files(args.config, args.input, limit=args.limit, overlays=args.overlay,
+                                        overrides=args.set)
+        summary = stage.run(args.out, fresh=args.fresh, progress=not args.no_progress)
+    except STAGE_ERRORS as err:
+        return fail(err)
+    print(f"{summary['answered']}/{summary['cases']} cases answered ({summary['rejected']} rejected, "
+          f"{summary['failed']} failed, {summary['incomplete']} incomplete); {summary['retries']} retries; "
+          f"outputs in {args.out}", file=sys.stderr)
+    return retry_status(summary, args.out)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -34,8 +34,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from prep.answers import ANSWER_KEYS, ANSWER_REGEX, _JSON_STRING_BODY
-from prep.jsonio import JsonlAppender, dumps, read_appended
+from prep.answers import _JSON_STRING_BODY, ANSWER_KEYS, ANSWER_REGEX
+from prep.jsonio import JsonlAppender, read_appended
 
 log = logging.getLogger("medkd.client")
 
@@ -54,7 +54,7 @@ PLACEHOLDER_KEY = "EMPTY"     # local servers without auth; the SDK refuses an e
 class ClientSettings:
     """The `client:` section of teacher, soft-label and predict recipes."""
 
-    base_url: str | None = None          # e.g. https://dashscope.aliyuncs.com/compatible-mode/v1; None when the recipe starts a server
+    base_url: str | None = None          # e.g. https://api.deepseek.com/v1; None when the recipe starts a server
     model: str | None = None             # the name the endpoint serves; None = the started server's served_model_name
     api_key_env: str | None = None       # NAME of the environment variable holding the key (never the key)
     api_key_file: str | None = None      # or a file holding only the key
@@ -67,16 +67,27 @@ class ClientSettings:
     backoff_base_s: float = 1.0          # first retry waits about this long, doubling up to backoff_max_s
     backoff_max_s: float = 60.0
     transport: Literal["aiohttp", "httpx"] = "aiohttp"   # aiohttp costs half the client CPU per request of httpx
+    # Items started per request slot (concurrency): 2 keeps one item queued behind every request in
+    # flight, so a slot that frees is refilled at once instead of waiting for the runner's next turn.
+    in_flight_per_slot: int = 1
+    # Items failing in a row (after their retries) that stop the run: the endpoint is down or refusing
+    # everything, and going on would only pay for more failures. null = never stop.
+    abort_after_failures: int | None = 50
 
     def __post_init__(self) -> None:
         checks = [("concurrency", self.concurrency >= 1, "must be at least 1"),
-                  ("requests_per_minute", self.requests_per_minute is None or self.requests_per_minute > 0, "must be positive or null"),
-                  ("tokens_per_minute", self.tokens_per_minute is None or self.tokens_per_minute > 0, "must be positive or null"),
+                  ("requests_per_minute", self.requests_per_minute is None or self.requests_per_minute > 0,
+                   "must be positive or null"),
+                  ("tokens_per_minute", self.tokens_per_minute is None or self.tokens_per_minute > 0,
+                   "must be positive or null"),
                   ("request_timeout_s", self.request_timeout_s > 0, "must be positive"),
                   ("connect_timeout_s", self.connect_timeout_s > 0, "must be positive"),
                   ("max_retries", self.max_retries >= 0, "must be 0 or more"),
                   ("backoff_base_s", self.backoff_base_s > 0, "must be positive"),
-                  ("backoff_max_s", self.backoff_max_s >= self.backoff_base_s, "must be at least backoff_base_s")]
+                  ("backoff_max_s", self.backoff_max_s >= self.backoff_base_s, "must be at least backoff_base_s"),
+                  ("in_flight_per_slot", self.in_flight_per_slot >= 1, "must be at least 1"),
+                  ("abort_after_failures", self.abort_after_failures is None or self.abort_after_failures >= 1,
+                   "must be at least 1 or null")]
         for name, ok, problem in checks:
             if not ok:
                 raise ValueError(f"key 'client.{name}': {problem}")
@@ -126,10 +137,12 @@ def answer_schema(max_reason_chars: int | None = None, max_diseases_chars: int |
 def structured_output_params(section: StructuredOutput) -> dict[str, Any]:
     """Request parameters (extra_body or response_format) enforcing the answer format; part of every cache key."""
     if section.kind == "regex":
-        return {"extra_body": {"structured_outputs": {"regex": answer_regex(section.max_reason_chars, section.max_diseases_chars)}}}
+        regex = answer_regex(section.max_reason_chars, section.max_diseases_chars)
+        return {"extra_body": {"structured_outputs": {"regex": regex}}}
     if section.kind == "json_schema":
         schema = answer_schema(section.max_reason_chars, section.max_diseases_chars)
-        return {"response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}}
+        json_schema = {"name": "answer", "schema": schema, "strict": True}
+        return {"response_format": {"type": "json_schema", "json_schema": json_schema}}
     if section.kind == "json_object":
         return {"response_format": {"type": "json_object"}}
     return {}
@@ -171,13 +184,15 @@ def resolve_api_key(settings: ClientSettings) -> str:
             return value
         if not settings.api_key_file:
             raise ClientError(f"environment variable {settings.api_key_env} is not set; export the API key for "
-                              f"{settings.base_url or 'the endpoint'} in it (or name a key file in client.api_key_file)")
+                              f"{settings.base_url or 'the endpoint'} in it (or name a key file in "
+                              f"client.api_key_file)")
     if settings.api_key_file:
         path = Path(settings.api_key_file).expanduser()
         try:
             value = path.read_text(encoding="utf-8").strip()
         except OSError as err:
-            raise ClientError(f"cannot read the API key file {path} ({err.strerror}); fix client.api_key_file") from None
+            raise ClientError(f"cannot read the API key file {path} ({err.strerror}); fix client.api_key_file") \
+                from None
         if not value:
             raise ClientError(f"the API key file {path} is empty; put the key in it or fix client.api_key_file")
         return value
@@ -306,7 +321,7 @@ class ChatClient:
     def __repr__(self) -> str:
         return f"ChatClient(base_url={self.settings.base_url!r}, model={self.settings.model!r})"
 
-    async def __aenter__(self) -> "ChatClient":
+    async def __aenter__(self) -> ChatClient:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -332,7 +347,8 @@ class ChatClient:
     async def completion(self, prompt: str | list[int], **params: Any) -> ChatResult:
         """/v1/completions (e.g. `prompt_logprobs` on vLLM); text and logprobs of the first choice."""
         body = self._body({"prompt": prompt}, params)
-        data, retries = await self._post("/completions", body, estimate_prompt_tokens(prompt) if isinstance(prompt, str) else len(prompt))
+        estimate = estimate_prompt_tokens(prompt) if isinstance(prompt, str) else len(prompt)
+        data, retries = await self._post("/completions", body, estimate)
         choice = data["choices"][0]
         return ChatResult(_clean_text(choice.get("text")), choice.get("finish_reason"), self._usage(data),
                           choice.get("logprobs"), retries, data)
@@ -346,12 +362,14 @@ class ChatClient:
     @staticmethod
     def _usage(data: dict[str, Any]) -> dict[str, int]:
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-        return {"prompt_tokens": int(usage.get("prompt_tokens") or 0), "completion_tokens": int(usage.get("completion_tokens") or 0)}
+        return {"prompt_tokens": int(usage.get("prompt_tokens") or 0),
+                "completion_tokens": int(usage.get("completion_tokens") or 0)}
 
     async def _post(self, path: str, body: dict[str, Any], prompt_estimate: int) -> tuple[dict[str, Any], int]:
         from openai import APIConnectionError, APIStatusError
 
-        estimate = prompt_estimate + int(body.get("max_tokens") or body.get("max_completion_tokens") or 0) * int(body.get("n") or 1)
+        completion = int(body.get("max_tokens") or body.get("max_completion_tokens") or 0) * int(body.get("n") or 1)
+        estimate = prompt_estimate + completion
         retries = 0
         while True:
             await self._wait_for_limits(estimate)
@@ -385,7 +403,8 @@ class ChatClient:
                 self._raise_for_status(refused, message, retries)
             if retries >= self.settings.max_retries:
                 self.stats.failed += 1
-                raise RequestFailed(f"gave up after {retries + 1} attempts; last: {reason} ({message})", reason, retries)
+                raise RequestFailed(f"gave up after {retries + 1} attempts; last: {reason} ({message})", reason,
+                                    retries)
             delay = self._delay(retries, retry_after)
             if reason == "429":
                 self._resume_at = max(self._resume_at, time.monotonic() + delay)
@@ -488,7 +507,8 @@ def _retry_after(headers: Any) -> float | None:
 
 # ---- preflight -----------------------------------------------------------------------------------
 
-async def check_endpoint_async(settings: ClientSettings, api_key: str | None = None, attempts: int = 2) -> list[str] | None:
+async def check_endpoint_async(settings: ClientSettings, api_key: str | None = None,
+                               attempts: int = 2) -> list[str] | None:
     """GET /models once (one retry on a dropped connection): the models served, or None if the endpoint lists none.
 
     Raises ClientError naming the fix for an unreachable endpoint, a refused key or an unlisted model.
@@ -546,7 +566,8 @@ def check_endpoint(settings: ClientSettings, api_key: str | None = None) -> list
 
 def cache_key(**parts: Any) -> str:
     """A short digest of everything that determines an answer (ids, prompt hash, model, sampling, constraint)."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")).hexdigest()[:20]
+    text = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
 
 
 def load_cache(cache_path: str | Path) -> dict[str, dict[str, Any]]:
@@ -581,6 +602,16 @@ class RunReport:
                 "failed": len(self.failed), "wall_s": round(self.wall_s, 3)}
 
 
+def uncached(items: list[Any], key_fn: Callable[[Any], str], cache_path: str | Path) -> list[tuple[str, Any]]:
+    """(key, item) for each item whose key the cache lacks, the first of any items sharing a key."""
+    done, pending = set(load_cache(cache_path)), {}
+    for item in items:
+        key = key_fn(item)
+        if key not in done and key not in pending:
+            pending[key] = item
+    return list(pending.items())
+
+
 async def run_cached(
     items: Iterable[Any],
     key_fn: Callable[[Any], str],
@@ -591,7 +622,7 @@ async def run_cached(
     stats: ClientStats | None = None,
     desc: str = "items",
     label_fn: Callable[[Any], Hashable] = repr,
-    abort_after_failures: int | None = 50,
+    abort_after_failures: int | None = None,
     progress: bool = True,
     fsync_interval_s: float = 1.0,
 ) -> RunReport:
@@ -601,19 +632,17 @@ async def run_cached(
     its item finishes; a rerun skips every key already there, so only the items in flight at a
     kill are paid twice. fsync (power loss) happens at most every FSYNC_INTERVAL_S and at the end.
     A work_fn raising RequestFailed fails that item only (not cached, reported, retried next run);
-    ClientError stops the run; ABORT_AFTER_FAILURES failures in a row stop it too.
+    ClientError stops the run; ABORT_AFTER_FAILURES failures in a row stop it too (the stages pass their
+    recipe's client.abort_after_failures; None never stops).
+
+    One function on purpose: the task loop, the appender, the progress bar and the cancellation of
+    what is still running (in `finally`, on any way out) share their state.
     """
     from tqdm import tqdm
 
     started = time.perf_counter()
     items = list(items)
-    done = set(load_cache(cache_path))
-    pending, seen = [], set()
-    for item in items:
-        key = key_fn(item)
-        if key not in done and key not in seen:
-            seen.add(key)
-            pending.append((key, item))
+    pending = uncached(items, key_fn, cache_path)
     report = RunReport(len(items), len(items) - len(pending), len(pending), 0, [], 0.0)
     if not pending:
         report.wall_s = time.perf_counter() - started
@@ -643,15 +672,17 @@ async def run_cached(
                     report.finished += 1
                     consecutive_failures = 0
                 elif isinstance(error, RequestFailed):
-                    report.failed.append({"key": key, "item": label_fn(item), "error": str(error), "reason": error.reason})
+                    report.failed.append({"key": key, "item": label_fn(item), "error": str(error),
+                                          "reason": error.reason})
                     consecutive_failures += 1
                     log.warning("%s %s failed: %s", desc, label_fn(item), error)
                 else:
                     raise error
                 bar.update(1)
             if abort_after_failures and consecutive_failures >= abort_after_failures:
-                raise ClientError(f"{consecutive_failures} {desc} in a row failed (last: {report.failed[-1]['error']}); "
-                                  f"stopping; fix the cause and run the same command again to resume")
+                raise ClientError(f"{consecutive_failures} {desc} in a row failed (last: "
+                                  f"{report.failed[-1]['error']}); stopping; fix the cause and run the same command "
+                                  f"again to resume")
             if stats is not None:
                 bar.set_postfix(failed=len(report.failed), retries=stats.retries, tok_in=stats.prompt_tokens,
                                 tok_out=stats.completion_tokens, refresh=False)

@@ -1,10 +1,9 @@
 """The student answers every case through vLLM, then a validated submission is written.
 
-    python -m launch.predict --config recipes/predict/tiny-cpu.yaml --model MODEL_OR_ADAPTER --input CASES.jsonl --out DIR
-
-One code path with the teacher: the same async client, resumable cache runner, prompt files,
-answer constraint and chat template as prep.teacher and training. MODEL_OR_ADAPTER is a merged
-model folder (or hub id), or a PEFT adapter folder, served on its base model with `--enable-lora`.
+The command is `python -m launch.predict`. One code path with the teacher: the same stage skeleton
+(prep.stage), async client, resumable cache runner, prompt files, answer constraint and chat
+template as prep.teacher and training. MODEL_OR_ADAPTER is a merged model folder (or hub id), or a
+PEFT adapter folder, served on its base model with `--enable-lora`.
 The recipe either starts the vLLM server (its `server:` section) or names a running one
 (`client.base_url`, `--set server=null`). Outputs under DIR: cache.jsonl (one row per answer
 asked, append-only), predictions.jsonl (`id, reason, diseases, raw_valid, filled`),
@@ -17,29 +16,29 @@ logged and flagged `filled` in predictions.jsonl.
 """
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import logging
-import sys
-import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prep.submission import SubmissionError, id_list, write_submission
 from prep.answers import Answer, AnswerError, answer_from_object
-from prep.client import (ChatClient, ClientError, ClientSettings, StructuredOutput, archive_cache, cache_key,
-                         check_endpoint, load_cache, resolve_api_key, run_cached, structured_output_params)
+from prep.client import ChatClient, ClientError, ClientSettings, cache_key, load_cache, structured_output_params
 from prep.config import load_recipe
-from prep.jsonio import InputError, dumps, write_jsonl_atomic, write_text_atomic
-from prep.prompts import PromptSet, load_prompts
-from prep.records import Case, read_cases
-from prep.stage import STAGE_ERRORS, fail, logging_to, stage_parser
-from prep.teacher import PromptFiles, Sampling, validate_answer
-from prep.tokenizer import CHAT_TEMPLATE_PATH
+from prep.jsonio import InputError, write_jsonl_atomic
+from prep.paths import resolve_path
+from prep.prompts import PromptSet
+from prep.qwen import IM_END
+from prep.records import Case
+from prep.serving import load_server_spec, model_to_load
+from prep.stage import ApiRecipe, ApiStage, Sampling, StageRun, Target, check_recipe_files, endpoint_target
+from prep.submission import SubmissionError, id_list, write_submission
+from prep.teacher import validate_answer
+from prep.tokenizer import CHAT_TEMPLATE_PATH, chat_token_ids, load_tokenizer
 
 log = logging.getLogger("medkd.predict")
 
@@ -67,21 +66,25 @@ class FillMissing:
 
 
 @dataclass
-class PredictRecipe:
-    client: ClientSettings = field(default_factory=ClientSettings)
+class PredictRecipe(ApiRecipe):
+    """Whom to ask (client, or the server to start: null = use client.base_url) and how, plus the submission."""
+
     sampling: Sampling = field(default_factory=greedy)
-    structured_output: StructuredOutput = field(default_factory=StructuredOutput)
-    prompts: PromptFiles = field(default_factory=PromptFiles)
-    server: str | dict[str, Any] | None = None   # a serve recipe (path) or inline mapping; null = use client.base_url
-    stop_tokens: list[str] = field(default_factory=lambda: ["<|im_end|>"])
+    stop_tokens: list[str] = field(default_factory=lambda: [IM_END])
     lora_name: str = "student-lora"              # the name an adapter is served (and asked) under
     echo_feature_content: bool = False           # copy each case's text into its submission line
     fill_missing: FillMissing = field(default_factory=FillMissing)
-    recipe_path: str = field(default="", init=False)
 
     def __post_init__(self) -> None:
         if self.sampling.samples_per_case != 1:
             raise ValueError("key 'sampling.samples_per_case': a prediction asks one sample per case; must be 1")
+
+
+def validate_recipe(path: str | Path, overlays: list[str | Path] = (), overrides: list[str] = ()) -> PredictRecipe:
+    """A predict recipe, composed and checked with the files a run reads first, without asking anything."""
+    recipe = load_recipe(PredictRecipe, path, list(overrides), list(overlays))
+    check_recipe_files(recipe, path)
+    return recipe
 
 
 # ---- what to serve and whom to ask ----------------------------------------------------------------
@@ -95,7 +98,7 @@ def lora_rank_for(rank: int) -> int:
 
 
 def adapter_config(path: str | Path) -> dict[str, Any] | None:
-    config = Path(path) / "adapter_config.json"
+    config = resolve_path(path) / "adapter_config.json"
     if not config.is_file():
         return None
     try:
@@ -104,25 +107,15 @@ def adapter_config(path: str | Path) -> dict[str, Any] | None:
         raise InputError(config, None, f"not valid JSON ({err})") from None
 
 
-@dataclass
-class Target:
-    settings: ClientSettings       # model = the name to ask; base_url filled in once a started server is up
-    spec: Any                      # launch.vllm_server.ServerSpec, or None for a running endpoint
-    identity: str                  # what produced the answers, for the cache key
-
-
 def resolve_target(recipe: PredictRecipe, model: str | None) -> Target:
     """The server to start (merged model, or base + adapter with --enable-lora) and the model name to ask."""
     settings = recipe.client
     if recipe.server is None:
-        if not settings.base_url:
-            raise ClientError("client.base_url is not set and the recipe has no server: section; set one of them")
         settings = dataclasses.replace(settings, model=model or settings.model)
-        if not settings.model:
-            raise ClientError("client.model is not set; name the model the endpoint serves (or pass --model)")
-        return Target(settings, None, settings.model)
-
-    from prep.serving import load_server_spec, resolve_model
+        return endpoint_target(settings, None, model_hint=" (or pass --model)")
+    if model and not resolve_path(model).exists() and model.count("/") != 1:
+        raise FileNotFoundError(f"{model}: --model is neither a folder nor a hub id (owner/name)")
+    model = model_to_load(model) if model else None
 
     spec = load_server_spec(recipe.server)
     name = settings.model or spec.served_model_name or spec.model
@@ -131,16 +124,17 @@ def resolve_target(recipe: PredictRecipe, model: str | None) -> Target:
         base = adapter.get("base_model_name_or_path")
         if not base or not Path(base).exists():
             if base and Path(str(base)).name != Path(spec.model).name:
-                log.warning("adapter %s was trained on %s; serving it on the recipe's server.model %s", model, base, spec.model)
+                log.warning("adapter %s was trained on %s; serving it on the recipe's server.model %s",
+                            model, base, spec.model)
             base = spec.model
-        spec.model = str(resolve_model(str(base)))
-        spec.lora_modules = {recipe.lora_name: str(Path(model).resolve())}
+        spec.model = model_to_load(str(base))
+        spec.lora_modules = {recipe.lora_name: model}
         spec.max_lora_rank = lora_rank_for(max(spec.max_lora_rank, int(adapter.get("r") or 0)))
         name = recipe.lora_name
-        identity = f"{spec.model}+lora:{Path(model).resolve()}"
+        identity = f"{spec.model}+lora:{model}"
     else:
         if model:
-            spec.model = str(resolve_model(model))
+            spec.model = model
             name = settings.model or spec.served_model_name or spec.model
         identity = spec.model + "".join(f"+lora:{n}={p}" for n, p in sorted(spec.lora_modules.items()))
         if spec.lora_modules and not settings.model:
@@ -178,7 +172,7 @@ class Predictor:
     def sampling(self, attempt: int) -> dict[str, Any]:
         s, fill = self.recipe.sampling, self.recipe.fill_missing
         if attempt == 0:
-            return {"temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens, "seed": s.seed}
+            return {**s.request(), "seed": s.seed}
         seed = (s.seed or 0) + attempt   # reproducible retries that still differ from each other
         return {"temperature": fill.temperature, "top_p": fill.top_p, "max_tokens": s.max_tokens, "seed": seed}
 
@@ -218,13 +212,15 @@ class Predictor:
 
 # ---- preflight --------------------------------------------------------------------------------------
 
-def check_chat_template(settings: ClientSettings, api_key: str, messages: list[dict], expected: list[int]) -> bool | None:
+def check_chat_template(settings: ClientSettings, api_key: str, messages: list[dict],
+                        expected: list[int]) -> bool | None:
     """Ask vLLM's /tokenize how it renders MESSAGES: True when it matches training's token ids,
     ClientError when it differs, None when the endpoint has no /tokenize (not vLLM)."""
     root = settings.base_url.rstrip("/").removesuffix("/v1")
     body = {"model": settings.model, "messages": messages, "add_generation_prompt": True, "add_special_tokens": False}
     request = urllib.request.Request(f"{root}/tokenize", data=json.dumps(body).encode("utf-8"), method="POST",
-                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"})
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": f"Bearer {api_key}"})
     try:
         with urllib.request.urlopen(request, timeout=min(settings.request_timeout_s, 60)) as response:
             served = json.loads(response.read())["tokens"]
@@ -241,180 +237,115 @@ def check_chat_template(settings: ClientSettings, api_key: str, messages: list[d
     return True
 
 
-# ---- the run ----------------------------------------------------------------------------------------
-
-async def _ask(predictor: Predictor, items: list, settings: ClientSettings, api_key: str, cache: Path,
-               desc: str, progress: bool):
-    async with ChatClient(settings, api_key=api_key) as client:
-        report = await run_cached(items, predictor.key, lambda item: predictor.predict(client, item), cache,
-                                  max_in_flight=2 * settings.concurrency, stats=client.stats, desc=desc,
-                                  label_fn=lambda item: item[0].id, progress=progress)
-        return report, client.stats.to_json()
-
-
-class Endpoint:
-    """The server (started on first need, when the recipe has one) and the preflight checks."""
-
-    def __init__(self, target: Target, out: Path, prompts: PromptSet, sample_case: Case):
-        self.target, self.out, self.prompts, self.sample_case = target, out, prompts, sample_case
-        self.server, self.settings, self.api_key = None, target.settings, None
-
-    def open(self) -> ClientSettings:
-        if self.api_key is not None:
-            return self.settings
-        self.api_key = resolve_api_key(self.settings)   # a missing key stops us before a server start
-        if self.target.spec is not None:
-            from prep.serving import VLLMServer
-
-            log.info("starting the vLLM server for %s", self.target.identity)
-            self.server = VLLMServer(self.target.spec, self.out / "server.log").start()
-            self.settings = dataclasses.replace(self.settings, base_url=self.server.base_url)
-        check_endpoint(self.settings, self.api_key)
-        from prep.tokenizer import chat_token_ids, load_tokenizer
-
-        tokenizer = load_tokenizer()
-        messages = self.prompts.messages(self.sample_case)
-        checked = check_chat_template(self.settings, self.api_key, messages, chat_token_ids(tokenizer, messages, True))
-        log.info("chat template %s", "matches training" if checked else "not checked")
-        return self.settings
-
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-            log.info("stopped the vLLM server")
-
-
 def stop_token_ids(stop_tokens: list[str]) -> list[int]:
-    from prep.tokenizer import load_tokenizer
-
     tokenizer = load_tokenizer()
     ids = [tokenizer.convert_tokens_to_ids(token) for token in stop_tokens]
-    unknown = [token for token, token_id in zip(stop_tokens, ids) if token_id is None or token_id == tokenizer.unk_token_id]
+    unknown = [token for token, token_id in zip(stop_tokens, ids)
+               if token_id is None or token_id == tokenizer.unk_token_id]
     if unknown:
         raise ValueError(f"key 'stop_tokens': {unknown[0]!r} is not a token of the Qwen2.5 vocabulary")
     return ids
 
 
-def run_predict(recipe: PredictRecipe, cases: list[Case], prompts: PromptSet, out: str | Path, *,
-                model: str | None = None, fresh: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Ask what the cache lacks (and fill, when enabled), then write predictions, the submission and the summary."""
-    started = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    cache_path = out / "cache.jsonl"
-    if fresh and (moved := archive_cache(cache_path)):
-        log.info("moved the old cache to %s", moved)
-    target = resolve_target(recipe, model)
-    predictor = Predictor(recipe, prompts, target.identity)
-    endpoint = Endpoint(target, out, prompts, cases[0])
-    cached_before = len(load_cache(cache_path))
-    reports, stats, failed = [], [], []
-    try:
-        rounds = [("predict", 0)]
-        if recipe.fill_missing.enabled:
-            rounds += [("fill", attempt) for attempt in range(1, recipe.fill_missing.attempts + 1)]
-        for desc, attempt in rounds:
-            answered = predictor.answers(cases, load_cache(cache_path))
-            todo = [(case, attempt) for case in cases if case.id not in answered]
+
+# ---- the stage ----------------------------------------------------------------------------------------
+
+class PredictStage(ApiStage):
+    """The student's answer to every case (rounds of fill retries when enabled), then the submission."""
+
+    name = "predict"
+    recipe_schema = PredictRecipe
+
+    def __init__(self, recipe: PredictRecipe, cases: list[Case], prompts: PromptSet, model: str | None = None):
+        super().__init__(recipe, cases, prompts)
+        self.model = model
+
+    @classmethod
+    def from_files(cls, config: str | Path, cases_path: str | Path, **kwargs: Any) -> PredictStage:
+        """As ApiStage.from_files, with MODEL (a merged folder, hub id or adapter folder); no cases is an error."""
+        stage = super().from_files(config, cases_path, **kwargs)
+        if not stage.cases:
+            raise InputError(cases_path, None, "no cases to answer")
+        return stage
+
+    def resolve(self) -> Target:
+        target = resolve_target(self.recipe, self.model)
+        self.predictor = Predictor(self.recipe, self.prompts, target.identity)
+        return target
+
+    def rounds(self, cache: Path) -> Iterator[tuple[str, list[tuple[Case, int]]]]:
+        """Attempt 0 for every case without an answer; then, with fill_missing, one round per fill attempt."""
+        fill = self.recipe.fill_missing
+        for attempt in range(1 + (fill.attempts if fill.enabled else 0)):
+            answered = self.predictor.answers(self.cases, load_cache(cache))
+            todo = [(case, attempt) for case in self.cases if case.id not in answered]
             if attempt > 0 and todo:
                 log.warning("filling %d unanswered cases by a retry at temperature %g (attempt %d of %d): ids %s",
-                            len(todo), recipe.fill_missing.temperature, attempt, recipe.fill_missing.attempts,
+                            len(todo), fill.temperature, attempt, fill.attempts,
                             id_list([case.id for case, _ in todo]))
-            cache = load_cache(cache_path)
-            todo = [item for item in todo if predictor.key(item) not in cache]
-            if attempt == 0:
-                log.info("%d cases: %d cached, %d to ask %s", len(cases), len(cases) - len(todo), len(todo), target.identity)
-            if not todo:
-                continue
-            predictor.params(attempt)   # resolve the stop tokens before the event loop starts
-            settings = endpoint.open()
-            report, client_stats = asyncio.run(_ask(predictor, todo, settings, endpoint.api_key, cache_path, desc, progress))
-            reports.append(report)
-            stats.append(client_stats)
-            failed += report.failed
-    finally:
-        endpoint.close()
-    return finish(predictor, recipe, cases, out, reports, stats, failed, cached_before, time.perf_counter() - started)
+            yield ("predict" if attempt == 0 else "fill"), todo
 
+    def key(self, item: tuple[Case, int]) -> str:
+        return self.predictor.key(item)
 
-def finish(predictor: Predictor, recipe: PredictRecipe, cases: list[Case], out: Path, reports: list, stats: list[dict],
-           failed: list[dict], cached_before: int, wall_s: float) -> dict[str, Any]:
-    """predictions.jsonl and summary.json always; submission.jsonl only when complete and valid."""
-    cache = load_cache(out / "cache.jsonl")
-    chosen = predictor.answers(cases, cache)
-    answers = {case_id: answer_from_object(row["answer"]) for case_id, row in chosen.items()}
-    write_jsonl_atomic(out / "predictions.jsonl", (
-        {"id": case.id, **chosen[case.id]["answer"], "raw_valid": chosen[case.id]["raw_valid"],
-         "filled": chosen[case.id]["attempt"] > 0, "finish_reason": chosen[case.id]["finish_reason"]}
-        for case in cases if case.id in chosen))
-    unanswered = [case.id for case in cases if case.id not in chosen]
-    invalid = [case.id for case in cases if case.id not in chosen
-               and (row := cache.get(predictor.key((case, 0)))) is not None and row["status"] == "invalid"]
-    submission, error = out / "submission.jsonl", None
-    try:
-        write_submission(submission, cases, answers, recipe.echo_feature_content)
-    except SubmissionError as err:
-        error = str(err)
-        if submission.exists():   # never leave an earlier run's file looking like this run's result
-            submission.rename(submission.with_name(submission.name + ".stale"))
-            log.warning("moved an earlier %s aside to %s.stale", submission, submission.name)
-    totals = {key: sum(s[key] for s in stats) for key in ("requests", "retries", "tokens_in", "tokens_out")}
-    asked_wall = sum(report.wall_s for report in reports)
-    summary = {
-        "recipe": recipe.recipe_path, "model": predictor.identity, "prompt_hash": predictor.prompts.hash,
-        "cases": len(cases), "answered": len(chosen), "unanswered": len(unanswered), "unanswered_ids": unanswered,
-        "invalid_ids": invalid, "failed_requests": len(failed),
-        "raw_valid": sum(row["raw_valid"] for row in chosen.values()),
-        "raw_valid_share": round(sum(row["raw_valid"] for row in chosen.values()) / len(cases), 4) if cases else None,
-        "filled": sum(row["attempt"] > 0 for row in chosen.values()),
-        "cache_rows_before": cached_before, "asked": sum(report.asked for report in reports), **totals,
-        "ask_wall_s": round(asked_wall, 3), "wall_s": round(wall_s, 3),
-        "answers_per_s": round(sum(report.finished for report in reports) / asked_wall, 3) if asked_wall else None,
-        "submission": str(submission) if error is None else None, "error": error,
-    }
-    write_text_atomic(out / "summary.json", json.dumps(summary, ensure_ascii=False, indent=1) + "\n")
-    log.info("summary: %s", dumps(summary))
-    return summary
+    async def ask(self, client: ChatClient, item: tuple[Case, int]) -> dict[str, Any]:
+        return await self.predictor.predict(client, item)
 
+    def label(self, item: tuple[Case, int]) -> int:
+        return item[0].id
 
-def main(argv: list[str] | None = None) -> int:
-    parser = stage_parser("python -m launch.predict", __doc__.splitlines()[0], "predict recipe (recipes/predict/*.yaml)",
-                          "output folder (cache, predictions, submission, summary, log)", "answer only the first N cases")
-    parser.add_argument("--model", help="merged model folder or hub id, or a LoRA adapter folder (default: the recipe's "
-                                        "server.model; with server=null, the served model name to ask)")
-    args = parser.parse_args(argv)
+    def preflight(self, settings: ClientSettings, api_key: str) -> None:
+        """The stop tokens' ids, and the server's rendering of a prompt against training's."""
+        tokenizer = load_tokenizer()
+        self.predictor.stop_token_ids = stop_token_ids(self.recipe.stop_tokens)
+        messages = self.prompts.messages(self.cases[0])
+        checked = check_chat_template(settings, api_key, messages, chat_token_ids(tokenizer, messages, True))
+        log.info("chat template %s", "matches training" if checked else "not checked")
 
-    out = Path(args.out)
-    try:
-        recipe = load_recipe(PredictRecipe, args.config, args.set)
-        cases = read_cases(args.input).cases
-        if args.limit is not None:
-            cases = cases[: args.limit]
-        if not cases:
-            raise InputError(args.input, None, "no cases to answer")
-        if args.model and recipe.server is not None and not Path(args.model).exists() and args.model.count("/") != 1:
-            raise FileNotFoundError(f"{args.model}: --model is neither a folder nor a hub id (owner/name)")
-        prompts = load_prompts(recipe.prompts.system, recipe.prompts.user)
-        out.mkdir(parents=True, exist_ok=True)
-        with logging_to(out / "predict.log"):
-            summary = run_predict(recipe, cases, prompts, out, model=args.model, fresh=args.fresh, progress=not args.no_progress)
-    except STAGE_ERRORS as err:
-        return fail(log, err)
-    print(f"{summary['answered']}/{summary['cases']} cases answered ({summary['raw_valid']} valid JSON as generated, "
-          f"{summary['filled']} filled, {summary['failed_requests']} failed requests); outputs in {out}", file=sys.stderr)
-    if summary["error"]:
+    def finish(self, out: Path, run: StageRun) -> dict[str, Any]:
+        """predictions.jsonl and summary.json always; submission.jsonl only when complete and valid."""
+        cache = load_cache(out / "cache.jsonl")
+        chosen = self.predictor.answers(self.cases, cache)
+        write_jsonl_atomic(out / "predictions.jsonl", (
+            {"id": case.id, **chosen[case.id]["answer"], "raw_valid": chosen[case.id]["raw_valid"],
+             "filled": chosen[case.id]["attempt"] > 0, "finish_reason": chosen[case.id]["finish_reason"]}
+            for case in self.cases if case.id in chosen))
+        unanswered = [case.id for case in self.cases if case.id not in chosen]
+        invalid = [case.id for case in self.cases if case.id not in chosen
+                   and (row := cache.get(self.predictor.key((case, 0)))) is not None and row["status"] == "invalid"]
+        submission, error = out / "submission.jsonl", self.write_submission(out / "submission.jsonl", chosen)
+        raw_valid, finished = sum(row["raw_valid"] for row in chosen.values()), sum(r.finished for r in run.reports)
+        return {
+            "recipe": self.recipe.recipe_path, "model": self.predictor.identity, "prompt_hash": self.prompts.hash,
+            "cases": len(self.cases), "answered": len(chosen), "unanswered": len(unanswered),
+            "unanswered_ids": unanswered, "invalid_ids": invalid, **run.client_stats(),
+            "failed_requests": len(run.failed), "raw_valid": raw_valid,
+            "raw_valid_share": round(raw_valid / len(self.cases), 4) if self.cases else None,
+            "filled": sum(row["attempt"] > 0 for row in chosen.values()),
+            "cache_rows_before": run.cached_before, "asked": len(run.asked),
+            "ask_wall_s": round(run.ask_wall_s, 3), "wall_s": run.wall_s(),
+            "answers_per_s": round(finished / run.ask_wall_s, 3) if run.ask_wall_s else None,
+            "submission": str(submission) if error is None else None, "error": error,
+        }
+
+    def write_submission(self, path: Path, chosen: dict[int, dict[str, Any]]) -> str | None:
+        """The validated submission, or why there is none (an earlier run's file is then moved aside)."""
+        answers = {case_id: answer_from_object(row["answer"]) for case_id, row in chosen.items()}
+        try:
+            write_submission(path, self.cases, answers, self.recipe.echo_feature_content)
+        except SubmissionError as err:
+            if path.exists():   # never leave an earlier run's file looking like this run's result
+                path.rename(path.with_name(path.name + ".stale"))
+                log.warning("moved an earlier %s aside to %s.stale", path, path.name)
+            return str(err)
+        return None
+
+    def next_step(self, summary: dict[str, Any]) -> str:
+        """What to do about a run that wrote no submission, for the command's last line."""
         hints = []
         if summary["failed_requests"]:
             hints.append("run the same command again to retry the failed requests")
-        if summary["invalid_ids"] and not recipe.fill_missing.enabled:
-            hints.append(f"fill them by a retry at temperature {recipe.fill_missing.temperature:g} with "
+        if summary["invalid_ids"] and not self.recipe.fill_missing.enabled:
+            hints.append(f"fill them by a retry at temperature {self.recipe.fill_missing.temperature:g} with "
                          "--set fill_missing.enabled=true")
-        print(f"error: no submission written: {summary['error']}" + (f"; {'; or '.join(hints)}" if hints else ""),
-              file=sys.stderr)
-        return 1
-    print(f"submission: {summary['submission']}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        return "; or ".join(hints)

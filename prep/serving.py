@@ -1,10 +1,14 @@
 """Start, wait for, and stop a vLLM OpenAI-compatible server living in `.venv-vllm`.
 
 The rest of medkd talks to vLLM over HTTP only (it cannot share the training environment), so the
-teacher, the student's predictions, the tests and the demo all go through this one launcher.
+teacher, the soft labels, the student's predictions, the tests and the demo all go through this one
+launcher: `VLLMServer` for a process, `serving()` for "the recipe's server, if it names one, for the
+duration of a block". Serve recipes (recipes/serve/*.yaml) are `ServerSpec`s.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import signal
 import socket
@@ -13,17 +17,21 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from prep.config import RecipeError, apply_overrides, build, compose
+from prep.paths import REPO_ROOT, resolve_path
 from prep.tiny_model import resolve_model  # recipes may name the tiny fixture as their model
-from prep.paths import REPO_ROOT
 
+log = logging.getLogger("medkd.serving")
 
 
 @dataclass
 class ServerSpec:
-    """The `server:` section of teacher and predict recipes."""
+    """A serve recipe (recipes/serve/*.yaml), or the inline `server:` mapping of a stage recipe."""
 
     model: str                                  # a local folder or a hub id (GPU machines)
     served_model_name: str | None = None        # the name clients send as `model`
@@ -34,7 +42,44 @@ class ServerSpec:
     lora_modules: dict[str, str] = field(default_factory=dict)  # name -> adapter folder (--enable-lora)
     max_lora_rank: int = 64                     # vLLM's --max-lora-rank; must be >= the adapter's r
     startup_timeout_s: float = 900.0
+    stop_timeout_s: float = 20.0                # SIGTERM, then this long before SIGKILL
     api_key_env: str | None = None              # passed to vLLM as VLLM_API_KEY, never on argv
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError("key 'port': must be 0 (a free port) or a TCP port number")
+        for name in ("startup_timeout_s", "stop_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"key '{name}': must be positive")
+
+
+def validate_recipe(path: str | Path, overlays: list[str | Path] = (), overrides: list[str] = ()) -> ServerSpec:
+    """A serve recipe, composed and checked, without building or downloading its model; RecipeError if bad."""
+    return build(ServerSpec, compose(path, overlays, overrides), path)
+
+
+def load_server_spec(source: str | Path | dict[str, Any], overrides: list[str] | None = None,
+                     overlays: list[str | Path] = ()) -> ServerSpec:
+    """A serve recipe (path, with overlays) or an inline `server:` mapping -> ServerSpec, ready to start: the
+    tiny fixture built when named, and a local model folder made absolute (whatever directory vLLM runs in)."""
+    if isinstance(source, (str, Path)):
+        spec = validate_recipe(source, overlays, overrides or ())
+    else:
+        try:
+            data = apply_overrides(dict(source), overrides)
+        except ValueError as err:
+            raise RecipeError("server", None, str(err)) from None
+        spec = build(ServerSpec, data, "server")
+    spec.model = model_to_load(spec.model)
+    return spec
+
+
+def model_to_load(name: str) -> str:
+    """NAME as vLLM should load it: the tiny fixture built when named, a local folder made absolute (whatever
+    directory vLLM runs in), anything else as given (a hub id)."""
+    name = resolve_model(name)
+    local = resolve_path(name)
+    return str(local.resolve()) if local.exists() else name
 
 
 def vllm_python() -> str:
@@ -55,8 +100,8 @@ def new_session_dying_with_parent() -> None:
     if sys.platform.startswith("linux"):
         import ctypes
 
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def command_line(spec: ServerSpec, port: int) -> list[str]:
@@ -89,19 +134,19 @@ class VLLMServer:
         except FileNotFoundError:
             return "(no log)"
 
-    def start(self) -> "VLLMServer":
+    def start(self) -> VLLMServer:
         env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", **self.spec.env}
         if self.spec.api_key_env:
             if not os.environ.get(self.spec.api_key_env):
                 raise RuntimeError(f"environment variable {self.spec.api_key_env} (the server's API key) is not set")
             env["VLLM_API_KEY"] = os.environ[self.spec.api_key_env]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
         # Own process group, so stop() also ends vLLM's engine workers; and the server dies with its
         # parent, so a SIGKILLed run leaves no orphan server holding memory and a port.
-        self.process = subprocess.Popen(command_line(self.spec, self.port), stdout=log, stderr=subprocess.STDOUT,
-                                        env=env, preexec_fn=new_session_dying_with_parent)
-        log.close()
+        with open(self.log_path, "ab") as server_log:
+            self.process = subprocess.Popen(command_line(self.spec, self.port), stdout=server_log,
+                                            stderr=subprocess.STDOUT, env=env,
+                                            preexec_fn=new_session_dying_with_parent)
         self.wait_healthy()
         return self
 
@@ -126,7 +171,7 @@ class VLLMServer:
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
-        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        for sig, wait in ((signal.SIGTERM, self.spec.stop_timeout_s), (signal.SIGKILL, 10)):
             try:
                 os.killpg(self.process.pid, sig)
             except ProcessLookupError:
@@ -137,34 +182,25 @@ class VLLMServer:
             except subprocess.TimeoutExpired:
                 continue
 
-    def __enter__(self) -> "VLLMServer":
+    def __enter__(self) -> VLLMServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m launch.vllm_server MODEL [vllm args]`: serve in the foreground until Ctrl-C (for demos)."""
-    argv = sys.argv[1:] if argv is None else argv
-    spec = ServerSpec(model=argv[0], extra_args=argv[1:], port=8000)
-    with VLLMServer(spec, REPO_ROOT / "runs" / "vllm-server.log") as server:
-        print(f"serving {spec.model} at {server.base_url}", flush=True)
-        try:
-            server.process.wait()
-        except KeyboardInterrupt:
-            pass
-
-
-if __name__ == "__main__":
-    main()
-
-
-def load_server_spec(source: str | Path | dict, overrides: list[str] | None = None) -> ServerSpec:
-    """A serve recipe (path) or an inline `server:` mapping -> ServerSpec, with the tiny fixture resolved."""
-    from prep.config import apply_overrides, build, read_yaml
-
-    data = read_yaml(source) if isinstance(source, (str, Path)) else dict(source)
-    spec = build(ServerSpec, apply_overrides(data, overrides), source if isinstance(source, (str, Path)) else "server")
-    spec.model = str(resolve_model(spec.model))
-    return spec
+@contextlib.contextmanager
+def serving(spec: ServerSpec | None, log_path: str | Path) -> Iterator[VLLMServer | None]:
+    """SPEC's server, up and healthy for the duration of the block and stopped after it; None without a spec
+    (the recipe names a running endpoint instead)."""
+    if spec is None:
+        yield None
+        return
+    log.info("starting the vLLM server for %s", spec.model)
+    server = VLLMServer(spec, log_path).start()
+    log.info("vLLM server ready at %s", server.base_url)
+    try:
+        yield server
+    finally:
+        server.stop()
+        log.info("stopped the vLLM server")

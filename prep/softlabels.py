@@ -1,11 +1,7 @@
 """Stage two data: the teacher's top-k log-probabilities at every answer token, in the student's token ids.
 
-    python -m prep.softlabels --config recipes/softlabels/local-tiny-vllm.yaml \
-        --input data/sample_cases.jsonl --out runs/softlabels-tiny
-    python -m prep.softlabels --config recipes/softlabels/vllm-qwen2.5-72b-instruct.yaml \
-        --input CASES.jsonl --answers runs/teacher-72b --out runs/softlabels-72b     # score fixed answers
-
-Two sources of soft labels, through the teacher prep's client, limits, retries and cache runner:
+The command is `python -m launch.softlabels`. Two sources of soft labels, through the same client,
+limits, retries and cache runner as the teacher (prep.stage):
 
 - generate (no --answers): one chat completion per case with `logprobs: true, top_logprobs: k`.
   Every returned token becomes a student id exactly: vLLM's `return_tokens_as_token_ids` gives
@@ -47,32 +43,26 @@ custom_losses.trainer.build_kd_features reads only the first A rows.
 """
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import dataclasses
 import logging
-import re
-import sys
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prep.answers import AnswerError, parse_answer
-from prep.client import (ChatClient, ChatResult, ClientError, archive_cache, cache_key, check_endpoint, load_cache,
-                         resolve_api_key, run_cached, structured_output_params)
-from prep.config import RecipeError, load_recipe
-from prep.jsonio import InputError, dumps, read_jsonl, save_splits, write_jsonl_atomic, write_text_atomic
-from prep.prompts import PromptSet, load_prompts
-from prep.records import Case, read_cases
-from prep.stage import STAGE_ERRORS, fail, logging_to, retry_status, stage_parser
-from prep.teacher import TeacherRecipe, _digest, _reason_kind, resolve_settings, validate_answer, validation_ids
-from prep.tokenizer import _byte_to_unicode, chat_token_ids, load_tokenizer
+from prep.answers import Answer, AnswerError, answer_json, parse_answer
+from prep.client import ChatClient, ChatResult, ClientError, cache_key, load_cache, structured_output_params
+from prep.config import load_recipe
+from prep.jsonio import InputError, read_jsonl, save_splits, write_jsonl_atomic
+from prep.paths import resolve_path
+from prep.prompts import PromptSet
+from prep.qwen import END_OF_TEXT, IM_END, NEWLINE_ID, VOCAB_ROWS
+from prep.records import Case
+from prep.stage import ApiRecipe, ApiStage, StageRun, Target, check_recipe_files, text_digest
+from prep.teacher import Split, validate_answer, validation_ids
+from prep.tokenizer import chat_token_ids, load_tokenizer
 
 log = logging.getLogger("medkd.softlabels")
 
-IM_END, END_OF_TEXT, NEWLINE = "<|im_end|>", "<|endoftext|>", 198   # 198 = "\n", the last token of a ChatML turn
 TOKEN_ID_PREFIX = "token_id:"
 _LOSSY = "\ufffd".encode("utf-8")       # what a byte piece becomes when a server decodes it on its own
 CACHE_VERSION = 1                       # bump when the meaning of a cache row changes
@@ -91,15 +81,17 @@ class SoftLabelSettings:
     """The `softlabels:` section of recipes/softlabels/*.yaml."""
 
     top_k: int = 20                          # alternatives per position; 20 is the usual API cap (vLLM --max-logprobs)
-    return_tokens_as_token_ids: bool = True  # vLLM: tokens come back as token_id:N (exact); false for servers without it (bytes path)
+    # vLLM: tokens come back as token_id:N (exact); false for servers without it (the bytes path).
+    return_tokens_as_token_ids: bool = True
     # The temperature the returned log-probs correspond to. vLLM returns raw, pre-temperature log-probs
     # (--logprobs-mode raw_logprobs, its default), so 1.0 whatever sampling.temperature is; change it only
     # for a server started with --logprobs-mode processed_logprobs.
     logprob_temperature: float = 1.0
-    logprob_floor: float = -50.0             # log-probs below this (vLLM's -9999 for constraint-masked tokens) are raised to it
-    student_vocab_size: int = 152064         # rows of the student's output layer (Qwen2.5-7B/72B; 151,665 of them are tokens)
+    logprob_floor: float = -50.0             # log-probs below it (vLLM's -9999 for masked tokens) are raised to it
+    student_vocab_size: int = VOCAB_ROWS     # rows of the student's output layer (151,665 of them are tokens)
     tokenizer: str | None = None             # student tokenizer folder; null = the rebuilt Qwen2.5 tokenizer
-    request_params: dict[str, Any] = field(default_factory=dict)   # extra request fields (e.g. vLLM logit_bias); part of the cache key
+    # Extra request fields (e.g. vLLM logit_bias); part of the cache key.
+    request_params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 1 <= self.top_k <= 20:
@@ -107,31 +99,28 @@ class SoftLabelSettings:
         if not self.logprob_temperature > 0:
             raise ValueError("key 'softlabels.logprob_temperature': must be positive")
         if not -1000 <= self.logprob_floor < -10:
-            raise ValueError("key 'softlabels.logprob_floor': must be in [-1000, -10) (float32 exp() is 0 below about -103)")
+            raise ValueError("key 'softlabels.logprob_floor': must be in [-1000, -10) "
+                             "(float32 exp() is 0 below about -103)")
 
 
 @dataclass
-class SoftLabelRecipe(TeacherRecipe):
-    """A teacher recipe (client, sampling, constraint, prompts, split, server) plus the softlabels section."""
+class SoftLabelRecipe(ApiRecipe):
+    """Whom to ask and how (client, sampling, constraint, prompts, server), the split, and the softlabels section."""
 
+    split: Split = field(default_factory=Split)
     softlabels: SoftLabelSettings = field(default_factory=SoftLabelSettings)
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if self.sampling.samples_per_case != 1:
             raise ValueError("key 'sampling.samples_per_case': soft labels take one sample per case; set it to 1 "
                              "(for self-consistency, label with prep.teacher and score its answers with --answers)")
 
 
-def validate_recipe(path: str | Path, overrides: list[str] | None = None) -> SoftLabelRecipe:
-    """Load a soft-label recipe and check what a run would read first (prompt files, the serve recipe),
-    without asking anything."""
-    from prep.paths import resolve_path
-
-    recipe = load_recipe(SoftLabelRecipe, path, overrides)
-    load_prompts(recipe.prompts.system, recipe.prompts.user)
-    if isinstance(recipe.server, str) and not resolve_path(recipe.server).exists():
-        raise RecipeError(path, "server", f"the serve recipe {recipe.server} does not exist")
+def validate_recipe(path: str | Path, overlays: list[str | Path] = (), overrides: list[str] = ()) -> SoftLabelRecipe:
+    """A soft-label recipe, composed and checked with the files a run reads first (prompt files, the serve
+    recipe), without asking anything."""
+    recipe = load_recipe(SoftLabelRecipe, path, list(overrides), list(overlays))
+    check_recipe_files(recipe, path)
     return recipe
 
 
@@ -144,7 +133,9 @@ class VocabIndex:
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
         self.im_end = tokenizer.convert_tokens_to_ids(IM_END)
         self.end_ids = {self.im_end, tokenizer.convert_tokens_to_ids(END_OF_TEXT)}
-        to_byte = {char: byte for byte, char in _byte_to_unicode().items()}
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        to_byte = {char: byte for byte, char in bytes_to_unicode().items()}
         added = {token_id: token.content for token_id, token in tokenizer.added_tokens_decoder.items()}
         by_bytes: dict[bytes, int | None] = {}
         for piece, token_id in tokenizer.get_vocab().items():
@@ -219,7 +210,8 @@ def topk_row(position: Position, target: int, k: int) -> tuple[list[int], list[f
     """The k most likely (sorted descending, ties in server order), the target always included when its
     log-prob is known, padded with -1 / -inf."""
     pairs = sorted(zip(position.logprobs, position.ids), key=lambda pair: -pair[0])[:k]
-    if target not in {token_id for _, token_id in pairs} and position.chosen == target and position.chosen_logprob is not None:
+    missing = target not in {token_id for _, token_id in pairs}
+    if missing and position.chosen == target and position.chosen_logprob is not None:
         pairs = sorted(pairs[: k - 1] + [(position.chosen_logprob, target)], key=lambda pair: -pair[0])
     ids = [token_id for _, token_id in pairs] + [-1] * (k - len(pairs))
     logprobs = [round(logprob, 5) for logprob, _ in pairs] + [float("-inf")] * (k - len(pairs))
@@ -239,15 +231,16 @@ class Rejected(Exception):
 class SoftLabeller:
     """Keys, asks and checks one case for one recipe, prompt set, model and student tokenizer."""
 
-    def __init__(self, recipe: SoftLabelRecipe, prompts: PromptSet, model: str, tokenizer, answers: dict[int, str] | None = None):
+    def __init__(self, recipe: SoftLabelRecipe, prompts: PromptSet, model: str, tokenizer,
+                 answers: dict[int, str] | None = None):
         self.recipe, self.prompts, self.model, self.tokenizer = recipe, prompts, model, tokenizer
         self.settings = recipe.softlabels
         self.vocab = VocabIndex(tokenizer, self.settings.student_vocab_size)
         self.answers = answers                      # None: generate; else id -> fixed answer text to score
-        sampling = recipe.sampling
-        self.sampling = {"temperature": sampling.temperature, "top_p": sampling.top_p, "max_tokens": sampling.max_tokens}
+        self.sampling = recipe.sampling.request()
         constraint = structured_output_params(recipe.structured_output)
-        self.params = {**self.sampling, "seed": sampling.seed, **{k: v for k, v in constraint.items() if k != "extra_body"},
+        self.params = {**self.sampling, "seed": recipe.sampling.seed,
+                       **{k: v for k, v in constraint.items() if k != "extra_body"},
                        "logprobs": True, "top_logprobs": self.settings.top_k,
                        "extra_body": {**constraint.get("extra_body", {}), **self.settings.request_params}}
         if self.settings.return_tokens_as_token_ids:
@@ -258,12 +251,12 @@ class SoftLabeller:
         return "generate" if self.answers is None else "score"
 
     def key(self, case: Case) -> str:
-        common = dict(version=CACHE_VERSION, mode=self.mode, id=case.id, case=_digest(case.feature_content),
+        common = dict(version=CACHE_VERSION, mode=self.mode, id=case.id, case=text_digest(case.feature_content),
                       prompt=self.prompts.hash, model=self.model, k=self.settings.top_k,
                       request=self.settings.request_params)
         if self.answers is None:
             return cache_key(**common, params=self.params)
-        return cache_key(**common, answer=_digest(self.answers.get(case.id, ""), 16))
+        return cache_key(**common, answer=text_digest(self.answers.get(case.id, ""), 16))
 
     def _row(self, case: Case, **fields: Any) -> dict[str, Any]:
         return {"id": case.id, "mode": self.mode, "model": self.model, "prompt_hash": self.prompts.hash, **fields}
@@ -285,7 +278,8 @@ class SoftLabeller:
         return self.row_from_scoring(case, text, result, ids, start)
 
     def _rejected(self, case: Case, error: Rejected, raw: str, result: ChatResult | None) -> dict[str, Any]:
-        extra = {"finish_reason": result.finish_reason, "usage": result.usage, "retries": result.retries} if result else {}
+        extra = ({"finish_reason": result.finish_reason, "usage": result.usage, "retries": result.retries}
+                 if result else {})
         return self._row(case, status="rejected", kind=error.kind, error=str(error), raw=raw, **extra)
 
     def _accepted(self, case: Case, text: str, answer_ids: list[int], positions: list[Position], result: ChatResult,
@@ -322,16 +316,19 @@ class SoftLabeller:
             chosen = [position.chosen for position in positions]
             answer_ids = self.answer_ids(text)
             if chosen[-1] not in self.vocab.end_ids:
-                raise Rejected("no end-of-turn row", f"the last of {len(chosen)} log-prob entries is token {chosen[-1]}, "
-                               f"not an end-of-turn token, so the <|im_end|> position has no soft label")
+                raise Rejected("no end-of-turn row", f"the last of {len(chosen)} log-prob entries is token "
+                               f"{chosen[-1]}, not an end-of-turn token, so the <|im_end|> position has no soft label")
             if self.tokenizer.decode(chosen[:-1]) != text:
-                raise ForeignTokenizer(f"the token ids {self.model} returned for case {case.id} decode, in the Qwen2.5 "
-                                       f"vocabulary, to other text than it wrote")
+                raise ForeignTokenizer(f"the token ids {self.model} returned for case {case.id} decode, in the "
+                                       f"Qwen2.5 vocabulary, to other text than it wrote")
             if chosen[:-1] != answer_ids[:-1]:
-                index = next((i for i, (a, b) in enumerate(zip(chosen, answer_ids)) if a != b), min(len(chosen), len(answer_ids)) - 1)
+                index = next((i for i, (a, b) in enumerate(zip(chosen, answer_ids)) if a != b),
+                             min(len(chosen), len(answer_ids)) - 1)
+                wrote = self.vocab.pieces(chosen[index:index + 3])
+                canonical = self.vocab.pieces(answer_ids[index:index + 3])
                 raise Rejected("non-canonical tokenization",
-                               f"from answer token {index} the teacher wrote {self.vocab.pieces(chosen[index:index + 3])} "
-                               f"where the tokenizer has {self.vocab.pieces(answer_ids[index:index + 3])}")
+                               f"from answer token {index} the teacher wrote {wrote} where the tokenizer has "
+                               f"{canonical}")
         except AnswerError as err:
             return self._rejected(case, Rejected("invalid answer", str(err)), text, result)
         except Rejected as err:
@@ -351,7 +348,8 @@ class SoftLabeller:
                            "then the answer's, then <|im_end|>")
         return full, start
 
-    def row_from_scoring(self, case: Case, text: str, result: ChatResult, prompt_ids: list[int], start: int) -> dict[str, Any]:
+    def row_from_scoring(self, case: Case, text: str, result: ChatResult, prompt_ids: list[int],
+                         start: int) -> dict[str, Any]:
         """Check one /v1/completions prompt_logprobs response and turn it into a cache row."""
         choice = result.response["choices"][0]
         rows = choice.get("prompt_logprobs") or result.response.get("prompt_logprobs")
@@ -360,7 +358,8 @@ class SoftLabeller:
                                    f"needs a vLLM teacher (/v1/completions with prompt_logprobs)")
         try:
             if len(rows) != len(prompt_ids):
-                raise Rejected("length mismatch", f"{len(rows)} prompt_logprobs rows for {len(prompt_ids)} prompt tokens")
+                raise Rejected("length mismatch",
+                               f"{len(rows)} prompt_logprobs rows for {len(prompt_ids)} prompt tokens")
             answer_ids = self.answer_ids(text)
             positions = []
             for offset, token_id in enumerate(answer_ids):
@@ -381,11 +380,12 @@ class SoftLabeller:
 
 def filler_row(k: int, floor: float) -> tuple[list[int], list[float]]:
     """The row for the `\\n` after <|im_end|> in Axolotl's tokenisation: masked there, ignored by our trainer."""
-    others = [token_id for token_id in range(k + 1) if token_id != NEWLINE][: k - 1]
-    return [NEWLINE] + others, [0.0] + [floor] * (k - 1)
+    others = [token_id for token_id in range(k + 1) if token_id != NEWLINE_ID][: k - 1]
+    return [NEWLINE_ID] + others, [0.0] + [floor] * (k - 1)
 
 
-def dataset_row(cache_row: dict[str, Any], messages: list[dict[str, str]], settings: SoftLabelSettings) -> dict[str, Any]:
+def dataset_row(cache_row: dict[str, Any], messages: list[dict[str, str]],
+                settings: SoftLabelSettings) -> dict[str, Any]:
     floor = settings.logprob_floor
     logprobs = [[float("-inf") if lp is None or lp == float("-inf") else max(lp, floor) for lp in row]   # pads: -inf
                 for row in cache_row["logprobs"]]
@@ -416,13 +416,15 @@ def storage_figures(folder: Path, answer_tokens: int) -> dict[str, float | None]
     if not answer_tokens:
         return {"bytes_per_answer_token": None, "softlabel_bytes_per_answer_token": None}
     dataset = load_from_disk(str(folder))
-    columns = sum(split.data.column(name).nbytes for split in dataset.values() for name in ("target_token_ids", "logprobs"))
+    columns = sum(split.data.column(name).nbytes for split in dataset.values()
+                  for name in ("target_token_ids", "logprobs"))
     on_disk = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
     return {"bytes_per_answer_token": round(on_disk / answer_tokens, 1),
             "softlabel_bytes_per_answer_token": round(columns / answer_tokens, 1)}
 
 
-def derive_outputs(labeller: SoftLabeller, cases: list[Case], out: Path, failed: list[dict] | None = None) -> dict[str, Any]:
+def derive_outputs(labeller: SoftLabeller, cases: list[Case], out: Path,
+                   failed: list[dict] | None = None) -> dict[str, Any]:
     """Rebuild rejects.jsonl and dataset/ from the cache (atomically); counts for the summary."""
     cache = load_cache(out / "cache.jsonl")
     rows, rejects, kinds, missing, used = [], [], Counter(), 0, set()
@@ -451,7 +453,8 @@ def derive_outputs(labeller: SoftLabeller, cases: list[Case], out: Path, failed:
     write_jsonl_atomic(out / "rejects.jsonl", rejects)
     save_softlabel_dataset(train, valid, out / "dataset")
     answer_tokens = sum(len(row["answer_token_ids"]) for row in rows)
-    return {"cases": len(cases), "answered": len(rows), "rejected": sum(kinds.values()), "rejected_reasons": dict(kinds),
+    return {"cases": len(cases), "answered": len(rows), "rejected": sum(kinds.values()),
+            "rejected_reasons": dict(kinds),
             "incomplete": missing, "train": len(train), "valid": len(valid), "answer_tokens": answer_tokens,
             "k": labeller.settings.top_k, "dropped_alternatives": dropped, "stopped_on_endoftext": endoftext_stops,
             **storage_figures(out / "dataset", answer_tokens), "stale_cache_rows": len(cache) - len(used)}
@@ -462,13 +465,11 @@ def derive_outputs(labeller: SoftLabeller, cases: list[Case], out: Path, failed:
 def read_answers(path: str | Path) -> dict[int, str]:
     """id -> answer text from prep.teacher's output folder (sft/train.jsonl, sft/valid.jsonl) or a JSONL file
     whose rows hold `messages` (the last assistant turn) or `reason` and `diseases`."""
-    from prep.answers import Answer, answer_json
-
-    path = Path(path)
+    path = resolve_path(path)
     files = [path / "sft" / "train.jsonl", path / "sft" / "valid.jsonl"] if path.is_dir() else [path]
     if not all(file.exists() for file in files):
-        raise FileNotFoundError(f"{path}: no answers there (expected prep.teacher's sft/train.jsonl and sft/valid.jsonl, "
-                                f"or a JSONL file)")
+        raise FileNotFoundError(f"{path}: no answers there (expected the teacher stage's sft/train.jsonl and "
+                                f"sft/valid.jsonl, or a JSONL file)")
     answers = {}
     for file in files:
         for line, row in enumerate(read_jsonl(file), start=1):
@@ -486,98 +487,54 @@ def read_answers(path: str | Path) -> dict[int, str]:
     return answers
 
 
-# ---- the run ----------------------------------------------------------------------------------------------------
+# ---- the stage ---------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def serving(settings, spec, log_path: Path):
-    """The recipe's vLLM server for the duration (when it names one), yielding the settings pointed at it."""
-    server = None
-    try:
-        if spec is not None:
-            from prep.serving import VLLMServer
+class SoftLabelStage(ApiStage):
+    """Top-k soft labels for every case: generated by the teacher, or its scores of fixed ANSWERS."""
 
-            log.info("starting the vLLM server for %s", spec.model)
-            server = VLLMServer(spec, log_path).start()
-            settings = dataclasses.replace(settings, base_url=server.base_url)
-        yield settings
-    finally:
-        if server is not None:
-            server.stop()
-            log.info("stopped the vLLM server")
+    name = "softlabels"
+    recipe_schema = SoftLabelRecipe
 
+    def __init__(self, recipe: SoftLabelRecipe, cases: list[Case], prompts: PromptSet,
+                 answers: dict[int, str] | None = None):
+        # Scoring: only the cases that have an answer; the others are counted, not asked.
+        self.answers = answers
+        self.without_answer = 0 if answers is None else sum(case.id not in answers for case in cases)
+        super().__init__(recipe, cases if answers is None else [case for case in cases if case.id in answers], prompts)
 
-async def _label_all(labeller: SoftLabeller, cases: list[Case], settings, api_key: str, out: Path, progress: bool):
-    async with ChatClient(settings, api_key=api_key) as client:
-        report = await run_cached(cases, labeller.key, lambda case: labeller.label(client, case), out / "cache.jsonl",
-                                  max_in_flight=settings.concurrency, stats=client.stats, desc="soft labels",
-                                  label_fn=lambda case: case.id, progress=progress)
-        return report, client.stats
+    @classmethod
+    def from_files(cls, config: str | Path, cases_path: str | Path, *, answers: str | Path | None = None,
+                   **kwargs: Any) -> SoftLabelStage:
+        """As ApiStage.from_files; ANSWERS (prep.teacher's output folder or a JSONL file) switches to scoring."""
+        return super().from_files(config, cases_path, answers=read_answers(answers) if answers else None, **kwargs)
 
+    def resolve(self) -> Target:
+        target = super().resolve()
+        tokenizer = load_tokenizer(self.recipe.softlabels.tokenizer)
+        self.labeller = SoftLabeller(self.recipe, self.prompts, target.settings.model, tokenizer, self.answers)
+        return target
 
-def run_softlabels(recipe: SoftLabelRecipe, cases: list[Case], prompts: PromptSet, out: str | Path, *,
-                   answers: dict[int, str] | None = None, fresh: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Ask for what the cache lacks (starting the recipe's server if it has one), then derive every output."""
-    started = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if fresh and (moved := archive_cache(out / "cache.jsonl")):
-        log.info("moved the old cache to %s", moved)
-    settings, spec = resolve_settings(recipe)
-    labeller = SoftLabeller(recipe, prompts, settings.model, load_tokenizer(recipe.softlabels.tokenizer), answers)
-    unanswered = 0 if answers is None else sum(case.id not in answers for case in cases)
-    cases = cases if answers is None else [case for case in cases if case.id in answers]
-    cached = load_cache(out / "cache.jsonl")
-    pending = [case for case in cases if labeller.key(case) not in cached]
-    log.info("%s: %d cases, %d cached, %d to ask %s at %s", labeller.mode, len(cases), len(cases) - len(pending),
-             len(pending), settings.model, settings.base_url or "(server from the recipe)")
-    report, stats = None, None
-    if pending:
-        api_key = resolve_api_key(settings)      # a missing key stops us before a server start or a request
-        with serving(settings, spec, out / "server.log") as settings:
-            check_endpoint(settings, api_key)
-            report, stats = asyncio.run(_label_all(labeller, pending, settings, api_key, out, progress))
-    counts = derive_outputs(labeller, cases, out, report.failed if report else None)
-    client_stats = stats.to_json() if stats else {"requests": 0, "retries": 0, "tokens_in": 0, "tokens_out": 0}
-    failed_reasons = Counter(_reason_kind(f["error"]) for f in report.failed) if report else Counter()
-    summary = {
-        "recipe": recipe.recipe_path, "mode": labeller.mode, "model": settings.model, "base_url": settings.base_url,
-        "prompt_hash": prompts.hash, "token_ids": "token_id" if recipe.softlabels.return_tokens_as_token_ids else "bytes",
-        "logprob_temperature": recipe.softlabels.logprob_temperature, "cases_asked": len(pending),
-        "cases_cached_before": len(cases) - len(pending), "without_answer": unanswered, **counts,
-        "failed": len(report.failed) if report else 0, "failed_reasons": dict(failed_reasons), **client_stats,
-        "label_wall_s": round(report.wall_s, 3) if report else 0.0, "wall_s": round(time.perf_counter() - started, 3),
-    }
-    write_text_atomic(out / "summary.json", dumps(summary) + "\n")
-    log.info("summary: %s", dumps(summary))
-    return summary
+    def items(self) -> list[Case]:
+        return self.cases
 
+    def key(self, case: Case) -> str:
+        return self.labeller.key(case)
 
-def main(argv: list[str] | None = None) -> int:
-    parser = stage_parser("python -m prep.softlabels", __doc__.splitlines()[0],
-                          "soft-label recipe (recipes/softlabels/*.yaml)",
-                          "output folder (cache, rejects, dataset/, summary.json, softlabels.log)", "only the first N cases")
-    parser.add_argument("--answers", help="score these fixed answers instead of generating: prep.teacher's output folder "
-                                          "or a JSONL file (rows with messages, or reason and diseases)")
-    args = parser.parse_args(argv)
+    async def ask(self, client: ChatClient, case: Case) -> dict[str, Any]:
+        return await self.labeller.label(client, case)
 
-    out = Path(args.out)
-    try:
-        recipe = load_recipe(SoftLabelRecipe, args.config, args.set)
-        cases = read_cases(args.input).cases
-        if args.limit is not None:
-            cases = cases[: args.limit]
-        answers = read_answers(args.answers) if args.answers else None
-        prompts = load_prompts(recipe.prompts.system, recipe.prompts.user)
-        out.mkdir(parents=True, exist_ok=True)
-        with logging_to(out / "softlabels.log"):
-            summary = run_softlabels(recipe, cases, prompts, out, answers=answers, fresh=args.fresh, progress=not args.no_progress)
-    except STAGE_ERRORS as err:
-        return fail(log, err)
-    print(f"{summary['answered']}/{summary['cases']} cases have soft labels ({summary['rejected']} rejected, "
-          f"{summary['failed']} failed, {summary['incomplete']} incomplete, {summary['without_answer']} without an answer); "
-          f"{summary['bytes_per_answer_token']} bytes per answer token on disk; outputs in {out}", file=sys.stderr)
-    return retry_status(summary, out)
+    def label(self, case: Case) -> int:
+        return case.id
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    def finish(self, out: Path, run: StageRun) -> dict[str, Any]:
+        counts = derive_outputs(self.labeller, self.cases, out, run.failed)
+        settings = self.recipe.softlabels
+        return {
+            "recipe": self.recipe.recipe_path, "mode": self.labeller.mode, "model": run.settings.model,
+            "base_url": run.settings.base_url, "prompt_hash": self.prompts.hash,
+            "token_ids": "token_id" if settings.return_tokens_as_token_ids else "bytes",
+            "logprob_temperature": settings.logprob_temperature, "cases_asked": len(run.asked),
+            "cases_cached_before": len(self.cases) - len(run.asked), "without_answer": self.without_answer, **counts,
+            "failed": len(run.failed), "failed_reasons": run.failed_reasons(), **run.client_stats(),
+            "label_wall_s": round(run.ask_wall_s, 3), "wall_s": run.wall_s(),
+        }

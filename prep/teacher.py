@@ -1,62 +1,45 @@
 """Stage one data: teacher answers for every case, from any OpenAI-compatible endpoint, into an SFT dataset.
 
-    python -m prep.teacher --config recipes/teacher/local-tiny-vllm.yaml --input data/sample_cases.jsonl --out runs/teacher
-
-Each (case, sample) is asked once: its answer, or its rejection after one repair turn, is appended
-to OUT/cache.jsonl under a key of everything that shaped it (case text, prompt hash, model,
-sampling, answer constraint). A rerun (the default, --resume) asks only for what the cache lacks
-and re-derives the outputs; --fresh moves the cache aside first. Outputs under OUT:
-cache.jsonl, rejects.jsonl, sft/train.jsonl, sft/valid.jsonl ({"id", "messages", "agreement"}),
-sft/dataset/ (DatasetDict train/validation), summary.json, teacher.log (and server.log when the
-recipe starts its own vLLM server).
+The command is `python -m launch.teacher`. Each (case, sample) is asked once: its answer, or its
+rejection after the recipe's repair turns (`repair_turns`, the user turn `prompts.repair`), is
+appended to OUT/cache.jsonl under a key of everything that shaped it (case text, prompt hashes,
+model, sampling, answer constraint). A rerun asks only for what the cache lacks and re-derives the
+outputs. Outputs under OUT: cache.jsonl, rejects.jsonl, sft/train.jsonl, sft/valid.jsonl
+({"id", "messages", "agreement"}), sft/dataset/ (DatasetDict train/validation), summary.json,
+teacher.log (and server.log when the recipe starts its own vLLM server).
 """
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import hashlib
-import logging
-import sys
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prep.answers import Answer, AnswerError, answer_from_object, normalise_diseases, parse_answer
-from prep.stage import STAGE_ERRORS, fail, logging_to, retry_status, stage_parser
-from prep.client import (ChatClient, ClientError, ClientSettings, RequestFailed, StructuredOutput, archive_cache,
-                         cache_key, check_endpoint, load_cache, resolve_api_key, run_cached, structured_output_params)
-from prep.config import load_recipe
-from prep.jsonio import dumps, save_splits, write_jsonl_atomic, write_text_atomic
-from prep.prompts import PromptSet, load_prompts
-from prep.records import Case, read_cases
+from prep.client import ChatClient, cache_key, load_cache, structured_output_params
+from prep.config import RecipeError, load_recipe
+from prep.jsonio import save_splits, write_jsonl_atomic
+from prep.paths import resolve_path
+from prep.prompts import PromptSet
+from prep.records import Case
+from prep.stage import (
+    ApiRecipe,
+    ApiStage,
+    PromptFiles,
+    StageRun,
+    Target,
+    check_recipe_files,
+    reason_kind,
+    text_digest,
+)
 
-log = logging.getLogger("medkd.teacher")
-
-DEFAULT_REPAIR_PROMPT = ("上面的回答无法使用：{error}。请重新回答：只输出一个 JSON 对象，格式为 "
-                         '{"reason": "…", "diseases": "…"}，reason 在前，不要输出其他内容。')
-
-
-@dataclass
-class Sampling:
-    temperature: float = 0.7
-    top_p: float = 0.9
-    max_tokens: int = 1024
-    samples_per_case: int = 1            # > 1: self-consistency, keep the sample that agrees most with the others
-    seed: int | None = None              # sample i is asked with seed + i, so samples differ yet reruns repeat
-
-    def __post_init__(self) -> None:
-        if self.samples_per_case < 1:
-            raise ValueError("key 'sampling.samples_per_case': must be at least 1")
-        if self.max_tokens < 1:
-            raise ValueError("key 'sampling.max_tokens': must be at least 1")
+REPAIR_PLACEHOLDER = "{error}"
 
 
 @dataclass
-class PromptFiles:
-    system: str = "data/prompts/system.txt"
-    user: str = "data/prompts/user.txt"
+class TeacherPrompts(PromptFiles):
+    repair: str = "data/prompts/repair.txt"   # the user turn after an invalid answer; {error} is the parser's sentence
 
 
 @dataclass
@@ -70,19 +53,36 @@ class Split:
 
 
 @dataclass
-class TeacherRecipe:
-    client: ClientSettings = field(default_factory=ClientSettings)
-    sampling: Sampling = field(default_factory=Sampling)
-    structured_output: StructuredOutput = field(default_factory=StructuredOutput)
-    prompts: PromptFiles = field(default_factory=PromptFiles)
+class TeacherRecipe(ApiRecipe):
+    prompts: TeacherPrompts = field(default_factory=TeacherPrompts)
     split: Split = field(default_factory=Split)
-    server: str | dict[str, Any] | None = None   # a serve recipe (path) or inline mapping: prep.teacher starts and stops it
-    repair_prompt: str = DEFAULT_REPAIR_PROMPT   # the user turn after an invalid answer; {error} is the parser's sentence
-    recipe_path: str = field(default="", init=False)
+    repair_turns: int = 1                 # asks after an invalid answer, each with the parser's complaint
 
     def __post_init__(self) -> None:
-        if "{error}" not in self.repair_prompt:
-            raise ValueError("key 'repair_prompt': must contain the {error} placeholder")
+        if self.repair_turns < 0:
+            raise ValueError("key 'repair_turns': must be 0 or more")
+
+
+def load_repair_prompt(path: str | Path) -> str:
+    """The repair turn's text; it must say what was wrong, so it needs the {error} placeholder."""
+    path = resolve_path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: prompt file not found")
+    text = path.read_text(encoding="utf-8").strip()
+    if REPAIR_PLACEHOLDER not in text:
+        raise ValueError(f"{path}: the repair prompt has no {REPAIR_PLACEHOLDER} placeholder")
+    return text
+
+
+def validate_recipe(path: str | Path, overlays: list[str | Path] = (), overrides: list[str] = ()) -> TeacherRecipe:
+    """A teacher recipe, composed and checked with the files a run reads first, without asking anything."""
+    recipe = load_recipe(TeacherRecipe, path, list(overrides), list(overlays))
+    check_recipe_files(recipe, path)
+    try:
+        load_repair_prompt(recipe.prompts.repair)
+    except (FileNotFoundError, ValueError) as err:
+        raise RecipeError(path, "prompts.repair", str(err)) from None
+    return recipe
 
 
 # ---- one case, one sample -----------------------------------------------------------------------
@@ -93,7 +93,8 @@ def validate_answer(text: str, finish_reason: str | None = None) -> Answer:
         answer = parse_answer(text)
     except AnswerError as err:
         if finish_reason == "length":
-            raise AnswerError(f"{err}; the answer was cut off at the max_tokens limit, so answer more briefly") from None
+            raise AnswerError(f"{err}; the answer was cut off at the max_tokens limit, so answer more briefly") \
+                from None
         raise
     for name, value in (("reason", answer.reason), ("diseases", answer.diseases)):
         try:
@@ -103,17 +104,13 @@ def validate_answer(text: str, finish_reason: str | None = None) -> Answer:
     return answer
 
 
-def _digest(text: str, length: int = 12) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
-
-
 class Labeller:
     """Keys and asks (case, sample) items for one recipe, prompt set and model."""
 
     def __init__(self, recipe: TeacherRecipe, prompts: PromptSet, model: str):
         self.recipe, self.prompts, self.model = recipe, prompts, model
-        sampling = recipe.sampling
-        self.sampling = {"temperature": sampling.temperature, "top_p": sampling.top_p, "max_tokens": sampling.max_tokens}
+        self.repair_prompt = load_repair_prompt(recipe.prompts.repair)
+        self.sampling = recipe.sampling.request()
         self.constraint = structured_output_params(recipe.structured_output)
 
     def items(self, cases: list[Case]) -> list[tuple[Case, int]]:
@@ -124,17 +121,19 @@ class Labeller:
 
     def key(self, item: tuple[Case, int]) -> str:
         case, sample = item
-        return cache_key(id=case.id, case=_digest(case.feature_content), prompt=self.prompts.hash,
-                         repair=_digest(self.recipe.repair_prompt, 8), model=self.model, sampling=self.sampling,
+        # One repair turn, the default, is not spelled out, so caches written before it was a key still match.
+        turns = {} if self.recipe.repair_turns == 1 else {"repair_turns": self.recipe.repair_turns}
+        return cache_key(id=case.id, case=text_digest(case.feature_content), prompt=self.prompts.hash,
+                         repair=text_digest(self.repair_prompt, 8), **turns, model=self.model, sampling=self.sampling,
                          seed=self.seed(sample), sample=sample, constraint=self.constraint)
 
     async def label(self, client: ChatClient, item: tuple[Case, int]) -> dict[str, Any]:
-        """Ask; on an invalid answer ask once more with the parser's complaint; return the cache row."""
+        """Ask; on an invalid answer ask again with the parser's complaint (repair_turns times); the cache row."""
         case, sample = item
         messages = self.prompts.messages(case)
         params = {**self.sampling, "seed": self.seed(sample), **self.constraint}
         results, answer, error = [], None, None
-        for attempt in range(2):
+        for _ in range(1 + self.recipe.repair_turns):
             result = await client.chat(messages, **params)
             results.append(result)
             try:
@@ -142,16 +141,18 @@ class Labeller:
                 break
             except AnswerError as err:
                 error = str(err)
+                repair = self.repair_prompt.replace(REPAIR_PLACEHOLDER, error)
                 messages = messages + [{"role": "assistant", "content": result.text},
-                                       {"role": "user", "content": self.recipe.repair_prompt.replace("{error}", error)}]
+                                       {"role": "user", "content": repair}]
         return {
             "id": case.id, "sample": sample, "status": "ok" if answer else "rejected",
             "answer": {"reason": answer.reason, "diseases": answer.diseases} if answer else None,
-            "error": None if answer else error, "repaired": bool(answer) and len(results) == 2,
+            "error": None if answer else error, "repaired": bool(answer) and len(results) > 1,
             "raw": [result.text for result in results], "finish_reason": [result.finish_reason for result in results],
             "usage": {"prompt_tokens": sum(r.usage["prompt_tokens"] for r in results),
                       "completion_tokens": sum(r.usage["completion_tokens"] for r in results)},
-            "retries": sum(result.retries for result in results), "model": self.model, "prompt_hash": self.prompts.hash,
+            "retries": sum(result.retries for result in results), "model": self.model,
+            "prompt_hash": self.prompts.hash,
         }
 
 
@@ -189,11 +190,8 @@ def validation_ids(ids: list[int], valid_fraction: float, seed: int) -> set[int]
     return valid
 
 
-def _reason_kind(reason: str) -> str:
-    return reason.split(" (")[0].split(";")[0].strip()
-
-
-def derive_outputs(labeller: Labeller, cases: list[Case], out: Path, failed: list[dict] | None = None) -> dict[str, Any]:
+def derive_outputs(labeller: Labeller, cases: list[Case], out: Path,
+                   failed: list[dict] | None = None) -> dict[str, Any]:
     """Rebuild rejects.jsonl and the SFT files from the cache (atomically); counts for the summary."""
     cache = load_cache(out / "cache.jsonl")
     n = labeller.recipe.sampling.samples_per_case
@@ -210,10 +208,11 @@ def derive_outputs(labeller: Labeller, cases: list[Case], out: Path, failed: lis
         repaired += sum(bool(row.get("repaired")) for row in rows)
         for row in rows:
             if row["status"] != "ok":
-                rejects.append({"id": case.id, "sample": row["sample"], "kind": "rejected", "reason": row["error"], "raw": row["raw"]})
+                rejects.append({"id": case.id, "sample": row["sample"], "kind": "rejected", "reason": row["error"],
+                                "raw": row["raw"]})
         best, agreement = select_by_agreement(answers)
         if best is None:
-            kinds[_reason_kind(rows[-1]["error"] or "")] += 1
+            kinds[reason_kind(rows[-1]["error"] or "")] += 1
             continue
         sft.append({"id": case.id, "messages": labeller.prompts.messages(case, answers[best]), "agreement": agreement})
     for failure in failed or []:
@@ -229,7 +228,8 @@ def derive_outputs(labeller: Labeller, cases: list[Case], out: Path, failed: lis
     write_jsonl_atomic(out / "sft" / "valid.jsonl", valid)
     save_dataset(train, valid, out / "sft" / "dataset")
     agreements = [row["agreement"] for row in sft]
-    return {"cases": len(cases), "answered": len(sft), "rejected": sum(kinds.values()), "rejected_reasons": dict(kinds),
+    return {"cases": len(cases), "answered": len(sft), "rejected": sum(kinds.values()),
+            "rejected_reasons": dict(kinds),
             "incomplete": missing, "repaired_samples": repaired, "train": len(train), "valid": len(valid),
             "mean_agreement": round(sum(agreements) / len(agreements), 4) if agreements else None,
             "stale_cache_rows": len(cache) - len(used_keys)}
@@ -244,106 +244,40 @@ def save_dataset(train: list[dict], valid: list[dict], folder: Path) -> None:
     save_splits({"train": train, "validation": valid}, features, folder)
 
 
-# ---- the run ----------------------------------------------------------------------------------------
+# ---- the stage --------------------------------------------------------------------------------------
 
-def resolve_settings(recipe: TeacherRecipe) -> tuple[ClientSettings, Any]:
-    """Client settings with the model filled in from the server recipe when the recipe starts one."""
-    settings, spec = recipe.client, None
-    if recipe.server is not None:
-        from prep.serving import load_server_spec
+class TeacherStage(ApiStage):
+    """Teacher answers for every (case, sample), then the SFT files."""
 
-        spec = load_server_spec(recipe.server)
-        settings = dataclasses.replace(settings, model=settings.model or spec.served_model_name or spec.model)
-    elif not settings.base_url:
-        raise ClientError("client.base_url is not set and the recipe has no server: section; set one of them")
-    if not settings.model:
-        raise ClientError("client.model is not set; name the model the endpoint serves")
-    return settings, spec
+    name = "teacher"
+    recipe_schema = TeacherRecipe
 
+    def resolve(self) -> Target:
+        target = super().resolve()
+        self.labeller = Labeller(self.recipe, self.prompts, target.settings.model)
+        return target
 
-async def _label_all(labeller: Labeller, items: list, settings: ClientSettings, api_key: str, out: Path, progress: bool):
-    async with ChatClient(settings, api_key=api_key) as client:
-        report = await run_cached(items, labeller.key, lambda item: labeller.label(client, item), out / "cache.jsonl",
-                                  max_in_flight=settings.concurrency, stats=client.stats, desc="teacher",
-                                  label_fn=lambda item: (item[0].id, item[1]), progress=progress)
-        return report, client.stats
+    def items(self) -> list[tuple[Case, int]]:
+        return self.labeller.items(self.cases)
 
+    def key(self, item: tuple[Case, int]) -> str:
+        return self.labeller.key(item)
 
-def run_teacher(recipe: TeacherRecipe, cases: list[Case], prompts: PromptSet, out: str | Path, *,
-                fresh: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Label what the cache lacks (starting the recipe's server if it has one), then derive every output."""
-    started = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if fresh and (moved := archive_cache(out / "cache.jsonl")):
-        log.info("moved the old cache to %s", moved)
-    settings, spec = resolve_settings(recipe)
-    labeller = Labeller(recipe, prompts, settings.model)
-    items = labeller.items(cases)
-    cached = load_cache(out / "cache.jsonl")
-    pending = [item for item in items if labeller.key(item) not in cached]
-    log.info("%d cases, %d samples each: %d items cached, %d to ask %s at %s", len(cases),
-             recipe.sampling.samples_per_case, len(items) - len(pending), len(pending), settings.model,
-             settings.base_url or "(server from the recipe)")
-    report, stats, server = None, None, None
-    if pending:
-        api_key = resolve_api_key(settings)      # a missing key stops us before a server start or a request
-        try:
-            if spec is not None:
-                from prep.serving import VLLMServer
+    async def ask(self, client: ChatClient, item: tuple[Case, int]) -> dict[str, Any]:
+        return await self.labeller.label(client, item)
 
-                log.info("starting the vLLM server for %s", spec.model)
-                server = VLLMServer(spec, out / "server.log").start()
-                settings = dataclasses.replace(settings, base_url=server.base_url)
-            check_endpoint(settings, api_key)
-            report, stats = asyncio.run(_label_all(labeller, pending, settings, api_key, out, progress))
-        finally:
-            if server is not None:
-                server.stop()
-                log.info("stopped the vLLM server")
-    counts = derive_outputs(labeller, cases, out, report.failed if report else None)
-    wall = time.perf_counter() - started
-    client_stats = stats.to_json() if stats else {"requests": 0, "retries": 0, "tokens_in": 0, "tokens_out": 0}
-    failed_reasons = Counter(_reason_kind(f["error"]) for f in report.failed) if report else Counter()
-    summary = {
-        "recipe": recipe.recipe_path, "model": settings.model, "base_url": settings.base_url,
-        "prompt_hash": prompts.hash, "samples_per_case": recipe.sampling.samples_per_case,
-        "cases_asked": len({item[0].id for item in pending}), "items_asked": len(pending),
-        "items_cached_before": len(items) - len(pending),
-        **counts,
-        "failed": len(report.failed) if report else 0, "failed_reasons": dict(failed_reasons),
-        **client_stats,
-        "label_wall_s": round(report.wall_s, 3) if report else 0.0,
-        "wall_s": round(wall, 3),
-        "requests_per_s": round(client_stats["requests"] / report.wall_s, 3) if report and report.wall_s else 0.0,
-    }
-    write_text_atomic(out / "summary.json", dumps(summary) + "\n")
-    log.info("summary: %s", dumps(summary))
-    return summary
+    def label(self, item: tuple[Case, int]) -> tuple[int, int]:
+        return item[0].id, item[1]
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = stage_parser("python -m prep.teacher", __doc__.splitlines()[0], "teacher recipe (recipes/teacher/*.yaml)",
-                          "output folder (cache, rejects, sft/, summary.json, teacher.log)", "label only the first N cases")
-    args = parser.parse_args(argv)
-
-    out = Path(args.out)
-    try:
-        recipe = load_recipe(TeacherRecipe, args.config, args.set)
-        cases = read_cases(args.input).cases
-        if args.limit is not None:
-            cases = cases[: args.limit]
-        prompts = load_prompts(recipe.prompts.system, recipe.prompts.user)
-        out.mkdir(parents=True, exist_ok=True)
-        with logging_to(out / "teacher.log"):
-            summary = run_teacher(recipe, cases, prompts, out, fresh=args.fresh, progress=not args.no_progress)
-    except STAGE_ERRORS as err:
-        return fail(log, err)
-    print(f"{summary['answered']}/{summary['cases']} cases answered ({summary['rejected']} rejected, "
-          f"{summary['failed']} failed, {summary['incomplete']} incomplete); {summary['retries']} retries; "
-          f"outputs in {out}", file=sys.stderr)
-    return retry_status(summary, out)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    def finish(self, out: Path, run: StageRun) -> dict[str, Any]:
+        counts = derive_outputs(self.labeller, self.cases, out, run.failed)
+        stats, items = run.client_stats(), len(self.cases) * self.recipe.sampling.samples_per_case
+        return {
+            "recipe": self.recipe.recipe_path, "model": run.settings.model, "base_url": run.settings.base_url,
+            "prompt_hash": self.prompts.hash, "samples_per_case": self.recipe.sampling.samples_per_case,
+            "cases_asked": len({case.id for case, _ in run.asked}), "items_asked": len(run.asked),
+            "items_cached_before": items - len(run.asked), **counts,
+            "failed": len(run.failed), "failed_reasons": run.failed_reasons(), **stats,
+            "label_wall_s": round(run.ask_wall_s, 3), "wall_s": run.wall_s(),
+            "requests_per_s": round(stats["requests"] / run.ask_wall_s, 3) if run.ask_wall_s else 0.0,
+        }

