@@ -25,9 +25,14 @@ import argparse
 
 import torch
 
-from custom_losses.loss_bench import CPU_DEFAULT_HIDDEN, QWEN25_7B_HIDDEN, TRL_CHUNK, VARIANTS, measure_in_fresh_process
+from custom_losses.loss_bench import (
+    CPU_DEFAULT_HIDDEN,
+    QWEN25_7B_HIDDEN,
+    TRL_CHUNK,
+    VARIANTS,
+    measure_in_fresh_process,
+)
 from prep.qwen import VOCAB_ROWS
-
 
 
 def main() -> None:

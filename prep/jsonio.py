@@ -54,7 +54,7 @@ def _iter_array_items(path: Path, text: str) -> Iterator[tuple[int, str]]:
         raise InputError(path, err.lineno, f"invalid JSON array ({err.msg}, column {err.colno})") from None
     # Recover each item's starting line by re-scanning the top-level array.
     position = text.index("[") + 1
-    for item in items:
+    for _item in items:
         while text[position] in " \t\r\n,":
             position += 1
         _, end = decoder.raw_decode(text, position)
@@ -146,7 +146,7 @@ class JsonlAppender:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fsync = fsync
-        self.handle = open(self.path, "a", encoding="utf-8")
+        self.handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (held open for the whole run, closed by close())
 
     def append(self, row: Any) -> None:
         self.handle.write(dumps(row) + "\n")
@@ -157,7 +157,7 @@ class JsonlAppender:
     def close(self) -> None:
         self.handle.close()
 
-    def __enter__(self) -> "JsonlAppender":
+    def __enter__(self) -> JsonlAppender:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prep.answers import Answer, answer_json
-from prep.records import Case
 from prep.paths import REPO_ROOT
+from prep.records import Case
 
 DEFAULT_PROMPT_DIR = REPO_ROOT / "data" / "prompts"
 PLACEHOLDER = "{feature_content}"

@@ -4,7 +4,15 @@ import re
 
 import pytest
 
-from prep.answers import ANSWER_REGEX, Answer, AnswerError, answer_json, format_diseases, normalise_diseases, parse_answer
+from prep.answers import (
+    ANSWER_REGEX,
+    Answer,
+    AnswerError,
+    answer_json,
+    format_diseases,
+    normalise_diseases,
+    parse_answer,
+)
 
 CANON = Answer(reason="1. 主诉头痛；\n2. 血压160/100mmHg。", diseases="1. 原发性高血压（2级）；2. 头痛")
 

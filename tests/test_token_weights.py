@@ -1,7 +1,13 @@
 """The weight builder puts w_diseases exactly on the tokens that carry the diseases value."""
 import pytest
 
-from custom_losses.token_weights import TokenWeightConfig, answer_token_weights, diseases_value_span, load_lexicon, term_spans
+from custom_losses.token_weights import (
+    TokenWeightConfig,
+    answer_token_weights,
+    diseases_value_span,
+    load_lexicon,
+    term_spans,
+)
 from prep.answers import Answer, answer_json
 from prep.prompts import load_prompts
 from prep.records import Case
