@@ -18,6 +18,13 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "healthai2025"
 SAMPLE_CASES = REPO_ROOT / "data" / "sample_cases.jsonl"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses the shared vLLM server is a vLLM test, marked or not: `launch/test.sh --quick` skips it."""
+    for item in items:
+        if "vllm_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.vllm)
+
+
 @pytest.fixture(scope="session")
 def qwen_tokenizer():
     from prep.tokenizer import load_tokenizer
@@ -62,8 +69,8 @@ def vllm_server(tmp_path_factory):
 
 @pytest.fixture
 def fault_server():
-    """A fault-injecting OpenAI-style server on 127.0.0.1 (launch/fault_server.py), fresh for each test."""
-    from launch.fault_server import FaultServer
+    """A fault-injecting OpenAI-style server on 127.0.0.1 (prep.fault_server), fresh for each test."""
+    from prep.fault_server import FaultServer
 
     with FaultServer() as server:
         yield server
