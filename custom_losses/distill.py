@@ -1,108 +1,135 @@
 """Stage two: distil the teacher's top-k soft labels into the student with WeightedKDTrainer.
 
-    accelerate launch --config_file recipes/accelerate/<one>.yaml launch/distill.py \
-        --config recipes/distill/qwen2.5-7b-instruct-qlora-1gpu.yaml [--config OVERRIDE.yaml] [--key value ...]
-
-One recipe (TRL's YAML: script, training and model arguments in one file) holds every knob; a
-later `--config` layers over an earlier one, and `--key value` flags override both. Re-running
-resumes from the last checkpoint in output_dir; the end writes `output_dir/adapter` (LoRA) and
-`output_dir/merged` (a full model vLLM can serve, with the tokenizer and its chat template).
+One recipe (recipes/distill/*.yaml, TRL's layout: script, training and model arguments in one file)
+holds every knob; overlays and `--set key=value` overrides are composed over it by prep.config, and
+the result is handed to TRL's parser as its config (`parse_recipe`, the one boundary where medkd's
+spelling becomes TRL's). `train` resumes from the last checkpoint in output_dir and ends by writing
+`output_dir/adapter` (LoRA) and `output_dir/merged` (custom_losses.merge: a full model vLLM serves, with
+the base's tokenizer files and chat template). The command is `python -m launch.distill`.
 """
 from __future__ import annotations
 
-import os
-import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from prep.paths import REPO_ROOT
+from typing import Any
 
+from custom_losses.merge import merge_adapter
+from prep import config as recipe_config
+from prep.config import RecipeError, read_yaml
+from prep.jsonio import InputError
+from prep.paths import resolve_path
+from prep.tiny_model import resolve_model
+
+# Recipe keys naming local files or folders: resolved like every recipe path (prep.paths.resolve_path).
+PATH_KEYS = ("dataset_path", "output_dir", "init_adapter_path", "tokenizer_path", "lexicon_path")
+REQUIRED_KEYS = ("model_name_or_path", "dataset_path", "output_dir")
 
 
 @dataclass
 class DistillArguments:
-    dataset_path: str = field(metadata={"help": "prep.softlabels output folder (its `dataset/` DatasetDict) or the dataset folder itself."})
+    dataset_path: str = field(metadata={"help": "prep.softlabels output folder (its `dataset/` DatasetDict) "
+                                                "or the dataset folder itself."})
     dataset_train_split: str = field(default="train")
     dataset_eval_split: str | None = field(default=None, metadata={"help": "e.g. validation; None = no evaluation."})
-    init_adapter_path: str | None = field(default=None, metadata={"help": "Continue training this LoRA adapter (e.g. stage one's) instead of a fresh one."})
+    init_adapter_path: str | None = field(default=None, metadata={
+        "help": "Continue training this LoRA adapter (e.g. stage one's) instead of a fresh one."})
     tokenizer_path: str | None = field(default=None, metadata={"help": "Tokenizer folder; default: the model's."})
     merge: bool = field(default=True, metadata={"help": "Write output_dir/merged for vLLM after training."})
+    merge_dtype: str | None = field(default=None, metadata={
+        "help": "Precision of the merged model: bfloat16 | float16 | float32 | auto; default: the dtype the "
+                "student is served in (custom_losses.merge.served_dtype)."})
 
 
-def parse_recipe(argv: list[str]):
-    """TrlParser over (DistillArguments, KDConfig, ModelConfig) with layered --config files."""
-    import yaml
+def _resolve_paths(data: dict[str, Any]) -> dict[str, Any]:
+    for key in PATH_KEYS:
+        if isinstance(data.get(key), str) and data[key]:
+            data[key] = str(resolve_path(data[key]).absolute())
+    model = data.get("model_name_or_path")
+    if isinstance(model, str) and model:
+        resolved = resolve_model(model)
+        local = resolve_path(resolved)
+        data["model_name_or_path"] = str(local.absolute()) if local.is_dir() else resolved
+    return data
+
+
+def _origin(key: str, recipe: str | Path, overlays: Sequence[str | Path]) -> str:
+    """The last file that sets KEY (an overlay wins over the recipe), or --set."""
+    for source in [*reversed(overlays), recipe]:
+        if key in read_yaml(source):
+            return str(source)
+    return "--set"
+
+
+def parse_recipe(recipe: str | Path, overlays: Sequence[str | Path] = (), overrides: Sequence[str] = ()):
+    """The composed recipe parsed by TRL into (DistillArguments, KDConfig, ModelConfig); RecipeError on a bad key."""
     from trl import ModelConfig, TrlParser
 
     from custom_losses.trainer import KDConfig
 
-    configs, rest, index = [], [], 0
-    while index < len(argv):
-        if argv[index] == "--config":
-            configs.append(argv[index + 1])
-            index += 2
-        else:
-            rest.append(argv[index])
-            index += 1
-    if not configs:
-        raise SystemExit("launch/distill.py needs --config RECIPE (see recipes/distill/)")
-    merged: dict = {}
-    for path in configs:
-        resolved = Path(path) if Path(path).exists() else REPO_ROOT / path
-        if not resolved.exists():
-            raise SystemExit(f"{path}: recipe file not found")
-        merged.update(yaml.safe_load(resolved.read_text(encoding="utf-8")) or {})
+    data = _resolve_paths(recipe_config.compose(recipe, list(overlays), list(overrides)))
+    for key in REQUIRED_KEYS:
+        if not data.get(key):
+            raise RecipeError(recipe, key, "missing (required)")
     parser = TrlParser((DistillArguments, KDConfig, ModelConfig))
-    unknown = parser.set_defaults_with_config(**merged)
+    unknown = parser.set_defaults_with_config(**data)
     if unknown:
-        raise SystemExit(f"{configs[-1]}: unknown recipe keys {unknown}")
-    script_args, training_args, model_args = parser.parse_args_into_dataclasses(args=rest)
-    from prep.tiny_model import resolve_model
+        keys = unknown[::2]
+        raise RecipeError(_origin(keys[0].removeprefix("--"), recipe, overlays), None, f"unknown recipe keys {keys}")
+    try:
+        return tuple(parser.parse_args_into_dataclasses(args=[]))
+    except ValueError as err:  # the dataclasses' own range and consistency checks
+        raise RecipeError(recipe, None, str(err).strip().splitlines()[0]) from None
 
-    model_args.model_name_or_path = resolve_model(model_args.model_name_or_path)
-    return script_args, training_args, model_args
 
-
-def validate_recipe(path: str | Path) -> None:
-    """Parse a distill recipe (or an overlay, over every full recipe) into its dataclasses.
+def validate_recipe(path: str | Path, overlays: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> str:
+    """Parse a distill recipe (or an overlay, over every full recipe) into its dataclasses; returns a note.
 
     TrainingArguments refuses bf16 without a GPU, so on a CPU machine the check runs with bf16 off
     and use_cpu on: every key and type is still validated.
     """
     import torch
 
-    path = Path(path)
-    cpu_flags = [] if torch.cuda.is_available() else ["--bf16", "false", "--use_cpu", "true"]
+    path = resolve_path(path)
     if path.parent.name == "overrides":
-        for recipe in sorted(path.parent.parent.glob("*.yaml")):
-            parse_recipe(["--config", str(recipe), "--config", str(path), *cpu_flags])
-    else:
-        parse_recipe(["--config", str(path), *cpu_flags])
+        recipes = sorted(path.parent.parent.glob("*.yaml"))
+        return "; ".join(f"{recipe.name}: {validate_recipe(recipe, [path, *overlays], overrides)}"
+                         for recipe in recipes)
+    cpu = [] if torch.cuda.is_available() else ["bf16=false", "use_cpu=true"]
+    _, training_args, model_args = parse_recipe(path, overlays, [*overrides, *cpu])
+    return f"distill {model_args.model_name_or_path} -> {training_args.output_dir}"
+
+
+def softlabel_folder(path: str) -> Path:
+    """The `datasets` folder prep.softlabels wrote under PATH (or PATH itself)."""
+    folder = Path(path)
+    if (folder / "dataset").is_dir():
+        folder = folder / "dataset"
+    if not folder.is_dir():
+        raise InputError(path, None, "soft-label dataset folder not found (run prep.softlabels first)")
+    return folder
 
 
 def load_softlabel_dataset(path: str):
     from datasets import DatasetDict, load_from_disk
 
-    folder = Path(path)
-    if (folder / "dataset").is_dir():
-        folder = folder / "dataset"
-    if not folder.is_dir():
-        raise SystemExit(f"{path}: soft-label dataset folder not found (run prep.softlabels first)")
-    dataset = load_from_disk(str(folder))
+    dataset = load_from_disk(str(softlabel_folder(path)))
     return dataset if isinstance(dataset, DatasetDict) else DatasetDict({"train": dataset})
 
 
-def teacher_temperature_of(dataset) -> float:
+def teacher_temperature_of(dataset, path: str) -> float:
     temperatures = set(dataset.unique("temperature")) if "temperature" in dataset.column_names else {1.0}
     if len(temperatures) != 1:
-        raise SystemExit(f"soft labels mix teacher temperatures {sorted(temperatures)}; make them with one recipe")
+        raise InputError(path, None, f"soft labels mix teacher temperatures {sorted(temperatures)}; make them "
+                                     f"with one recipe")
     return float(temperatures.pop())
 
 
 def load_student(model_args, script_args, tokenizer_source: str):
     """The student with LoRA/QLoRA per the recipe (or a stage-one adapter to continue)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from accelerate import PartialState
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import get_peft_config, get_quantization_config
 
     dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
@@ -123,63 +150,58 @@ def load_student(model_args, script_args, tokenizer_source: str):
     return model, tokenizer, peft_config
 
 
-def merge_for_vllm(adapter_dir: Path, base_model: str, out_dir: Path, tokenizer) -> Path:
-    """Fold the LoRA weights into a full-precision copy of the base model (never into 4-bit weights)."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    base = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    staging = out_dir.with_name(out_dir.name + ".tmp")
-    merged.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    if out_dir.exists():
-        import shutil
-
-        shutil.rmtree(out_dir)
-    os.replace(staging, out_dir)
-    return out_dir
-
-
-def main(argv: list[str] | None = None) -> None:
+def kd_features(dataset, splits: list[str], tokenizer, weights):
+    """Each split's rows -> input ids, labels and the answer positions' soft labels and weights."""
     from datasets import DatasetDict
-    from transformers.trainer_utils import get_last_checkpoint
 
-    from custom_losses.trainer import KDDataCollator, WeightedKDTrainer, build_kd_features
+    from custom_losses.trainer import build_kd_features
 
-    script_args, training_args, model_args = parse_recipe(sys.argv[1:] if argv is None else argv)
-    dataset = load_softlabel_dataset(script_args.dataset_path)
-    if script_args.dataset_train_split not in dataset:
-        raise SystemExit(f"{script_args.dataset_path}: no '{script_args.dataset_train_split}' split (has {list(dataset)})")
-    model, tokenizer, peft_config = load_student(model_args, script_args, script_args.tokenizer_path or model_args.model_name_or_path)
-    weights = training_args.weight_config()
-    splits = [script_args.dataset_train_split] + ([script_args.dataset_eval_split] if script_args.dataset_eval_split else [])
-    features = DatasetDict({
+    return DatasetDict({
         split: dataset[split].map(lambda row: build_kd_features(row, tokenizer, weights),
                                   remove_columns=dataset[split].column_names, desc=f"KD features ({split})")
         for split in splits
     })
-    top_k = max(len(ids) for ids in dataset[script_args.dataset_train_split][0]["target_token_ids"])
+
+
+def build_trainer(script_args, training_args, model_args):
+    """The WeightedKDTrainer over the soft-label dataset; InputError when the dataset does not match the recipe."""
+    from custom_losses.trainer import KDDataCollator, WeightedKDTrainer
+
+    dataset = load_softlabel_dataset(script_args.dataset_path)
+    splits = [split for split in (script_args.dataset_train_split, script_args.dataset_eval_split) if split]
+    for split in splits:
+        if split not in dataset:
+            raise InputError(script_args.dataset_path, None, f"no '{split}' split (has {list(dataset)})")
+    train_split, eval_split = script_args.dataset_train_split, script_args.dataset_eval_split
+    tokenizer_source = script_args.tokenizer_path or model_args.model_name_or_path
+    model, tokenizer, peft_config = load_student(model_args, script_args, tokenizer_source)
+    features = kd_features(dataset, splits, tokenizer, training_args.weight_config())
+    top_k = max(len(ids) for ids in dataset[train_split][0]["target_token_ids"])
     trainer = WeightedKDTrainer(
-        model=model, args=training_args, train_dataset=features[script_args.dataset_train_split],
-        eval_dataset=features[script_args.dataset_eval_split] if script_args.dataset_eval_split else None,
-        data_collator=KDDataCollator(tokenizer.pad_token_id, top_k), processing_class=tokenizer, peft_config=peft_config,
-        teacher_temperature=teacher_temperature_of(dataset[script_args.dataset_train_split]),
+        model=model, args=training_args, train_dataset=features[train_split],
+        eval_dataset=features[eval_split] if eval_split else None,
+        data_collator=KDDataCollator(tokenizer.pad_token_id, top_k), processing_class=tokenizer,
+        peft_config=peft_config,
+        teacher_temperature=teacher_temperature_of(dataset[train_split], script_args.dataset_path),
     )
+    return trainer, tokenizer, bool(peft_config or script_args.init_adapter_path)
+
+
+def train(script_args, training_args, model_args, log: Callable[[str], None] = lambda m: print(m, flush=True)) -> Path:
+    """Train (resuming from output_dir's last checkpoint), save the adapter and merge it; returns output_dir."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    trainer, tokenizer, is_adapter = build_trainer(script_args, training_args, model_args)
     output_dir = Path(training_args.output_dir)
     last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
     if last:
-        print(f"[distill] resuming from {last}", flush=True)
+        log(f"[distill] resuming from {last}")
     trainer.train(resume_from_checkpoint=last)
     adapter_dir = output_dir / "adapter"
     trainer.save_model(str(adapter_dir))
     tokenizer.save_pretrained(str(adapter_dir))
-    if trainer.accelerator.is_main_process and script_args.merge and (peft_config or script_args.init_adapter_path):
-        merged = merge_for_vllm(adapter_dir, model_args.model_name_or_path, output_dir / "merged", tokenizer)
-        print(f"[distill] wrote {adapter_dir} and {merged}", flush=True)
-
-
-if __name__ == "__main__":
-    main()
+    if trainer.accelerator.is_main_process and script_args.merge and is_adapter:
+        merged = merge_adapter(adapter_dir, model_args.model_name_or_path, output_dir / "merged",
+                               script_args.merge_dtype, script_args.tokenizer_path)
+        log(f"[distill] wrote {adapter_dir} and {merged}")
+    return output_dir

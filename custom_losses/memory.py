@@ -1,6 +1,6 @@
 """Predict the peak GPU memory of an SFT recipe before any GPU time is spent.
 
-    python -m launch.estimate_memory RECIPE [OVERLAY.yaml ...] [key=value ...] [--gpus N] [--gpu-mem GiB] [--strict]
+    python -m launch.estimate_memory --config RECIPE [--overlay FILE]... [--set key=value]... [--gpus N]
 
 The model is first principles, term by term, per GPU (GiB = 2**30 bytes):
   weights      base weights at the recipe's precision: bf16 2 B/param; NF4 4-bit with double
@@ -42,17 +42,18 @@ ms-swift's benchmark (docs/source_en/LLM/Benchmark.md) reports more for the same
 LoRA r=8: 18.0 GiB at 512 tokens, 27.7 at 2048, 35.3 at 4096), i.e. more than the Qwen team measured
 with a 8x larger adapter; this model is 5 % under it at 512 tokens and 32 % under at 4096, so it is
 not used as a check. No GPU was available to measure this repo's own recipes: their figures are
-predictions only, and launch/sft_preflight.py calls a GPU with less than 15 % headroom tight.
+predictions only, and `check_fits` (the one GPU-memory check: launch.sft's preflight and the
+pipeline's, through custom_losses.sft_config.validate_recipe) calls a GPU with less than 15 % headroom tight.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from prep.paths import resolve_path
 
 GIB = 2**30
 NF4_BITS = 4 + 0.127          # 4-bit codes + double-quantised block constants (QLoRA paper)
@@ -61,6 +62,11 @@ CUDA_CONTEXT_GIB = 0.75
 ALLOCATOR_SLACK = 0.05
 HF_LOGITS_BYTES = 12          # bf16 logits -> fp32 copy -> log_softmax saved + its gradient
 DS_DEFAULT_BUCKET = 5e8       # DeepSpeed's default allgather/reduce bucket size (elements)
+ESTIMATE_TOLERANCE = 0.15     # the estimator's error against the published measurements below
+
+
+class PreflightError(ValueError):
+    """One sentence saying what is wrong and where, raised before any GPU time is spent."""
 
 
 @dataclass(frozen=True)
@@ -107,7 +113,7 @@ class ModelShape:
         return self.layers * sum(rank * (d_in + d_out) for d_in, d_out in self.linears)
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], name: str = "model") -> "ModelShape":
+    def from_config(cls, config: dict[str, Any], name: str = "model") -> ModelShape:
         heads = config["num_attention_heads"]
         return cls(name=name, vocab=config["vocab_size"], hidden=config["hidden_size"],
                    intermediate=config["intermediate_size"], layers=config["num_hidden_layers"], heads=heads,
@@ -181,12 +187,8 @@ def layer_activation_bytes(shape: ModelShape, setup: Setup) -> float:
     return total
 
 
-def estimate(shape: ModelShape, setup: Setup) -> Estimate:
-    n = max(setup.gpus, 1)
-    tokens = setup.seq_len * setup.micro_batch
-    terms: dict[str, float] = {}
-
-    # Frozen or trained base weights.
+def weight_bytes(shape: ModelShape, setup: Setup) -> float:
+    """Frozen or trained base weights per GPU."""
     if setup.weight_bits == 4:
         weights = shape.linear_params * NF4_BITS / 8 + (shape.params - shape.linear_params) * 2
     elif setup.weight_bits == 8:
@@ -195,10 +197,13 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
         weights = shape.params * 2
     if setup.zero_stage >= 3:
         largest_layer = sum(d_in * d_out for d_in, d_out in shape.linears) * 2
-        weights = (0 if setup.offload_params else weights / n) + 2 * largest_layer   # + gathered/prefetched layers
-    terms["weights"] = weights / GIB
+        weights = (0 if setup.offload_params else weights / max(setup.gpus, 1)) + 2 * largest_layer  # + gathered layers
+    return weights
 
-    # Trainable parameters, their gradients and optimiser states.
+
+def trainable_terms(shape: ModelShape, setup: Setup) -> dict[str, float]:
+    """Trainable parameters, their gradients and optimiser states per GPU, in GiB."""
+    n = max(setup.gpus, 1)
     if setup.method == "full":
         trainable = shape.params
         grads = trainable * 2 / (n if setup.zero_stage >= 2 else 1)
@@ -207,18 +212,32 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
             master_and_moments /= n
         if setup.offload_optimizer:
             master_and_moments = 0
-        terms["gradients"] = grads / GIB
-        terms["optimizer (master + moments)"] = master_and_moments / GIB
+        return {"gradients": grads / GIB, "optimizer (master + moments)": master_and_moments / GIB}
+    trainable = shape.lora_params(setup.lora_rank)
+    if setup.zero_stage >= 1:
+        # DeepSpeed keeps the module's copy in bf16 and an fp32 master + moments, sharded.
+        weights_and_grads = trainable * (2 + 2 / (n if setup.zero_stage >= 2 else 1))
+        state = 0 if setup.offload_optimizer else trainable * (4 + setup.optimizer_state_bytes) / n
     else:
-        trainable = shape.lora_params(setup.lora_rank)
-        if setup.zero_stage >= 1:
-            # DeepSpeed keeps the module's copy in bf16 and an fp32 master + moments, sharded.
-            weights_and_grads = trainable * (2 + 2 / (n if setup.zero_stage >= 2 else 1))
-            state = 0 if setup.offload_optimizer else trainable * (4 + setup.optimizer_state_bytes) / n
-        else:
-            weights_and_grads, state = trainable * 8, trainable * setup.optimizer_state_bytes
-        terms["LoRA weights + grads"] = weights_and_grads / GIB
-        terms["LoRA optimizer"] = state / GIB
+        weights_and_grads, state = trainable * 8, trainable * setup.optimizer_state_bytes
+    return {"LoRA weights + grads": weights_and_grads / GIB, "LoRA optimizer": state / GIB}
+
+
+def logits_bytes(shape: ModelShape, setup: Setup, tokens: int) -> float:
+    """The loss's logits: [tokens x vocab] at logits_bytes each, or Liger's fused chunks."""
+    if not setup.fused_cross_entropy:
+        return tokens * shape.vocab * setup.logits_bytes
+    inc = math.ceil(shape.vocab / shape.hidden)
+    chunk = 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / inc))))
+    logits = 2 * chunk * shape.vocab * 4 + tokens * shape.hidden * 4
+    if setup.method == "full":
+        logits += shape.vocab * shape.hidden * 4        # Liger accumulates lm_head's grad in fp32
+    return logits
+
+
+def estimate(shape: ModelShape, setup: Setup) -> Estimate:
+    tokens = setup.seq_len * setup.micro_batch
+    terms = {"weights": weight_bytes(shape, setup) / GIB, **trainable_terms(shape, setup)}
     if setup.bucket_elements:
         terms["DeepSpeed buckets"] = 2 * setup.bucket_elements * 2 / GIB
 
@@ -228,17 +247,7 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
     no_ckpt = shape.layers * per_layer
     activations = checkpoints + 2 * per_layer if setup.gradient_checkpointing else no_ckpt
     terms["activations"] = activations / GIB
-
-    # Logits and loss.
-    if setup.fused_cross_entropy:
-        inc = math.ceil(shape.vocab / shape.hidden)
-        chunk = 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / inc))))
-        logits = 2 * chunk * shape.vocab * 4 + tokens * shape.hidden * 4
-        if setup.method == "full":
-            logits += shape.vocab * shape.hidden * 4        # Liger accumulates lm_head's grad in fp32
-    else:
-        logits = tokens * shape.vocab * setup.logits_bytes
-    terms["logits + loss"] = logits / GIB
+    terms["logits + loss"] = logits_bytes(shape, setup, tokens) / GIB
 
     if setup.weight_bits == 4:
         terms["dequantisation buffer"] = max(d_in * d_out for d_in, d_out in shape.linears) * 2 / GIB
@@ -250,14 +259,10 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
 # ---- reading an Axolotl config ------------------------------------------------------------------
 
 def _deepspeed_config(value: Any) -> dict[str, Any]:
-    from prep.paths import REPO_ROOT
-
     if isinstance(value, dict):
         return value
     if isinstance(value, str) and value:
-        path = Path(value)
-        path = path if path.is_absolute() else REPO_ROOT / path
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(resolve_path(value).read_text(encoding="utf-8"))
     return {}
 
 
@@ -269,7 +274,8 @@ def setup_from_config(config: dict[str, Any], gpus: int = 1) -> Setup:
     attn = config.get("attn_implementation") or ("flash_attention_2" if config.get("flash_attention") else
                                                   "sdpa" if config.get("sdp_attention") else "eager")
     plugins = config.get("plugins") or []
-    liger = any("liger" in str(plugin).lower() for plugin in plugins) and bool(config.get("liger_fused_linear_cross_entropy"))
+    liger = (any("liger" in str(plugin).lower() for plugin in plugins)
+             and bool(config.get("liger_fused_linear_cross_entropy")))
     optimizer = str(config.get("optimizer") or "adamw_torch")
     ds = _deepspeed_config(config.get("deepspeed"))
     zero = ds.get("zero_optimization", {})
@@ -315,7 +321,8 @@ def shape_for(base_model: str) -> ModelShape:
         return ModelShape.from_config(json.loads(config_path.read_text(encoding="utf-8")), name=base_model)
     known = KNOWN_SHAPES.get(base_model.lower())
     if known is None:
-        raise ValueError(f"base_model '{base_model}': no local config.json and not a known shape ({', '.join(KNOWN_SHAPES)})")
+        raise ValueError(f"base_model '{base_model}': no local config.json and not a known shape "
+                         f"({', '.join(KNOWN_SHAPES)})")
     return known
 
 
@@ -323,40 +330,63 @@ def estimate_config(config: dict[str, Any], gpus: int = 1) -> Estimate:
     return estimate(shape_for(str(config["base_model"])), setup_from_config(config, gpus))
 
 
-def main(argv: list[str] | None = None) -> int:
-    from custom_losses.sft_config import compose, split_args
-    from prep.config import RecipeError
+# ---- the GPUs here -------------------------------------------------------------------------------
 
-    parser = argparse.ArgumentParser(prog="python -m launch.estimate_memory", description=__doc__.splitlines()[0])
-    parser.add_argument("recipe")
-    parser.add_argument("rest", nargs="*", help="overlay .yaml files and key=value overrides")
-    parser.add_argument("--gpus", type=int, default=1, help="GPUs the run shards over (default 1)")
-    parser.add_argument("--gpu-mem", type=float, help="GiB per GPU; warn when the prediction does not fit")
-    parser.add_argument("--strict", action="store_true", help="exit 1 when it does not fit")
-    parser.add_argument("--json", action="store_true", help="print the breakdown as JSON")
-    args = parser.parse_intermixed_args(argv)
+def gpu_memories_gib() -> list[tuple[str, float]]:
+    """(name, GiB) of each CUDA GPU this process sees (CUDA_VISIBLE_DEVICES applies); [] without one."""
     try:
-        overlays, overrides = split_args(args.rest)
-        config = compose(args.recipe, overlays, overrides)
-        gpus = args.gpus
-        result = estimate_config(config, gpus)
-    except (RecipeError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps({"model": result.shape, "setup": asdict(result.setup), "terms_gib": result.terms,
-                          "total_gib": result.total, "activations_no_checkpointing_gib": result.activations_no_checkpointing}, indent=2))
-    else:
-        s = result.setup
-        print(f"{args.recipe}: {result.shape}, {s.method}, {s.weight_bits}-bit base, seq {s.seq_len} x micro-batch "
-              f"{s.micro_batch}, {'checkpointing' if s.gradient_checkpointing else 'no checkpointing'}, "
-              f"{gpus} GPU(s), ZeRO-{s.zero_stage}")
-        print(result.table())
-    if args.gpu_mem and result.total > args.gpu_mem:
-        print(f"warning: predicted {result.total:.1f} GiB per GPU does not fit in {args.gpu_mem:g} GiB", file=sys.stderr)
-        return 1 if args.strict else 0
-    return 0
+        import torch
+
+        if not torch.cuda.is_available():
+            return []
+        return [(torch.cuda.get_device_name(i), torch.cuda.get_device_properties(i).total_memory / GIB)
+                for i in range(torch.cuda.device_count())]
+    except Exception:  # no CUDA build, no driver: a CPU machine
+        return []
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def needs_gpu(config: dict[str, Any]) -> list[str]:
+    """What in a composed Axolotl config only runs on a CUDA GPU."""
+    reasons = []
+    if config.get("bf16") is True or config.get("fp16") is True:
+        reasons.append("bf16/fp16")
+    if str(config.get("attn_implementation") or "").startswith("flash_attention"):
+        reasons.append(str(config["attn_implementation"]))
+    kernels = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
+    if any(config.get(key) for key in kernels):
+        reasons.append("Axolotl's LoRA kernels")
+    if any("liger" in str(plugin).lower() for plugin in config.get("plugins") or []):
+        reasons.append("Liger kernels")
+    if config.get("deepspeed"):
+        reasons.append("DeepSpeed (NCCL)")
+    return reasons
+
+
+def check_fits(config: dict[str, Any], source: str = "the SFT config", force: bool = False,
+               require_gpu: bool = True, gpus: list[tuple[str, float]] | None = None) -> str:
+    """Hold a composed Axolotl config against the GPUs here (or GPUS): a one-line note when it fits.
+
+    PreflightError when it needs a GPU and none is visible (unless not REQUIRE_GPU: then the note says
+    so) or when the estimate exceeds the smallest GPU (unless FORCE: then the note is a warning).
+    """
+    gpus = gpu_memories_gib() if gpus is None else gpus
+    reasons = needs_gpu(config)
+    if not gpus:
+        if not reasons:
+            return "no GPU: CPU run (fp32, tiny model)"
+        if require_gpu:
+            raise PreflightError(f"{source}: needs a CUDA GPU ({', '.join(reasons)}) and none is visible; "
+                                 f"for a CPU smoke run add --overlay recipes/sft/overrides/cpu-tiny.yaml")
+        return f"needs a CUDA GPU ({', '.join(reasons)}), none is visible here: memory not checked"
+    peak = estimate_config(config, len(gpus)).total
+    name, smallest = min(gpus, key=lambda gpu: gpu[1])
+    message = (f"predicted peak {peak:.1f} GiB per GPU on {len(gpus)} GPU(s); "
+               f"smallest has {smallest:.1f} GiB ({name})")
+    if peak > smallest:
+        if not force:
+            raise PreflightError(f"{source}: {message}: it will not fit; use more GPUs, the QLoRA recipe, "
+                                 f"a smaller micro_batch_size or sequence_len (or --force)")
+        return f"warning: {message}; continuing (--force)"
+    if peak * (1 + ESTIMATE_TOLERANCE) > smallest:
+        return f"warning: {message}: tight, within the estimator's {ESTIMATE_TOLERANCE:.0%} error"
+    return f"memory: {message}"

@@ -1,51 +1,49 @@
-"""Check an SFT run before any GPU time is spent, and write the config it will run.
+"""Check a stage-one run before any GPU time is spent, and write the config it will run.
 
-    python -m launch.sft_preflight RECIPE [OVERLAY.yaml ...] [key=value ...] [--run runs/NAME] [--fresh] [--force]
-    python -m launch.sft_preflight --mark-done OUTPUT_DIR/medkd-sft.yaml
-
-Composes the recipe (launch.sft_config), then checks, cheapest first: the datasets exist and every
-row is a chat in prep.teacher's layout; the base model is a complete local folder (or in the HF
-cache, or reachable) whose chat template is data/qwen2.5_chat_template.jinja; every row fits the
-recipe's sequence_len with that template (Axolotl would otherwise drop or, with
+`preflight` composes the recipe (custom_losses.sft_config), then checks, cheapest first: the
+datasets exist and every row is a chat in prep.teacher's layout; the base model is a complete local
+folder (or in the HF cache, or reachable) whose chat template is data/qwen2.5_chat_template.jinja;
+every row fits the recipe's sequence_len with that template (Axolotl would otherwise drop or, with
 `excess_length_strategy: raise`, stop on it mid-run); the GPUs are there and the memory estimator
-says the recipe fits them; the disk holds the checkpoints and the merged model. Each problem is one
-sentence naming the file, line or key, and a non-zero exit.
+says the recipe fits them (custom_losses.memory.check_fits); the disk holds the checkpoints and the
+merged model. Each problem is one sentence naming the file, line or key.
 
-On success it writes <output_dir>/medkd-sft.yaml and prints shell assignments for launch/sft.sh:
-CONFIG, OUTPUT_DIR, GPUS, STATUS (train | resume | done) and RESUME_FROM.
+On success it writes <output_dir>/medkd-sft.yaml and returns a Plan: the config, the output folder,
+the GPU count and whether to train, resume or do nothing (the same config already trained to the
+end). The command is `python -m launch.sft`.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import shlex
 import shutil
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from custom_losses.sft_config import COMPOSED_NAME, compose, config_hash, split_args, write_composed
-from prep.config import RecipeError
-from prep.jsonio import InputError, iter_json_lines
+from custom_losses.memory import GIB, PreflightError, check_fits, gpu_memories_gib, shape_for
+from custom_losses.sft_config import COMPOSED_NAME, check_required, compose, config_hash, write_composed
+from prep.jsonio import InputError, iter_json_lines, parse_object_line, write_text_atomic
 from prep.tokenizer import CHAT_TEMPLATE_PATH
 
+__all__ = ["PreflightError", "Plan", "preflight", "mark_done", "chat_template_of", "local_model_folder"]
+
 DONE_NAME = "medkd-sft.done"
-GIB = 2**30
-ESTIMATE_TOLERANCE = 0.15   # the memory estimator's error against published measurements
 ROLES = {"system", "user", "assistant", "tool"}
 # Keys whose change makes old checkpoints in output_dir belong to another model.
 IDENTITY_KEYS = ("base_model", "adapter", "lora_r", "lora_alpha", "lora_target_linear", "lora_target_modules",
                  "load_in_4bit", "load_in_8bit", "deepspeed")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+Log = Callable[[str], None]
 
 
-class PreflightError(RuntimeError):
-    """One sentence saying what is wrong and where."""
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 @dataclass
@@ -55,12 +53,6 @@ class Plan:
     gpus: int
     status: str                      # train | resume | done
     resume_from: str = ""
-    notes: list[str] = field(default_factory=list)
-
-    def shell(self) -> str:
-        values = {"CONFIG": str(self.config_path), "OUTPUT_DIR": str(self.output_dir), "GPUS": str(self.gpus),
-                  "STATUS": self.status, "RESUME_FROM": self.resume_from}
-        return "\n".join(f"{key}={shlex.quote(value)}" for key, value in values.items())
 
 
 # ---- datasets ------------------------------------------------------------------------------------
@@ -72,17 +64,15 @@ def read_chat_rows(path: str | Path, field_messages: str = "messages") -> list[t
         raise InputError(path, None, "dataset file not found (run prep.teacher first, or point the recipe at it)")
     rows = []
     for line, text in iter_json_lines(path):
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise InputError(path, line, f"not valid JSON ({err.msg})") from None
-        messages = row.get(field_messages) if isinstance(row, dict) else None
+        row = parse_object_line(path, line, text)
+        messages = row.get(field_messages)
         if not isinstance(messages, list) or not messages:
             raise InputError(path, line, "must be a non-empty list of chat messages", field_messages)
         for index, message in enumerate(messages):
-            if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
-                raise InputError(path, line, f"message {index} needs a role ({', '.join(sorted(ROLES))}) and a string content",
-                                 field_messages)
+            well_formed = isinstance(message, dict) and message.get("role") in ROLES
+            if not well_formed or not isinstance(message.get("content"), str):
+                raise InputError(path, line, f"message {index} needs a role ({', '.join(sorted(ROLES))}) and a "
+                                 f"string content", field_messages)
         if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
             raise InputError(path, line, "the last message must be a non-empty assistant answer (the training target)",
                              field_messages)
@@ -134,7 +124,8 @@ def check_base_model(base_model: str) -> Path | None:
 
             model_info(base_model, timeout=15)
         except Exception as err:  # unreachable hub, unknown repo, gated without token
-            raise PreflightError(f"base_model {base_model}: not cached and the hub did not answer ({type(err).__name__})") from None
+            raise PreflightError(f"base_model {base_model}: not cached and the hub did not answer "
+                                 f"({type(err).__name__})") from None
         return None
     if not (folder / "config.json").is_file():
         raise PreflightError(f"base_model {folder}: no config.json")
@@ -171,39 +162,12 @@ def check_lengths(path: str, rows: list[tuple[int, dict]], lengths: list[int], s
     too_long = [(line, row.get("id"), length) for (line, row), length in zip(rows, lengths) if length > sequence_len]
     if too_long:
         line, row_id, length = max(too_long, key=lambda item: item[2])
-        raise InputError(path, line, f"{len(too_long)} row(s) exceed sequence_len {sequence_len} with the chat template "
-                         f"(longest: id {row_id}, {length} tokens); raise sequence_len or shorten them in prep — "
-                         f"Axolotl would drop or stop on them", "messages")
+        raise InputError(path, line, f"{len(too_long)} row(s) exceed sequence_len {sequence_len} with the chat "
+                         f"template (longest: id {row_id}, {length} tokens); raise sequence_len or shorten them in "
+                         f"prep — Axolotl would drop or stop on them", "messages")
 
 
-# ---- devices, memory, disk -----------------------------------------------------------------------
-
-def gpu_memories_gib() -> list[tuple[str, float]]:
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            return []
-        return [(torch.cuda.get_device_name(i), torch.cuda.get_device_properties(i).total_memory / GIB)
-                for i in range(torch.cuda.device_count())]
-    except Exception:
-        return []
-
-
-def needs_gpu(config: dict[str, Any]) -> list[str]:
-    reasons = []
-    if config.get("bf16") is True or config.get("fp16") is True:
-        reasons.append("bf16/fp16")
-    if str(config.get("attn_implementation") or "").startswith("flash_attention"):
-        reasons.append(str(config["attn_implementation"]))
-    if any(config.get(key) for key in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")):
-        reasons.append("Axolotl's LoRA kernels")
-    if any("liger" in str(plugin).lower() for plugin in config.get("plugins") or []):
-        reasons.append("Liger kernels")
-    if config.get("deepspeed"):
-        reasons.append("DeepSpeed (NCCL)")
-    return reasons
-
+# ---- disk ----------------------------------------------------------------------------------------
 
 def disk_needed_gib(config: dict[str, Any], shape) -> float:
     """Checkpoints (save_total_limit of them), the final weights and the merged bf16 model."""
@@ -224,6 +188,15 @@ def free_gib(path: Path) -> float:
     return shutil.disk_usage(probe).free / GIB
 
 
+def check_disk(config: dict[str, Any], log: Log) -> None:
+    output_dir = Path(config["output_dir"])
+    needed, free = disk_needed_gib(config, shape_for(str(config["base_model"]))), free_gib(output_dir)
+    if free < needed:
+        raise PreflightError(f"output_dir {output_dir}: {free:.1f} GiB free, about {needed:.1f} GiB needed for "
+                             f"checkpoints and the merged model")
+    log(f"[preflight] disk: {free:.0f} GiB free, ~{needed:.1f} GiB needed")
+
+
 # ---- resume / done -------------------------------------------------------------------------------
 
 def checkpoints(output_dir: Path) -> list[Path]:
@@ -235,135 +208,82 @@ def run_identity(config: dict[str, Any]) -> dict[str, Any]:
     return {key: config.get(key) for key in IDENTITY_KEYS}
 
 
-def done_hash(config: dict[str, Any]) -> str:
-    return config_hash(config)
-
-
 def previous_config(output_dir: Path) -> dict[str, Any] | None:
     path = output_dir / COMPOSED_NAME
     return yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def mark_done(config_path: str | Path) -> Path:
-    config = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
-    from prep.jsonio import write_text_atomic
-
+def is_done(config: dict[str, Any]) -> bool:
     marker = Path(config["output_dir"]) / DONE_NAME
-    write_text_atomic(marker, json.dumps({"config_hash": done_hash(config)}) + "\n")
+    return marker.is_file() and json.loads(marker.read_text()).get("config_hash") == config_hash(config)
+
+
+def mark_done(config_path: str | Path) -> Path:
+    """Record that the composed config at CONFIG_PATH trained to the end."""
+    config = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
+    marker = Path(config["output_dir"]) / DONE_NAME
+    write_text_atomic(marker, json.dumps({"config_hash": config_hash(config)}) + "\n")
     return marker
+
+
+def resumable_checkpoints(config: dict[str, Any], fresh: bool) -> list[Path]:
+    """The checkpoints this run may resume from; --fresh deletes them, another setup's refuse."""
+    output_dir = Path(config["output_dir"])
+    existing = checkpoints(output_dir)
+    if fresh:
+        for folder in existing:
+            shutil.rmtree(folder)
+        (output_dir / DONE_NAME).unlink(missing_ok=True)
+        return []
+    previous = previous_config(output_dir)
+    if previous is not None and existing and run_identity(previous) != run_identity(config):
+        changed = next(key for key in IDENTITY_KEYS if previous.get(key) != config.get(key))
+        raise PreflightError(f"output_dir {output_dir} holds checkpoints of another setup (key '{changed}': "
+                             f"{previous.get(changed)!r} -> {config.get(changed)!r}); set another output_dir "
+                             f"(--set output_dir=...) or use --fresh")
+    return existing
 
 
 # ---- the whole check -----------------------------------------------------------------------------
 
-def preflight(recipe: str, overlays: list[str] = (), overrides: list[str] = (), run_dir: str | None = None,
-              fresh: bool = False, force: bool = False, log=lambda message: print(message, file=sys.stderr)) -> Plan:
-    from custom_losses.memory import estimate_config, shape_for
+def check_data_and_model(config: dict[str, Any], log: Log) -> None:
+    """Datasets well-formed, base model complete with the one chat template, every row within sequence_len."""
     from prep.tokenizer import load_tokenizer
 
-    config = compose(recipe, overlays, overrides, run_dir)
-    for key in ("base_model", "output_dir", "datasets"):
-        if not config.get(key):
-            raise RecipeError(recipe, key, "missing (required)")
-    output_dir = Path(config["output_dir"])
-    sequence_len = int(config.get("sequence_len") or 512)
-
-    # Datasets: present and well-formed.
     datasets = []
     for key, dataset in dataset_paths(config):
         path = dataset.get("path")
         if not isinstance(path, str) or not Path(path).suffix:
             continue  # a hub dataset: Axolotl fetches it
-        rows = read_chat_rows(path, dataset.get("field_messages") or "messages")
-        datasets.append((key, path, rows, dataset.get("field_messages") or "messages"))
+        field_messages = dataset.get("field_messages") or "messages"
+        rows = read_chat_rows(path, field_messages)
+        datasets.append((key, path, rows, field_messages))
         log(f"[preflight] {key}: {path}: {len(rows)} rows")
-
-    # Base model: present (or fetchable) with the one chat template.
     folder = check_base_model(str(config["base_model"]))
-    log(f"[preflight] base model: {folder or config['base_model'] + ' (Axolotl downloads it)'}")
-
+    log(f"[preflight] base model: {folder or str(config['base_model']) + ' (Axolotl downloads it)'}")
     # Lengths with the base model's tokenizer (the rebuilt Qwen2.5 one when it is not local yet).
     tokenizer = load_tokenizer(str(folder) if folder else None)
+    sequence_len = int(config.get("sequence_len") or 512)
     for key, path, rows, field_messages in datasets:
         lengths = token_lengths(rows, tokenizer, field_messages)
         check_lengths(path, rows, lengths, sequence_len)
         log(f"[preflight] {key}: longest row {max(lengths)} tokens <= sequence_len {sequence_len}")
 
-    # Devices and memory.
+
+def preflight(recipe: str | Path, overlays: Sequence[str | Path] = (), overrides: Sequence[str] = (),
+              fresh: bool = False, force: bool = False, log: Log = _stderr) -> Plan:
+    """Compose and check a run (see the module docstring); write its config unless it already finished."""
+    config = compose(recipe, overlays, overrides)
+    check_required(config, recipe)
+    output_dir = Path(config["output_dir"])
+    check_data_and_model(config, log)
     gpus = gpu_memories_gib()
-    reasons = needs_gpu(config)
-    if reasons and not gpus:
-        raise PreflightError(f"{recipe}: needs a CUDA GPU ({', '.join(reasons)}) and none is visible; for a CPU smoke "
-                             f"run add recipes/sft/overrides/cpu-tiny.yaml")
-    shape = shape_for(str(config["base_model"]))
-    if gpus:
-        estimate = estimate_config(config, len(gpus))
-        smallest = min(memory for _, memory in gpus)
-        message = (f"predicted peak {estimate.total:.1f} GiB per GPU on {len(gpus)} GPU(s); "
-                   f"smallest has {smallest:.1f} GiB ({min(gpus, key=lambda g: g[1])[0]})")
-        if estimate.total > smallest:
-            if not force:
-                raise PreflightError(f"{recipe}: {message}: it will not fit; use more GPUs, the QLoRA recipe, "
-                                     f"a smaller micro_batch_size or sequence_len (or --force)")
-            log(f"[preflight] warning: {message}; continuing (--force)")
-        elif estimate.total * (1 + ESTIMATE_TOLERANCE) > smallest:
-            log(f"[preflight] warning: {message}: tight, within the estimator's {ESTIMATE_TOLERANCE:.0%} error")
-        else:
-            log(f"[preflight] memory: {message}")
-    else:
-        log("[preflight] no GPU: CPU run (fp32, tiny model)")
-
-    # Disk.
-    needed, free = disk_needed_gib(config, shape), free_gib(output_dir)
-    if free < needed:
-        raise PreflightError(f"output_dir {output_dir}: {free:.1f} GiB free, about {needed:.1f} GiB needed for "
-                             f"checkpoints and the merged model")
-    log(f"[preflight] disk: {free:.0f} GiB free, ~{needed:.1f} GiB needed")
-
-    # Resume, or nothing to do.
-    previous = previous_config(output_dir)
-    existing = checkpoints(output_dir)
-    if fresh:
-        for folder_ in existing:
-            shutil.rmtree(folder_)
-        (output_dir / DONE_NAME).unlink(missing_ok=True)
-        existing = []
-    elif previous is not None and existing and run_identity(previous) != run_identity(config):
-        changed = next(key for key in IDENTITY_KEYS if previous.get(key) != config.get(key))
-        raise PreflightError(f"output_dir {output_dir} holds checkpoints of another setup (key '{changed}': "
-                             f"{previous.get(changed)!r} -> {config.get(changed)!r}); use --run for a new run folder or --fresh")
-    marker = output_dir / DONE_NAME
-    if not fresh and marker.is_file() and json.loads(marker.read_text()).get("config_hash") == done_hash(config):
+    log(f"[preflight] {check_fits(config, str(recipe), force=force, gpus=gpus)}")
+    check_disk(config, log)
+    existing = resumable_checkpoints(config, fresh)
+    if not fresh and is_done(config):
         return Plan(output_dir / COMPOSED_NAME, output_dir, len(gpus), "done")
-    header = f"# Composed by launch/sft_preflight.py from {recipe}" + "".join(f" + {o}" for o in overlays) + \
-             "".join(f" {o}" for o in overrides) + "\n"
-    config_path = write_composed(config, header)
+    sources = " + ".join(str(item) for item in (recipe, *overlays)) + "".join(f" --set {o}" for o in overrides)
+    config_path = write_composed(config, f"# Composed by python -m launch.sft from {sources}\n")
     status = "resume" if existing and config.get("auto_resume_from_checkpoints") else "train"
     return Plan(config_path, output_dir, len(gpus), status, str(existing[-1]) if status == "resume" else "")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.sft_preflight", description=__doc__.splitlines()[0])
-    parser.add_argument("recipe", nargs="?")
-    parser.add_argument("rest", nargs="*", help="overlay .yaml files and key=value overrides")
-    parser.add_argument("--run", help="run folder replacing runs/stage1 in the recipe's paths")
-    parser.add_argument("--fresh", action="store_true", help="delete old checkpoints and train from the start")
-    parser.add_argument("--force", action="store_true", help="continue when the memory estimate says it will not fit")
-    parser.add_argument("--mark-done", metavar="CONFIG", help="record that CONFIG trained to the end")
-    args = parser.parse_intermixed_args(argv)
-    if args.mark_done:
-        print(mark_done(args.mark_done))
-        return 0
-    if not args.recipe:
-        parser.error("RECIPE is required")
-    try:
-        overlays, overrides = split_args(args.rest)
-        plan = preflight(args.recipe, overlays, overrides, args.run, fresh=args.fresh, force=args.force)
-    except (PreflightError, RecipeError, InputError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(plan.shell())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

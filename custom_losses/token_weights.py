@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+
 from prep.paths import REPO_ROOT
 from prep.qwen import IM_END
 

@@ -27,16 +27,21 @@ KD_COLUMNS = ("kd_topk_ids", "kd_topk_logprobs", "kd_weights", "kd_in_diseases")
 class KDConfig(SFTConfig):
     """SFTConfig plus the distillation knobs; every one is a recipe key (recipes/distill/*.yaml)."""
 
-    kd_alpha: float = field(default=0.5, metadata={"help": "Weight of the KD term; 1 - kd_alpha weighs cross-entropy."})
-    kd_temperature: float = field(default=1.0, metadata={"help": "Distillation temperature T (the loss is scaled by T^2)."})
+    kd_alpha: float = field(default=0.5, metadata={
+        "help": "Weight of the KD term; 1 - kd_alpha weighs cross-entropy."})
+    kd_temperature: float = field(default=1.0, metadata={
+        "help": "Distillation temperature T (the loss is scaled by T^2)."})
     kd_divergence: str = field(default="forward_kl", metadata={"help": "forward_kl | reverse_kl | jsd"})
     kd_beta: float = field(default=0.5, metadata={"help": "Generalised JSD mixing (TRL GKD convention)."})
-    kd_support: str = field(default="renorm", metadata={"help": "renorm (over the teacher's top-k) | tail (plus a rest-of-vocabulary bucket)"})
+    kd_support: str = field(default="renorm", metadata={
+        "help": "renorm (over the teacher's top-k) | tail (plus a rest-of-vocabulary bucket)"})
     kd_chunk_size: int = field(default=256, metadata={"help": "Answer tokens per chunk of the fused lm_head + loss."})
-    kd_rho_keep_fraction: float = field(default=1.0, metadata={"help": "Rho-1 token selection by excess loss; 1.0 = off."})
+    kd_rho_keep_fraction: float = field(default=1.0, metadata={
+        "help": "Rho-1 token selection by excess loss; 1.0 = off."})
     w_diseases: float = field(default=2.0, metadata={"help": "Weight of tokens inside the diseases value."})
     w_terms: float = field(default=1.5, metadata={"help": "Weight of lexicon terms found in both case and answer."})
-    lexicon_path: str | None = field(default="data/medical_terms.txt", metadata={"help": "Medical-term lexicon, one per line."})
+    lexicon_path: str | None = field(default="data/medical_terms.txt", metadata={
+        "help": "Medical-term lexicon, one per line."})
 
     def __post_init__(self) -> None:
         # The KD columns must reach the collator untouched and TRL must not re-tokenise our features.
@@ -161,7 +166,8 @@ class WeightedKDTrainer(SFTTrainer):
         labels = inputs["labels"]
         with self._capture_final_hidden(model) as (captured, lm_head):
             # logits_to_keep=1: the model's own head runs on one position only; ours runs on the answers.
-            model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False, logits_to_keep=1)
+            model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False,
+                  logits_to_keep=1)
         hidden = captured["hidden"][:, :-1]
         answer = labels[:, 1:].ne(-100)
         loss, stats = weighted_topk_kd_loss(
@@ -180,7 +186,8 @@ class WeightedKDTrainer(SFTTrainer):
         self._record_kd_metrics(stats, inputs, answer)
         return (loss, {"loss": loss}) if return_outputs else loss
 
-    def _record_kd_metrics(self, stats: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor], answer: torch.Tensor) -> None:
+    def _record_kd_metrics(self, stats: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
+                           answer: torch.Tensor) -> None:
         mode = "train" if self.model.training else "eval"
         weights = inputs["kd_weights"][:, 1:][answer]
         diseases_weight = (weights * inputs["kd_in_diseases"][:, 1:][answer]).sum()

@@ -1,7 +1,60 @@
-"""`python -m launch.estimate_memory`: the command over custom_losses.memory (shim while the library split lands)."""
-import sys
+"""Predict the peak GPU memory of an SFT recipe before any GPU time is spent.
 
-from custom_losses.memory import main
+    python -m launch.estimate_memory --config RECIPE [--overlay FILE]... [--set key=value]...
+                                     [--gpus N] [--gpu-mem GiB] [--strict] [--json]
+
+The model, term by term, and the measurements it is checked against: custom_losses/memory.py.
+Exit 0 with the breakdown; 1 with --strict when it does not fit --gpu-mem; 2 on a bad recipe.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from custom_losses.memory import Estimate, estimate_config
+from custom_losses.sft_config import compose
+from prep.config import RecipeError
+
+
+def summary(recipe: str, result: Estimate, gpus: int) -> str:
+    setup = result.setup
+    checkpointing = "checkpointing" if setup.gradient_checkpointing else "no checkpointing"
+    return (f"{recipe}: {result.shape}, {setup.method}, {setup.weight_bits}-bit base, seq {setup.seq_len} x "
+            f"micro-batch {setup.micro_batch}, {checkpointing}, {gpus} GPU(s), ZeRO-{setup.zero_stage}\n"
+            f"{result.table()}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launch.estimate_memory", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, metavar="RECIPE", help="recipes/sft/*.yaml")
+    parser.add_argument("--overlay", action="append", default=[], metavar="FILE",
+                        help="YAML merged over it (repeatable)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override a recipe key (repeatable; dotted keys, list indices)")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs the run shards over (default 1)")
+    parser.add_argument("--gpu-mem", type=float, help="GiB per GPU; warn when the prediction does not fit")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when it does not fit")
+    parser.add_argument("--json", action="store_true", help="print the breakdown as JSON")
+    args = parser.parse_args(argv)
+    try:
+        result = estimate_config(compose(args.config, args.overlay, args.overrides), args.gpus)
+    except (RecipeError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"model": result.shape, "setup": asdict(result.setup), "terms_gib": result.terms,
+                          "total_gib": result.total,
+                          "activations_no_checkpointing_gib": result.activations_no_checkpointing}, indent=2))
+    else:
+        print(summary(args.config, result, args.gpus))
+    if args.gpu_mem and result.total > args.gpu_mem:
+        print(f"warning: predicted {result.total:.1f} GiB per GPU does not fit in {args.gpu_mem:g} GiB",
+              file=sys.stderr)
+        return 1 if args.strict else 0
+    return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from prep.answers import Answer
 from prep.jsonio import write_jsonl_atomic
+from prep.paths import REPO_ROOT
 from prep.prompts import load_prompts
 from prep.records import Case, read_cases
-from prep.paths import REPO_ROOT
 
 SAMPLE_CASES = REPO_ROOT / "data" / "sample_cases.jsonl"
 
@@ -53,24 +53,42 @@ def write_sample_sft(teacher_dir: Path, n_train: int = 8, n_valid: int = 2) -> t
     return write_sft_split(teacher_dir, rows[:n_train], rows[n_train:n_train + n_valid])
 
 
-# ---- running launch/sft.sh and reading what it wrote ---------------------------------------------
+# ---- running launch.sft and reading what it wrote ------------------------------------------------
 
 SFT_ENV = {"AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TRL_EXPERIMENTAL_SILENCE": "1",
            "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
+def run_overrides(run: Path) -> list[str]:
+    """The four keys that put a recipe's run under RUN (RUN/teacher/sft/ in, RUN/sft/ out), as the pipeline does."""
+    return [f"output_dir={run}/sft", f"dataset_prepared_path={run}/sft/prepared",
+            f"datasets.0.path={run}/teacher/sft/train.jsonl", f"test_datasets.0.path={run}/teacher/sft/valid.jsonl"]
+
+
+def sft_args(recipe: str, overlays: list[str] = (), overrides: list[str] = (), run: Path | None = None) -> list[str]:
+    """`python -m launch.sft` arguments: --config RECIPE --overlay ... --set ... (RUN's paths last)."""
+    sets = [*overrides, *(run_overrides(run) if run else [])]
+    return ["--config", recipe, *[a for o in overlays for a in ("--overlay", o)],
+            *[a for s in sets for a in ("--set", s)]]
+
+
+def sft_command(args: list[str]) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "launch.sft", *args]
+
+
 def run_sft(args: list[str], timeout: float = 600):
-    """`bash launch/sft.sh ARGS` as a user runs it; returns the CompletedProcess (stdout+stderr in .stdout)."""
+    """`python -m launch.sft ARGS` as a user runs it; returns the CompletedProcess (stdout+stderr in .stdout)."""
     import os
     import subprocess
 
-    return subprocess.run(["bash", str(REPO_ROOT / "launch" / "sft.sh"), *args], cwd=REPO_ROOT, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout,
-                          env={**os.environ, **SFT_ENV})
+    return subprocess.run(sft_command(args), cwd=REPO_ROOT, text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, timeout=timeout, env={**os.environ, **SFT_ENV})
 
 
 def run_sft_interrupted(args: list[str], checkpoint: Path, timeout: float = 600) -> str:
-    """Start `bash launch/sft.sh ARGS`, kill it (the whole process group, as Ctrl-C or a lost node would)
+    """Start `python -m launch.sft ARGS`, kill it (the whole process group, as Ctrl-C or a lost node would)
     once CHECKPOINT has been written completely (the Trainer writes trainer_state.json last); its output."""
     import os
     import signal
@@ -78,9 +96,8 @@ def run_sft_interrupted(args: list[str], checkpoint: Path, timeout: float = 600)
     import threading
     import time
 
-    process = subprocess.Popen(["bash", str(REPO_ROOT / "launch" / "sft.sh"), *args], cwd=REPO_ROOT, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **SFT_ENV},
-                               start_new_session=True)
+    process = subprocess.Popen(sft_command(args), cwd=REPO_ROOT, text=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, env={**os.environ, **SFT_ENV}, start_new_session=True)
     chunks: list[str] = []
     reader = threading.Thread(target=lambda: chunks.extend(iter(process.stdout.readline, "")), daemon=True)
     reader.start()

@@ -1,4 +1,4 @@
-"""launch/distill.py end to end on CPU: the real recipe + the CPU override, KD falls, kill and resume."""
+"""`python -m launch.distill` end to end on CPU: the real recipe + the CPU overlay, KD falls, kill and resume."""
 import json
 import os
 import signal
@@ -16,15 +16,17 @@ RECIPE = "recipes/distill/qwen2.5-7b-instruct-qlora-1gpu.yaml"
 CPU_OVERRIDE = "recipes/distill/overrides/cpu-tiny.yaml"
 
 
-def distill_command(dataset_dir: Path, output_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "launch/distill.py", "--config", RECIPE, "--config", CPU_OVERRIDE,
-            "--dataset_path", str(dataset_dir), "--output_dir", str(output_dir), *extra]
+def distill_command(dataset_dir: Path, output_dir: Path, *overrides: str,
+                    overlays: tuple[str, ...] = (CPU_OVERRIDE,)) -> list[str]:
+    sets = [f"dataset_path={dataset_dir}", f"output_dir={output_dir}", *overrides]
+    return [sys.executable, "-m", "launch.distill", "--config", RECIPE,
+            *[a for o in overlays for a in ("--overlay", o)], *[a for s in sets for a in ("--set", s)]]
 
 
 @pytest.fixture(scope="module")
 def softlabel_dir(tmp_path_factory, vllm_server):
-    """Soft labels for 8 sample cases made by prep.softlabels from the real tiny teacher on vLLM-CPU."""
-    from prep.softlabels import main as softlabels
+    """Soft labels for 8 sample cases made by launch.softlabels from the real tiny teacher on vLLM-CPU."""
+    from launch.softlabels import main as softlabels
 
     folder = tmp_path_factory.mktemp("softlabels") / "run"
     assert softlabels(softlabel_args(folder, vllm_server.base_url, vllm_server.spec.served_model_name, "--limit", "8")) == 0
@@ -37,17 +39,17 @@ def softlabel_dir(tmp_path_factory, vllm_server):
 @pytest.mark.vllm
 def test_distill_kd_falls_and_resumes_after_kill(softlabel_dir, tmp_path, tiny_model_dir):
     output = tmp_path / "distill"
-    command = distill_command(softlabel_dir, output, "--max_steps", "20", "--save_steps", "5",
-                              "--per_device_train_batch_size", "1", "--learning_rate", "0.01")
-    log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
-    deadline = time.monotonic() + 400
-    while not (output / "checkpoint-10" / "trainer_state.json").exists():
-        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint-10 in time"
-        time.sleep(0.5)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
+    command = distill_command(softlabel_dir, output, "max_steps=20", "save_steps=5", "per_device_train_batch_size=1",
+                              "learning_rate=0.01")
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+        deadline = time.monotonic() + 400
+        while not (output / "checkpoint-10" / "trainer_state.json").exists():
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint-10 in time"
+            time.sleep(0.5)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
     assert not (output / "adapter").exists()
 
     second = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
@@ -60,8 +62,13 @@ def test_distill_kd_falls_and_resumes_after_kill(softlabel_dir, tmp_path, tiny_m
     last_kd = sum(entry["kd_loss"] for entry in steps[-4:]) / 4
     assert last_kd < 0.8 * first_kd, (first_kd, last_kd)
     assert all(0 < entry["diseases_weight_share"] < 1 for entry in steps)
-    # The adapter and a merged model vLLM can serve, with the exact chat template.
+    logged = (output / "distill.log").read_text()
+    assert "[distill] resuming from" in logged and "[distill] wrote" in logged, "both runs log to output_dir/distill.log"
+    # The adapter and a merged model vLLM can serve, with the exact chat template, merged by custom_losses.merge
+    # in the precision the CPU overlay's merge_dtype names.
     assert (output / "adapter" / "adapter_config.json").exists()
+    stamp = json.loads((output / "merged" / "medkd-merge.json").read_text())
+    assert stamp["kind"] == "lora-merged" and stamp["dtype"] == "float32"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     AutoModelForCausalLM.from_pretrained(output / "merged")
@@ -72,13 +79,12 @@ def test_distill_kd_falls_and_resumes_after_kill(softlabel_dir, tmp_path, tiny_m
 def test_unknown_recipe_key_stops_before_training(softlabel_dir, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("kd_alpah: 0.5\n", encoding="utf-8")
-    result = subprocess.run([sys.executable, "launch/distill.py", "--config", RECIPE, "--config", str(bad),
-                             "--dataset_path", str(softlabel_dir), "--output_dir", str(tmp_path / "o")],
+    result = subprocess.run(distill_command(softlabel_dir, tmp_path / "o", overlays=(CPU_OVERRIDE, str(bad))),
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "unknown recipe keys" in result.stderr and "kd_alpah" in result.stderr
 
 
 def test_bad_loss_knob_is_refused(softlabel_dir, tmp_path):
-    result = subprocess.run(distill_command(softlabel_dir, tmp_path / "o", "--kd_divergence", "l2"),
+    result = subprocess.run(distill_command(softlabel_dir, tmp_path / "o", "kd_divergence=l2"),
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "divergence" in result.stderr

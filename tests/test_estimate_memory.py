@@ -1,7 +1,7 @@
 """The GPU memory estimator against published measurements, its parts, and its command line.
 
 No GPU here: the estimator is checked against measurements others published (cited in
-launch/estimate_memory.py), and this repo's recipes get predictions only.
+custom_losses/memory.py), and this repo's recipes get predictions only.
 """
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from dataclasses import replace
 
 import pytest
 
-from custom_losses.memory import GIB, QWEN1_7B, QWEN25_7B, Setup, estimate, estimate_config, main, shape_for
+from custom_losses.memory import GIB, QWEN1_7B, QWEN25_7B, Setup, estimate, estimate_config, shape_for
 from custom_losses.sft_config import compose
+from launch.estimate_memory import main
 
 TOLERANCE = 0.15
 GB = 1e9 / GIB   # LLaMA-Factory writes decimal GB
@@ -60,7 +61,7 @@ def test_shape_comes_from_the_model_folder(tiny_model_dir):
     shape = shape_for(str(tiny_model_dir))
     with safe_open(str(tiny_model_dir / "model.safetensors"), "pt") as weights:
         count = 0
-        for name in weights.keys():
+        for name in weights.keys():  # noqa: SIM118 (safe_open has keys(), no __iter__)
             size = 1
             for dim in weights.get_slice(name).get_shape():
                 size *= dim
@@ -110,23 +111,43 @@ def test_recipes_fit_the_gpus_their_headers_name_with_margin(recipe, gpus, limit
 
 def test_cli_prints_the_breakdown_and_warns_when_it_does_not_fit(capsys):
     recipe = "recipes/sft/qwen2.5-7b-instruct-qlora-1gpu.yaml"
-    assert main([recipe]) == 0
+    assert main(["--config", recipe]) == 0
     out = capsys.readouterr().out
     assert "Qwen2.5-7B-Instruct, qlora, 4-bit base, seq 4096" in out and "peak per GPU" in out
     assert "activations w/o checkpointing" in out
 
-    assert main([recipe, "--gpu-mem", "8"]) == 0                 # warns, exits 0
+    assert main(["--config", recipe, "--gpu-mem", "8"]) == 0                 # warns, exits 0
     assert "does not fit in 8 GiB" in capsys.readouterr().err
-    assert main([recipe, "--gpu-mem", "8", "--strict"]) == 1     # --strict makes it an error
+    assert main(["--config", recipe, "--gpu-mem", "8", "--strict"]) == 1     # --strict makes it an error
     assert "does not fit in 8 GiB" in capsys.readouterr().err
-    assert main([recipe, "--gpu-mem", "80", "--strict"]) == 0
+    assert main(["--config", recipe, "--gpu-mem", "80", "--strict"]) == 0
     assert capsys.readouterr().err == ""
 
-    assert main([recipe, "micro_batch_size=4", "--json"]) == 0   # overrides reach the estimate
+    assert main(["--config", recipe, "--set", "micro_batch_size=4", "--json"]) == 0   # overrides reach the estimate
     report = json.loads(capsys.readouterr().out)
     assert report["setup"]["micro_batch"] == 4 and report["total_gib"] > estimate_config(compose(recipe), 1).total
 
 
 def test_cli_names_a_bad_recipe_in_one_sentence(capsys, tmp_path):
-    assert main([str(tmp_path / "missing.yaml")]) == 2
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml: recipe file not found" in capsys.readouterr().err
+
+
+def test_fit_check_holds_a_config_against_the_gpus():
+    from custom_losses.memory import PreflightError, check_fits
+
+    qlora = compose("recipes/sft/qwen2.5-7b-instruct-qlora-1gpu.yaml")
+    peak = estimate_config(qlora, 1).total
+    fits = check_fits(qlora, gpus=[("roomy", 80.0)])
+    assert fits.startswith(f"memory: predicted peak {peak:.1f} GiB per GPU on 1 GPU")
+    assert "tight" in check_fits(qlora, gpus=[("snug", peak * 1.05)])
+    too_small = r"qlora-1gpu\.yaml: predicted peak .* smallest has 8\.0 GiB \(small\): it will not fit"
+    with pytest.raises(PreflightError, match=too_small):
+        check_fits(qlora, "recipes/sft/qwen2.5-7b-instruct-qlora-1gpu.yaml", gpus=[("roomy", 80.0), ("small", 8.0)])
+    assert check_fits(qlora, gpus=[("small", 8.0)], force=True).startswith("warning: ")
+    # No GPU: a GPU recipe is refused before a run, and only noted when a recipe is merely validated.
+    with pytest.raises(PreflightError, match=r"needs a CUDA GPU \(bf16/fp16, flash_attention_2.*cpu-tiny\.yaml"):
+        check_fits(qlora, gpus=[])
+    assert "none is visible here" in check_fits(qlora, gpus=[], require_gpu=False)
+    cpu = compose("recipes/sft/qwen2.5-7b-instruct-qlora-1gpu.yaml", ["recipes/sft/overrides/cpu-tiny.yaml"])
+    assert check_fits(cpu, gpus=[]) == "no GPU: CPU run (fp32, tiny model)"

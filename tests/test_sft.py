@@ -1,4 +1,4 @@
-"""Stage one SFT on a CPU, honestly: the real recipes through launch/sft.sh with the one CPU overlay.
+"""Stage one SFT on a CPU, honestly: the real recipes through `python -m launch.sft` with the one CPU overlay.
 
 The tiny random-weight Qwen2 fixture (real Qwen2.5 tokenizer and chat template) trains on chat data
 in prep.teacher's layout, written here by the same code path prep.teacher uses
@@ -17,6 +17,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,10 +28,21 @@ import yaml
 from custom_losses.sft_config import compose, write_composed
 from prep.answers import Answer, answer_json
 from prep.jsonio import InputError
-from prep.tokenizer import CHAT_TEMPLATE_PATH, chat_token_ids
 from prep.paths import REPO_ROOT
-from tests.sft_fixtures import (SFT_ENV, chat_rows, logged_losses, prepared_datasets, run_sft, run_sft_interrupted,
-                                sample_cases, write_sample_sft, write_sft_split)
+from prep.tokenizer import CHAT_TEMPLATE_PATH, chat_token_ids
+from tests.sft_fixtures import (
+    SFT_ENV,
+    chat_rows,
+    logged_losses,
+    prepared_datasets,
+    run_overrides,
+    run_sft,
+    run_sft_interrupted,
+    sample_cases,
+    sft_args,
+    write_sample_sft,
+    write_sft_split,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +63,7 @@ def lora_run(tmp_path_factory):
     """The LoRA (ZeRO-2) recipe without DeepSpeed, killed once checkpoint-8 is on disk, then re-run: it resumes."""
     run = tmp_path_factory.mktemp("lora-run")
     write_sample_sft(run / "teacher")
-    args = [LORA, CPU, "deepspeed=null", "--run", str(run)]
+    args = sft_args(LORA, [CPU], ["deepspeed=null"], run=run)
     first = run_sft_interrupted(args, run / "sft" / "checkpoint-8", timeout=RUN_TIMEOUT)
     assert not (run / "sft" / "medkd-sft.done").exists(), "the first run was to be interrupted"
     second = run_sft(args, timeout=RUN_TIMEOUT)
@@ -63,7 +75,7 @@ def lora_run(tmp_path_factory):
 def qlora_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("qlora-run")
     write_sample_sft(run / "teacher")
-    result = run_sft([QLORA, CPU, "--run", str(run)], timeout=RUN_TIMEOUT)
+    result = run_sft(sft_args(QLORA, [CPU], run=run), timeout=RUN_TIMEOUT)
     assert result.returncode == 0, result.stdout[-4000:]
     return SimpleNamespace(run=run, out=run / "sft", log=result.stdout)
 
@@ -168,7 +180,7 @@ def test_longest_real_case_fits_every_recipe_and_axolotl_keeps_every_row(real_ca
         reason += f"{reason.count('；') + 1}. {lines[reason.count('；') % len(lines)][:60]}；"
     rows = chat_rows(sample_cases(8)) + chat_rows([case], [Answer(reason, "肺恶性肿瘤")])
     write_sft_split(tmp_path / "teacher", rows, rows[:2])
-    config = compose(QLORA, overrides=["base_model=medkd/tiny-qwen2.5", "dataset_num_proc=1"], run_dir=str(tmp_path))
+    config = compose(QLORA, overrides=["base_model=medkd/tiny-qwen2.5", "dataset_num_proc=1", *run_overrides(tmp_path)])
     path = write_composed(config)
     result = subprocess.run([str(REPO_ROOT / ".venv" / "bin" / "python"), "-m", "axolotl.cli.preprocess", str(path)],
                             cwd=REPO_ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600,
@@ -190,7 +202,7 @@ def test_merged_model_loads_in_transformers_and_answers_through_vllm(lora_run, q
 
     from prep.serving import VLLMServer, load_server_spec
 
-    merge = subprocess.run(["bash", str(REPO_ROOT / "launch" / "merge.sh"), str(lora_run.out)], cwd=REPO_ROOT, text=True,
+    merge = subprocess.run([sys.executable, "-m", "launch.merge", str(lora_run.out)], cwd=REPO_ROOT, text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
     assert merge.returncode == 0, merge.stdout[-3000:]
     merged = lora_run.run / "merged"
@@ -199,7 +211,7 @@ def test_merged_model_loads_in_transformers_and_answers_through_vllm(lora_run, q
     assert stamp["dtype"] == "bfloat16" and stamp["kind"] == "lora-merged"
     for name in ("tokenizer.json", "tokenizer_config.json"):     # byte for byte the base model's
         assert (merged / name).read_bytes() == (tiny_model_dir / name).read_bytes()
-    again = subprocess.run(["bash", str(REPO_ROOT / "launch" / "merge.sh"), str(lora_run.out)], cwd=REPO_ROOT, text=True,
+    again = subprocess.run([sys.executable, "-m", "launch.merge", str(lora_run.out)], cwd=REPO_ROOT, text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
     assert again.returncode == 0 and "nothing to do" in again.stdout
     assert (lora_run.out / "adapter_model.safetensors").is_file(), "the adapter is kept"
@@ -251,26 +263,27 @@ def test_preflight_refuses_bad_inputs_with_one_sentence(tmp_path, tiny_model_dir
 
     quiet = {"log": lambda message: None}
     run = tmp_path / "run"
+    paths = run_overrides(run)
     with pytest.raises(InputError, match=r"teacher/sft/train\.jsonl: dataset file not found"):
-        preflight(QLORA, [CPU], run_dir=str(run), **quiet)
+        preflight(QLORA, [CPU], paths, **quiet)
 
     rows = chat_rows(sample_cases(3))
     rows[2]["messages"] = rows[2]["messages"][:2]               # no assistant answer on line 3
     train, _ = write_sft_split(run / "teacher", rows, rows[:1])
     with pytest.raises(InputError, match=rf"{re.escape(str(train))}:3: field 'messages': the last message must be a non-empty assistant"):
-        preflight(QLORA, [CPU], run_dir=str(run), **quiet)
+        preflight(QLORA, [CPU], paths, **quiet)
 
     write_sft_split(run / "teacher", chat_rows(sample_cases(3)), chat_rows(sample_cases(1)))
     with pytest.raises(InputError, match=rf"{re.escape(str(train))}:\d+: field 'messages': 3 row\(s\) exceed sequence_len 64"):
-        preflight(QLORA, [CPU], ["sequence_len=64"], run_dir=str(run), **quiet)
+        preflight(QLORA, [CPU], ["sequence_len=64", *paths], **quiet)
 
     with pytest.raises(PreflightError, match="needs a CUDA GPU .*bf16.*flash_attention_2.*cpu-tiny.yaml"):
-        preflight(QLORA, [], ["base_model=medkd/tiny-qwen2.5"], run_dir=str(run), **quiet)
+        preflight(QLORA, [], ["base_model=medkd/tiny-qwen2.5", *paths], **quiet)
 
     incomplete = tmp_path / "no-weights"
     shutil.copytree(tiny_model_dir, incomplete, ignore=shutil.ignore_patterns("*.safetensors"))
     with pytest.raises(PreflightError, match="no weight files"):
-        preflight(QLORA, [CPU], [f"base_model={incomplete}"], run_dir=str(run), **quiet)
+        preflight(QLORA, [CPU], [f"base_model={incomplete}", *paths], **quiet)
 
     other_template = tmp_path / "other-template"
     shutil.copytree(tiny_model_dir, other_template, ignore=shutil.ignore_patterns("*.safetensors"))
@@ -279,15 +292,15 @@ def test_preflight_refuses_bad_inputs_with_one_sentence(tmp_path, tiny_model_dir
     config["chat_template"] = config["chat_template"].replace("<|im_start|>", "<|im_start|> ")
     (other_template / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(PreflightError, match="chat template differs"):
-        preflight(QLORA, [CPU], [f"base_model={other_template}"], run_dir=str(run), **quiet)
+        preflight(QLORA, [CPU], [f"base_model={other_template}", *paths], **quiet)
 
-    plan = preflight(QLORA, [CPU], run_dir=str(run), **quiet)
+    plan = preflight(QLORA, [CPU], paths, **quiet)
     assert plan.status == "train" and plan.gpus == 0 and plan.config_path == run / "sft" / "medkd-sft.yaml"
     (run / "sft" / "checkpoint-4").mkdir()                      # a QLoRA run's checkpoint ...
     with pytest.raises(PreflightError, match=r"holds checkpoints of another setup \(key 'adapter'"):
-        preflight(LORA, [CPU], ["deepspeed=null"], run_dir=str(run), **quiet)   # ... is no LoRA run's to resume
-    assert preflight(QLORA, [CPU], run_dir=str(run), **quiet).status == "resume"
-    assert preflight(QLORA, [CPU], run_dir=str(run), fresh=True, **quiet).status == "train"   # --fresh starts over
+        preflight(LORA, [CPU], ["deepspeed=null", *paths], **quiet)   # ... is no LoRA run's to resume
+    assert preflight(QLORA, [CPU], paths, **quiet).status == "resume"
+    assert preflight(QLORA, [CPU], paths, fresh=True, **quiet).status == "train"   # --fresh starts over
     assert not (run / "sft" / "checkpoint-4").exists()
 
 
@@ -304,3 +317,24 @@ def test_merge_of_a_full_fine_tune_copies_the_model_and_the_base_tokenizer(tmp_p
     assert (merged / "model.safetensors").read_bytes() == (tiny_model_dir / "model.safetensors").read_bytes()
     assert (merged / "tokenizer_config.json").read_bytes() == (tiny_model_dir / "tokenizer_config.json").read_bytes()
     assert json.loads((merged / "medkd-merge.json").read_text())["kind"] == "full"
+
+
+def test_trainer_launch_command_follows_the_gpu_count(monkeypatch):
+    from custom_losses.launcher import ACCELERATE_CONFIG_ENV, is_worker, launch_argv
+
+    monkeypatch.delenv(ACCELERATE_CONFIG_ENV, raising=False)
+    assert launch_argv("axolotl.cli.train", ["c.yaml"], 0) == [sys.executable, "-m", "axolotl.cli.train", "c.yaml"]
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    one = launch_argv("launch.distill", ["--config", "r.yaml"], 1)
+    assert one == [*accelerate, str(REPO_ROOT / "recipes/accelerate/single-gpu.yaml"), "--num_processes", "1",
+                   "-m", "launch.distill", "--config", "r.yaml"]
+    eight = launch_argv("axolotl.cli.train", ["c.yaml"], 8)
+    assert eight[4:7] == [str(REPO_ROOT / "recipes/accelerate/multi-gpu.yaml"), "--num_processes", "8"]
+    monkeypatch.setenv(ACCELERATE_CONFIG_ENV, "recipes/accelerate/single-gpu.yaml")
+    assert launch_argv("axolotl.cli.train", ["c.yaml"], 8)[4] == str(REPO_ROOT / "recipes/accelerate/single-gpu.yaml")
+    # Under `accelerate launch` (or started by the launcher) a command trains instead of launching again.
+    for name in ("MEDKD_TRAINING_WORKER", "LOCAL_RANK", "ACCELERATE_MIXED_PRECISION"):
+        monkeypatch.delenv(name, raising=False)
+    assert not is_worker()
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert is_worker()

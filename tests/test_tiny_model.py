@@ -4,7 +4,8 @@ import json
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from launch import tiny_model
+from prep import tiny_model
+from prep.qwen import TINY_MODEL_NAME
 from prep.tokenizer import CHAT_TEMPLATE_PATH
 
 
@@ -23,5 +24,17 @@ def test_tiny_model_loads_and_runs(tiny_model_dir):
     assert tokenizer.chat_template == CHAT_TEMPLATE_PATH.read_text(encoding="utf-8")
 
 
-def test_builder_is_cached_and_deterministic(tiny_model_dir):
+def test_builder_is_deterministic_and_the_cache_is_reused(tiny_model_dir, tmp_path):
+    cached = {path.name: path.stat() for path in tiny_model_dir.iterdir()}
+    # Two fresh builds write the same bytes, and the same bytes as the cached folder (built by another process).
+    first, second = tiny_model.build_tiny_model(tmp_path / "a"), tiny_model.build_tiny_model(tmp_path / "b")
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json"):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+        assert (first / name).read_bytes() == (tiny_model_dir / name).read_bytes(), name
+    # Asking again returns the cached folder untouched: nothing is rebuilt or rewritten.
     assert tiny_model.tiny_model_dir() == tiny_model_dir
+    assert tiny_model.resolve_model(TINY_MODEL_NAME) == str(tiny_model_dir)
+    after = {path.name: path.stat() for path in tiny_model_dir.iterdir()}
+    assert {name: (s.st_ino, s.st_mtime_ns) for name, s in after.items()} == \
+        {name: (s.st_ino, s.st_mtime_ns) for name, s in cached.items()}
+    assert tiny_model.resolve_model("Qwen/Qwen2.5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"
