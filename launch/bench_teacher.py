@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from launch.fault_server import DEFAULT_MODEL
+from prep.fault_server import DEFAULT_MODEL
 from prep.client import ChatClient, ClientSettings, run_cached
 from prep.paths import REPO_ROOT, resolve_path
 from prep.prompts import load_prompts

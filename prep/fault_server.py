@@ -18,12 +18,12 @@ chat request's body and arrival time for assertions. Run in a thread (`with Faul
 for tests, or as a process for benchmarks:
 
     python -m launch.fault_server --latency 0.3 --capacity 64      # prints "port N", serves until killed
+
+Library code because both the tests and `launch.bench_teacher` stand on it.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
 import hashlib
 import json
 import socket
@@ -244,26 +244,3 @@ class FaultServer:
             with self._lock:
                 self.completed += 1
         return True
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m launch.fault_server", description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--latency", type=float, default=0.0, help="seconds each request takes")
-    parser.add_argument("--capacity", type=int, default=None, help="requests served at once; more wait in line")
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    args = parser.parse_args(argv)
-    server = FaultServer(model=args.model, latency_s=args.latency, capacity=args.capacity)
-    server.port = args.port
-
-    async def serve() -> None:
-        await server.serve()
-        print(f"port {server.port}", flush=True)
-        await asyncio.Event().wait()
-
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve())
-
-
-if __name__ == "__main__":
-    main()

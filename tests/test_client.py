@@ -7,7 +7,7 @@ import traceback
 
 import pytest
 
-from launch.fault_server import FaultServer
+from prep.fault_server import FaultServer
 from prep.answers import ANSWER_REGEX, Answer, answer_json, parse_answer
 from prep.client import (
     ChatClient,

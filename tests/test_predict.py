@@ -10,7 +10,7 @@ import time
 import pytest
 
 from launch import predict, score, submission
-from launch.fault_server import FaultServer, default_answer
+from prep.fault_server import FaultServer, default_answer
 from prep.client import load_cache
 from prep.config import RecipeError, load_recipe
 from prep.predict import PredictRecipe, judge, lora_rank_for, resolve_target

@@ -10,7 +10,7 @@ import pytest
 
 from custom_losses.token_weights import TokenWeightConfig
 from custom_losses.trainer import build_kd_features
-from launch.fault_server import FaultServer
+from prep.fault_server import FaultServer
 from launch.softlabels import main
 from prep.answers import Answer, answer_json
 from prep.client import ChatClient, ClientSettings, answer_regex

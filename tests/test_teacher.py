@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.fault_server import FaultServer
+from prep.fault_server import FaultServer
 from launch.teacher import main
 from prep.answers import Answer, answer_json, parse_answer
 from prep.config import load_recipe
