@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
-from prep.paths import REPO_ROOT
+from prep.paths import resolve_path
 from prep.qwen import IM_END
 
 DEFAULT_LEXICON = "data/medical_terms.txt"
@@ -35,8 +34,7 @@ def load_lexicon(path: str | None) -> tuple[str, ...]:
     """Terms, longest first (so a longer term claims its characters before a shorter one inside it)."""
     if not path:
         return ()
-    resolved = Path(path) if Path(path).is_absolute() or Path(path).exists() else REPO_ROOT / path
-    terms = {line.strip() for line in resolved.read_text(encoding="utf-8").splitlines()}
+    terms = {line.strip() for line in resolve_path(path).read_text(encoding="utf-8").splitlines()}
     return tuple(sorted((t for t in terms if t and not t.startswith("#")), key=lambda t: (-len(t), t)))
 
 
