@@ -8,5 +8,5 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$MEDKD_ROOT"
 bash launch/setup.sh
-"$PY" -m prep.records data/sample_cases.jsonl --no-tokens > /dev/null
+"$PY" -m launch.records data/sample_cases.jsonl --no-tokens > /dev/null
 exec "$PY" -m launch.pipeline --config recipes/pipeline/tiny-cpu.yaml "$@"

@@ -1,7 +1,49 @@
-"""`python -m launch.pipeline`: the command over prep.pipeline (shim while the library split lands)."""
+"""The whole pipeline in one command: stage one (teacher -> SFT -> merge -> predict) and stage two (soft
+labels -> distill -> predict), then the score table and the validated submission; make-like.
+
+    python -m launch.pipeline --config recipes/pipeline/<one>.yaml [--stages 1,2] [--set key=value ...]
+    (or: bash launch/run.sh RECIPE ...)
+
+Each step runs one stage command (launch.teacher, launch.sft, launch.merge, launch.predict,
+launch.softlabels, launch.distill, launch.score, launch.submission) with its own log under OUT/logs/.
+A finished step is skipped; after a crash, run the same command again. Everything is checked first
+(recipes, case files, disk, GPUs, teacher endpoint, vLLM environment): bad input is one sentence and
+exit 2 before any step starts.
+"""
+from __future__ import annotations
+
+import argparse
 import sys
 
-from prep.pipeline import main
+from prep.config import RecipeError
+from prep.jsonio import InputError
+from prep.pipeline import PipelineError, run_pipeline
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m launch.pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="pipeline recipe (recipes/pipeline/*.yaml)")
+    parser.add_argument("--stages", help="comma list overriding the recipe's stages, e.g. 1")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a pipeline recipe key (repeatable), e.g. out=runs/other")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = args.set + ([f"stages=[{args.stages}]"] if args.stages else [])
+    try:
+        out = run_pipeline(args.config, overrides)
+    except (RecipeError, InputError, PipelineError, FileNotFoundError) as err:
+        print(f"[pipeline] error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # a stage validator's own error (ClientError, ValueError, ...): still one sentence
+        print(f"[pipeline] error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    print(f"[pipeline] scores: {out / 'scores' / 'scores.md'} and {out / 'scores' / 'scores.png'}")
+    print(f"[pipeline] submission (validated): {out / 'submission.jsonl'}")
+    return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

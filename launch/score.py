@@ -1,7 +1,47 @@
-"""`python -m launch.score`: the command over prep.score (shim while the library split lands)."""
+"""Score prediction files against reference answers: disease-set P/R/F1, reason ROUGE-L, valid-JSON share.
+
+    python -m launch.score REF.jsonl PRED.jsonl [PRED2.jsonl ...] --out DIR [--names a b]
+                           [--config recipes/score/default.yaml] [--set fuzzy_threshold=0.6 ...]
+
+REF is JSONL of {id, reason, diseases} or prep.teacher's sft/valid.jsonl ({id, messages}); each PRED
+is a submission or predict's predictions.jsonl. Writes DIR/scores.md, scores.csv, scores.json,
+scores.png and per_case.jsonl, and prints the table. Settings come from the score recipe; `--set`
+overrides its keys. Bad input (recipe, reference, arguments): one sentence and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
 import sys
 
-from prep.score import main
+from prep.config import RecipeError
+from prep.jsonio import InputError
+from prep.score import DEFAULT_RECIPE, console_report, score_files, validate_recipe
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m launch.score", description=__doc__.splitlines()[0])
+    parser.add_argument("reference", help="reference answers: JSONL of {id, reason, diseases} or sft/valid.jsonl")
+    parser.add_argument("predictions", nargs="+", help="submission or predictions JSONL files, one per run")
+    parser.add_argument("--out", required=True, help="folder for scores.md/.csv/.json/.png and per_case.jsonl")
+    parser.add_argument("--names", nargs="+", help="run labels, one per prediction file (default: from file names)")
+    parser.add_argument("--config", default=DEFAULT_RECIPE, help=f"score recipe (default {DEFAULT_RECIPE})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a score recipe key, e.g. fuzzy_threshold=0.6 (repeatable)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        settings = validate_recipe(args.config, overrides=args.overrides)
+        runs = score_files(args.reference, args.predictions, args.names, settings, args.out)
+    except (InputError, RecipeError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(console_report(runs), end="")
+    print(f"wrote {args.out}/scores.md, scores.csv, scores.json, scores.png, per_case.jsonl")
+    return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,7 +1,75 @@
-"""`python -m launch.submission`: the command over prep.submission (shim while the library split lands)."""
+"""Check a competition submission, or write one from predictions.
+
+    python -m launch.submission check CASES SUBMISSION [--max-problems N]
+    python -m launch.submission write CASES PREDICTIONS OUT
+
+`check` validates SUBMISSION against the input CASES (every input id once, in input order, non-empty
+string fields, valid JSON): each problem is printed as `path:line: problem`, exit 1 when any
+(exit 2 when the case file itself cannot be read).
+`write` takes the answers for exactly the cases of CASES from PREDICTIONS (predict's
+`predictions.jsonl`, which may cover more cases) and writes OUT atomically, only when it validates;
+a case without an answer stops it with the ids listed (exit 1), unreadable input exits 2.
+"""
+from __future__ import annotations
+
+import argparse
 import sys
 
-from prep.submission import main
+from prep.jsonio import InputError
+from prep.records import read_cases
+from prep.submission import SubmissionError, check_submission, write_submission_from_predictions
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m launch.submission", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("check", help="validate SUBMISSION against CASES; path:line: problem lines, exit 1")
+    check.add_argument("cases", help="the input case file (JSONL of id, feature_content)")
+    check.add_argument("submission", help="the submission JSONL to check")
+    check.add_argument("--max-problems", type=int, default=50, help="print at most this many problems (default 50)")
+    write = commands.add_parser("write", help="write OUT for the cases of CASES from PREDICTIONS, validated")
+    write.add_argument("cases", help="the input case file: the submission has one line per case, in its order")
+    write.add_argument("predictions", help="JSONL of {id, reason, diseases, ...} (e.g. predict's predictions.jsonl)")
+    write.add_argument("out", help="the submission file to write")
+    return parser.parse_args(argv)
+
+
+def check(cases: str, submission: str, max_problems: int) -> int:
+    try:
+        problems = check_submission(cases, submission)
+    except InputError as err:
+        print(f"cannot read the cases: {err}", file=sys.stderr)
+        return 2
+    for problem in problems[:max_problems]:
+        print(problem, file=sys.stderr)
+    if len(problems) > max_problems:
+        print(f"... and {len(problems) - max_problems} more problems", file=sys.stderr)
+    if problems:
+        print(f"{submission}: INVALID ({len(problems)} problems)", file=sys.stderr)
+        return 1
+    print(f"{submission}: ok ({len(read_cases(cases).cases)} lines, one per case of {cases}, in input order)")
+    return 0
+
+
+def write(cases: str, predictions: str, out: str) -> int:
+    try:
+        path = write_submission_from_predictions(cases, predictions, out)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except SubmissionError as err:
+        print(f"error: {out}: {err}", file=sys.stderr)
+        return 1
+    print(f"{path}: written and valid")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.command == "check":
+        return check(args.cases, args.submission, args.max_problems)
+    return write(args.cases, args.predictions, args.out)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""Competition cases: the `{"id", "feature_content"}` reader and `python -m prep.records` validator.
+"""Competition cases: the `{"id", "feature_content"}` reader and summary (`python -m launch.records` is its command).
 
 Every bad line is reported with file, line and field. The caller chooses between stopping at the
 first problem (`on_error="raise"`) and collecting problems (`"collect"`, optionally written to a
@@ -6,11 +6,10 @@ rejects file); nothing is ever dropped silently.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -44,6 +43,14 @@ class ReadResult:
         return not self.problems
 
 
+def case_id_of(path: str | Path, line_number: int, value: object) -> int:
+    """VALUE as a case id (an integer, never a bool or a numeric string), or InputError naming the line."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(path, line_number, f"must be an integer, got {json.dumps(value, ensure_ascii=False)}",
+                         field="id")
+    return value
+
+
 def parse_case_line(path: str | Path, line_number: int, text: str) -> Case:
     """One JSON line -> Case, or InputError naming the field at fault."""
     row = parse_object_line(path, line_number, text)
@@ -53,9 +60,7 @@ def parse_case_line(path: str | Path, line_number: int, text: str) -> Case:
     extra = sorted(set(row) - set(CASE_KEYS))
     if extra:
         raise InputError(path, line_number, "unexpected key (a case has only id and feature_content)", field=extra[0])
-    case_id, content = row["id"], row["feature_content"]
-    if isinstance(case_id, bool) or not isinstance(case_id, int):
-        raise InputError(path, line_number, f"must be an integer, got {json.dumps(case_id, ensure_ascii=False)}", field="id")
+    case_id, content = case_id_of(path, line_number, row["id"]), row["feature_content"]
     if not isinstance(content, str):
         raise InputError(path, line_number, f"must be a string, got {type(content).__name__}", field="feature_content")
     if not content.strip():
@@ -82,7 +87,8 @@ def read_cases(
         try:
             case = parse_case_line(path, line_number, text)
             if case.id in first_line_of:
-                raise InputError(path, line_number, f"duplicate id {case.id} (first on line {first_line_of[case.id]})", field="id")
+                raise InputError(path, line_number, f"duplicate id {case.id} (first on line {first_line_of[case.id]})",
+                                 field="id")
         except InputError as problem:
             if on_error == "raise":
                 raise
@@ -117,7 +123,7 @@ def percentiles(values: list[int], points: tuple[int, ...] = (50, 90, 99, 100)) 
     return {f"p{p}": ordered[min(len(ordered) - 1, max(0, -(-p * len(ordered) // 100) - 1))] for p in points}
 
 
-def summarise(cases: list[Case], count_tokens=None) -> dict:
+def summarise(cases: list[Case], count_tokens: Callable[[str], int] | None = None) -> dict:
     """Records, unique ids, duplicate texts, field presence (non-empty share) and length percentiles."""
     texts = Counter(case.feature_content for case in cases)
     presence = Counter()
@@ -134,37 +140,3 @@ def summarise(cases: list[Case], count_tokens=None) -> dict:
     if count_tokens is not None:
         summary["qwen_tokens"] = percentiles([count_tokens(case.feature_content) for case in cases])
     return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m prep.records", description=__doc__.splitlines()[0])
-    parser.add_argument("paths", nargs="+", help="case files (JSONL or a JSON array)")
-    parser.add_argument("--rejects", help="write bad lines with their reasons to this JSONL file")
-    parser.add_argument("--tokenizer", help="model folder whose tokenizer counts tokens (default: the Qwen2.5 tokenizer built from its BPE ranks)")
-    parser.add_argument("--no-tokens", action="store_true", help="skip the token-length percentiles")
-    args = parser.parse_args(argv)
-
-    count_tokens = None
-    if not args.no_tokens:
-        from prep.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(args.tokenizer)
-        count_tokens = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-
-    bad = 0
-    for path in args.paths:
-        try:
-            result = read_cases(path, on_error="collect", rejects_path=args.rejects)
-        except InputError as err:  # unreadable file as a whole
-            print(err, file=sys.stderr)
-            bad += 1
-            continue
-        for problem in result.problems:
-            print(problem, file=sys.stderr)
-        bad += len(result.problems)
-        print(json.dumps({"path": str(path), "bad_lines": len(result.problems), **summarise(result.cases, count_tokens)}, ensure_ascii=False, indent=1))
-    return 1 if bad else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

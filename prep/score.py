@@ -6,31 +6,38 @@ JSONL of `{id, reason, diseases}` (e.g. teacher answers on a held-out split), or
 submissions or predict's `predictions.jsonl` (which adds `raw_valid`). Every reference case
 counts: one missing from a prediction scores zero everywhere and is listed.
 
-    python -m launch.score REF.jsonl PRED.jsonl [PRED2.jsonl ...] --out DIR [--names a b] [--set fuzzy_threshold=0.6]
+Its settings (ScoreSettings) come from a recipe, recipes/score/*.yaml; `python -m launch.score` is the command.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import statistics
-import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from prep.answers import AnswerError, answer_from_object, normalise_diseases, parse_answer
-from prep.config import RecipeError, apply_overrides, build
-from prep.jsonio import InputError, iter_json_lines, parse_object_line, write_jsonl_atomic, write_text_atomic
+from prep.config import load_recipe
+from prep.jsonio import (
+    InputError,
+    iter_json_lines,
+    parse_object_line,
+    write_bytes_atomic,
+    write_jsonl_atomic,
+    write_text_atomic,
+)
+from prep.records import case_id_of
 from prep.submission import id_list
 
 GENERIC_STEMS = {"submission", "predictions", "prediction", "valid", "test"}
+DEFAULT_RECIPE = "recipes/score/default.yaml"   # what launch.score and the pipeline's `score:` section use unless told
 
 
 @dataclass
 class ScoreSettings:
-    """Scorer knobs; change them with `--set key=value`."""
+    """Scorer knobs: a recipe (recipes/score/*.yaml), the pipeline recipe's `score:` section, `--set key=value`."""
 
     keep_parentheticals: bool = True   # "原发性高血压（1级）" vs "原发性高血压": different names when true
     fuzzy_threshold: float = 0.5       # character Dice overlap at which two disease names count as the same
@@ -38,6 +45,11 @@ class ScoreSettings:
     def __post_init__(self) -> None:
         if not 0 < self.fuzzy_threshold <= 1:
             raise ValueError(f"fuzzy_threshold must be in (0, 1], got {self.fuzzy_threshold}")
+
+
+def validate_recipe(path: str | Path, overlays: list[str | Path] = (), overrides: list[str] = ()) -> ScoreSettings:
+    """A score recipe composed with its overlays and `key=value` overrides -> ScoreSettings (RecipeError if bad)."""
+    return load_recipe(ScoreSettings, path, list(overrides), overlays)
 
 
 @dataclass(frozen=True)
@@ -87,11 +99,10 @@ def load_answers(path: str | Path, strict: bool) -> AnswerFile:
     for number, text in iter_json_lines(path):
         try:
             row = parse_object_line(path, number, text)
-            case_id = row.get("id")
-            if isinstance(case_id, bool) or not isinstance(case_id, int):
-                raise InputError(path, number, f"must be an integer, got {json.dumps(case_id, ensure_ascii=False)}", field="id")
+            case_id = case_id_of(path, number, row.get("id"))
             if case_id in first_line:
-                raise InputError(path, number, f"duplicate id {case_id} (first on line {first_line[case_id]})", field="id")
+                raise InputError(path, number, f"duplicate id {case_id} (first on line {first_line[case_id]})",
+                                 field="id")
             first_line[case_id] = number
             try:
                 result.answers[case_id] = _answer_of_row(row)
@@ -193,7 +204,8 @@ class RunScore:
 def score_run(name: str, predictions: AnswerFile, reference: AnswerFile, settings: ScoreSettings) -> RunScore:
     per_case = [{"id": case_id, **score_case(predictions.answers.get(case_id), ref, settings)}
                 for case_id, ref in reference.answers.items()]
-    lengths = [len(predictions.answers[case_id].reason) for case_id in reference.answers if case_id in predictions.answers]
+    lengths = [len(predictions.answers[case_id].reason) for case_id in reference.answers
+               if case_id in predictions.answers]
     ref_mean = statistics.fmean(len(ref.reason) for ref in reference.answers.values())
     return RunScore(
         name=name, path=predictions.path, cases=len(per_case),
@@ -247,7 +259,8 @@ def report_markdown(runs: list[RunScore], reference: AnswerFile, settings: Score
     for run in runs:
         notes = []
         if run.missing_ids:
-            notes.append(f"- {len(run.missing_ids)} reference cases missing (scored zero): {id_list(run.missing_ids, 200)}")
+            notes.append(f"- {len(run.missing_ids)} reference cases missing (scored zero): "
+                         f"{id_list(run.missing_ids, 200)}")
         if run.extra_ids:
             notes.append(f"- {len(run.extra_ids)} ids not in the reference (ignored): {id_list(run.extra_ids, 200)}")
         notes += [f"- unreadable row: {problem}" for problem in run.problems]
@@ -277,12 +290,10 @@ def bar_chart(runs: list[RunScore], path: Path) -> Path:
     # Below the axes, so the legend never hides a bar at 1.0.
     axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(len(runs), 4), fontsize=8, frameon=False)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=120)
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=120)
     plt.close(figure)
-    tmp.replace(path)
-    return path
+    return write_bytes_atomic(path, image.getvalue())
 
 
 def run_names(paths: list[str], names: list[str] | None) -> list[str]:
@@ -291,7 +302,8 @@ def run_names(paths: list[str], names: list[str] | None) -> list[str]:
         if len(names) != len(paths):
             raise ValueError(f"--names gives {len(names)} names for {len(paths)} prediction files")
         return names
-    labels = [Path(p).parent.name if Path(p).stem in GENERIC_STEMS and Path(p).parent.name else Path(p).stem for p in paths]
+    labels = [Path(p).parent.name if Path(p).stem in GENERIC_STEMS and Path(p).parent.name else Path(p).stem
+              for p in paths]
     counts = Counter(labels)
     seen: Counter = Counter()
     unique = []
@@ -313,7 +325,8 @@ def score_files(reference_path: str | Path, prediction_paths: list[str], names: 
         rows = table_rows(runs)
         write_text_atomic(out_dir / "scores.md", report_markdown(runs, reference, settings))
         write_text_atomic(out_dir / "scores.csv", csv_text(rows))
-        write_jsonl_atomic(out_dir / "per_case.jsonl", ({"run": run.name, **case} for run in runs for case in run.per_case))
+        write_jsonl_atomic(out_dir / "per_case.jsonl",
+                           ({"run": run.name, **case} for run in runs for case in run.per_case))
         write_text_atomic(out_dir / "scores.json", json.dumps(
             {"reference": str(reference_path), "settings": asdict(settings), "table": rows,
              "missing_ids": {run.name: run.missing_ids for run in runs}}, ensure_ascii=False, indent=1) + "\n")
@@ -321,30 +334,12 @@ def score_files(reference_path: str | Path, prediction_paths: list[str], names: 
     return runs
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.score", description=__doc__.splitlines()[0])
-    parser.add_argument("reference", help="reference answers: JSONL of {id, reason, diseases} or sft/valid.jsonl {id, messages}")
-    parser.add_argument("predictions", nargs="+", help="submission or predictions JSONL files, one per run")
-    parser.add_argument("--out", required=True, help="folder for scores.md, scores.csv, scores.json, scores.png, per_case.jsonl")
-    parser.add_argument("--names", nargs="+", help="run labels, one per prediction file (default: from file names)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="scorer setting: keep_parentheticals=false, fuzzy_threshold=0.6")
-    args = parser.parse_args(argv)
-    try:
-        settings = build(ScoreSettings, apply_overrides({}, args.overrides), "--set")
-        runs = score_files(args.reference, args.predictions, args.names, settings, args.out)
-    except (InputError, RecipeError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(markdown_table(table_rows(runs)), end="")
+def console_report(runs: list[RunScore]) -> str:
+    """The table, then one line per missing set of cases and per unreadable row, for a terminal."""
+    lines = [markdown_table(table_rows(runs)).rstrip("\n")]
     for run in runs:
         if run.missing_ids:
-            print(f"{run.name}: {len(run.missing_ids)} reference cases missing, scored zero: {id_list(run.missing_ids)}")
-        for problem in run.problems:
-            print(f"{run.name}: unreadable row, scored zero: {problem}")
-    print(f"wrote {args.out}/scores.md, scores.csv, scores.json, scores.png, per_case.jsonl")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+            lines.append(f"{run.name}: {len(run.missing_ids)} reference cases missing, scored zero: "
+                         f"{id_list(run.missing_ids)}")
+        lines += [f"{run.name}: unreadable row, scored zero: {problem}" for problem in run.problems]
+    return "\n".join(lines) + "\n"

@@ -1,4 +1,4 @@
-"""The competition submission: written only after it validates, and `python -m launch.submission check`.
+"""The competition submission: rendered, validated, and written only when valid (`python -m launch.submission`).
 
 A submission is JSONL, one line per input case in input order, keys `id`, `reason`, `diseases`
 (and `feature_content` echoed when asked, as the official example does). Every problem is one
@@ -7,15 +7,12 @@ a silently missing line.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from prep.answers import Answer
-from prep.jsonio import InputError, dumps, text_line_of_byte, write_text_atomic
-from prep.records import Case, read_cases
+from prep.jsonio import InputError, dumps, parse_object_line, read_jsonl, text_line_of_byte, write_text_atomic
+from prep.records import Case, case_id_of, read_cases
 
 SUBMISSION_KEYS = ("id", "reason", "diseases")
 OPTIONAL_KEYS = ("feature_content",)
@@ -75,16 +72,12 @@ def _line_problem(path: str | Path, number: int, text: str, expected: Mapping[in
     if not text.strip():
         return InputError(path, number, "blank line (a submission has exactly one JSON object per line)")
     try:
-        row = json.loads(text)
-    except json.JSONDecodeError as err:
-        return InputError(path, number, f"invalid JSON ({err.msg}, column {err.colno})")
-    if not isinstance(row, dict):
-        return InputError(path, number, f"expected a JSON object, got {type(row).__name__}")
-    if "id" not in row:
-        return InputError(path, number, "missing", field="id")
-    case_id = row["id"]
-    if isinstance(case_id, bool) or not isinstance(case_id, int):
-        return InputError(path, number, f"must be an integer, got {json.dumps(case_id, ensure_ascii=False)}", field="id")
+        row = parse_object_line(path, number, text)
+        if "id" not in row:
+            return InputError(path, number, "missing", field="id")
+        case_id = case_id_of(path, number, row["id"])
+    except InputError as problem:
+        return problem
     if case_id not in expected:
         return InputError(path, number, f"id {case_id} is not one of the input cases", field="id")
     if case_id in seen:
@@ -107,7 +100,8 @@ def _line_problem(path: str | Path, number: int, text: str, expected: Mapping[in
         return InputError(path, number, "unexpected key (a submission line has id, reason, diseases and optionally "
                                         "feature_content)", field=extra[0])
     if "feature_content" in row and row["feature_content"] != case.feature_content:
-        return InputError(path, number, f"does not match the input case {case_id} ({case.source})", field="feature_content")
+        return InputError(path, number, f"does not match the input case {case_id} ({case.source})",
+                          field="feature_content")
     return None
 
 
@@ -145,31 +139,10 @@ def write_submission(path: str | Path, cases: list[Case], answers: Mapping[int, 
     return write_text_atomic(path, text)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.submission", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    check = commands.add_parser("check", help="validate SUBMISSION against CASES; exit 1 with path:line: problem lines")
-    check.add_argument("cases", help="the input case file (JSONL of id, feature_content)")
-    check.add_argument("submission", help="the submission JSONL to check")
-    check.add_argument("--max-problems", type=int, default=50, help="print at most this many problems (default 50)")
-    args = parser.parse_args(argv)
-
-    try:
-        problems = check_submission(args.cases, args.submission)
-    except InputError as err:
-        print(f"cannot read the cases: {err}", file=sys.stderr)
-        return 1
-    for problem in problems[: args.max_problems]:
-        print(problem, file=sys.stderr)
-    if len(problems) > args.max_problems:
-        print(f"... and {len(problems) - args.max_problems} more problems", file=sys.stderr)
-    if problems:
-        print(f"{args.submission}: INVALID ({len(problems)} problems)", file=sys.stderr)
-        return 1
-    count = len(read_cases(args.cases).cases)
-    print(f"{args.submission}: ok ({count} lines, one per case of {args.cases}, in input order)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def write_submission_from_predictions(cases_path: str | Path, predictions_path: str | Path,
+                                      out_path: str | Path) -> Path:
+    """The submission for exactly the cases of CASES_PATH, from predictions (predict's `predictions.jsonl`
+    or another submission) that may cover more cases; SubmissionError when a case has no usable answer."""
+    answers = {row["id"]: Answer(row["reason"], row["diseases"]) for row in read_jsonl(predictions_path)
+               if row.get("reason") and row.get("diseases")}
+    return write_submission(out_path, read_cases(cases_path).cases, answers)

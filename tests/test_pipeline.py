@@ -1,5 +1,6 @@
 """launch.pipeline: bad input stops it before any step; SIGKILL inside each stage-one step, then the
 same command finishes with every case exactly once and a valid submission."""
+import contextlib
 import json
 import os
 import signal
@@ -11,11 +12,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from prep.submission import check_submission
 from prep.jsonio import read_appended, read_jsonl
+from prep.pipeline import build_plan, validate_recipe
+from prep.submission import check_submission
 from tests.conftest import REPO_ROOT, SAMPLE_CASES
 
-TINY = REPO_ROOT / "recipes" / "pipeline" / "tiny-cpu.yaml"
+RECIPES = REPO_ROOT / "recipes"
+TINY = RECIPES / "pipeline" / "tiny-cpu.yaml"
 
 
 def write_recipe(tmp_path: Path, edit) -> Path:
@@ -28,8 +31,10 @@ def write_recipe(tmp_path: Path, edit) -> Path:
 
 
 def run_pipeline(recipe: Path, *extra: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The pipeline command on this machine as a CPU machine (no GPU visible, whatever is installed)."""
     return subprocess.run([sys.executable, "-m", "launch.pipeline", "--config", str(recipe), *extra], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
 
 
 def corrupt_cases(tmp_path: Path) -> str:
@@ -56,6 +61,9 @@ BAD = {
     "unknown key in a stage recipe": (lambda r, t: r["stage1"].update(teacher=unknown_teacher_key(t)),
                                       "key 'sampling.temprature': unknown key (did you mean 'sampling.temperature'?)"),
     "missing stage recipe": (lambda r, t: r["stage2"].update(distill="recipes/distill/nope.yaml"), "recipes/distill/nope.yaml"),
+    "bad score setting": (lambda r, t: r["score"].update(set=["fuzzy_threshold=2"]),
+                          "fuzzy_threshold must be in (0, 1], got 2"),
+    "GPU recipe without a GPU": (lambda r, t: r["stage1"].pop("sft_overlays"), "needs a CUDA GPU"),
 }
 
 
@@ -68,18 +76,48 @@ def test_bad_input_stops_before_any_step(tmp_path, name):
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
-    assert not list((tmp_path / "run" / "logs").glob("*.log")) if (tmp_path / "run" / "logs").exists() else True
+    # No step started: a step's first act is to open its log under logs/ and its stamp goes to stamps/.
+    assert not (tmp_path / "run" / "logs").exists() and not (tmp_path / "run" / "stamps").exists()
+    assert ": running (log" not in result.stdout
     assert time.monotonic() - started < 90
+
+
+def test_plan_passes_every_setting_as_the_stage_commands_own_flags(tmp_path):
+    recipe = write_recipe(tmp_path, lambda r: r["score"].update(set=["fuzzy_threshold=0.6"]))
+    plan = {step.name: step.argv for step in build_plan(validate_recipe(recipe))}
+    out = tmp_path / "run"
+    assert list(plan) == ["teacher", "sft", "merge", "predict-base", "predict-stage1", "softlabels", "distill",
+                          "predict-stage2", "score", "submission"]
+    # Recipe and case paths are absolute: the steps run in the repository wherever the pipeline started.
+    assert plan["teacher"][1:5] == ["-m", "launch.teacher", "--config", f"{RECIPES}/teacher/local-tiny-vllm.yaml"]
+    assert plan["teacher"][-2:] == ["--set", "split.valid_fraction=0.34"]
+    sft = plan["sft"]
+    assert sft[1:3] == ["-m", "launch.sft"] and "--run" not in sft
+    assert sft[sft.index("--overlay") + 1] == f"{RECIPES}/sft/overrides/cpu-tiny.yaml"
+    sets = [sft[i + 1] for i, arg in enumerate(sft) if arg == "--set"]
+    assert sets == [f'output_dir="{out}/stage1/sft"', f'dataset_prepared_path="{out}/stage1/sft/prepared"',
+                    f'datasets.0.path="{out}/stage1/teacher/sft/train.jsonl"',
+                    f'test_datasets.0.path="{out}/stage1/teacher/sft/valid.jsonl"']
+    assert plan["merge"][1:] == ["-m", "launch.merge", f"{out}/stage1/sft"]
+    distill = plan["distill"]
+    assert distill[distill.index("--overlay") + 1] == f"{RECIPES}/distill/overrides/cpu-tiny.yaml"
+    assert [distill[i + 1] for i, arg in enumerate(distill) if arg == "--set"] == [
+        f'dataset_path="{out}/stage2/softlabels"', f'output_dir="{out}/stage2/distill"',
+        f'model_name_or_path="{out}/stage1/merged"']
+    score = plan["score"]
+    assert score[1:5] == ["-m", "launch.score", "--config", f"{RECIPES}/score/default.yaml"]
+    assert score[-2:] == ["--set", "fuzzy_threshold=0.6"]
+    assert score[score.index("--names") + 1:score.index("--names") + 4] == ["base", "stage1", "stage2"]
+    assert plan["submission"][1:] == ["-m", "launch.submission", "write", str(SAMPLE_CASES),
+                                      f"{out}/stage2/predict/predictions.jsonl", f"{out}/submission.jsonl"]
 
 
 def _kill_tree(process: subprocess.Popen) -> None:
     """SIGKILL the pipeline and the session of the step it runs: as if the machine lost power."""
     children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
     for child in children:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(int(child), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
 
@@ -109,14 +147,15 @@ def test_sigkill_inside_each_stage_one_step_then_rerun(tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "launch.pipeline", "--config", str(recipe), "--stages", "1"]
     for step in STAGE_ONE_STEPS:
-        log = open(tmp_path / f"pipeline-{step}.out", "w")
-        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        reached, deadline = kill_point(step, out), time.monotonic() + 600
-        while not reached():
-            assert process.poll() is None, (tmp_path / f"pipeline-{step}.out").read_text()[-2000:]
-            assert time.monotonic() < deadline, f"step {step} never got going"
-            time.sleep(0.1)
-        _kill_tree(process)
+        with open(tmp_path / f"pipeline-{step}.out", "w") as log:
+            process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+            reached, deadline = kill_point(step, out), time.monotonic() + 600
+            while not reached():
+                assert process.poll() is None, (tmp_path / f"pipeline-{step}.out").read_text()[-2000:]
+                assert time.monotonic() < deadline, f"step {step} never got going"
+                time.sleep(0.1)
+            _kill_tree(process)
         assert not (out / "stamps" / f"{step}.json").exists(), f"{step} finished before the kill"
     final = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1500)
     assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]

@@ -1,20 +1,18 @@
 """Every file under recipes/ loads and validates (torchtune's "every config validates").
 
-Files are discovered by folder, so a new recipe is picked up without touching this test:
-  sft/*.yaml              Axolotl configs: Axolotl's own validation for the GPUs they are written for,
-                          and no key Axolotl would silently ignore (a typo)
-  sft/overrides/*.yaml    overlays: merged over every sft recipe, then Axolotl's validation for a CPU
-  deepspeed/*.json        DeepSpeed configs: JSON with a ZeRO stage, referenced by an sft recipe
-  accelerate/*.yaml       accelerate launch configs: YAML with the keys accelerate needs
-  serve/*.yaml            launch.vllm_server.load_server_spec
-  teacher/, predict/, distill/, pipeline/ and anything new: the owning module's validate_recipe(path)
-                          or its recipe schema when importable, else parsed and reported as skipped
+Files are discovered by folder, so a new recipe is picked up without touching this test, and each is
+validated by the validator prep.catalogue names for its folder: the same call the pipeline's preflight
+makes. A recipes/ folder the catalogue does not know fails here. Overlays (`<folder>/overrides/*.yaml`)
+are validated merged over every recipe of their folder. On top of that:
+  sft/*.yaml              Axolotl's own validation for the GPUs they are written for, and no key Axolotl
+                          would silently ignore (a typo)
+  sft/overrides/*.yaml    merged over every sft recipe, then Axolotl's validation for a CPU
+  deepspeed/*.json        referenced by an sft recipe
 Also here: the SFT recipes agree on the data, template and masking keys; their headers name the GPUs,
 the estimator's prediction and the launch command; their LoRA rank fits the vLLM serve recipe.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import re
 from pathlib import Path
@@ -23,25 +21,17 @@ import pytest
 import yaml
 
 from custom_losses.sft_config import compose
-from tests.sft_fixtures import axolotl_checks
+from prep import catalogue
 from prep.paths import REPO_ROOT
+from tests.sft_fixtures import axolotl_checks
 
 RECIPES = REPO_ROOT / "recipes"
 ALL_FILES = sorted(p for p in RECIPES.rglob("*") if p.is_file() and p.suffix in (".yaml", ".yml", ".json"))
 SFT_RECIPES = sorted(p for p in (RECIPES / "sft").glob("*.yaml"))
-SFT_OVERLAYS = sorted((RECIPES / "sft" / "overrides").glob("*.yaml"))
+SFT_OVERLAYS = sorted((RECIPES / "sft" / catalogue.OVERLAY_FOLDER).glob("*.yaml"))
 GPU = {"bf16": True, "fp8": False, "tf32": True, "n_gpu": 1, "compute_capability": "sm_90"}
 CPU = {"bf16": False, "fp8": False, "tf32": False, "n_gpu": 1, "compute_capability": None}
-# Recipe folders owned by other modules: (module, validator function, recipe dataclass, applies to) tried
-# in order; the first candidate that applies to a file validates it. (launch.distill's parse_recipe
-# builds TrainingArguments, which refuses bf16 on a CPU, so distill recipes need a validate_recipe.)
-OWNERS = {
-    "softlabels": [("prep.softlabels", "validate_recipe", "SoftLabelRecipe", lambda data: True)],
-    "teacher": [("prep.teacher", "validate_recipe", "TeacherRecipe", lambda data: True)],
-    "predict": [("prep.predict", "validate_recipe", "PredictRecipe", lambda data: True)],
-    "distill": [("custom_losses.distill", "validate_recipe", None, lambda data: True)],
-    "pipeline": [("prep.pipeline", "validate_recipe", "PipelineRecipe", lambda data: True)],
-}
+
 
 def rel(path: Path) -> str:
     return str(path.relative_to(REPO_ROOT))
@@ -49,6 +39,11 @@ def rel(path: Path) -> str:
 
 def gpus_for(config: dict) -> int:
     return 4 if config.get("deepspeed") else 1
+
+
+def cpu_overrides(recipe: Path) -> list[str]:
+    """DeepSpeed hard-codes NCCL: a CPU run of a DeepSpeed recipe drops it, as the CPU overlay's header says."""
+    return ["deepspeed=null"] if compose(recipe).get("deepspeed") else []
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +55,10 @@ def axolotl_results() -> dict[str, dict]:
         jobs.append({"label": rel(recipe), "kind": "validate", "config": config, "strict_keys": True,
                      "capabilities": {**GPU, "n_gpu": gpus_for(config)}})
     for overlay in SFT_OVERLAYS:
-        jobs.append({"label": f"{rel(overlay)}:keys", "kind": "known_keys", "keys": list(yaml.safe_load(overlay.read_text()) or {})})
+        keys = list(yaml.safe_load(overlay.read_text()) or {})
+        jobs.append({"label": f"{rel(overlay)}:keys", "kind": "known_keys", "keys": keys})
         for recipe in SFT_RECIPES:
-            # DeepSpeed hard-codes NCCL: a CPU run of a DeepSpeed recipe drops it, as the overlay's header says.
-            config = compose(recipe, [overlay], ["deepspeed=null"] if compose(recipe).get("deepspeed") else [])
+            config = compose(recipe, [overlay], cpu_overrides(recipe))
             jobs.append({"label": f"{rel(overlay)}+{rel(recipe)}", "kind": "validate", "config": config,
                          "capabilities": CPU, "report": ["lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel",
                                                          "lora_embedding_kernel", "attn_implementation", "bf16"]})
@@ -74,69 +69,79 @@ def axolotl_results() -> dict[str, dict]:
     return axolotl_checks(jobs)
 
 
-def check_owned(path: Path, folder: str, data: dict) -> str | None:
-    """Validate with the owning module; returns a skip reason when no validator is importable."""
-    module_name, validator_name, schema_name, _ = next(c for c in OWNERS[folder] if c[3](data))
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        return f"{module_name} not importable ({err})"
-    validator = getattr(module, validator_name, None)
-    if validator is not None:
-        validator(path)
-        return None
-    schema = getattr(module, schema_name, None) if schema_name else None
-    if schema is not None:
-        from prep.config import load_recipe
-
-        load_recipe(schema, path)
-        return None
-    return f"{module_name} has no {validator_name}()" + (f" or {schema_name}" if schema_name else "")
+def folder_recipes(folder: str) -> list[Path]:
+    return sorted(p for p in (RECIPES / folder).glob("*") if p.is_file() and p.suffix in (".yaml", ".yml", ".json"))
 
 
 @pytest.mark.parametrize("path", ALL_FILES, ids=rel)
-def test_every_recipe_file_validates(path: Path, axolotl_results):
-    parts = path.relative_to(RECIPES).parts
-    folder = parts[0] if len(parts) > 1 else ""
+def test_every_recipe_file_validates(path: Path):
+    folder = catalogue.recipe_folder(path)
+    assert folder in catalogue.VALIDATORS, f"{rel(path)}: recipes/{folder}/ has no validator in prep.catalogue"
     text = path.read_text(encoding="utf-8")
     data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)   # every file at least parses
     assert isinstance(data, dict), f"{rel(path)}: not a mapping"
-
-    if folder == "sft" and len(parts) == 2:
-        result = axolotl_results[rel(path)]
-        assert result["ok"], f"{rel(path)}: Axolotl rejects it: {result.get('error')}"
-        assert result["unknown_keys"] == [], f"{rel(path)}: keys Axolotl would silently ignore: {result['unknown_keys']}"
-    elif folder == "sft" and parts[1] == "overrides":
-        assert axolotl_results[f"{rel(path)}:keys"]["unknown_keys"] == [], f"{rel(path)}: unknown Axolotl keys"
-        for recipe in SFT_RECIPES:
-            result = axolotl_results[f"{rel(path)}+{rel(recipe)}"]
-            assert result["ok"], f"{rel(path)} over {rel(recipe)}: Axolotl rejects it: {result.get('error')}"
-            values = result["values"]
-            assert [values[k] for k in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")] \
-                == [False] * 4, "the CUDA-only LoRA kernels must be off on a CPU"
-            assert values["attn_implementation"] == "eager" and not values.get("bf16")
-    elif folder == "deepspeed":
-        stage = data["zero_optimization"]["stage"]
-        assert stage in (0, 1, 2, 3)
-        users = [r for r in SFT_RECIPES if Path(str(compose(r).get("deepspeed"))).name == path.name]
-        assert users, f"{rel(path)}: no sft recipe uses it"
-    elif folder == "accelerate":
-        from accelerate.commands.config.config_args import load_config_from_file
-
-        config = load_config_from_file(str(path))                   # accelerate's own loader and enums
-        assert config.num_processes >= 1 and config.use_cpu is False
-        assert str(config.mixed_precision) == "no", "precision comes from the Axolotl recipe, not from here"
-    elif folder == "serve":
-        from prep.serving import load_server_spec
-
-        spec = load_server_spec(path)
-        assert spec.model
-    elif folder in OWNERS:  # the owner validates overlays in subfolders too (launch.distill does)
-        reason = check_owned(path, folder, data)
-        if reason:
-            pytest.skip(f"{rel(path)} parses; {reason}")
+    if catalogue.is_overlay(path):
+        recipes = folder_recipes(folder)
+        assert recipes, f"{rel(path)}: an overlay with no recipe in recipes/{folder}/ to lay it over"
+        for recipe in recipes:
+            extra = cpu_overrides(recipe) if folder == "sft" else []
+            catalogue.validate(folder, recipe, overlays=[path], overrides=extra)
     else:
-        pytest.skip(f"{rel(path)} parses; no validator for recipes/{'/'.join(parts[:-1])}/")
+        catalogue.validate(folder, path)
+
+
+def test_every_catalogue_entry_names_a_function():
+    for folder in catalogue.VALIDATORS:
+        assert callable(catalogue.validator(folder)), folder
+    with pytest.raises(KeyError, match=r"recipes/nope/ has no validator"):
+        catalogue.validator("nope")
+
+
+@pytest.mark.parametrize("recipe", SFT_RECIPES, ids=rel)
+def test_sft_recipe_passes_axolotl_validation(recipe: Path, axolotl_results):
+    result = axolotl_results[rel(recipe)]
+    assert result["ok"], f"{rel(recipe)}: Axolotl rejects it: {result.get('error')}"
+    assert result["unknown_keys"] == [], f"{rel(recipe)}: keys Axolotl would silently ignore: {result['unknown_keys']}"
+
+
+@pytest.mark.parametrize("overlay", SFT_OVERLAYS, ids=rel)
+def test_sft_overlay_passes_axolotl_validation_over_every_recipe(overlay: Path, axolotl_results):
+    assert axolotl_results[f"{rel(overlay)}:keys"]["unknown_keys"] == [], f"{rel(overlay)}: unknown Axolotl keys"
+    for recipe in SFT_RECIPES:
+        result = axolotl_results[f"{rel(overlay)}+{rel(recipe)}"]
+        assert result["ok"], f"{rel(overlay)} over {rel(recipe)}: Axolotl rejects it: {result.get('error')}"
+        values = result["values"]
+        kernels = [values[k] for k in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")]
+        assert kernels == [False] * 4, "the CUDA-only LoRA kernels must be off on a CPU"
+        assert values["attn_implementation"] == "eager" and not values.get("bf16")
+
+
+@pytest.mark.parametrize("path", sorted((RECIPES / "deepspeed").glob("*.json")), ids=rel)
+def test_deepspeed_config_is_used_by_an_sft_recipe(path: Path):
+    users = [r for r in SFT_RECIPES if Path(str(compose(r).get("deepspeed"))).name == path.name]
+    assert users, f"{rel(path)}: no sft recipe uses it"
+
+
+@pytest.mark.parametrize("bad,message", [
+    ('{"zero_optimization": {"stage": 4}}', "key 'zero_optimization.stage': must be 0, 1, 2 or 3, got 4"),
+    ('{"zero_optimization": {"stage": 2},}', "not valid JSON at line 1"),
+    ("[1]", "a DeepSpeed config must be a JSON object"),
+])
+def test_deepspeed_validator_names_the_problem(tmp_path, bad, message):
+    path = tmp_path / "zero.json"
+    path.write_text(bad, encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        catalogue.validate("deepspeed", path)
+
+
+def test_accelerate_validator_refuses_precision_and_cpu(tmp_path):
+    single = RECIPES / "accelerate" / "single-gpu.yaml"
+    with pytest.raises(ValueError, match="key 'mixed_precision': must be 'no'"):
+        catalogue.validate("accelerate", single, overrides=["mixed_precision=bf16"])
+    with pytest.raises(ValueError, match="key 'use_cpu': must be false"):
+        catalogue.validate("accelerate", single, overrides=["use_cpu=true"])
+    with pytest.raises(ValueError, match="accelerate cannot load it"):
+        catalogue.validate("accelerate", single, overrides=["num_procesess=2"])
 
 
 # ---- SFT recipes: what they must agree on ---------------------------------------------------------
@@ -190,7 +195,7 @@ def test_sft_recipe_header_names_gpus_memory_and_launch(recipe: Path):
 
     header = "".join(line for line in recipe.read_text(encoding="utf-8").splitlines(keepends=True) if line.startswith("#"))
     assert re.search(r"^# GPUs: ", header, re.M)
-    assert f"bash launch/sft.sh {rel(recipe)}" in header, "the command that launches it"
+    assert f"python -m launch.sft --config {rel(recipe)}" in header, "the command that launches it"
     assert "runs/<run>/teacher/sft/" in header and "runs/<run>/sft/" in header, "the run-folder convention"
     predictions = re.findall(r"^#\s+(\d+) GPUs?: ([0-9.]+) GiB", header, re.M)
     assert predictions, "the memory the estimator predicts, as '#   N GPU(s): X GiB'"

@@ -3,8 +3,9 @@ import json
 
 import pytest
 
+from launch.records import main
 from prep.jsonio import InputError
-from prep.records import ALWAYS_FIELDS, main, parse_fields, read_cases, summarise
+from prep.records import ALWAYS_FIELDS, parse_fields, read_cases, summarise
 from tests.conftest import SAMPLE_CASES
 
 GOOD = {"id": 1, "feature_content": "性别: 男\n年龄: 48\n主诉: 头痛"}

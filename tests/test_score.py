@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from prep.score import ScoreSettings, char_dice, fuzzy_matches, load_answers, main, rouge_l_f1, score_files
+from launch.score import main
 from prep.jsonio import InputError
+from prep.score import ScoreSettings, char_dice, fuzzy_matches, load_answers, rouge_l_f1, score_files
 from tests.conftest import SHARED_DATA
 
 APPROX = dict(abs=1e-6)
@@ -153,7 +154,21 @@ def test_command_writes_table_csv_chart_and_lists_missing(tmp_path, reference, c
     assert json.loads((out / "scores.json").read_text())["settings"] == {"keep_parentheticals": True, "fuzzy_threshold": 0.6}
     assert len((out / "per_case.jsonl").read_text().splitlines()) == 8
 
-    assert main([str(reference), str(runs / "base" / "submission.jsonl"), "--out", str(out), "--set", "fuzzy_thresh=1"]) == 1
+    assert main([str(reference), str(runs / "base" / "submission.jsonl"), "--out", str(out), "--set", "fuzzy_thresh=1"]) == 2
     assert "key 'fuzzy_thresh': unknown key (did you mean 'fuzzy_threshold'?)" in capsys.readouterr().err
-    assert main([str(reference), str(runs / "base" / "submission.jsonl"), "--out", str(out), "--names", "a", "b"]) == 1
+    assert main([str(reference), str(runs / "base" / "submission.jsonl"), "--out", str(out), "--names", "a", "b"]) == 2
     assert "--names gives 2 names for 1 prediction files" in capsys.readouterr().err
+
+
+def test_command_takes_its_settings_from_a_score_recipe(tmp_path, reference, capsys):
+    prediction = write_jsonl(tmp_path / "run.jsonl", [{"id": 2, "reason": "发热咳嗽", "diseases": "肺炎"}])
+    recipe = tmp_path / "loose.yaml"
+    recipe.write_text("keep_parentheticals: false\nfuzzy_threshold: 0.4\n", encoding="utf-8")
+    assert main([str(reference), str(prediction), "--out", str(tmp_path / "out"), "--config", str(recipe)]) == 0
+    scores = json.loads((tmp_path / "out" / "scores.json").read_text())
+    assert scores["settings"] == {"keep_parentheticals": False, "fuzzy_threshold": 0.4}
+    # 肺炎 vs 社区获得性肺炎 (Dice 0.44) matches at 0.4: fuzzy F1 1 on case 2, zero on the three missing cases.
+    assert float(scores["table"][0]["diseases_fuzzy_f1"]) == pytest.approx(1 / 4)
+    recipe.write_text("fuzzy_threshold: 1.5\n", encoding="utf-8")
+    assert main([str(reference), str(prediction), "--out", str(tmp_path / "out"), "--config", str(recipe)]) == 2
+    assert "fuzzy_threshold must be in (0, 1], got 1.5" in capsys.readouterr().err

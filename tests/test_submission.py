@@ -5,9 +5,10 @@ import sys
 
 import pytest
 
-from prep.submission import SubmissionError, check_submission, main, write_submission
+from launch.submission import main
 from prep.answers import Answer
 from prep.records import read_cases
+from prep.submission import SubmissionError, check_submission, write_submission
 from tests.conftest import REPO_ROOT, SAMPLE_CASES
 
 CASES = read_cases(SAMPLE_CASES).cases
@@ -142,4 +143,25 @@ def test_check_command_runs_as_a_module(good, tmp_path):
     assert f"{good}: 1 input ids have no line: {CASES[-1].id}" in result.stderr
     missing = subprocess.run([sys.executable, "-m", "launch.submission", "check", str(tmp_path / "nope.jsonl"), str(good)],
                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
-    assert missing.returncode == 1 and "nope.jsonl: file not found" in missing.stderr
+    assert missing.returncode == 2 and "nope.jsonl: file not found" in missing.stderr
+
+
+def test_write_command_keeps_exactly_the_input_cases_and_refuses_a_gap(tmp_path, capsys):
+    predictions = tmp_path / "predictions.jsonl"
+    rows = [{"id": case.id, "reason": ANSWERS[case.id].reason, "diseases": ANSWERS[case.id].diseases,
+             "raw_valid": True} for case in reversed(CASES)] + [{"id": 777, "reason": "r", "diseases": "d"}]
+    rewrite(predictions, [json.dumps(row, ensure_ascii=False) for row in rows])
+    out = tmp_path / "submission.jsonl"
+    assert main(["write", str(SAMPLE_CASES), str(predictions), str(out)]) == 0
+    assert [row["id"] for row in rows_of(out)] == [case.id for case in CASES]  # input order, id 777 left out
+    assert all(list(row) == ["id", "reason", "diseases"] for row in rows_of(out))
+    assert check_submission(SAMPLE_CASES, out) == []
+
+    before = out.read_bytes()
+    rewrite(predictions, [json.dumps(row, ensure_ascii=False) for row in rows if row["id"] != CASES[3].id])
+    assert main(["write", str(SAMPLE_CASES), str(predictions), str(out)]) == 1
+    assert f"1 of 12 cases have no answer (ids: {CASES[3].id})" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    predictions.write_text('{"id": 1, "reason"\n', encoding="utf-8")
+    assert main(["write", str(SAMPLE_CASES), str(predictions), str(out)]) == 2
+    assert f"{predictions}:1: invalid JSON" in capsys.readouterr().err
