@@ -26,8 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from prep.fault_server import DEFAULT_MODEL
 from prep.client import ChatClient, ClientSettings, run_cached
+from prep.fault_server import DEFAULT_MODEL
 from prep.paths import REPO_ROOT, resolve_path
 from prep.prompts import load_prompts
 from prep.records import Case, read_cases

@@ -7,7 +7,6 @@ import traceback
 
 import pytest
 
-from prep.fault_server import FaultServer
 from prep.answers import ANSWER_REGEX, Answer, answer_json, parse_answer
 from prep.client import (
     ChatClient,
@@ -23,6 +22,7 @@ from prep.client import (
     run_cached,
     structured_output_params,
 )
+from prep.fault_server import FaultServer
 
 MESSAGES = [{"role": "system", "content": "你是医生。"}, {"role": "user", "content": "病例：咽痛伴发热2天。"}]
 

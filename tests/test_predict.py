@@ -10,9 +10,9 @@ import time
 import pytest
 
 from launch import predict, score, submission
-from prep.fault_server import FaultServer, default_answer
 from prep.client import load_cache
 from prep.config import RecipeError, load_recipe
+from prep.fault_server import FaultServer, default_answer
 from prep.predict import PredictRecipe, judge, lora_rank_for, resolve_target
 from prep.records import read_cases
 from tests.conftest import REPO_ROOT, SAMPLE_CASES

@@ -10,11 +10,11 @@ import pytest
 
 from custom_losses.token_weights import TokenWeightConfig
 from custom_losses.trainer import build_kd_features
-from prep.fault_server import FaultServer
 from launch.softlabels import main
 from prep.answers import Answer, answer_json
 from prep.client import ChatClient, ClientSettings, answer_regex
 from prep.config import RecipeError, load_recipe
+from prep.fault_server import FaultServer
 from prep.prompts import load_prompts
 from prep.records import read_cases
 from prep.softlabels import (

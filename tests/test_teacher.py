@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from prep.fault_server import FaultServer
 from launch.teacher import main
 from prep.answers import Answer, answer_json, parse_answer
 from prep.config import load_recipe
+from prep.fault_server import FaultServer
 from prep.prompts import load_prompts
 from prep.records import read_cases
 from prep.teacher import TeacherRecipe, select_by_agreement, validate_recipe, validation_ids
