@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from prep.client import ChatClient, ClientSettings, run_cached
+from prep.config import add_recipe_arguments
 from prep.fault_server import DEFAULT_MODEL
 from prep.paths import REPO_ROOT, resolve_path
 from prep.prompts import load_prompts
@@ -99,11 +100,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency", type=float, default=0.3)
     parser.add_argument("--capacity", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=None, help="client concurrency (default: the capacity)")
-    parser.add_argument("--config", default="recipes/teacher/local-tiny-vllm.yaml", help="teacher recipe")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    add_recipe_arguments(parser, "teacher recipe", default="recipes/teacher/local-tiny-vllm.yaml", overlays=False)
     args = parser.parse_args(argv)
 
-    recipe = validate_recipe(args.config, overrides=[*args.set, "server=null"])
+    recipe = validate_recipe(args.config, overrides=[*args.overrides, "server=null"])
     server, base_url = start_server(args.latency, args.capacity)
     try:
         labeller = Labeller(recipe, load_prompts(recipe.prompts.system, recipe.prompts.user), DEFAULT_MODEL)

@@ -22,17 +22,13 @@ from pathlib import Path
 from custom_losses.distill import parse_recipe, softlabel_folder, train
 from custom_losses.launcher import is_worker, launch_argv, note, run_logged, visible_gpus
 from custom_losses.memory import PreflightError
-from prep.config import RecipeError
+from prep.config import RecipeError, add_recipe_arguments
 from prep.jsonio import InputError
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m launch.distill", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, metavar="RECIPE", help="recipes/distill/*.yaml")
-    parser.add_argument("--overlay", action="append", default=[], metavar="FILE",
-                        help="YAML merged over it (repeatable)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                        help="override a recipe key (repeatable)")
+    add_recipe_arguments(parser, "recipes/distill/*.yaml")
     return parser.parse_args(argv)
 
 
@@ -40,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     try:
-        script_args, training_args, model_args = parse_recipe(args.config, args.overlay, args.overrides)
+        script_args, training_args, model_args = parse_recipe(args.config, args.overlays, args.overrides)
         softlabel_folder(script_args.dataset_path)
         if is_worker():
             train(script_args, training_args, model_args)

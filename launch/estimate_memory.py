@@ -15,7 +15,7 @@ from dataclasses import asdict
 
 from custom_losses.memory import Estimate, estimate_config
 from custom_losses.sft_config import compose
-from prep.config import RecipeError
+from prep.config import RecipeError, add_recipe_arguments
 
 
 def summary(recipe: str, result: Estimate, gpus: int) -> str:
@@ -28,18 +28,14 @@ def summary(recipe: str, result: Estimate, gpus: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.estimate_memory", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, metavar="RECIPE", help="recipes/sft/*.yaml")
-    parser.add_argument("--overlay", action="append", default=[], metavar="FILE",
-                        help="YAML merged over it (repeatable)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                        help="override a recipe key (repeatable; dotted keys, list indices)")
+    add_recipe_arguments(parser, "recipes/sft/*.yaml")
     parser.add_argument("--gpus", type=int, default=1, help="GPUs the run shards over (default 1)")
     parser.add_argument("--gpu-mem", type=float, help="GiB per GPU; warn when the prediction does not fit")
     parser.add_argument("--strict", action="store_true", help="exit 1 when it does not fit")
     parser.add_argument("--json", action="store_true", help="print the breakdown as JSON")
     args = parser.parse_args(argv)
     try:
-        result = estimate_config(compose(args.config, args.overlay, args.overrides), args.gpus)
+        result = estimate_config(compose(args.config, args.overlays, args.overrides), args.gpus)
     except (RecipeError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -15,23 +15,21 @@ from __future__ import annotations
 import argparse
 import sys
 
-from prep.config import RecipeError
+from prep.config import RecipeError, add_recipe_arguments
 from prep.jsonio import InputError
 from prep.pipeline import PipelineError, run_pipeline
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m launch.pipeline", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="pipeline recipe (recipes/pipeline/*.yaml)")
+    add_recipe_arguments(parser, "pipeline recipe (recipes/pipeline/*.yaml)", overlays=False)
     parser.add_argument("--stages", help="comma list overriding the recipe's stages, e.g. 1")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a pipeline recipe key (repeatable), e.g. out=runs/other")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    overrides = args.set + ([f"stages=[{args.stages}]"] if args.stages else [])
+    overrides = args.overrides + ([f"stages=[{args.stages}]"] if args.stages else [])
     try:
         out = run_pipeline(args.config, overrides)
     except (RecipeError, InputError, PipelineError, FileNotFoundError) as err:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from prep.config import RecipeError
+from prep.config import RecipeError, add_recipe_arguments
 from prep.jsonio import InputError
 from prep.score import DEFAULT_RECIPE, console_report, score_files, validate_recipe
 
@@ -24,9 +24,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("predictions", nargs="+", help="submission or predictions JSONL files, one per run")
     parser.add_argument("--out", required=True, help="folder for scores.md/.csv/.json/.png and per_case.jsonl")
     parser.add_argument("--names", nargs="+", help="run labels, one per prediction file (default: from file names)")
-    parser.add_argument("--config", default=DEFAULT_RECIPE, help=f"score recipe (default {DEFAULT_RECIPE})")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a score recipe key, e.g. fuzzy_threshold=0.6 (repeatable)")
+    add_recipe_arguments(parser, f"score recipe (default {DEFAULT_RECIPE})", default=DEFAULT_RECIPE, overlays=False)
     return parser.parse_args(argv)
 
 

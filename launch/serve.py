@@ -15,6 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from prep.config import add_recipe_arguments
 from prep.serving import VLLMServer, load_server_spec
 from prep.stage import STAGE_ERRORS, fail
 
@@ -22,15 +23,11 @@ from prep.stage import STAGE_ERRORS, fail
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="serve recipe (recipes/serve/*.yaml)")
-    parser.add_argument("--overlay", action="append", default=[], metavar="FILE",
-                        help="a YAML file merged over the recipe (repeatable, in order)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe key, e.g. port=8000 (repeatable)")
+    add_recipe_arguments(parser, "serve recipe (recipes/serve/*.yaml)")
     parser.add_argument("--log", type=Path, default=Path("runs/serve/server.log"), help="the server's log file")
     args = parser.parse_args(argv)
     try:
-        server = VLLMServer(load_server_spec(args.config, args.set, args.overlay), args.log).start()
+        server = VLLMServer(load_server_spec(args.config, args.overrides, args.overlays), args.log).start()
     except STAGE_ERRORS as err:
         return fail(err)
     print(f"serving {server.spec.model} as {server.spec.served_model_name or server.spec.model} at "

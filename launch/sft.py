@@ -27,17 +27,13 @@ import sys
 
 from custom_losses.launcher import train_axolotl
 from custom_losses.sft_preflight import PreflightError, preflight
-from prep.config import RecipeError
+from prep.config import RecipeError, add_recipe_arguments
 from prep.jsonio import InputError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m launch.sft", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, metavar="RECIPE", help="recipes/sft/*.yaml")
-    parser.add_argument("--overlay", action="append", default=[], metavar="FILE",
-                        help="YAML merged over it (repeatable)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                        help="override a recipe key (repeatable; dotted keys, list indices)")
+    add_recipe_arguments(parser, "recipes/sft/*.yaml")
     parser.add_argument("--fresh", action="store_true", help="delete old checkpoints and train from the start")
     parser.add_argument("--force", action="store_true", help="continue when the memory estimate says it will not fit")
     parser.add_argument("--preflight-only", action="store_true", help="check and write the config, do not train")
@@ -47,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        plan = preflight(args.config, args.overlay, args.overrides, fresh=args.fresh, force=args.force)
+        plan = preflight(args.config, args.overlays, args.overrides, fresh=args.fresh, force=args.force)
     except (PreflightError, RecipeError, InputError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         stage = SoftLabelStage.from_files(args.config, args.input, answers=args.answers, limit=args.limit,
-                                          overlays=args.overlay, overrides=args.set)
+                                          overlays=args.overlays, overrides=args.overrides)
         summary = stage.run(args.out, fresh=args.fresh, progress=not args.no_progress)
     except STAGE_ERRORS as err:
         return fail(err)

@@ -25,8 +25,8 @@ def main(argv: list[str] | None = None) -> int:
                           "label only the first N cases")
     args = parser.parse_args(argv)
     try:
-        stage = TeacherStage.from_files(args.config, args.input, limit=args.limit, overlays=args.overlay,
-                                        overrides=args.set)
+        stage = TeacherStage.from_files(args.config, args.input, limit=args.limit, overlays=args.overlays,
+                                        overrides=args.overrides)
         summary = stage.run(args.out, fresh=args.fresh, progress=not args.no_progress)
     except STAGE_ERRORS as err:
         return fail(err)

@@ -6,6 +6,7 @@ for nested sections) change recipe keys; they never hold settings of their own.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import difflib
@@ -102,6 +103,19 @@ def compose(recipe: str | Path, overlays: list[str | Path] = (), overrides: list
         return apply_overrides(data, overrides)
     except ValueError as err:
         raise RecipeError(recipe, None, str(err)) from None
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser, recipe_help: str, *, default: str | None = None,
+                         overlays: bool = True) -> None:
+    """The recipe flags every command shares: --config RECIPE, --overlay FILE (repeatable, merged in order)
+    and --set KEY=VALUE (repeatable): `args.config`, `args.overlays`, `args.overrides`."""
+    parser.add_argument("--config", required=default is None, default=default, metavar="RECIPE", help=recipe_help)
+    if overlays:
+        parser.add_argument("--overlay", dest="overlays", action="append", default=[], metavar="FILE",
+                            help="a YAML file merged over the recipe (repeatable, in order)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key: dotted keys reach into sections, integers index lists, "
+                             "values are YAML (repeatable)")
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:

@@ -42,7 +42,7 @@ from prep.client import (
     resolve_api_key,
     run_cached,
 )
-from prep.config import RecipeError, load_recipe
+from prep.config import RecipeError, add_recipe_arguments, load_recipe
 from prep.jsonio import InputError, dumps, write_text_atomic
 from prep.paths import resolve_path
 from prep.prompts import PromptSet, load_prompts
@@ -305,7 +305,7 @@ def stage_parser(prog: str, description: str, config_help: str, out_help: str,
     """--config --input --out --limit --resume/--fresh --overlay --set --no-progress."""
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help=config_help)
+    add_recipe_arguments(parser, config_help)
     parser.add_argument("--input", required=True, help="cases JSONL ({id, feature_content})")
     parser.add_argument("--out", required=True, type=Path, help=out_help)
     parser.add_argument("--limit", type=int, help=limit_help)
@@ -314,10 +314,6 @@ def stage_parser(prog: str, description: str, config_help: str, out_help: str,
     group.add_argument("--fresh", dest="fresh", action="store_true",
                        help="move the cache aside and ask everything again")
     parser.set_defaults(fresh=False)  # two actions share the dest; without this --resume's default (True) wins
-    parser.add_argument("--overlay", action="append", default=[], metavar="FILE",
-                        help="a YAML file merged over the recipe (repeatable, in order)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe key, dotted for sections, e.g. client.concurrency=4 (repeatable)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 

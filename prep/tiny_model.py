@@ -14,6 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
+from prep.jsonio import build_dir_once
 from prep.paths import cache_dir
 from prep.qwen import END_OF_TEXT_ID, IM_END_ID, TINY_MODEL_NAME, VOCAB_ROWS
 from prep.tokenizer import tokenizer_dir
@@ -62,22 +63,11 @@ def build_tiny_model(out_dir: str | Path) -> Path:
 
 
 def tiny_model_dir() -> Path:
-    """The cached tiny model folder; rebuilt when its config or the tokenizer changes.
-
-    Not prep.jsonio.write_dir_atomic: tests and the vLLM server may build it at the same moment, so
-    each builder stages in its own folder and the first rename wins.
-    """
+    """The cached tiny model folder; rebuilt when its config or the tokenizer changes (tests and the vLLM
+    server may build it at the same moment: build_dir_once keeps the first complete copy)."""
     fingerprint = json.dumps([TINY_CONFIG, GENERATION_CONFIG, SEED, tokenizer_dir().name])
     target = cache_dir() / f"tiny-qwen2.5-{hashlib.sha256(fingerprint.encode()).hexdigest()[:10]}"
-    if not (target / "model.safetensors").exists():
-        staging = target.with_name(target.name + f".tmp{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        build_tiny_model(staging)
-        try:
-            os.replace(staging, target)
-        except OSError:  # built concurrently by another process: keep theirs
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return build_dir_once(target, build_tiny_model)
 
 
 def resolve_model(name: str) -> str:
