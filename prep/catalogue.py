@@ -14,7 +14,6 @@ GPU memory fits), or None.
 from __future__ import annotations
 
 import importlib
-import json
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from prep.config import RecipeError, apply_overrides, deep_merge, read_yaml
+from prep.config import RecipeError, compose
 from prep.paths import RECIPES_DIR, resolve_path
 
 VALIDATORS: dict[str, str] = {
@@ -69,22 +68,12 @@ def is_overlay(path: str | Path) -> bool:
     return Path(path).parent.name == OVERLAY_FOLDER
 
 
-def _composed(path: str | Path, data: dict[str, Any], overlays: Sequence[str | Path],
-              overrides: Sequence[str]) -> dict[str, Any]:
-    for overlay in overlays:
-        data = deep_merge(data, read_yaml(overlay))
-    try:
-        return apply_overrides(data, list(overrides))
-    except ValueError as err:
-        raise RecipeError(path, None, str(err)) from None
-
-
 def validate_accelerate(path: str | Path, overlays: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> None:
     """An `accelerate launch --config_file` YAML, read by accelerate's own loader (its keys and enums), that
     starts at least one process on GPUs and leaves precision to the training recipe."""
     from accelerate.commands.config.config_args import load_config_from_file
 
-    data = _composed(path, read_yaml(path), overlays, overrides)
+    data = compose(path, overlays, overrides)
     with tempfile.TemporaryDirectory() as folder:
         composed = Path(folder) / Path(path).name
         composed.write_text(yaml.safe_dump(data), encoding="utf-8")
@@ -102,16 +91,7 @@ def validate_accelerate(path: str | Path, overlays: Sequence[str | Path] = (), o
 
 def validate_deepspeed(path: str | Path, overlays: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> None:
     """A DeepSpeed config: a JSON object whose zero_optimization.stage is 0-3."""
-    resolved = resolve_path(path)
-    try:
-        data = json.loads(resolved.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RecipeError(path, None, "recipe file not found") from None
-    except json.JSONDecodeError as err:
-        raise RecipeError(path, None, f"not valid JSON at line {err.lineno}: {err.msg}") from None
-    if not isinstance(data, dict):
-        raise RecipeError(path, None, "a DeepSpeed config must be a JSON object")
-    data = _composed(path, data, overlays, overrides)
+    data = compose(path, overlays, overrides)
     zero = data.get("zero_optimization")
     stage = zero.get("stage") if isinstance(zero, dict) else None
     if isinstance(stage, bool) or stage not in (0, 1, 2, 3):

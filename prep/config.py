@@ -10,6 +10,7 @@ import argparse
 import copy
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from pathlib import Path
@@ -29,17 +30,23 @@ class RecipeError(ValueError):
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A recipe file as a mapping: YAML, or strict JSON for `.json` files (DeepSpeed configs)."""
     path = resolve_path(path)
+    is_json = path.suffix == ".json"
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if is_json else yaml.safe_load(text)
     except FileNotFoundError:
         raise RecipeError(path, None, "recipe file not found") from None
+    except json.JSONDecodeError as err:
+        raise RecipeError(path, None, f"not valid JSON at line {err.lineno}: {err.msg}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise RecipeError(path, None, f"not valid YAML{where}: {getattr(err, 'problem', err)}") from None
     if not isinstance(data, dict):
-        raise RecipeError(path, None, "a recipe must be a YAML mapping of keys to values")
+        kind = "a JSON recipe must be a JSON object" if is_json else "a recipe must be a YAML mapping of keys to values"
+        raise RecipeError(path, None, kind)
     return data
 
 

@@ -125,7 +125,7 @@ def test_deepspeed_config_is_used_by_an_sft_recipe(path: Path):
 @pytest.mark.parametrize("bad,message", [
     ('{"zero_optimization": {"stage": 4}}', "key 'zero_optimization.stage': must be 0, 1, 2 or 3, got 4"),
     ('{"zero_optimization": {"stage": 2},}', "not valid JSON at line 1"),
-    ("[1]", "a DeepSpeed config must be a JSON object"),
+    ("[1]", "a JSON recipe must be a JSON object"),
 ])
 def test_deepspeed_validator_names_the_problem(tmp_path, bad, message):
     path = tmp_path / "zero.json"
