@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from prep.paths import resolve_path
+from prep.qwen import VOCAB_ROWS
 
 GIB = 2**30
 NF4_BITS = 4 + 0.127          # 4-bit codes + double-quantised block constants (QLoRA paper)
@@ -123,7 +124,7 @@ class ModelShape:
 
 
 # Qwen/Qwen2.5-7B-Instruct config.json: 7,615,616,512 parameters.
-QWEN25_7B = ModelShape("Qwen2.5-7B-Instruct", vocab=152064, hidden=3584, intermediate=18944, layers=28,
+QWEN25_7B = ModelShape("Qwen2.5-7B-Instruct", vocab=VOCAB_ROWS, hidden=3584, intermediate=18944, layers=28,
                        heads=28, kv_heads=4, head_dim=128)
 # Qwen/Qwen-7B (v1), the model of the Qwen team's published profile: fused c_attn (q, k, v), MHA.
 QWEN1_7B = ModelShape("Qwen-7B", vocab=151936, hidden=4096, intermediate=11008, layers=32, heads=32,
