@@ -32,6 +32,7 @@ def test_tiny_model_answers_through_vllm_with_the_qwen_template(vllm_server):
     assert response.choices[0].logprobs.content[0].token.startswith("token_id:")
 
 
+@pytest.mark.vllm
 def test_server_that_cannot_start_says_why(tmp_path):
     spec = ServerSpec(model=str(tmp_path / "no-such-model"), startup_timeout_s=120)
     with pytest.raises(RuntimeError, match="exited with status"):
