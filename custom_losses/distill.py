@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from custom_losses.checkpoints import complete_checkpoints
 from custom_losses.merge import merge_adapter
 from prep import config as recipe_config
 from prep.config import RecipeError, read_yaml
@@ -189,11 +190,10 @@ def build_trainer(script_args, training_args, model_args):
 
 def train(script_args, training_args, model_args, log: Callable[[str], None] = lambda m: print(m, flush=True)) -> Path:
     """Train (resuming from output_dir's last checkpoint), save the adapter and merge it; returns output_dir."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     trainer, tokenizer, is_adapter = build_trainer(script_args, training_args, model_args)
     output_dir = Path(training_args.output_dir)
-    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    complete = complete_checkpoints(output_dir, lambda message: log(f"[distill] {message}"))
+    last = str(complete[-1]) if complete else None
     if last:
         log(f"[distill] resuming from {last}")
     trainer.train(resume_from_checkpoint=last)

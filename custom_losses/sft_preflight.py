@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from custom_losses.checkpoints import complete_checkpoints, remove_all
 from custom_losses.memory import GIB, PreflightError, check_fits, gpu_memories_gib, shape_for
 from custom_losses.sft_config import COMPOSED_NAME, check_required, compose, config_hash, write_composed
 from prep.jsonio import InputError, iter_json_lines, parse_object_line, write_text_atomic
@@ -199,11 +200,6 @@ def check_disk(config: dict[str, Any], log: Log) -> None:
 
 # ---- resume / done -------------------------------------------------------------------------------
 
-def checkpoints(output_dir: Path) -> list[Path]:
-    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
 def run_identity(config: dict[str, Any]) -> dict[str, Any]:
     return {key: config.get(key) for key in IDENTITY_KEYS}
 
@@ -226,15 +222,14 @@ def mark_done(config_path: str | Path) -> Path:
     return marker
 
 
-def resumable_checkpoints(config: dict[str, Any], fresh: bool) -> list[Path]:
-    """The checkpoints this run may resume from; --fresh deletes them, another setup's refuse."""
+def resumable_checkpoints(config: dict[str, Any], fresh: bool, log: Log = _stderr) -> list[Path]:
+    """The complete checkpoints this run may resume from; --fresh deletes them, another setup's refuse."""
     output_dir = Path(config["output_dir"])
-    existing = checkpoints(output_dir)
     if fresh:
-        for folder in existing:
-            shutil.rmtree(folder)
+        remove_all(output_dir)
         (output_dir / DONE_NAME).unlink(missing_ok=True)
         return []
+    existing = complete_checkpoints(output_dir, lambda message: log(f"[preflight] {message}"))
     previous = previous_config(output_dir)
     if previous is not None and existing and run_identity(previous) != run_identity(config):
         changed = next(key for key in IDENTITY_KEYS if previous.get(key) != config.get(key))
@@ -280,7 +275,7 @@ def preflight(recipe: str | Path, overlays: Sequence[str | Path] = (), overrides
     gpus = gpu_memories_gib()
     log(f"[preflight] {check_fits(config, str(recipe), force=force, gpus=gpus)}")
     check_disk(config, log)
-    existing = resumable_checkpoints(config, fresh)
+    existing = resumable_checkpoints(config, fresh, log)
     if not fresh and is_done(config):
         return Plan(output_dir / COMPOSED_NAME, output_dir, len(gpus), "done")
     sources = " + ".join(str(item) for item in (recipe, *overlays)) + "".join(f" --set {o}" for o in overrides)
