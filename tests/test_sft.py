@@ -296,10 +296,15 @@ def test_preflight_refuses_bad_inputs_with_one_sentence(tmp_path, tiny_model_dir
 
     plan = preflight(QLORA, [CPU], paths, **quiet)
     assert plan.status == "train" and plan.gpus == 0 and plan.config_path == run / "sft" / "medkd-sft.yaml"
-    (run / "sft" / "checkpoint-4").mkdir()                      # a QLoRA run's checkpoint ...
+    (run / "sft" / "checkpoint-4").mkdir()                      # a QLoRA run's (complete) checkpoint ...
+    (run / "sft" / "checkpoint-4" / "trainer_state.json").write_text("{}")
     with pytest.raises(PreflightError, match=r"holds checkpoints of another setup \(key 'adapter'"):
         preflight(LORA, [CPU], ["deepspeed=null", *paths], **quiet)   # ... is no LoRA run's to resume
     assert preflight(QLORA, [CPU], paths, **quiet).status == "resume"
+    (run / "sft" / "checkpoint-8").mkdir()                      # a save cut off by a kill: no trainer state
+    plan = preflight(QLORA, [CPU], paths, **quiet)
+    assert plan.status == "resume" and Path(plan.resume_from).name == "checkpoint-4"
+    assert (run / "sft" / "checkpoint-8.incomplete").is_dir()   # set aside, not deleted
     assert preflight(QLORA, [CPU], paths, fresh=True, **quiet).status == "train"   # --fresh starts over
     assert not (run / "sft" / "checkpoint-4").exists()
 
