@@ -1,6 +1,7 @@
-"""Predict the peak GPU memory of an SFT recipe before any GPU time is spent.
+"""Predict the peak GPU memory of an SFT or distill recipe before any GPU time is spent.
 
     python -m launch.estimate_memory --config RECIPE [--overlay FILE]... [--set key=value]... [--gpus N]
+                                     [--model ID]
 
 The model is first principles, term by term, per GPU (GiB = 2**30 bytes):
   weights      base weights at the recipe's precision: bf16 2 B/param; NF4 4-bit with double
@@ -23,6 +24,13 @@ The model is first principles, term by term, per GPU (GiB = 2**30 bytes):
                log-softmaxes them, ~12 B per element at the peak; Liger's fused linear
                cross-entropy processes chunks and never holds them.
   overhead     CUDA context and allocator slack: 0.75 GiB + 5 %.
+
+Stage two (distill recipes, TRL's keys; setup_from_distill) has the same terms except the loss: the
+model's head runs on one position and custom_losses.kd_loss walks the answer tokens in chunks, holding
+[chunk x vocab] fp32 logits and logsumexp's temporary of the same size (8 B per element), the answer
+hidden states and their gradient, and, for a trained head, a [vocab x hidden] gradient buffer; under
+ZeRO-3 / FSDP full shard the head is gathered whole (kd_loss_bytes). On CPU in fp32 that model is
+within 2 % of the loss's measured peak (tests/test_estimate_memory.py, through custom_losses.loss_bench).
 
 Checked against published measurements (tests/test_estimate_memory.py), all on one A100-80G with
 flash-attention 2, micro-batch 1 and gradient checkpointing:
@@ -58,6 +66,7 @@ from prep.qwen import VOCAB_ROWS
 
 GIB = 2**30
 NF4_BITS = 4 + 0.127          # 4-bit codes + double-quantised block constants (QLoRA paper)
+NF4_SINGLE_BITS = 4 + 0.5     # without double quantisation: one fp32 absmax per block of 64
 INT8_BITS = 8 + 32 / 4096     # LLM.int8 rows with an fp32 scale (negligible)
 CUDA_CONTEXT_GIB = 0.75
 ALLOCATOR_SLACK = 0.05
@@ -110,8 +119,18 @@ class ModelShape:
         norms = self.layers * 2 * self.hidden + self.hidden
         return self.linear_params + self.embedding_params + norms + self.layers * self.bias_per_layer
 
-    def lora_params(self, rank: int) -> int:
-        return self.layers * sum(rank * (d_in + d_out) for d_in, d_out in self.linears)
+    def lora_params(self, rank: int, targets: tuple[str, ...] = ()) -> int:
+        """LoRA A/B parameters: every decoder linear (TARGETS empty, PEFT's all-linear, which leaves the
+        output layer out) or the named ones (Qwen2/Llama module names; `lm_head` adapts the output layer)."""
+        if not targets:
+            return self.layers * sum(rank * (d_in + d_out) for d_in, d_out in self.linears)
+        named = dict(zip(LINEAR_NAMES, self.linears)) if len(self.linears) == len(LINEAR_NAMES) else {}
+        unknown = [name for name in targets if name not in named and name != "lm_head"]
+        if unknown:
+            raise ValueError(f"lora_target_modules {unknown}: not a linear of {self.name} "
+                             f"({', '.join([*named, 'lm_head'])})")
+        per_layer = sum(rank * (d_in + d_out) for name, (d_in, d_out) in named.items() if name in targets)
+        return self.layers * per_layer + (rank * (self.hidden + self.vocab) if "lm_head" in targets else 0)
 
     @classmethod
     def from_config(cls, config: dict[str, Any], name: str = "model") -> ModelShape:
@@ -131,6 +150,8 @@ QWEN1_7B = ModelShape("Qwen-7B", vocab=151936, hidden=4096, intermediate=11008, 
                       kv_heads=32, head_dim=128,
                       linears=((4096, 3 * 4096), (4096, 4096), (4096, 11008), (4096, 11008), (11008, 4096)),
                       bias_per_layer=3 * 4096)
+# The decoder linears of ModelShape's default layout, in its order (Qwen2/Llama module names).
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 KNOWN_SHAPES = {"qwen/qwen2.5-7b-instruct": QWEN25_7B, "qwen/qwen2.5-7b": QWEN25_7B}
 
 
@@ -139,8 +160,11 @@ class Setup:
     """What a recipe decides about memory, independent of Axolotl's spelling."""
 
     method: str = "qlora"                 # full | lora | qlora
-    weight_bits: int = 16                 # 16, 8 or 4 for the frozen base weights
+    weight_bits: int = 16                 # 32, 16, 8 or 4 for the base weights
+    double_quant: bool = True             # NF4 block constants quantised again (4.127 bits), else 4.5 bits
     lora_rank: int = 32
+    lora_targets: tuple[str, ...] = ()    # () = every decoder linear (all-linear)
+    adapter_bytes: int = 4                # LoRA A/B dtype without DeepSpeed: fp32 (PEFT's upcast) or bf16
     lora_dropout: float = 0.0
     seq_len: int = 4096
     micro_batch: int = 1
@@ -155,6 +179,10 @@ class Setup:
     offload_optimizer: bool = False
     offload_params: bool = False
     bucket_elements: float = 0            # DeepSpeed communication buckets (elements, each)
+    sharding: str = "ZeRO"                # ZeRO (DeepSpeed) or FSDP, counted alike (see setup_from_distill)
+    loss: str = "cross_entropy"           # cross_entropy (SFT) | topk_kd (custom_losses.kd_loss, stage two)
+    kd_chunk_size: int = 256              # answer tokens per chunk of the fused KD loss
+    kd_chunk_bytes: float = 8             # bytes per [chunk x vocab] element at the KD loss's peak
 
 
 @dataclass
@@ -191,11 +219,12 @@ def layer_activation_bytes(shape: ModelShape, setup: Setup) -> float:
 def weight_bytes(shape: ModelShape, setup: Setup) -> float:
     """Frozen or trained base weights per GPU."""
     if setup.weight_bits == 4:
-        weights = shape.linear_params * NF4_BITS / 8 + (shape.params - shape.linear_params) * 2
+        bits = NF4_BITS if setup.double_quant else NF4_SINGLE_BITS
+        weights = shape.linear_params * bits / 8 + (shape.params - shape.linear_params) * 2
     elif setup.weight_bits == 8:
         weights = shape.linear_params * INT8_BITS / 8 + (shape.params - shape.linear_params) * 2
     else:
-        weights = shape.params * 2
+        weights = shape.params * setup.weight_bits / 8
     if setup.zero_stage >= 3:
         largest_layer = sum(d_in * d_out for d_in, d_out in shape.linears) * 2
         weights = (0 if setup.offload_params else weights / max(setup.gpus, 1)) + 2 * largest_layer  # + gathered layers
@@ -214,13 +243,13 @@ def trainable_terms(shape: ModelShape, setup: Setup) -> dict[str, float]:
         if setup.offload_optimizer:
             master_and_moments = 0
         return {"gradients": grads / GIB, "optimizer (master + moments)": master_and_moments / GIB}
-    trainable = shape.lora_params(setup.lora_rank)
+    trainable = shape.lora_params(setup.lora_rank, setup.lora_targets)
     if setup.zero_stage >= 1:
         # DeepSpeed keeps the module's copy in bf16 and an fp32 master + moments, sharded.
         weights_and_grads = trainable * (2 + 2 / (n if setup.zero_stage >= 2 else 1))
         state = 0 if setup.offload_optimizer else trainable * (4 + setup.optimizer_state_bytes) / n
     else:
-        weights_and_grads, state = trainable * 8, trainable * setup.optimizer_state_bytes
+        weights_and_grads, state = trainable * 2 * setup.adapter_bytes, trainable * setup.optimizer_state_bytes
     return {"LoRA weights + grads": weights_and_grads / GIB, "LoRA optimizer": state / GIB}
 
 
@@ -236,6 +265,33 @@ def logits_bytes(shape: ModelShape, setup: Setup, tokens: int) -> float:
     return logits
 
 
+def kd_loss_bytes(shape: ModelShape, setup: Setup, tokens: int) -> dict[str, float]:
+    """What custom_losses.kd_loss.weighted_topk_kd_loss holds beyond the model, per GPU, in bytes.
+
+    The model's own head runs on one position (logits_to_keep=1). The loss takes the answer positions'
+    hidden states (a gathered copy, at most every token of the micro-batch) and allocates their gradient
+    up front; per chunk it holds the fp32 logits [chunk x vocab] plus logsumexp's fp32 temporary of the
+    same size (kd_chunk_bytes 8; 12 with support "tail" at T != 1, whose z / T and its logsumexp
+    temporary are two more). A trained head (full fine-tune, or a LoRA on lm_head) also gets a full
+    [vocab x hidden] gradient buffer in the weight's dtype, accumulated over the chunks and held until
+    backward: when the parameters are not sharded it becomes lm_head.grad (already under "gradients"),
+    so it is extra only for a LoRA head or a sharded one. Sharded (ZeRO-3 / FSDP full shard), the head
+    is gathered whole in bf16 for the loss.
+    """
+    h, v = shape.hidden, shape.vocab
+    terms = {
+        "KD chunk logits": min(setup.kd_chunk_size, tokens) * v * setup.kd_chunk_bytes,
+        "KD answer hidden + grad": 2 * tokens * h * setup.act_bytes,
+    }
+    sharded = setup.zero_stage >= 3
+    if sharded:
+        terms["KD gathered lm_head"] = v * h * 2
+    head_trained = setup.method == "full" or "lm_head" in setup.lora_targets
+    if head_trained and (sharded or setup.method != "full"):
+        terms["KD lm_head gradient"] = v * h * setup.act_bytes
+    return terms
+
+
 def estimate(shape: ModelShape, setup: Setup) -> Estimate:
     tokens = setup.seq_len * setup.micro_batch
     terms = {"weights": weight_bytes(shape, setup) / GIB, **trainable_terms(shape, setup)}
@@ -248,7 +304,10 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
     no_ckpt = shape.layers * per_layer
     activations = checkpoints + 2 * per_layer if setup.gradient_checkpointing else no_ckpt
     terms["activations"] = activations / GIB
-    terms["logits + loss"] = logits_bytes(shape, setup, tokens) / GIB
+    if setup.loss == "topk_kd":
+        terms.update({name: value / GIB for name, value in kd_loss_bytes(shape, setup, tokens).items()})
+    else:
+        terms["logits + loss"] = logits_bytes(shape, setup, tokens) / GIB
 
     if setup.weight_bits == 4:
         terms["dequantisation buffer"] = max(d_in * d_out for d_in, d_out in shape.linears) * 2 / GIB
@@ -267,6 +326,25 @@ def _deepspeed_config(value: Any) -> dict[str, Any]:
     return {}
 
 
+def _zero_settings(value: Any) -> dict[str, Any]:
+    """Setup's DeepSpeed fields from a `deepspeed:` value (a JSON path or a dict; empty = no DeepSpeed)."""
+    ds = _deepspeed_config(value)
+    if not ds:
+        return {"zero_stage": 0, "offload_optimizer": False, "offload_params": False, "bucket_elements": 0.0}
+    zero = ds.get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    # Stage 2 all-gathers and reduces in buckets of these sizes; stage 3 only reduces. "auto" is
+    # hidden_size**2 in the HF integration: a few MB, left out.
+    sizes = [zero.get("reduce_bucket_size", DS_DEFAULT_BUCKET)]
+    if stage <= 2:
+        sizes.append(zero.get("allgather_bucket_size", DS_DEFAULT_BUCKET))
+    numeric = [float(size) for size in sizes if not isinstance(size, str)]
+    return {"zero_stage": stage,
+            "offload_optimizer": (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None),
+            "offload_params": (zero.get("offload_param") or {}).get("device", "none") not in ("none", None),
+            "bucket_elements": max(numeric) if numeric else 0.0}
+
+
 def setup_from_config(config: dict[str, Any], gpus: int = 1) -> Setup:
     """The memory-relevant decisions of a (composed) Axolotl config."""
     adapter = config.get("adapter")
@@ -278,19 +356,8 @@ def setup_from_config(config: dict[str, Any], gpus: int = 1) -> Setup:
     liger = (any("liger" in str(plugin).lower() for plugin in plugins)
              and bool(config.get("liger_fused_linear_cross_entropy")))
     optimizer = str(config.get("optimizer") or "adamw_torch")
-    ds = _deepspeed_config(config.get("deepspeed"))
-    zero = ds.get("zero_optimization", {})
-    stage = int(zero.get("stage", 0)) if ds else 0
+    zero = _zero_settings(config.get("deepspeed"))
     fp32 = not (config.get("bf16") or config.get("fp16"))
-    buckets = 0.0
-    if ds:
-        # Stage 2 all-gathers and reduces in buckets of these sizes; stage 3 only reduces. "auto" is
-        # hidden_size**2 in the HF integration: a few MB, left out.
-        sizes = [zero.get("reduce_bucket_size", DS_DEFAULT_BUCKET)]
-        if stage <= 2:
-            sizes.append(zero.get("allgather_bucket_size", DS_DEFAULT_BUCKET))
-        numeric = [float(size) for size in sizes if not isinstance(size, str)]
-        buckets = max(numeric) if numeric else 0.0
     return Setup(
         method=method, weight_bits=bits if method != "full" else 16,
         lora_rank=int(config.get("lora_r") or 0), lora_dropout=float(config.get("lora_dropout") or 0.0),
@@ -299,14 +366,11 @@ def setup_from_config(config: dict[str, Any], gpus: int = 1) -> Setup:
         flash_attention=attn not in ("eager",), fused_cross_entropy=liger,
         act_bytes=4 if fp32 else 2,
         optimizer_state_bytes=2 if "8bit" in optimizer else 8,
-        gpus=gpus, zero_stage=stage,
-        offload_optimizer=(zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None),
-        offload_params=(zero.get("offload_param") or {}).get("device", "none") not in ("none", None),
-        bucket_elements=buckets,
+        gpus=gpus, **zero,
     )
 
 
-def shape_for(base_model: str) -> ModelShape:
+def shape_for(base_model: str, key: str = "base_model", hint: str = "") -> ModelShape:
     """The base model's shape: its config.json when local (or in the HF cache), else a known Qwen2.5-7B id."""
     folder = Path(base_model)
     config_path = folder / "config.json"
@@ -322,13 +386,102 @@ def shape_for(base_model: str) -> ModelShape:
         return ModelShape.from_config(json.loads(config_path.read_text(encoding="utf-8")), name=base_model)
     known = KNOWN_SHAPES.get(base_model.lower())
     if known is None:
-        raise ValueError(f"base_model '{base_model}': no local config.json and not a known shape "
-                         f"({', '.join(KNOWN_SHAPES)})")
+        raise ValueError(f"{key} '{base_model}': no local config.json and not a known shape "
+                         f"({', '.join(KNOWN_SHAPES)}){hint}")
     return known
 
 
 def estimate_config(config: dict[str, Any], gpus: int = 1) -> Estimate:
     return estimate(shape_for(str(config["base_model"])), setup_from_config(config, gpus))
+
+
+# ---- reading a distill (TRL) recipe --------------------------------------------------------------
+
+def _fsdp_settings(value: Any) -> dict[str, Any]:
+    """Setup's sharding fields from TrainingArguments' `fsdp` ("full_shard auto_wrap", a list, or empty).
+
+    FSDP is counted as the ZeRO stage that shards the same things: full_shard / hybrid_shard as 3,
+    shard_grad_op as 2. With bf16 mixed precision accelerate upcasts FSDP's sharded parameters to fp32
+    (accelerate/accelerator.py, "Upcasted low precision parameters"), so a full fine-tune keeps fp32
+    weights, fp32 gradients and fp32 AdamW moments: 4 + 4 + 8 = 16 B/param sharded, the same total as
+    DeepSpeed's 2 + 2 + 12 (split differently between the terms, which only the table shows).
+    """
+    options = value.split() if isinstance(value, str) else [str(option) for option in value or []]
+    options = [option.lower() for option in options]
+    stage = 3 if {"full_shard", "hybrid_shard"} & set(options) else 2 if "shard_grad_op" in options else 0
+    offload = "offload" in options
+    return {"zero_stage": stage, "offload_optimizer": offload and stage > 0, "offload_params": offload and stage == 3,
+            "bucket_elements": 0.0, "sharding": "FSDP"} if stage else {}
+
+
+def _lora_targets(value: Any) -> tuple[str, ...]:
+    """TRL's lora_target_modules: "all-linear" (or empty: PEFT's defaults for Qwen2, q_proj and v_proj) or names."""
+    if value is None:
+        return ("q_proj", "v_proj")
+    if isinstance(value, str):
+        return () if value == "all-linear" else (value,)
+    return tuple(str(name) for name in value)
+
+
+def setup_from_distill(config: dict[str, Any], gpus: int = 1) -> Setup:
+    """The memory-relevant decisions of a (composed) distill recipe: TRL's ModelConfig and SFTConfig keys
+    plus the KD knobs (recipes/distill/*.yaml), each missing key at TRL's default.
+
+    Precision: TRL keeps a quantised model's LoRA adapters in bf16 (SFTTrainer casts them after
+    get_peft_model), so QLoRA adapters cost 2 + 2 + 4 (bf16 AdamW moments: torch's AdamW keeps them in
+    the parameter's dtype) = 8 B/param; a bf16 model's adapters are upcast to fp32 by PEFT, 16 B/param.
+    Activations: a micro-batch is per_device_train_batch_size rows of up to max_length tokens, packed
+    (packing: true fills each row with several cases) or not (the longest case sets the padded length):
+    the peak is the same full micro-batch either way, packing only makes every step reach it.
+    """
+    quantised = 4 if config.get("load_in_4bit") else 8 if config.get("load_in_8bit") else 0
+    method = ("qlora" if quantised == 4 else "lora") if config.get("use_peft") else "full"
+    fp32 = str(config.get("dtype") or "").endswith("float32") and not (config.get("bf16") or config.get("fp16"))
+    sharding = _zero_settings(config.get("deepspeed")) if config.get("deepspeed") else _fsdp_settings(config.get("fsdp"))
+    sharding = sharding or _zero_settings(None)
+    adapter_bytes = 2 if quantised and not fp32 else 4
+    optimizer = str(config.get("optim") or "adamw_torch_fused")
+    # AdamW's two moments in the trained parameters' dtype (LoRA without DeepSpeed); the full and
+    # DeepSpeed paths count an fp32 master + moments in trainable_terms.
+    moments = 2 if "8bit" in optimizer else 2 * adapter_bytes if method != "full" and not sharding["zero_stage"] else 8
+    support, temperature = config.get("kd_support", "renorm"), float(config.get("kd_temperature", 1.0))
+    attn = str(config.get("attn_implementation") or "sdpa")
+    return Setup(
+        method=method, weight_bits=quantised or (32 if fp32 else 16),
+        double_quant=bool(config.get("use_bnb_nested_quant", False)),
+        lora_rank=int(config.get("lora_r") or 16), lora_dropout=float(config.get("lora_dropout", 0.05) or 0.0),
+        lora_targets=_lora_targets(config.get("lora_target_modules")), adapter_bytes=adapter_bytes,
+        seq_len=int(config.get("max_length") or 1024), micro_batch=int(config.get("per_device_train_batch_size") or 8),
+        gradient_checkpointing=bool(config.get("gradient_checkpointing", True)),
+        flash_attention=attn != "eager", act_bytes=4 if fp32 else 2, optimizer_state_bytes=moments, gpus=gpus,
+        loss="topk_kd", kd_chunk_size=int(config.get("kd_chunk_size") or 256),
+        kd_chunk_bytes=12 if support == "tail" and temperature != 1.0 else 8,
+        **sharding,
+    )
+
+
+def shape_of_model(name: str) -> ModelShape:
+    """shape_for a recipe's model_name_or_path (a hub id, a folder under the repo, or the tiny fixture)."""
+    from prep.tiny_model import resolve_model
+
+    resolved = resolve_model(name)
+    local = resolve_path(resolved)
+    return shape_for(str(local) if local.is_dir() else resolved, key="model_name_or_path",
+                     hint="; name the model it is made from (launch.estimate_memory --model ID)")
+
+
+def estimate_distill(config: dict[str, Any], gpus: int = 1, model: str | None = None) -> Estimate:
+    """Peak memory per GPU of a distill recipe; MODEL names the student's shape when model_name_or_path
+    is a folder that does not exist yet (stage one's merged model: pass the model it was made from)."""
+    shape = shape_of_model(model or str(config["model_name_or_path"]))
+    return estimate(shape, setup_from_distill(config, gpus))
+
+
+def estimate_recipe(config: dict[str, Any], gpus: int = 1, model: str | None = None) -> Estimate:
+    """estimate_config for an Axolotl (SFT) config, estimate_distill for a TRL (distill) one."""
+    if "model_name_or_path" in config and "base_model" not in config:
+        return estimate_distill(config, gpus, model)
+    return estimate(shape_for(model or str(config["base_model"])), setup_from_config(config, gpus))
 
 
 # ---- the GPUs here -------------------------------------------------------------------------------

@@ -1,8 +1,11 @@
-"""Predict the peak GPU memory of an SFT recipe before any GPU time is spent.
+"""Predict the peak GPU memory of an SFT or distill recipe before any GPU time is spent.
 
     python -m launch.estimate_memory --config RECIPE [--overlay FILE]... [--set key=value]...
-                                     [--gpus N] [--gpu-mem GiB] [--strict] [--json]
+                                     [--gpus N] [--model ID] [--gpu-mem GiB] [--strict] [--json]
 
+RECIPE is an Axolotl recipe (recipes/sft/*.yaml) or a TRL distill recipe (recipes/distill/*.yaml).
+--model names the model's shape when the recipe's model is a folder that does not exist yet (a distill
+recipe's runs/stage1/merged: pass the model stage one starts from, e.g. Qwen/Qwen2.5-7B-Instruct).
 The model, term by term, and the measurements it is checked against: custom_losses/memory.py.
 Exit 0 with the breakdown; 1 with --strict when it does not fit --gpu-mem; 2 on a bad recipe.
 """
@@ -13,30 +16,35 @@ import json
 import sys
 from dataclasses import asdict
 
-from custom_losses.memory import Estimate, estimate_config
-from custom_losses.sft_config import compose
-from prep.config import RecipeError, add_recipe_arguments
+from custom_losses.memory import Estimate, estimate_recipe
+from custom_losses.sft_config import resolve_paths
+from prep.config import RecipeError, add_recipe_arguments, compose
 
 
 def summary(recipe: str, result: Estimate, gpus: int) -> str:
     setup = result.setup
     checkpointing = "checkpointing" if setup.gradient_checkpointing else "no checkpointing"
+    sharding = f"{setup.sharding}-{setup.zero_stage}" if setup.sharding == "ZeRO" or not setup.zero_stage else \
+        f"FSDP ({'full shard' if setup.zero_stage >= 3 else 'grad + optimizer shard'})"
+    loss = ", chunked top-k KD loss" if setup.loss == "topk_kd" else ""
     return (f"{recipe}: {result.shape}, {setup.method}, {setup.weight_bits}-bit base, seq {setup.seq_len} x "
-            f"micro-batch {setup.micro_batch}, {checkpointing}, {gpus} GPU(s), ZeRO-{setup.zero_stage}\n"
+            f"micro-batch {setup.micro_batch}, {checkpointing}, {gpus} GPU(s), {sharding}{loss}\n"
             f"{result.table()}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.estimate_memory", description=__doc__.splitlines()[0])
-    add_recipe_arguments(parser, "recipes/sft/*.yaml")
+    add_recipe_arguments(parser, "recipes/sft/*.yaml or recipes/distill/*.yaml")
     parser.add_argument("--gpus", type=int, default=1, help="GPUs the run shards over (default 1)")
+    parser.add_argument("--model", help="the model's shape (hub id or folder) instead of the recipe's model")
     parser.add_argument("--gpu-mem", type=float, help="GiB per GPU; warn when the prediction does not fit")
     parser.add_argument("--strict", action="store_true", help="exit 1 when it does not fit")
     parser.add_argument("--json", action="store_true", help="print the breakdown as JSON")
     args = parser.parse_args(argv)
     try:
-        result = estimate_config(compose(args.config, args.overlays, args.overrides), args.gpus)
-    except (RecipeError, ValueError, OSError) as err:
+        config = compose(args.config, args.overlays, args.overrides)
+        result = estimate_recipe(resolve_paths(config) if "base_model" in config else config, args.gpus, args.model)
+    except (RecipeError, ValueError, OSError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.json:

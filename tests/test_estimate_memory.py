@@ -10,9 +10,19 @@ from dataclasses import replace
 
 import pytest
 
-from custom_losses.memory import GIB, QWEN1_7B, QWEN25_7B, Setup, estimate, estimate_config, shape_for
+from custom_losses.memory import (
+    GIB,
+    QWEN1_7B,
+    QWEN25_7B,
+    Setup,
+    estimate,
+    estimate_config,
+    setup_from_distill,
+    shape_for,
+)
 from custom_losses.sft_config import compose
 from launch.estimate_memory import main
+from prep.qwen import VOCAB_ROWS
 
 TOLERANCE = 0.15
 GB = 1e9 / GIB   # LLaMA-Factory writes decimal GB
@@ -151,3 +161,92 @@ def test_fit_check_holds_a_config_against_the_gpus():
     assert "none is visible here" in check_fits(qlora, gpus=[], require_gpu=False)
     cpu = compose("recipes/sft/qwen2.5-7b-instruct-qlora-1gpu.yaml", ["recipes/sft/overrides/cpu-tiny.yaml"])
     assert check_fits(cpu, gpus=[]) == "no GPU: CPU run (fp32, tiny model)"
+
+
+# ---- stage two: distill recipes ------------------------------------------------------------------
+
+QLORA_DISTILL = "recipes/distill/qwen2.5-7b-instruct-qlora-1gpu.yaml"
+QWEN25 = "Qwen/Qwen2.5-7B-Instruct"
+
+
+def test_kd_loss_terms_match_the_losss_measured_cpu_peak():
+    """The KD loss's own memory (chunk logits, answer-hidden gradient, head gradient), predicted and then
+    measured: peak RSS of one forward + backward of weighted_topk_kd_loss in a fresh fp32 process."""
+    from custom_losses.loss_bench import measure_in_fresh_process
+    from custom_losses.memory import ModelShape, kd_loss_bytes
+
+    # hidden 64: the head's gradient (152064 x 64 fp32, 37 MiB) is over glibc's largest mmap threshold (32 MiB),
+    # so it is a fresh mapping that RSS sees, not heap memory the warm-up already touched.
+    tokens, hidden, chunk = 512, 64, 128
+    shape = ModelShape("probe", vocab=VOCAB_ROWS, hidden=hidden, intermediate=64, layers=1, heads=1, kv_heads=1,
+                       head_dim=hidden)
+    setup = Setup(method="full", act_bytes=4, loss="topk_kd", kd_chunk_size=chunk)
+    terms = kd_loss_bytes(shape, setup, tokens)
+    assert set(terms) == {"KD chunk logits", "KD answer hidden + grad"}    # unsharded: the head's grad is .grad
+    predicted = sum(terms.values()) + VOCAB_ROWS * hidden * 4              # + lm_head.grad (fp32)
+    measured = measure_in_fresh_process("kd_chunked", tokens, hidden, VOCAB_ROWS, 20, "cpu", "float32", chunk, 1)
+    assert measured is not None, "the measuring process died"
+    assert abs(measured["peak_bytes"] / predicted - 1) <= 0.1, \
+        f"measured {measured['peak_bytes'] / 2**20:.0f} MiB, predicted {predicted / 2**20:.0f} MiB"
+
+
+def test_distill_recipe_keys_reach_the_estimate():
+    qlora = setup_from_distill(compose(QLORA_DISTILL))
+    assert (qlora.method, qlora.weight_bits, qlora.double_quant, qlora.lora_rank, qlora.lora_targets) == \
+        ("qlora", 4, True, 64, ())
+    assert (qlora.seq_len, qlora.micro_batch, qlora.loss, qlora.kd_chunk_size) == (4096, 1, "topk_kd", 256)
+    # TRL casts a quantised model's adapters to bf16: 2 B weight + 2 B grad + 2 x 2 B AdamW moments.
+    terms = estimate(QWEN25_7B, qlora).terms
+    assert terms["LoRA weights + grads"] + terms["LoRA optimizer"] == pytest.approx(QWEN25_7B.lora_params(64) * 8 / GIB)
+    # No [tokens x vocab] logits: one chunk of fp32 logits plus logsumexp's temporary of the same size.
+    assert "logits + loss" not in terms
+    assert terms["KD chunk logits"] == pytest.approx(256 * VOCAB_ROWS * 8 / GIB)
+    tail = estimate(QWEN25_7B, setup_from_distill(compose(QLORA_DISTILL, [], ["kd_support=tail", "kd_temperature=2.0"])))
+    assert tail.terms["KD chunk logits"] == pytest.approx(1.5 * terms["KD chunk logits"])
+
+    multi = setup_from_distill(compose("recipes/distill/qwen2.5-7b-instruct-lora-multi-gpu.yaml"))
+    assert (multi.method, multi.weight_bits, multi.adapter_bytes, multi.micro_batch) == ("lora", 16, 4, 2)
+    doubled = setup_from_distill(compose(QLORA_DISTILL, [], ["per_device_train_batch_size=2"]))
+    assert estimate(QWEN25_7B, doubled).terms["activations"] == pytest.approx(2 * terms["activations"])
+
+
+def test_sharded_full_distillation_gathers_the_head_and_shards_the_states():
+    full = {"model_name_or_path": QWEN25, "use_peft": False, "dtype": "bfloat16", "bf16": True, "max_length": 4096,
+            "per_device_train_batch_size": 1, "gradient_checkpointing": True, "kd_chunk_size": 256}
+    fsdp = setup_from_distill({**full, "fsdp": "full_shard auto_wrap"}, gpus=8)
+    zero3 = setup_from_distill({**full, "deepspeed": "recipes/deepspeed/zero3_bf16.json"}, gpus=8)
+    assert (fsdp.zero_stage, fsdp.sharding, zero3.zero_stage, zero3.sharding) == (3, "FSDP", 3, "ZeRO")
+    for setup in (fsdp, zero3):
+        per_gpu = {n: estimate(QWEN25_7B, replace(setup, gpus=n)) for n in (1, 4, 8)}
+        assert per_gpu[8].total < per_gpu[4].total < per_gpu[1].total
+        head = VOCAB_ROWS * 3584 * 2 / GIB          # the loss gathers the bf16 head and accumulates its gradient
+        assert per_gpu[8].terms["KD gathered lm_head"] == pytest.approx(head)
+        assert per_gpu[8].terms["KD lm_head gradient"] == pytest.approx(head)
+        states = per_gpu[8].terms["gradients"] + per_gpu[8].terms["optimizer (master + moments)"]
+        assert states == pytest.approx(QWEN25_7B.params * 14 / 8 / GIB)   # 2 + 12 B/param over 8 GPUs
+    # Unsharded LoRA: no head gradient unless lm_head is a target, whose adapter then counts too.
+    lora = setup_from_distill({**full, "use_peft": True, "lora_r": 16, "lora_target_modules": "all-linear"})
+    assert "KD lm_head gradient" not in estimate(QWEN25_7B, lora).terms
+    head_lora = replace(lora, lora_targets=("q_proj", "v_proj", "lm_head"))
+    assert "KD lm_head gradient" in estimate(QWEN25_7B, head_lora).terms
+    assert QWEN25_7B.lora_params(16, ("q_proj", "v_proj", "lm_head")) == \
+        16 * (28 * ((3584 + 3584) + (3584 + 512)) + 3584 + VOCAB_ROWS)
+    with pytest.raises(ValueError, match=r"lora_target_modules \['c_attn'\]: not a linear of Qwen2.5-7B-Instruct"):
+        QWEN25_7B.lora_params(16, ("c_attn",))
+
+
+def test_cli_estimates_a_distill_recipe(capsys, tiny_model_dir):
+    assert main(["--config", QLORA_DISTILL, "--model", QWEN25]) == 0
+    out = capsys.readouterr().out
+    assert "Qwen2.5-7B-Instruct, qlora, 4-bit base, seq 4096 x micro-batch 1" in out and "chunked top-k KD loss" in out
+    assert "KD chunk logits" in out and "logits + loss" not in out
+    # Stage one's merged model does not exist yet: one sentence naming the key and the way out.
+    assert main(["--config", QLORA_DISTILL]) == 2
+    assert "model_name_or_path 'runs/stage1/merged'" in capsys.readouterr().err
+    assert main(["--config", QLORA_DISTILL, "--model", QWEN25, "--set", "per_device_train_batch_size=4", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["setup"]["micro_batch"] == 4 and report["setup"]["loss"] == "topk_kd"
+    # The CPU overlay's tiny fixture is read from its folder (fp32 weights).
+    assert main(["--config", QLORA_DISTILL, "--overlay", "recipes/distill/overrides/cpu-tiny.yaml", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["setup"]["weight_bits"] == 32 and report["setup"]["method"] == "lora"
