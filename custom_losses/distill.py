@@ -78,9 +78,22 @@ def parse_recipe(recipe: str | Path, overlays: Sequence[str | Path] = (), overri
         keys = unknown[::2]
         raise RecipeError(_origin(keys[0].removeprefix("--"), recipe, overlays), None, f"unknown recipe keys {keys}")
     try:
-        return tuple(parser.parse_args_into_dataclasses(args=[]))
+        script_args, training_args, model_args = parser.parse_args_into_dataclasses(args=[])
     except ValueError as err:  # the dataclasses' own range and consistency checks
         raise RecipeError(recipe, None, str(err).strip().splitlines()[0]) from None
+    _check_lm_head_lora(model_args, recipe, overlays)
+    return script_args, training_args, model_args
+
+
+def _check_lm_head_lora(model_args, recipe: str | Path, overlays: Sequence[str | Path]) -> None:
+    """The trainer's refusal (custom_losses.trainer.kd_head_route), made before anything loads: a LoRA on lm_head
+    trains through the KD loss only as one weight W + B @ A, which dropout on its input rules out."""
+    targets = model_args.lora_target_modules or []
+    targets = [targets] if isinstance(targets, str) else targets
+    if model_args.use_peft and any(t.split(".")[-1] == "lm_head" for t in targets) and model_args.lora_dropout > 0:
+        raise RecipeError(_origin("lora_dropout", recipe, overlays), "lora_dropout",
+                          f"{model_args.lora_dropout} with lm_head in lora_target_modules: the KD loss trains a LoRA "
+                          f"on lm_head only without dropout; set lora_dropout: 0 or leave lm_head out")
 
 
 def validate_recipe(path: str | Path, overlays: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> str:

@@ -3,17 +3,21 @@
 Rows come from `prep.softlabels` (messages, answer_token_ids [A], target_token_ids [A][k],
 logprobs [A][k], temperature). `build_kd_features` turns a row into input ids, labels (prompt
 -100) and per-position soft labels and token weights; `KDDataCollator` pads them so the soft labels
-stay on their label positions; `WeightedKDTrainer.compute_loss` takes the final hidden states of
-the answer positions only and feeds them, with the lm_head weight, to `weighted_topk_kd_loss`,
-which never builds [batch, seq, vocab] logits. Sequence packing is not supported (right padding).
+stay on their label positions. `WeightedKDTrainer.compute_loss` runs the loss inside the output head's
+own forward call (see `kd_head_forward`): the head receives the final hidden states, keeps the answer
+positions and returns `weighted_topk_kd_loss`, which never builds [batch, seq, vocab] logits. Because the
+loss runs inside the head's call, FSDP and DeepSpeed ZeRO-3 gather the (sharded) head weight for it as
+for any forward, and a PEFT LoRA on lm_head trains through the loss (base weight plus LoRA delta).
 """
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 from trl import SFTConfig, SFTTrainer
 
 from custom_losses.kd_loss import KDLossConfig, weighted_topk_kd_loss
@@ -128,6 +132,107 @@ def _shifted_answer_weights(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return batch["kd_weights"][:, 1:] * batch["labels"][:, 1:].ne(-100)
 
 
+def _unwrapped(module: nn.Module) -> nn.Module:
+    """The module an FSDP (v1) or activation-checkpoint wrapper holds: its forward is the one to replace, so
+    that the wrapper's own forward (which gathers the shards) still runs around it."""
+    while True:
+        inner = getattr(module, "_fsdp_wrapped_module", None) or getattr(module, "_checkpoint_wrapped_module", None)
+        if inner is None:
+            return module
+        module = inner
+
+
+def _lora_terms(layer: nn.Module) -> list[tuple[nn.Module, nn.Module, float]]:
+    """(lora_A, lora_B, scaling) of each active adapter of a PEFT LoRA layer on the output head.
+
+    The KD loss needs the head as one weight matrix, W + scaling * B @ A, which equals the layer's own
+    forward only when nothing acts on the input of the LoRA path: dropout, DoRA and a LoRA bias do.
+    """
+    if getattr(layer, "merged", False) or getattr(layer, "disable_adapters", False):
+        return []  # merged: the base weight already holds the delta; disabled: the base alone
+    refusals = []
+    terms = []
+    for name in layer.active_adapters:
+        if name not in layer.lora_A:
+            continue
+        if name in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(name, False):
+            refusals.append("use_dora")
+        if not isinstance(layer.lora_dropout[name], nn.Identity):
+            refusals.append("lora_dropout")
+        if getattr(layer.lora_B[name], "bias", None) is not None:
+            refusals.append("lora_bias")
+        terms.append((layer.lora_A[name], layer.lora_B[name], float(layer.scaling[name])))
+    if refusals:
+        key = refusals[0]
+        raise ValueError(f"a LoRA on lm_head trains through the KD loss only as one weight (base + B @ A), which "
+                         f"'{key}' rules out: set {key} to {'0' if key == 'lora_dropout' else 'false'} or leave "
+                         f"lm_head out of lora_target_modules")
+    return terms
+
+
+def kd_head_route(head: nn.Module) -> tuple[list[nn.Module], nn.Module, list[tuple[nn.Module, nn.Module, float]]]:
+    """How a call of the model's output head reaches its weight: (PEFT wrappers the call passes through, the
+    nn.Linear that owns the weight, the LoRA terms to add to it). ValueError for a LoRA it cannot train."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import ModulesToSaveWrapper
+
+    wrappers: list[nn.Module] = []
+    head = _unwrapped(head)
+    if isinstance(head, ModulesToSaveWrapper):  # lora_modules_to_save: [lm_head], a trainable copy
+        wrappers.append(head)
+        active = not head.disable_adapters and head.active_adapters
+        head = _unwrapped(head.modules_to_save[head.active_adapters[0]] if active else head.original_module)
+    terms: list[tuple[nn.Module, nn.Module, float]] = []
+    if isinstance(head, LoraLayer):
+        terms = _lora_terms(head)
+        wrappers.append(head)
+        head = _unwrapped(head.get_base_layer())
+    if not isinstance(head, nn.Linear) or getattr(head, "bias", None) is not None:
+        raise ValueError(f"the KD loss needs the output head to be a bias-free nn.Linear, found {type(head).__name__}")
+    return wrappers, head, terms
+
+
+def _lora_weight(owner: nn.Module, terms: list[tuple[nn.Module, nn.Module, float]], size: int) -> torch.Tensor:
+    """The head's weight [V, H], plus each LoRA delta, differentiable. The delta comes from calling the
+    adapter modules on the identity (B(A(I)) = (B @ A)^T, an H x r x V product) rather than from their
+    .weight attributes, so that under ZeRO-3 their own forward hooks gather them as in a plain forward."""
+    weight = owner.weight
+    for lora_a, lora_b, scaling in terms:
+        eye = torch.eye(size, dtype=lora_a.weight.dtype, device=weight.device)
+        # Added in the base weight's dtype: the served model is this sum, merged in that dtype.
+        weight = weight + (lora_b(lora_a(eye)) * scaling).T.to(weight.dtype)
+    return weight
+
+
+@contextlib.contextmanager
+def _replaced_forward(module: nn.Module, forward: Callable) -> Iterator[None]:
+    """MODULE.forward is FORWARD (an instance attribute) until the block ends; the class's forward after."""
+    previous = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous
+
+
+@contextlib.contextmanager
+def kd_head_forward(head: nn.Module, loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Inside the block, a call of HEAD(hidden) returns LOSS_OF(hidden, weight) instead of logits, weight being the
+    head's full [V, H] weight (plus its LoRA delta). The call still goes through the head's module call, so FSDP's
+    and DeepSpeed's hooks gather its shards for the forward and again for the backward."""
+    wrappers, owner, terms = kd_head_route(head)
+    chain = [*wrappers, owner]
+    with contextlib.ExitStack() as stack:
+        for wrapper, inner in zip(chain, chain[1:]):  # each PEFT wrapper hands the hidden states straight on
+            stack.enter_context(_replaced_forward(wrapper, lambda hidden, *args, _inner=inner, **kwargs: _inner(hidden)))
+        stack.enter_context(_replaced_forward(
+            owner, lambda hidden, *args, **kwargs: loss_of(hidden, _lora_weight(owner, terms, hidden.shape[-1]))))
+        yield
+
+
 class WeightedKDTrainer(SFTTrainer):
     """SFTTrainer whose loss is `weighted_topk_kd_loss` on the teacher's top-k soft labels."""
 
@@ -138,6 +243,7 @@ class WeightedKDTrainer(SFTTrainer):
         # compute_loss normalises by the accumulated batch's weight sum itself, so the Trainer must
         # neither divide by the accumulation steps nor count labels as items.
         self.model_accepts_loss_kwargs = True
+        kd_head_route(self._output_head(self.model))  # a LoRA on lm_head the loss cannot train stops here
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
         """Sum of token weights over every micro-batch of the optimiser step (and every rank)."""
@@ -148,39 +254,41 @@ class WeightedKDTrainer(SFTTrainer):
             total = self.accelerator.gather(total).sum()
         return total
 
-    @contextlib.contextmanager
-    def _capture_final_hidden(self, model):
-        """Capture the decoder's final (normed) hidden states while the call still goes through every
-        wrapper (DDP, PEFT), which a direct call of the inner decoder would bypass."""
+    def _output_head(self, model) -> nn.Module:
         unwrapped = self.accelerator.unwrap_model(model)
         base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-        captured: dict[str, torch.Tensor] = {}
-        handle = base.get_decoder().register_forward_hook(
-            lambda module, args, output: captured.__setitem__("hidden", output.last_hidden_state))
-        try:
-            yield captured, base.get_output_embeddings()
-        finally:
-            handle.remove()
+        return base.get_output_embeddings()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
-        with self._capture_final_hidden(model) as (captured, lm_head):
-            # logits_to_keep=1: the model's own head runs on one position only; ours runs on the answers.
-            model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False,
-                  logits_to_keep=1)
-        hidden = captured["hidden"][:, :-1]
-        answer = labels[:, 1:].ne(-100)
-        loss, stats = weighted_topk_kd_loss(
-            hidden[answer],
-            lm_head.weight,
-            labels[:, 1:][answer],
-            inputs["kd_topk_ids"][:, 1:][answer],
-            inputs["kd_topk_logprobs"][:, 1:][answer],
-            inputs["kd_weights"][:, 1:][answer],
-            self.kd_loss_config,
-            teacher_temperature=self.teacher_temperature,
-            normaliser=num_items_in_batch,
-        )
+        answer = labels[:, 1:].ne(-100)  # label t is predicted from position t-1
+        stats: dict[str, torch.Tensor] = {}
+
+        def loss_of(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            loss, found = weighted_topk_kd_loss(
+                hidden[:, :-1][answer].to(weight.dtype),
+                weight,
+                labels[:, 1:][answer],
+                inputs["kd_topk_ids"][:, 1:][answer],
+                inputs["kd_topk_logprobs"][:, 1:][answer],
+                inputs["kd_weights"][:, 1:][answer],
+                self.kd_loss_config,
+                teacher_temperature=self.teacher_temperature,
+                normaliser=num_items_in_batch,
+            )
+            stats.update(found, loss=loss.detach())
+            return loss
+
+        with kd_head_forward(self._output_head(model), loss_of):
+            # logits_to_keep=0: the head gets every position and picks the answers itself.
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                            position_ids=inputs.get("position_ids"), use_cache=False, logits_to_keep=0)
+        # The output's .logits is the loss as it left the head's call (hooks may hand on a new tensor: the
+        # backward must go through it). A model that post-processes logits (e.g. soft-capping) would change it.
+        loss = outputs.logits
+        if loss.dim() != 0 or not torch.equal(loss.detach(), stats["loss"]):
+            raise RuntimeError(f"{type(self._output_head(model)).__name__}: the model changed the output head's value "
+                               f"on its way out; the KD trainer needs a model that returns lm_head's output as is")
         if num_items_in_batch is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; the normaliser is global
         self._record_kd_metrics(stats, inputs, answer)

@@ -88,3 +88,14 @@ def test_bad_loss_knob_is_refused(softlabel_dir, tmp_path):
     result = subprocess.run(distill_command(softlabel_dir, tmp_path / "o", "kd_divergence=l2"),
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "divergence" in result.stderr
+
+
+def test_lm_head_lora_with_dropout_is_refused_by_the_recipe(tmp_path):
+    """Before anything loads: the KD loss trains a LoRA on lm_head only as one weight, so without dropout."""
+    from custom_losses.distill import parse_recipe
+    from prep.config import RecipeError
+
+    sets = [f"dataset_path={tmp_path}", f"output_dir={tmp_path / 'o'}", "lora_target_modules=[q_proj,lm_head]"]
+    with pytest.raises(RecipeError, match=r"key 'lora_dropout': 0.05 with lm_head in lora_target_modules"):
+        parse_recipe(RECIPE, [], [*sets, "bf16=false", "use_cpu=true"])
+    assert parse_recipe(RECIPE, [CPU_OVERRIDE], sets)[2].lora_dropout == 0.0  # the CPU overlay's LoRA has none

@@ -86,3 +86,71 @@ def test_two_micro_batches_of_two_equal_one_batch_of_four(tiny_model_dir, qwen_t
     logged = trainer.state.log_history[0]
     assert {"kd_loss", "ce_loss", "diseases_weight_share"} <= set(logged)
     assert 0 < logged["diseases_weight_share"] < 1 and math.isfinite(logged["kd_loss"])
+
+
+def dense_reference_loss(logits, batch, alpha, temperature, tau=1.0, normaliser=None):
+    """Weighted forward-KL (renormalised over the teacher's top-k) + CE from full [B, L, V] logits in float64,
+    written from the definitions: the brute force the trainer's head-side loss must equal."""
+    z = logits[:, :-1].double()
+    labels, ids = batch["labels"][:, 1:], batch["kd_topk_ids"][:, 1:]
+    answer = labels.ne(-100)
+    z, labels, ids = z[answer], labels[answer], ids[answer]
+    lp, weights = batch["kd_topk_logprobs"][:, 1:][answer].double(), batch["kd_weights"][:, 1:][answer].double()
+    valid = ids.ge(0)
+    log_q = torch.log_softmax((lp * tau / temperature).masked_fill(~valid, float("-inf")), -1)
+    student = torch.log_softmax(z / temperature, -1).gather(1, ids.clamp_min(0)).masked_fill(~valid, float("-inf"))
+    log_p = torch.log_softmax(student, -1)
+    kd = torch.where(valid, log_q.exp() * (log_q - log_p), torch.zeros_like(log_q)).sum(-1)
+    ce = -torch.log_softmax(z, -1).gather(1, labels[:, None]).squeeze(1)
+    norm = weights.sum() if normaliser is None else normaliser
+    return (weights * (alpha * temperature ** 2 * kd + (1 - alpha) * ce)).sum() / norm
+
+
+def _peft_trainer(model_dir, tokenizer, features, tmp_path, **lora):
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    args = KDConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, bf16=False, report_to=[],
+                    save_strategy="no", use_cpu=True, kd_alpha=0.7, kd_temperature=2.0, w_diseases=3.0)
+    config = LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", **{"lora_dropout": 0.0, **lora})
+    return WeightedKDTrainer(model=model, args=args, train_dataset=Dataset.from_list(features), peft_config=config,
+                             data_collator=KDDataCollator(tokenizer.pad_token_id, TOP_K), processing_class=tokenizer)
+
+
+@pytest.mark.parametrize("head", ["lora", "modules_to_save"])
+def test_trained_lm_head_gets_the_kd_gradient(head, tiny_model_dir, qwen_tokenizer, tmp_path):
+    """A LoRA on lm_head (or a trainable copy of it) gets exactly autograd's gradient of the dense loss."""
+    features = [build_kd_features(r, qwen_tokenizer, TokenWeightConfig(w_diseases=3.0))
+                for r in softlabel_rows(qwen_tokenizer, 2)]
+    lora = ({"target_modules": ["q_proj", "lm_head"]} if head == "lora"
+            else {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]})
+    trainer = _peft_trainer(tiny_model_dir, qwen_tokenizer, features, tmp_path, **lora)
+    model = trainer.model.train()
+    with torch.no_grad():  # B starts at zero, which would leave A without a gradient
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05, generator=torch.Generator().manual_seed(1))
+    params = {name: param for name, param in model.named_parameters() if param.requires_grad}
+    head_params = [name for name in params if "lm_head" in name]
+    assert len(head_params) == (2 if head == "lora" else 1), head_params
+    batch = trainer.data_collator(features)
+
+    loss = trainer.compute_loss(model, batch)
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    reference = dense_reference_loss(logits, batch, alpha=0.7, temperature=2.0)
+    expected = dict(zip(params, torch.autograd.grad(reference, list(params.values()))))
+
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    for name in params:  # fp32 sums in another order: 1e-5 of the tensor's largest entry
+        error = (grads[name] - expected[name]).abs().max() / expected[name].abs().max()
+        assert error < 1e-5, (name, error.item())
+    for name in head_params:
+        assert grads[name].abs().max() > 1e-6, name
+
+
+def test_lm_head_lora_with_dropout_is_refused(tiny_model_dir, qwen_tokenizer, tmp_path):
+    features = [build_kd_features(r, qwen_tokenizer, TokenWeightConfig()) for r in softlabel_rows(qwen_tokenizer, 1)]
+    with pytest.raises(ValueError, match=r"'lora_dropout' rules out: set lora_dropout to 0 or leave lm_head out"):
+        _peft_trainer(tiny_model_dir, qwen_tokenizer, features, tmp_path, target_modules=["lm_head"], lora_dropout=0.1)
