@@ -228,7 +228,8 @@ def test_sharded_full_distillation_gathers_the_head_and_shards_the_states():
     lora = setup_from_distill({**full, "use_peft": True, "lora_r": 16, "lora_target_modules": "all-linear"})
     assert "KD lm_head gradient" not in estimate(QWEN25_7B, lora).terms
     head_lora = replace(lora, lora_targets=("q_proj", "v_proj", "lm_head"))
-    assert "KD lm_head gradient" in estimate(QWEN25_7B, head_lora).terms
+    # W + B @ A and its gradient (bf16) and the fp32 delta: 2 + 2 + 4 B per head element.
+    assert estimate(QWEN25_7B, head_lora).terms["KD lm_head W + B@A + grad"] == pytest.approx(VOCAB_ROWS * 3584 * 8 / GIB)
     assert QWEN25_7B.lora_params(16, ("q_proj", "v_proj", "lm_head")) == \
         16 * (28 * ((3584 + 3584) + (3584 + 512)) + 3584 + VOCAB_ROWS)
     with pytest.raises(ValueError, match=r"lora_target_modules \['c_attn'\]: not a linear of Qwen2.5-7B-Instruct"):
