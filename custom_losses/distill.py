@@ -179,6 +179,7 @@ def kd_features(dataset, splits: list[str], tokenizer, weights):
 
 def build_trainer(script_args, training_args, model_args):
     """The WeightedKDTrainer over the soft-label dataset; InputError when the dataset does not match the recipe."""
+    from custom_losses.packing import PackedDataset
     from custom_losses.trainer import KDDataCollator, WeightedKDTrainer
 
     dataset = load_softlabel_dataset(script_args.dataset_path)
@@ -190,11 +191,14 @@ def build_trainer(script_args, training_args, model_args):
     tokenizer_source = script_args.tokenizer_path or model_args.model_name_or_path
     model, tokenizer, peft_config = load_student(model_args, script_args, tokenizer_source)
     features = kd_features(dataset, splits, tokenizer, training_args.weight_config())
+    if training_args.kd_packing:  # bins of whole cases, fixed for the run (the sampler shuffles the bins)
+        features = {split: PackedDataset(features[split], training_args.max_length) for split in splits}
     top_k = max(len(ids) for ids in dataset[train_split][0]["target_token_ids"])
+    collator = KDDataCollator(tokenizer.pad_token_id, top_k, padding_free=training_args.kd_padding_free)
     trainer = WeightedKDTrainer(
         model=model, args=training_args, train_dataset=features[train_split],
         eval_dataset=features[eval_split] if eval_split else None,
-        data_collator=KDDataCollator(tokenizer.pad_token_id, top_k), processing_class=tokenizer,
+        data_collator=collator, processing_class=tokenizer,
         peft_config=peft_config,
         teacher_temperature=teacher_temperature_of(dataset[train_split], script_args.dataset_path),
     )
@@ -204,6 +208,10 @@ def build_trainer(script_args, training_args, model_args):
 def train(script_args, training_args, model_args, log: Callable[[str], None] = lambda m: print(m, flush=True)) -> Path:
     """Train (resuming from output_dir's last checkpoint), save the adapter and merge it; returns output_dir."""
     trainer, tokenizer, is_adapter = build_trainer(script_args, training_args, model_args)
+    packed = trainer.train_dataset
+    if training_args.kd_packing:
+        log(f"[distill] packed {len(packed.lengths)} cases into {len(packed)} rows of <= {training_args.max_length} "
+            f"tokens ({sum(packed.lengths) / (len(packed) * training_args.max_length):.0%} full)")
     output_dir = Path(training_args.output_dir)
     complete = complete_checkpoints(output_dir, lambda message: log(f"[distill] {message}"))
     last = str(complete[-1]) if complete else None

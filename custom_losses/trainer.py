@@ -2,8 +2,10 @@
 
 Rows come from `prep.softlabels` (messages, answer_token_ids [A], target_token_ids [A][k],
 logprobs [A][k], temperature). `build_kd_features` turns a row into input ids, labels (prompt
--100) and per-position soft labels and token weights; `KDDataCollator` pads them so the soft labels
-stay on their label positions. `WeightedKDTrainer.compute_loss` runs the loss inside the output head's
+-100) and per-position soft labels and token weights; `KDDataCollator` batches them, one case a row or
+several packed into a row (custom_losses.packing, recipe key kd_packing), with position ids that restart
+per case and no attention mask, so the soft labels stay on their label positions and no token attends
+across cases. `WeightedKDTrainer.compute_loss` runs the loss inside the output head's
 own forward call (see `kd_head_forward`): the head receives the final hidden states, keeps the answer
 positions and returns `weighted_topk_kd_loss`, which never builds [batch, seq, vocab] logits. Because the
 loss runs inside the head's call, FSDP and DeepSpeed ZeRO-3 gather the (sharded) head weight for it as
@@ -21,6 +23,7 @@ from torch import nn
 from trl import SFTConfig, SFTTrainer
 
 from custom_losses.kd_loss import KDLossConfig, weighted_topk_kd_loss
+from custom_losses.packing import pack_features, row_segments
 from custom_losses.token_weights import TokenWeightConfig, answer_token_weights
 from prep.tokenizer import chat_token_ids
 
@@ -46,8 +49,22 @@ class KDConfig(SFTConfig):
     w_terms: float = field(default=1.5, metadata={"help": "Weight of lexicon terms found in both case and answer."})
     lexicon_path: str | None = field(default="data/medical_terms.txt", metadata={
         "help": "Medical-term lexicon, one per line."})
+    kd_packing: bool = field(default=False, metadata={
+        "help": "Pack cases into rows of up to max_length tokens (custom_losses.packing, best-fit decreasing); "
+                "position ids restart per case and no token attends across cases. TRL's `packing` would hand the "
+                "batches to its own collator, which drops the soft labels."})
+    kd_padding_free: bool = field(default=False, metadata={
+        "help": "Concatenate each micro-batch's rows into one row: no padding; what flash_attention_2 needs to "
+                "run packed rows (varlen) when a micro-batch has more than one."})
 
     def __post_init__(self) -> None:
+        # TRL's own packing and padding-free modes replace (or refuse) our collator and its soft labels.
+        for trl_key, ours in (("packing", "kd_packing"), ("padding_free", "kd_padding_free")):
+            if getattr(self, trl_key):
+                raise ValueError(f"{trl_key}: true is TRL's own batching, which drops the soft labels; "
+                                 f"the KD trainer uses {ours}: true")
+        if self.kd_packing and self.max_length is None:
+            raise ValueError("kd_packing needs max_length (the packed row's length)")
         # The KD columns must reach the collator untouched and TRL must not re-tokenise our features.
         self.remove_unused_columns = False
         self.dataset_kwargs = {**(self.dataset_kwargs or {}), "skip_prepare_dataset": True}
@@ -97,16 +114,30 @@ def build_kd_features(row: dict[str, Any], tokenizer, weights: TokenWeightConfig
 
 @dataclass
 class KDDataCollator:
-    """Right-pads a batch; soft labels and weights land on their label positions ([B, L, k] / [B, L])."""
+    """Rows -> a micro-batch with position ids and no attention mask; soft labels on their label positions.
+
+    A row is a build_kd_features dict (one case) or a packed row of several (custom_losses.packing). Position ids
+    restart at 0 at every case, which is how transformers knows where cases begin: it builds a block-diagonal
+    causal mask for sdpa/eager from them, so no token attends across cases. Rows are right-padded to the longest;
+    the padding is a segment of its own (its own position ids, labels -100, weight 0), so it touches nothing.
+    A case's first label is -100: it follows another case's last token, which must not predict it.
+    padding_free: the micro-batch's rows are concatenated into one row: no padding at all, and the one layout in
+    which flash_attention_2 runs packed cases (varlen) correctly.
+    Returns input_ids, labels, position_ids [B, L]; kd_topk_ids, kd_topk_logprobs [B, L, k]; kd_weights,
+    kd_in_diseases [B, L].
+    """
 
     pad_token_id: int
     top_k: int
+    padding_free: bool = False
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.padding_free:
+            features = [pack_features(features)]
         batch, length = len(features), max(len(f["input_ids"]) for f in features)
         input_ids = torch.full((batch, length), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((batch, length), dtype=torch.long)
         labels = torch.full((batch, length), -100, dtype=torch.long)
+        position_ids = torch.zeros((batch, length), dtype=torch.long)
         topk_ids = torch.full((batch, length, self.top_k), -1, dtype=torch.long)
         topk_logprobs = torch.zeros((batch, length, self.top_k), dtype=torch.float32)
         weights = torch.zeros((batch, length), dtype=torch.float32)
@@ -114,16 +145,24 @@ class KDDataCollator:
         for row, feature in enumerate(features):
             size = len(feature["input_ids"])
             input_ids[row, :size] = torch.tensor(feature["input_ids"])
-            attention_mask[row, :size] = 1
             labels[row, :size] = torch.tensor(feature["labels"])
-            answer = len(feature["kd_weights"])
-            start = size - answer  # the answer is the tail of the sequence
+            position_ids[row, size:] = torch.arange(length - size)
             ids = torch.tensor(feature["kd_topk_ids"], dtype=torch.long)[:, : self.top_k]
-            topk_ids[row, start:size, : ids.shape[1]] = ids
-            topk_logprobs[row, start:size, : ids.shape[1]] = torch.tensor(feature["kd_topk_logprobs"])[:, : self.top_k]
-            weights[row, start:size] = torch.tensor(feature["kd_weights"])
-            in_diseases[row, start:size] = torch.tensor(feature["kd_in_diseases"])
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "kd_topk_ids": topk_ids,
+            logprobs = torch.tensor(feature["kd_topk_logprobs"], dtype=torch.float32)[:, : self.top_k]
+            row_weights = torch.tensor(feature["kd_weights"], dtype=torch.float32)
+            row_diseases = torch.tensor(feature["kd_in_diseases"], dtype=torch.bool)
+            start = first_answer = 0
+            for tokens, answer in row_segments(feature):
+                end, answers = start + tokens, slice(first_answer, first_answer + answer)
+                position_ids[row, start:end] = torch.arange(tokens)
+                labels[row, start] = -100
+                tail = slice(end - answer, end)  # the answer is the tail of its case
+                topk_ids[row, tail, : ids.shape[1]] = ids[answers]
+                topk_logprobs[row, tail, : ids.shape[1]] = logprobs[answers]
+                weights[row, tail] = row_weights[answers]
+                in_diseases[row, tail] = row_diseases[answers]
+                start, first_answer = end, first_answer + answer
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "kd_topk_ids": topk_ids,
                 "kd_topk_logprobs": topk_logprobs, "kd_weights": weights, "kd_in_diseases": in_diseases}
 
 
@@ -244,6 +283,17 @@ class WeightedKDTrainer(SFTTrainer):
         # neither divide by the accumulation steps nor count labels as items.
         self.model_accepts_loss_kwargs = True
         kd_head_route(self._output_head(self.model))  # a LoRA on lm_head the loss cannot train stops here
+        self._check_attention_sees_cases()
+
+    def _check_attention_sees_cases(self) -> None:
+        """flash_attention_2 keeps packed cases apart only in a single-row micro-batch (its varlen path); sdpa and
+        eager get a block-diagonal mask from the position ids in any shape."""
+        implementation = str(getattr(self.model.config, "_attn_implementation", "") or "")
+        rows = max(self.args.per_device_train_batch_size, self.args.per_device_eval_batch_size)
+        if ("flash" in implementation and self.args.kd_packing and rows > 1
+                and not getattr(self.data_collator, "padding_free", False)):
+            raise ValueError(f"attn_implementation {implementation} would let packed cases attend to each other in a "
+                             f"micro-batch of {rows} rows: set kd_padding_free: true or per_device batch sizes 1")
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
         """Sum of token weights over every micro-batch of the optimiser step (and every rank)."""

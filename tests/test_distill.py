@@ -1,6 +1,7 @@
-"""`python -m launch.distill` end to end on CPU: the real recipe + the CPU overlay, KD falls, kill and resume."""
+"""`python -m launch.distill` end to end on CPU: the real recipe (packed rows) + the CPU overlay, KD falls, kill and resume."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -64,6 +65,9 @@ def test_distill_kd_falls_and_resumes_after_kill(softlabel_dir, tmp_path, tiny_m
     assert all(0 < entry["diseases_weight_share"] < 1 for entry in steps)
     logged = (output / "distill.log").read_text()
     assert "[distill] resuming from" in logged and "[distill] wrote" in logged, "both runs log to output_dir/distill.log"
+    # The recipe's packed path (kd_packing, padding-free rows of several cases) is the one that ran.
+    packed = re.search(r"\[distill\] packed (\d+) cases into (\d+) rows of <= 2048 tokens", logged)
+    assert packed and int(packed[2]) < int(packed[1]), logged[-2000:]
     # The adapter and a merged model vLLM can serve, with the exact chat template, merged by custom_losses.merge
     # in the precision the CPU overlay's merge_dtype names.
     assert (output / "adapter" / "adapter_config.json").exists()

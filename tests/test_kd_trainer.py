@@ -6,6 +6,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
+from custom_losses.packing import PackedDataset, pack_features
 from custom_losses.token_weights import TokenWeightConfig, answer_token_weights
 from custom_losses.trainer import KDConfig, KDDataCollator, WeightedKDTrainer, build_kd_features
 from prep.answers import Answer, answer_json
@@ -138,7 +139,7 @@ def test_trained_lm_head_gets_the_kd_gradient(head, tiny_model_dir, qwen_tokeniz
 
     loss = trainer.compute_loss(model, batch)
     grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
     reference = dense_reference_loss(logits, batch, alpha=0.7, temperature=2.0)
     expected = dict(zip(params, torch.autograd.grad(reference, list(params.values()))))
 
@@ -154,3 +155,93 @@ def test_lm_head_lora_with_dropout_is_refused(tiny_model_dir, qwen_tokenizer, tm
     features = [build_kd_features(r, qwen_tokenizer, TokenWeightConfig()) for r in softlabel_rows(qwen_tokenizer, 1)]
     with pytest.raises(ValueError, match=r"'lora_dropout' rules out: set lora_dropout to 0 or leave lm_head out"):
         _peft_trainer(tiny_model_dir, qwen_tokenizer, features, tmp_path, target_modules=["lm_head"], lora_dropout=0.1)
+
+
+def _kd_trainer(model_dir, tokenizer, features, tmp_path, **args):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    config = KDConfig(output_dir=str(tmp_path), bf16=False, report_to=[], save_strategy="no", use_cpu=True,
+                      kd_alpha=0.7, kd_temperature=2.0, w_diseases=3.0, max_length=2048, **args)
+    return WeightedKDTrainer(model=model, args=config, train_dataset=Dataset.from_list(features),
+                             data_collator=KDDataCollator(tokenizer.pad_token_id, TOP_K), processing_class=tokenizer)
+
+
+def _loss_and_grads(trainer, batch):
+    model = trainer.model.train()
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    normaliser = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
+    loss = trainer.compute_loss(model, batch, num_items_in_batch=normaliser)
+    return loss.detach(), dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+
+
+def test_packed_batches_equal_unpacked_ones(tiny_model_dir, qwen_tokenizer, tmp_path):
+    """The same 4 cases as 4 padded rows, as 2 packed rows and as one padding-free row: same loss, same gradient
+    of every parameter (fp32, sdpa with the block-diagonal mask transformers builds from the position ids)."""
+    features = [build_kd_features(r, qwen_tokenizer, TokenWeightConfig(w_diseases=3.0))
+                for r in softlabel_rows(qwen_tokenizer, 4)]
+    lengths = [len(f["input_ids"]) for f in features]
+    packed = PackedDataset(features, max_length=sum(sorted(lengths)[-2:]))  # room for two cases a row
+    assert sorted(len(b) for b in packed.bins) == [2, 2] and sorted(i for b in packed.bins for i in b) == [0, 1, 2, 3]
+    trainer = _kd_trainer(tiny_model_dir, qwen_tokenizer, features, tmp_path)
+    unpacked = KDDataCollator(qwen_tokenizer.pad_token_id, TOP_K)(features)
+    rows = KDDataCollator(qwen_tokenizer.pad_token_id, TOP_K)(list(packed))
+    flat = KDDataCollator(qwen_tokenizer.pad_token_id, TOP_K, padding_free=True)(features)
+    assert rows["input_ids"].shape[0] == 2 and flat["input_ids"].shape == (1, sum(lengths))
+    assert "attention_mask" not in flat and flat["position_ids"][0].eq(0).sum() == 4  # four cases restart at 0
+
+    loss, grads = _loss_and_grads(trainer, unpacked)
+    for name, batch in (("packed", rows), ("padding-free", flat)):
+        assert batch["kd_weights"].sum() == unpacked["kd_weights"].sum(), name
+        other_loss, other_grads = _loss_and_grads(trainer, batch)
+        assert torch.allclose(other_loss, loss, rtol=1e-5, atol=0), (name, other_loss, loss)
+        for param in grads:
+            assert torch.allclose(other_grads[param], grads[param], rtol=1e-5, atol=1e-5), (name, param)
+    assert max(g.abs().max() for g in grads.values()) > 1e-3
+
+
+def test_no_token_attends_across_packed_cases(tiny_model_dir, qwen_tokenizer, tmp_path):
+    """In a packed row [A, B], rewriting A's tokens leaves B's hidden states and loss as B alone gives them;
+    without the restarting position ids (one causal sequence) they do change, so the probe can see leaks."""
+    features = [build_kd_features(r, qwen_tokenizer, TokenWeightConfig()) for r in softlabel_rows(qwen_tokenizer, 2)]
+    trainer = _kd_trainer(tiny_model_dir, qwen_tokenizer, features, tmp_path)
+    decoder, collate = trainer.model.eval().get_decoder(), KDDataCollator(qwen_tokenizer.pad_token_id, TOP_K)
+    case_a, case_b = features
+    scrambled = {**case_a, "input_ids": [(token * 7 + 11) % 150000 for token in case_a["input_ids"]]}
+    size_a = len(case_a["input_ids"])
+
+    def b_hidden(batch, **position):
+        with torch.no_grad():
+            return decoder(input_ids=batch["input_ids"], use_cache=False, **position).last_hidden_state[0, size_a:]
+
+    alone = collate([case_b])
+    with torch.no_grad():
+        b_alone = decoder(input_ids=alone["input_ids"], position_ids=alone["position_ids"]).last_hidden_state[0]
+    for first in (case_a, scrambled):
+        row = collate([pack_features([first, case_b])])
+        assert torch.allclose(b_hidden(row, position_ids=row["position_ids"]), b_alone, atol=1e-5)
+    plain = [collate([pack_features([first, case_b])]) for first in (case_a, scrambled)]
+    assert not torch.allclose(b_hidden(plain[0]), b_hidden(plain[1]), atol=1e-3)
+
+    # B's loss with A's weights zeroed: the same whatever A's tokens are, and the same as B alone.
+    silent = {name: [0.0] * len(case_a["kd_weights"]) if name == "kd_weights" else value for name, value in case_a.items()}
+    silent_scrambled = {**silent, "input_ids": scrambled["input_ids"]}
+    with torch.no_grad():
+        losses = [trainer.compute_loss(trainer.model, collate([pack_features([first, case_b])]))
+                  for first in (silent, silent_scrambled)]
+        losses.append(trainer.compute_loss(trainer.model, alone))
+    assert torch.allclose(losses[0], losses[2], rtol=1e-5) and torch.allclose(losses[1], losses[2], rtol=1e-5), losses
+
+
+def test_batching_modes_that_would_lose_soft_labels_or_leak_are_refused(tiny_model_dir, qwen_tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="packing: true is TRL's own batching, which drops the soft labels; the KD "
+                                         "trainer uses kd_packing: true"):
+        KDConfig(output_dir=str(tmp_path), packing=True, use_cpu=True, bf16=False)
+    features = [build_kd_features(r, qwen_tokenizer, TokenWeightConfig()) for r in softlabel_rows(qwen_tokenizer, 1)]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model.config._attn_implementation = "flash_attention_2"  # only the check reads it; nothing runs
+    args = KDConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], kd_packing=True, max_length=512,
+                    per_device_train_batch_size=2, per_device_eval_batch_size=1)
+    with pytest.raises(ValueError, match="flash_attention_2 would let packed cases attend to each other in a "
+                                         "micro-batch of 2 rows: set kd_padding_free: true"):
+        WeightedKDTrainer(model=model, args=args, train_dataset=Dataset.from_list(features), processing_class=qwen_tokenizer,
+                          data_collator=KDDataCollator(qwen_tokenizer.pad_token_id, TOP_K))
