@@ -177,6 +177,21 @@ def kd_features(dataset, splits: list[str], tokenizer, weights):
     })
 
 
+def check_lengths(features, rows, split: str, max_length: int | None, path: str) -> None:
+    """InputError when a case (chat template + answer) is longer than max_length: packing cannot place it and an
+    unpacked row would run past the length every memory figure assumes. Nothing is truncated or dropped."""
+    if max_length is None:
+        return
+    lengths = [len(ids) for ids in features["input_ids"]]
+    too_long = [(index, length) for index, length in enumerate(lengths) if length > max_length]
+    if too_long:
+        index, length = max(too_long, key=lambda item: item[1])
+        case = rows[index]["id"] if "id" in rows.column_names else f"row {index}"
+        raise InputError(path, None, f"{len(too_long)} case(s) of split '{split}' exceed max_length {max_length} with "
+                                     f"the chat template and answer (longest: id {case}, {length} tokens); raise "
+                                     f"max_length or shorten them in prep", "messages")
+
+
 def build_trainer(script_args, training_args, model_args):
     """The WeightedKDTrainer over the soft-label dataset; InputError when the dataset does not match the recipe."""
     from custom_losses.packing import PackedDataset
@@ -189,8 +204,13 @@ def build_trainer(script_args, training_args, model_args):
             raise InputError(script_args.dataset_path, None, f"no '{split}' split (has {list(dataset)})")
     train_split, eval_split = script_args.dataset_train_split, script_args.dataset_eval_split
     tokenizer_source = script_args.tokenizer_path or model_args.model_name_or_path
-    model, tokenizer, peft_config = load_student(model_args, script_args, tokenizer_source)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     features = kd_features(dataset, splits, tokenizer, training_args.weight_config())
+    for split in splits:  # before the model loads: a long case is a data problem, found in seconds
+        check_lengths(features[split], dataset[split], split, training_args.max_length, script_args.dataset_path)
+    model, tokenizer, peft_config = load_student(model_args, script_args, tokenizer_source)
     if training_args.kd_packing:  # bins of whole cases, fixed for the run (the sampler shuffles the bins)
         features = {split: PackedDataset(features[split], training_args.max_length) for split in splits}
     top_k = max(len(ids) for ids in dataset[train_split][0]["target_token_ids"])

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from custom_losses.token_weights import TokenWeightConfig
+from custom_losses.trainer import build_kd_features
 from tests.conftest import REPO_ROOT
 from tests.test_softlabels import softlabel_args
 
@@ -103,3 +105,27 @@ def test_lm_head_lora_with_dropout_is_refused_by_the_recipe(tmp_path):
     with pytest.raises(RecipeError, match=r"key 'lora_dropout': 0.05 with lm_head in lora_target_modules"):
         parse_recipe(RECIPE, [], [*sets, "bf16=false", "use_cpu=true"])
     assert parse_recipe(RECIPE, [CPU_OVERRIDE], sets)[2].lora_dropout == 0.0  # the CPU overlay's LoRA has none
+
+
+def test_a_case_over_max_length_stops_the_run_before_the_model_loads(tmp_path, qwen_tokenizer, monkeypatch):
+    """Synthetic soft labels (test_kd_trainer's teacher) for 4 sample cases; max_length below the longest."""
+    from datasets import Dataset, DatasetDict
+
+    from custom_losses.distill import parse_recipe, train
+    from prep.jsonio import InputError
+    from tests.test_kd_trainer import softlabel_rows
+
+    rows = softlabel_rows(qwen_tokenizer, 4)
+    DatasetDict({"train": Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "softlabels" / "dataset"))
+    lengths = {row["id"]: len(build_kd_features(row, qwen_tokenizer, TokenWeightConfig())["input_ids"]) for row in rows}
+    longest = max(lengths, key=lengths.get)
+    limit = sorted(lengths.values())[-2]  # exactly one case is longer
+    args = parse_recipe(RECIPE, [CPU_OVERRIDE], [f"dataset_path={tmp_path / 'softlabels'}", f"output_dir={tmp_path / 'o'}",
+                                                 f"max_length={limit}"])
+    monkeypatch.setattr("custom_losses.distill.load_student", lambda *a: pytest.fail("the model loaded"))
+    message = (rf"{re.escape(str(tmp_path / 'softlabels'))}: field 'messages': 1 case\(s\) of split 'train' exceed "
+               rf"max_length {limit} with the chat template and answer \(longest: id {longest}, "
+               rf"{lengths[longest]} tokens\); raise max_length or shorten them in prep")
+    with pytest.raises(InputError, match=message):
+        train(*args)
+    assert not (tmp_path / "o").exists()
