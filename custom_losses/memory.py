@@ -433,8 +433,9 @@ def setup_from_distill(config: dict[str, Any], gpus: int = 1) -> Setup:
     get_peft_model), so QLoRA adapters cost 2 + 2 + 4 (bf16 AdamW moments: torch's AdamW keeps them in
     the parameter's dtype) = 8 B/param; a bf16 model's adapters are upcast to fp32 by PEFT, 16 B/param.
     Activations: a micro-batch is per_device_train_batch_size rows of up to max_length tokens, packed
-    (packing: true fills each row with several cases) or not (the longest case sets the padded length):
-    the peak is the same full micro-batch either way, packing only makes every step reach it.
+    (kd_packing: true fills each row with several cases; kd_padding_free concatenates the rows) or not
+    (the longest case sets the padded length): the peak is the same full micro-batch either way, packing
+    only makes every step reach it.
     """
     quantised = 4 if config.get("load_in_4bit") else 8 if config.get("load_in_8bit") else 0
     method = ("qlora" if quantised == 4 else "lora") if config.get("use_peft") else "full"

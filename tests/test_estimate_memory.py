@@ -1,12 +1,16 @@
 """The GPU memory estimator against published measurements, its parts, and its command line.
 
 No GPU here: the estimator is checked against measurements others published (cited in
-custom_losses/memory.py), and this repo's recipes get predictions only.
+custom_losses/memory.py) and, for the KD loss's own terms, against the loss's peak measured on CPU;
+this repo's recipes get predictions only. The distill recipes' headers state the estimator's figure,
+checked here (the SFT recipes' headers are checked in test_recipes_validate.py).
 """
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -17,11 +21,13 @@ from custom_losses.memory import (
     Setup,
     estimate,
     estimate_config,
+    estimate_distill,
     setup_from_distill,
     shape_for,
 )
 from custom_losses.sft_config import compose
 from launch.estimate_memory import main
+from prep.paths import REPO_ROOT
 from prep.qwen import VOCAB_ROWS
 
 TOLERANCE = 0.15
@@ -165,6 +171,7 @@ def test_fit_check_holds_a_config_against_the_gpus():
 
 # ---- stage two: distill recipes ------------------------------------------------------------------
 
+DISTILL_RECIPES = sorted((REPO_ROOT / "recipes" / "distill").glob("*.yaml"))
 QLORA_DISTILL = "recipes/distill/qwen2.5-7b-instruct-qlora-1gpu.yaml"
 QWEN25 = "Qwen/Qwen2.5-7B-Instruct"
 
@@ -234,6 +241,27 @@ def test_sharded_full_distillation_gathers_the_head_and_shards_the_states():
         16 * (28 * ((3584 + 3584) + (3584 + 512)) + 3584 + VOCAB_ROWS)
     with pytest.raises(ValueError, match=r"lora_target_modules \['c_attn'\]: not a linear of Qwen2.5-7B-Instruct"):
         QWEN25_7B.lora_params(16, ("c_attn",))
+
+
+def _header(recipe: Path) -> str:
+    return "".join(line for line in recipe.read_text(encoding="utf-8").splitlines(keepends=True) if line.startswith("#"))
+
+
+@pytest.mark.parametrize("recipe", DISTILL_RECIPES, ids=lambda path: path.name)
+def test_distill_recipe_header_states_the_estimators_peak(recipe: Path):
+    """Each header names the estimate's command and its prediction(s) as '#   N GPU(s): X GiB', rounded to the
+    0.1 GiB the command prints; the command's --model is the shape (the recipe's model is stage one's merged one)."""
+    header, rel = _header(recipe), str(recipe.relative_to(REPO_ROOT))
+    command = re.search(rf"python -m launch\.estimate_memory --config {re.escape(rel)}( [^`\n]*)?", header)
+    assert command, f"{rel}: the header names `python -m launch.estimate_memory --config {rel} ...`"
+    model = re.search(r"--model (\S+)", command.group(0))
+    predictions = re.findall(r"^#\s+(\d+) GPUs?: ([0-9.]+) GiB", header, re.M)
+    assert predictions, f"{rel}: the predicted peak, as '#   N GPU(s): X GiB'"
+    config = compose(recipe)
+    for gpus, stated in predictions:
+        predicted = estimate_distill(config, int(gpus), model.group(1) if model else None).total
+        assert abs(predicted - float(stated)) <= 0.05 + 1e-9, \
+            f"{rel}: header says {stated} GiB on {gpus} GPU(s); the estimator says {predicted:.2f}"
 
 
 def test_cli_estimates_a_distill_recipe(capsys, tiny_model_dir):
