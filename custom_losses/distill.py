@@ -204,12 +204,15 @@ def build_trainer(script_args, training_args, model_args):
             raise InputError(script_args.dataset_path, None, f"no '{split}' split (has {list(dataset)})")
     train_split, eval_split = script_args.dataset_train_split, script_args.dataset_eval_split
     tokenizer_source = script_args.tokenizer_path or model_args.model_name_or_path
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, set_seed
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     features = kd_features(dataset, splits, tokenizer, training_args.weight_config())
     for split in splits:  # before the model loads: a long case is a data problem, found in seconds
         check_lengths(features[split], dataset[split], split, training_args.max_length, script_args.dataset_path)
+    # TRL's SFTTrainer draws a fresh LoRA's initial weights before Trainer.__init__ seeds anything: without
+    # this, two runs of one recipe start from different adapters and differ from the first step on.
+    set_seed(training_args.seed)
     model, tokenizer, peft_config = load_student(model_args, script_args, tokenizer_source)
     if training_args.kd_packing:  # bins of whole cases, fixed for the run (the sampler shuffles the bins)
         features = {split: PackedDataset(features[split], training_args.max_length) for split in splits}
