@@ -12,8 +12,9 @@ recipe's batches are laid out two ways:
             concatenated into one row with kd_padding_free).
 
 Both in a shuffled order (the recipe's seed), as the Trainer's sampler would. Reported per layout: real
-(non-pad) tokens per micro-batch, the padded fraction of the forward tokens, and optimiser steps per
-epoch on the GPUs the recipe's header names.
+(non-pad) tokens and cases per micro-batch, the padded fraction of the forward tokens (0 for a one-row
+micro-batch: nothing to pad it to), the fill (real tokens over rows x max_length, what the rows could
+hold) and optimiser steps per epoch on the GPUs the recipe's header names.
 
 Answer lengths. The soft-label recipe caps the teacher's answer at `sampling.max_tokens` (1536 in
 recipes/softlabels/vllm-qwen2.5-72b-instruct.yaml). That is a cap against run-away generation, not a
@@ -63,6 +64,11 @@ class Layout:
     @property
     def tokens_per_micro_batch(self) -> float:
         return self.real_tokens / max(len(self.micro_batches), 1)
+
+    def fill(self, max_length: int) -> float:
+        """Real tokens over the rows' capacity (rows x max_length): how much of what a row may hold it holds."""
+        rows = sum(len(batch) for batch in self.micro_batches)
+        return self.real_tokens / (rows * max_length) if rows else 0.0
 
     def steps_per_epoch(self, accumulation: int, gpus: int) -> int:
         return math.ceil(len(self.micro_batches) / (accumulation * gpus))
@@ -276,8 +282,10 @@ def _percentile(values: Sequence[int], point: float) -> int:
 
 
 def batching_report(lengths: Sequence[int], recipes: Sequence[RecipeBatching], out) -> tuple[float, float]:
-    """Print each recipe's unpacked and packed layout; (worst packed pad fraction, worst tokens-per-forward ratio)."""
-    out(f"{'recipe':<44} {'GPUs':>4} {'layout':<9}{'tokens/micro-batch':>19}{'cases':>7}{'pad':>8}{'steps/epoch':>12}")
+    """Print each recipe's unpacked and packed layout; (worst packed padding, 1 - fill, and worst tokens-per-forward
+    ratio) over RECIPES."""
+    out(f"{'recipe':<44} {'GPUs':>4} {'layout':<9}{'tokens/micro-batch':>19}{'cases':>7}{'pad':>8}{'fill':>7}"
+        f"{'steps/epoch':>12}")
     pads, ratios = [], []
     for recipe in recipes:
         too_long = set(over_long(lengths, recipe.max_length))
@@ -289,8 +297,11 @@ def batching_report(lengths: Sequence[int], recipes: Sequence[RecipeBatching], o
         for layout in (before, after):
             cases = sum(len(row) for batch in layout.micro_batches for row in batch) / len(layout.micro_batches)
             out(f"{recipe.name:<44} {recipe.gpus:>4} {layout.name:<9}{layout.tokens_per_micro_batch:>19.0f}{cases:>7.2f}"
-                f"{layout.pad_fraction:>8.4f}{layout.steps_per_epoch(recipe.accumulation, recipe.gpus):>12}")
-        pads.append(after.pad_fraction)
+                f"{layout.pad_fraction:>8.4f}{layout.fill(recipe.max_length):>7.3f}"
+                f"{layout.steps_per_epoch(recipe.accumulation, recipe.gpus):>12}")
+        # Unused row capacity counts as padding here (a collator padding every row to max_length would add
+        # exactly that): the strict reading of "padded fraction", never below the dynamic collator's pad.
+        pads.append(1 - after.fill(recipe.max_length))
         ratios.append(after.tokens_per_micro_batch / before.tokens_per_micro_batch)
     return max(pads), min(ratios)
 
@@ -299,7 +310,9 @@ def run(cases_path: str | Path, recipes: Sequence[str | Path], softlabel_recipe:
         examples_path: str | Path = EXAMPLES_PATH, limit: int | None = None, cpu_cases: int = 48,
         cpu_recipe: str | Path | None = None, cpu_overlays: Sequence[str | Path] = (), out=print) -> int:
     """The whole benchmark, printed through OUT; the last line is
-    `pad_fraction_packed=A tokens_per_forward_ratio=B cpu_speedup=C` (worst recipe for A and B). Exit code."""
+    `pad_fraction_packed=A tokens_per_forward_ratio=B cpu_speedup=C`: A = 1 - fill of the packed rows (their unused
+    max_length capacity), B = real tokens per packed micro-batch over unpacked, each for the worst recipe; C = packed
+    over unpacked answer tokens per CPU second on the tiny model. Returns the exit code."""
     import statistics
     import tempfile
 

@@ -11,7 +11,9 @@ optimiser steps per epoch on the GPUs the recipe's header names. Answers: the pu
 lengths (the headline) and, as the worst case, the soft-label recipe's whole max_tokens budget (why:
 custom_losses/distill_bench.py). Part two: the tiny model on CPU (the CPU recipe + overlay), answer
 tokens per second of forward + backward, unpacked versus packed, same cases, same run.
-Last line: `pad_fraction_packed=A tokens_per_forward_ratio=B cpu_speedup=C` (A and B: the worst recipe).
+Last line: `pad_fraction_packed=A tokens_per_forward_ratio=B cpu_speedup=C`: A the packed rows' unused
+max_length capacity (1 - fill), B packed over unpacked real tokens per micro-batch, both for the worst recipe;
+C packed over unpacked answer tokens per CPU second.
 Without the competition data (../shared) it says so and exits 0.
 """
 from __future__ import annotations

@@ -27,17 +27,19 @@ def test_distill_benchmark_prints_its_line_and_packed_batches_pad_less(real_case
     last = result.stdout.strip().splitlines()[-1]
     match = re.fullmatch(r"pad_fraction_packed=([\d.]+) tokens_per_forward_ratio=([\d.]+) cpu_speedup=([\d.]+)", last)
     assert match, last
-    # Each recipe's table rows: name, GPUs, layout, tokens per micro-batch, cases per micro-batch, pad, steps per epoch.
-    rows = re.findall(r"^(\S+\.yaml)\s+\d+ (unpacked|packed)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)$", result.stdout, re.M)
-    table: dict[tuple[str, str], tuple[float, float, float]] = {}
-    for name, layout, tokens, _cases, pad, steps in rows[-len(rows) // 2:]:    # the headline (example-length) table
-        table[(name, layout)] = (float(tokens), float(pad), float(steps))
+    # Each recipe's table rows: name, GPUs, layout, tokens and cases per micro-batch, pad, fill, steps per epoch.
+    rows = re.findall(r"^(\S+\.yaml)\s+\d+ (unpacked|packed)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)$",
+                      result.stdout, re.M)
+    table: dict[tuple[str, str], tuple[float, ...]] = {}
+    for name, layout, tokens, _cases, pad, fill, steps in rows[-len(rows) // 2:]:    # the headline (example-length) table
+        table[(name, layout)] = (float(tokens), float(pad), float(fill), float(steps))
     recipes = {name for name, _ in table}
     assert recipes and len(table) == 2 * len(recipes)
     for name in recipes:
-        (tokens_u, pad_u, steps_u), (tokens_p, pad_p, steps_p) = table[(name, "unpacked")], table[(name, "packed")]
-        assert tokens_p > tokens_u and pad_p <= pad_u and steps_p < steps_u, name
-    assert float(match.group(1)) == max(table[(name, "packed")][1] for name in recipes)
+        (tokens_u, pad_u, fill_u, steps_u), (tokens_p, pad_p, fill_p, steps_p) = table[(name, "unpacked")], table[(name, "packed")]
+        assert tokens_p > tokens_u and pad_p <= pad_u and fill_p > fill_u and steps_p < steps_u, name
+    # A is the packed rows' unused capacity (1 - fill), the worst recipe's.
+    assert abs(float(match.group(1)) - max(1 - table[(name, "packed")][2] for name in recipes)) <= 1e-3
     assert "answer tokens/s" in result.stdout
 
 
