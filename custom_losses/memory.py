@@ -179,7 +179,9 @@ class Setup:
     offload_optimizer: bool = False
     offload_params: bool = False
     bucket_elements: float = 0            # DeepSpeed communication buckets (elements, each)
-    sharding: str = "ZeRO"                # ZeRO (DeepSpeed) or FSDP, counted alike (see setup_from_distill)
+    sharding: str = "ZeRO"                # ZeRO (DeepSpeed) or FSDP (see _fsdp_settings)
+    master_weights: bool = True           # full fine-tune: an fp32 master copy beside 16-bit weights and grads
+                                          # (AMP, DeepSpeed); False: grads and moments in the weights' dtype
     loss: str = "cross_entropy"           # cross_entropy (SFT) | topk_kd (custom_losses.kd_loss, stage two)
     kd_chunk_size: int = 256              # answer tokens per chunk of the fused KD loss
     kd_chunk_bytes: float = 8             # bytes per [chunk x vocab] element at the KD loss's peak
@@ -228,6 +230,11 @@ def weight_bytes(shape: ModelShape, setup: Setup) -> float:
     if setup.zero_stage >= 3:
         largest_layer = sum(d_in * d_out for d_in, d_out in shape.linears) * 2
         weights = (0 if setup.offload_params else weights / max(setup.gpus, 1)) + 2 * largest_layer  # + gathered layers
+        if setup.sharding.startswith("FSDP") and not shape.tied_embeddings:
+            # FSDP wraps the decoder layers; the embeddings, final norm and head form the root unit, which
+            # stays gathered from forward to the end of backward (FSDP2's root never reshards after forward).
+            # The head is counted with the KD loss ("KD gathered lm_head"); the input embeddings here.
+            weights += shape.vocab * shape.hidden * 2
     return weights
 
 
@@ -236,13 +243,15 @@ def trainable_terms(shape: ModelShape, setup: Setup) -> dict[str, float]:
     n = max(setup.gpus, 1)
     if setup.method == "full":
         trainable = shape.params
-        grads = trainable * 2 / (n if setup.zero_stage >= 2 else 1)
-        master_and_moments = trainable * (4 + setup.optimizer_state_bytes)
+        grad_bytes = 2 if setup.master_weights else setup.weight_bits / 8
+        grads = trainable * grad_bytes / (n if setup.zero_stage >= 2 else 1)
+        master_and_moments = trainable * ((4 if setup.master_weights else 0) + setup.optimizer_state_bytes)
         if setup.zero_stage >= 1:
             master_and_moments /= n
         if setup.offload_optimizer:
             master_and_moments = 0
-        return {"gradients": grads / GIB, "optimizer (master + moments)": master_and_moments / GIB}
+        label = "optimizer (master + moments)" if setup.master_weights else "optimizer (moments)"
+        return {"gradients": grads / GIB, label: master_and_moments / GIB}
     trainable = shape.lora_params(setup.lora_rank, setup.lora_targets)
     if setup.zero_stage >= 1:
         # DeepSpeed keeps the module's copy in bf16 and an fp32 master + moments, sharded.
@@ -399,21 +408,32 @@ def estimate_config(config: dict[str, Any], gpus: int = 1) -> Estimate:
 
 # ---- reading a distill (TRL) recipe --------------------------------------------------------------
 
-def _fsdp_settings(value: Any) -> dict[str, Any]:
-    """Setup's sharding fields from TrainingArguments' `fsdp` ("full_shard auto_wrap", a list, or empty).
+def _fsdp_settings(value: Any, fsdp_config: Any) -> dict[str, Any]:
+    """Setup's sharding fields from TrainingArguments' `fsdp` (true, or the legacy "full_shard auto_wrap" or a
+    list) and `fsdp_config` (version, reshard_after_forward, cpu_offload, activation_checkpointing), read as
+    transformers 5 reads them; {} without FSDP.
 
-    FSDP is counted as the ZeRO stage that shards the same things: full_shard / hybrid_shard as 3,
-    shard_grad_op as 2. With bf16 mixed precision accelerate upcasts FSDP's sharded parameters to fp32
-    (accelerate/accelerator.py, "Upcasted low precision parameters"), so a full fine-tune keeps fp32
-    weights, fp32 gradients and fp32 AdamW moments: 4 + 4 + 8 = 16 B/param sharded, the same total as
-    DeepSpeed's 2 + 2 + 12 (split differently between the terms, which only the table shows).
+    FSDP is counted as the ZeRO stage that shards the same things: resharding after forward (full_shard,
+    hybrid_shard, FSDP2's default) as 3, keeping the gathered parameters for backward (shard_grad_op,
+    reshard_after_forward false) as 2. Optimiser states follow the parameters' dtype (no master copy),
+    see setup_from_distill.
     """
-    options = value.split() if isinstance(value, str) else [str(option) for option in value or []]
-    options = [option.lower() for option in options]
-    stage = 3 if {"full_shard", "hybrid_shard"} & set(options) else 2 if "shard_grad_op" in options else 0
-    offload = "offload" in options
-    return {"zero_stage": stage, "offload_optimizer": offload and stage > 0, "offload_params": offload and stage == 3,
-            "bucket_elements": 0.0, "sharding": "FSDP"} if stage else {}
+    config = fsdp_config if isinstance(fsdp_config, dict) else {}
+    if isinstance(value, str):
+        options = [option.lower() for option in value.split()]
+    elif isinstance(value, (list, tuple)):
+        options = [str(option).lower() for option in value]
+    else:
+        options = ["full_shard"] if value else []
+    if not options:
+        return {}
+    reshard = config.get("reshard_after_forward")
+    if reshard is None:
+        reshard = not ({"shard_grad_op", "no_shard"} & set(options))
+    stage = 3 if str(reshard).lower() in ("true", "full_shard", "hybrid_shard") else 2
+    offload = "offload" in options or str(config.get("cpu_offload", False)).lower() == "true"
+    return {"zero_stage": stage, "offload_optimizer": offload, "offload_params": offload and stage == 3,
+            "bucket_elements": 0.0, "sharding": f"FSDP{int(config.get('version', 2))}"}
 
 
 def _lora_targets(value: Any) -> tuple[str, ...]:
@@ -439,23 +459,43 @@ def setup_from_distill(config: dict[str, Any], gpus: int = 1) -> Setup:
     """
     quantised = 4 if config.get("load_in_4bit") else 8 if config.get("load_in_8bit") else 0
     method = ("qlora" if quantised == 4 else "lora") if config.get("use_peft") else "full"
-    fp32 = str(config.get("dtype") or "").endswith("float32") and not (config.get("bf16") or config.get("fp16"))
-    sharding = _zero_settings(config.get("deepspeed")) if config.get("deepspeed") else _fsdp_settings(config.get("fsdp"))
-    sharding = sharding or _zero_settings(None)
+    param_bytes = 4 if str(config.get("dtype") or "").endswith("float32") else 2
+    mixed = bool(config.get("bf16") or config.get("fp16"))
+    fp32 = param_bytes == 4 and not mixed
+    fsdp_config = config.get("fsdp_config") if isinstance(config.get("fsdp_config"), dict) else {}
+    if config.get("deepspeed"):
+        sharding = _zero_settings(config.get("deepspeed"))
+    else:
+        sharding = _fsdp_settings(config.get("fsdp"), fsdp_config) or _zero_settings(None)
     adapter_bytes = 2 if quantised and not fp32 else 4
     optimizer = str(config.get("optim") or "adamw_torch_fused")
-    # AdamW's two moments in the trained parameters' dtype (LoRA without DeepSpeed); the full and
-    # DeepSpeed paths count an fp32 master + moments in trainable_terms.
-    moments = 2 if "8bit" in optimizer else 2 * adapter_bytes if method != "full" and not sharding["zero_stage"] else 8
+    eight_bit = "8bit" in optimizer
+    master = True
+    if method == "full" and not config.get("deepspeed"):
+        # Without DeepSpeed nothing keeps an fp32 master copy: AdamW updates the parameters in their own
+        # dtype, with gradients and moments in it too. transformers' Trainer does not upcast a bf16-loaded
+        # model, and neither does accelerate 1.13's FSDP2 path (its upcast loop rebinds a local): such a run
+        # trains pure bf16, 2 + 2 + 4 B/param, and loses updates below bf16's resolution. FSDP1 with mixed
+        # precision does upcast the sharded parameters to fp32 (accelerate's "Upcasted low precision
+        # parameters"): 4 + 4 + 8 B/param, as a float32-loaded model gets anywhere.
+        master = False
+        if sharding.get("sharding") == "FSDP1" and mixed:
+            param_bytes = 4
+        moments = 2 if eight_bit else 2 * param_bytes
+    else:
+        # AdamW's two moments in the trained parameters' dtype (LoRA without DeepSpeed); DeepSpeed keeps an
+        # fp32 master + moments (trainable_terms).
+        moments = 2 if eight_bit else 2 * adapter_bytes if method != "full" and not sharding["zero_stage"] else 8
+    checkpointing = config.get("gradient_checkpointing", True) or str(fsdp_config.get("activation_checkpointing", "")).lower() == "true"
     support, temperature = config.get("kd_support", "renorm"), float(config.get("kd_temperature", 1.0))
     attn = str(config.get("attn_implementation") or "sdpa")
     return Setup(
-        method=method, weight_bits=quantised or (32 if fp32 else 16),
+        method=method, weight_bits=quantised or 8 * param_bytes, master_weights=master,
         double_quant=bool(config.get("use_bnb_nested_quant", False)),
         lora_rank=int(config.get("lora_r") or 16), lora_dropout=float(config.get("lora_dropout", 0.05) or 0.0),
         lora_targets=_lora_targets(config.get("lora_target_modules")), adapter_bytes=adapter_bytes,
         seq_len=int(config.get("max_length") or 1024), micro_batch=int(config.get("per_device_train_batch_size") or 8),
-        gradient_checkpointing=bool(config.get("gradient_checkpointing", True)),
+        gradient_checkpointing=bool(checkpointing),
         flash_attention=attn != "eager", act_bytes=4 if fp32 else 2, optimizer_state_bytes=moments, gpus=gpus,
         loss="topk_kd", kd_chunk_size=int(config.get("kd_chunk_size") or 256),
         kd_chunk_bytes=12 if support == "tail" and temperature != 1.0 else 8,

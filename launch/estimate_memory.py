@@ -25,7 +25,7 @@ def summary(recipe: str, result: Estimate, gpus: int) -> str:
     setup = result.setup
     checkpointing = "checkpointing" if setup.gradient_checkpointing else "no checkpointing"
     sharding = f"{setup.sharding}-{setup.zero_stage}" if setup.sharding == "ZeRO" or not setup.zero_stage else \
-        f"FSDP ({'full shard' if setup.zero_stage >= 3 else 'grad + optimizer shard'})"
+        f"{setup.sharding} ({'full shard' if setup.zero_stage >= 3 else 'grad + optimizer shard'})"
     loss = ", chunked top-k KD loss" if setup.loss == "topk_kd" else ""
     return (f"{recipe}: {result.shape}, {setup.method}, {setup.weight_bits}-bit base, seq {setup.seq_len} x "
             f"micro-batch {setup.micro_batch}, {checkpointing}, {gpus} GPU(s), {sharding}{loss}\n"

@@ -212,7 +212,7 @@ def test_distill_recipe_keys_reach_the_estimate():
     assert tail.terms["KD chunk logits"] == pytest.approx(1.5 * terms["KD chunk logits"])
 
     multi = setup_from_distill(compose("recipes/distill/qwen2.5-7b-instruct-lora-multi-gpu.yaml"))
-    assert (multi.method, multi.weight_bits, multi.adapter_bytes, multi.micro_batch) == ("lora", 16, 4, 2)
+    assert (multi.method, multi.weight_bits, multi.adapter_bytes, multi.micro_batch) == ("lora", 16, 4, 1)
     doubled = setup_from_distill(compose(QLORA_DISTILL, [], ["per_device_train_batch_size=2"]))
     assert estimate(QWEN25_7B, doubled).terms["activations"] == pytest.approx(2 * terms["activations"])
 
@@ -220,17 +220,36 @@ def test_distill_recipe_keys_reach_the_estimate():
 def test_sharded_full_distillation_gathers_the_head_and_shards_the_states():
     full = {"model_name_or_path": QWEN25, "use_peft": False, "dtype": "bfloat16", "bf16": True, "max_length": 4096,
             "per_device_train_batch_size": 1, "gradient_checkpointing": True, "kd_chunk_size": 256}
-    fsdp = setup_from_distill({**full, "fsdp": "full_shard auto_wrap"}, gpus=8)
-    zero3 = setup_from_distill({**full, "deepspeed": "recipes/deepspeed/zero3_bf16.json"}, gpus=8)
-    assert (fsdp.zero_stage, fsdp.sharding, zero3.zero_stage, zero3.sharding) == (3, "FSDP", 3, "ZeRO")
-    for setup in (fsdp, zero3):
+    params = QWEN25_7B.params
+    # (setup, its states per parameter: gradients + optimizer; the weights' bytes per parameter)
+    cases = {
+        # DeepSpeed: bf16 weights and grads, fp32 master + AdamW moments (2 + 2 + 12).
+        "zero3": (setup_from_distill({**full, "deepspeed": "recipes/deepspeed/zero3_bf16.json"}, 8), 2 + 12, 2),
+        # FSDP2 (transformers' default) keeps a bf16-loaded model's dtype: pure bf16, 2 + 2 + 4.
+        "fsdp2": (setup_from_distill({**full, "fsdp": True}, 8), 2 + 4, 2),
+        "fsdp2-legacy": (setup_from_distill({**full, "fsdp": "full_shard auto_wrap"}, 8), 2 + 4, 2),
+        # FSDP1 with mixed precision upcasts the sharded parameters to fp32 (4 + 4 + 8); so does loading in fp32.
+        "fsdp1": (setup_from_distill({**full, "fsdp": True, "fsdp_config": {"version": 1}}, 8), 4 + 8, 4),
+        "fsdp2-fp32": (setup_from_distill({**full, "dtype": "float32", "fsdp": True}, 8), 4 + 8, 4),
+    }
+    for name, (setup, state_bytes, weight_bytes) in cases.items():
+        assert setup.zero_stage == 3 and setup.act_bytes == 2, name
         per_gpu = {n: estimate(QWEN25_7B, replace(setup, gpus=n)) for n in (1, 4, 8)}
-        assert per_gpu[8].total < per_gpu[4].total < per_gpu[1].total
-        head = VOCAB_ROWS * 3584 * 2 / GIB          # the loss gathers the bf16 head and accumulates its gradient
-        assert per_gpu[8].terms["KD gathered lm_head"] == pytest.approx(head)
-        assert per_gpu[8].terms["KD lm_head gradient"] == pytest.approx(head)
-        states = per_gpu[8].terms["gradients"] + per_gpu[8].terms["optimizer (master + moments)"]
-        assert states == pytest.approx(QWEN25_7B.params * 14 / 8 / GIB)   # 2 + 12 B/param over 8 GPUs
+        assert per_gpu[8].total < per_gpu[4].total < per_gpu[1].total, name
+        terms = per_gpu[8].terms
+        head = VOCAB_ROWS * 3584 * 2 / GIB          # the head's call gathers the bf16 weight; the loss accumulates its grad
+        assert terms["KD gathered lm_head"] == pytest.approx(head) and terms["KD lm_head gradient"] == pytest.approx(head)
+        states = sum(value for key, value in terms.items() if key.startswith(("gradients", "optimizer")))
+        assert states == pytest.approx(params * state_bytes / 8 / GIB), name
+        gathered = 2 * sum(d_in * d_out for d_in, d_out in QWEN25_7B.linears) * 2 / GIB    # two decoder layers
+        if name.startswith("fsdp"):
+            gathered += head                                 # FSDP's root unit keeps the input embeddings gathered
+        assert terms["weights"] == pytest.approx(params * weight_bytes / 8 / GIB + gathered), name
+    # FSDP's own activation checkpointing counts as checkpointing; shard_grad_op keeps the weights whole (stage 2).
+    fsdp_ac = {**full, "gradient_checkpointing": False, "fsdp": True, "fsdp_config": {"activation_checkpointing": True}}
+    assert setup_from_distill(fsdp_ac).gradient_checkpointing
+    assert setup_from_distill({**full, "fsdp": "shard_grad_op auto_wrap"}, 8).zero_stage == 2
+    assert setup_from_distill({**full, "fsdp": True, "fsdp_config": {"reshard_after_forward": False}}, 8).zero_stage == 2
     # Unsharded LoRA: no head gradient unless lm_head is a target, whose adapter then counts too.
     lora = setup_from_distill({**full, "use_peft": True, "lora_r": 16, "lora_target_modules": "all-linear"})
     assert "KD lm_head gradient" not in estimate(QWEN25_7B, lora).terms
