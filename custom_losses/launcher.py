@@ -2,7 +2,14 @@
 
 Both stages go through here: stage one runs Axolotl (`train_axolotl`), stage two re-executes
 launch.distill under accelerate. The accelerate config follows the GPU count
-(recipes/accelerate/single-gpu.yaml or multi-gpu.yaml; MEDKD_ACCELERATE_CONFIG overrides it).
+(recipes/accelerate/single-gpu.yaml or multi-gpu.yaml; MEDKD_ACCELERATE_CONFIG overrides it). Sharding
+(DeepSpeed ZeRO, FSDP) is not an accelerate setting here: the training recipe names it (`deepspeed:`,
+`fsdp:` / `fsdp_config:`) and the trainer builds accelerate's plugin from it, so one plain multi-GPU
+config serves DDP, ZeRO and FSDP recipes alike.
+
+MEDKD_NUM_PROCESSES=N overrides the process count. On a machine without a GPU, N >= 1 starts N trainer
+processes under `accelerate launch` on the CPU (torchrun; the recipe's `use_cpu: true` makes them talk
+over gloo): how the tests check that two ranks train as one process does.
 
 A trainer runs as a child process in the command's process group, so killing the group (Ctrl-C, the
 pipeline's timeout, a test) stops everything; it also gets SIGTERM when the command itself dies. Its
@@ -12,6 +19,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +33,7 @@ from custom_losses.sft_preflight import Plan, mark_done
 from prep.paths import RECIPES_DIR, REPO_ROOT, resolve_path
 
 ACCELERATE_CONFIG_ENV = "MEDKD_ACCELERATE_CONFIG"
+PROCESSES_ENV = "MEDKD_NUM_PROCESSES"
 # Set in a trainer's environment by `run_logged`; a command seeing it is the trainer, not the launcher.
 WORKER_ENV = "MEDKD_TRAINING_WORKER"
 # What `accelerate launch` puts in its workers' environment (single process and torchrun alike).
@@ -51,12 +60,33 @@ def accelerate_config(gpus: int) -> Path:
     return RECIPES_DIR / "accelerate" / ("multi-gpu.yaml" if gpus > 1 else "single-gpu.yaml")
 
 
+def trainer_processes(gpus: int) -> int:
+    """How many trainer processes to start: one per GPU, or MEDKD_NUM_PROCESSES when set."""
+    value = os.environ.get(PROCESSES_ENV, "").strip()
+    if not value:
+        return gpus
+    if not value.isdigit():
+        raise ValueError(f"{PROCESSES_ENV} must be a whole number of processes (0 = no accelerate), got {value!r}")
+    return int(value)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now: two multi-process runs on one machine must not share torchrun's
+    default 29500 (the second would fail, or join the first's rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def launch_argv(module: str, args: Sequence[str], gpus: int) -> list[str]:
-    """`python -m MODULE ARGS` without a GPU, else the same module under `accelerate launch` on GPUS processes."""
-    if gpus == 0:
+    """`python -m MODULE ARGS` without a GPU, else the same module under `accelerate launch`, one process per GPU
+    (or MEDKD_NUM_PROCESSES); several processes get a free rendezvous port."""
+    processes = trainer_processes(gpus)
+    if processes == 0:
         return [sys.executable, "-m", module, *args]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config(gpus)),
-            "--num_processes", str(gpus), "-m", module, *args]
+    port = ["--main_process_port", str(free_port())] if processes > 1 else []
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config(processes)),
+            "--num_processes", str(processes), *port, "-m", module, *args]
 
 
 def _die_with_parent() -> None:
