@@ -4,7 +4,7 @@ One recipe (recipes/distill/*.yaml, TRL's layout: script, training and model arg
 holds every knob; overlays and `--set key=value` overrides are composed over it by prep.config, and
 the result is handed to TRL's parser as its config (`parse_recipe`, the one boundary where medkd's
 spelling becomes TRL's). `train` resumes from the last checkpoint in output_dir and ends by writing
-`output_dir/adapter` (LoRA) and `output_dir/merged` (custom_losses.merge: a full model vLLM serves, with
+`output_dir/adapter` (LoRA) or `output_dir/model` (a full fine-tune) and `output_dir/merged` (the model vLLM serves, with
 the base's tokenizer files and chat template). The command is `python -m launch.distill`.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from custom_losses.checkpoints import complete_checkpoints
-from custom_losses.merge import merge_adapter
+from custom_losses.merge import base_folder, copy_full_model, merge_adapter
 from prep import config as recipe_config
 from prep.config import RecipeError, read_yaml
 from prep.jsonio import InputError
@@ -23,7 +23,7 @@ from prep.paths import resolve_path
 from prep.tiny_model import resolve_model
 
 # Recipe keys naming local files or folders: resolved like every recipe path (prep.paths.resolve_path).
-PATH_KEYS = ("dataset_path", "output_dir", "init_adapter_path", "tokenizer_path", "lexicon_path")
+PATH_KEYS = ("dataset_path", "output_dir", "init_adapter_path", "tokenizer_path", "lexicon_path", "deepspeed")
 REQUIRED_KEYS = ("model_name_or_path", "dataset_path", "output_dir")
 
 
@@ -229,7 +229,8 @@ def build_trainer(script_args, training_args, model_args):
 
 
 def train(script_args, training_args, model_args, log: Callable[[str], None] = lambda m: print(m, flush=True)) -> Path:
-    """Train (resuming from output_dir's last checkpoint), save the adapter and merge it; returns output_dir."""
+    """Train (resuming from output_dir's last checkpoint), save the adapter (LoRA) or the weights (full fine-tune)
+    and write output_dir/merged, the model vLLM serves; returns output_dir."""
     trainer, tokenizer, is_adapter = build_trainer(script_args, training_args, model_args)
     packed = trainer.train_dataset
     if training_args.kd_packing:
@@ -241,11 +242,16 @@ def train(script_args, training_args, model_args, log: Callable[[str], None] = l
     if last:
         log(f"[distill] resuming from {last}")
     trainer.train(resume_from_checkpoint=last)
-    adapter_dir = output_dir / "adapter"
-    trainer.save_model(str(adapter_dir))
-    tokenizer.save_pretrained(str(adapter_dir))
-    if trainer.accelerator.is_main_process and script_args.merge and is_adapter:
-        merged = merge_adapter(adapter_dir, model_args.model_name_or_path, output_dir / "merged",
-                               script_args.merge_dtype, script_args.tokenizer_path)
-        log(f"[distill] wrote {adapter_dir} and {merged}")
+    # A LoRA run saves its adapter, a full fine-tune its weights (ZeRO-3/FSDP gather them for the save).
+    saved = output_dir / ("adapter" if is_adapter else "model")
+    trainer.save_model(str(saved))
+    tokenizer.save_pretrained(str(saved))
+    if trainer.accelerator.is_main_process and script_args.merge:
+        if is_adapter:
+            merged = merge_adapter(saved, model_args.model_name_or_path, output_dir / "merged",
+                                   script_args.merge_dtype, script_args.tokenizer_path)
+        else:  # already a whole model: merged/ is it plus the base's tokenizer files, as stage one's full recipe
+            base = base_folder(script_args.tokenizer_path or model_args.model_name_or_path)
+            merged = copy_full_model(saved, base, output_dir / "merged", lambda message: log(message))
+        log(f"[distill] wrote {saved} and {merged}")
     return output_dir

@@ -337,7 +337,9 @@ class WeightedKDTrainer(SFTTrainer):
         # backward must go through it). A model that post-processes logits (e.g. soft-capping) would change it;
         # a mixed-precision output cast only rounds it.
         loss = outputs.logits
-        if loss.dim() != 0 or not torch.allclose(loss.detach().double(), stats["loss"].double(), rtol=1e-2):
+        # equal_nan: a NaN loss is the optimiser's problem to report (the Trainer logs it), not a changed head.
+        if loss.dim() != 0 or not torch.allclose(loss.detach().double(), stats["loss"].double(), rtol=1e-2,
+                                                 equal_nan=True):
             raise RuntimeError(f"{type(self._output_head(model)).__name__}: the model changed the output head's value "
                                f"on its way out; the KD trainer needs a model that returns lm_head's output as is")
         if num_items_in_batch is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:

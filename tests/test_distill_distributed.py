@@ -99,8 +99,10 @@ def weights_in(folder: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, softlabels) -> Path:
-    """The reference: one process, two rows a step."""
-    return run_distill(tmp_path_factory.mktemp("one") / "run", softlabels, 1)
+    """The reference: one process, two rows a step. A full fine-tune ends with merged/, the model vLLM serves."""
+    run = run_distill(tmp_path_factory.mktemp("one") / "run", softlabels, 1)
+    assert (run / "merged" / "model.safetensors").is_file() and (run / "merged" / "tokenizer.json").is_file()
+    return run
 
 
 def assert_trains_as_one_process(two: Path, one: Path, tiny_model_dir: Path) -> None:
@@ -110,7 +112,7 @@ def assert_trains_as_one_process(two: Path, one: Path, tiny_model_dir: Path) -> 
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), f"step {step}: loss {got} vs {want}"
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4), f"step {step}: {got} vs {want}"
     assert len({round(entry["loss"], 4) for entry in expected}) == STEPS, "every step must see other cases"
-    start, reference, weights = weights_in(tiny_model_dir), weights_in(one / "adapter"), weights_in(two / "adapter")
+    start, reference, weights = weights_in(tiny_model_dir), weights_in(one / "model"), weights_in(two / "model")
     assert set(weights) == set(reference)
     moved = max(float((reference[name] - start[name]).abs().max()) for name in reference)
     apart = {name: float((weights[name] - reference[name]).abs().max()) for name in reference}
