@@ -36,7 +36,8 @@ class DistillArguments:
     init_adapter_path: str | None = field(default=None, metadata={
         "help": "Continue training this LoRA adapter (e.g. stage one's) instead of a fresh one."})
     tokenizer_path: str | None = field(default=None, metadata={"help": "Tokenizer folder; default: the model's."})
-    merge: bool = field(default=True, metadata={"help": "Write output_dir/merged for vLLM after training."})
+    merge: bool = field(default=True, metadata={
+        "help": "Write output_dir/merged for vLLM after training (the merged LoRA, or the full model as saved)."})
     merge_dtype: str | None = field(default=None, metadata={
         "help": "Precision of the merged model: bfloat16 | float16 | float32 | auto; default: the dtype the "
                 "student is served in (custom_losses.merge.served_dtype)."})
