@@ -33,6 +33,7 @@ from custom_losses.sft_preflight import local_model_folder
 from prep.config import read_yaml
 from prep.jsonio import write_dir_atomic, write_text_atomic
 from prep.paths import RECIPES_DIR
+from prep.serving import vllm_flag
 
 STAMP_NAME = "medkd-merge.json"
 # Everything a tokenizer folder may hold; copied from the base model when present.
@@ -57,8 +58,7 @@ def file_digest(path: Path) -> str:
 
 def served_dtype() -> str:
     """The precision vLLM serves the student in (the serve recipe's --dtype; vLLM's `auto` without one)."""
-    args = [str(arg) for arg in read_yaml(SERVE_RECIPE).get("extra_args") or []]
-    return args[args.index("--dtype") + 1] if "--dtype" in args[:-1] else "auto"
+    return vllm_flag(read_yaml(SERVE_RECIPE).get("extra_args") or [], "--dtype") or "auto"
 
 
 def max_serving_rank() -> int:

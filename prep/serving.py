@@ -63,18 +63,26 @@ class ServerSpec:
         return max_logprobs_of(self.extra_args)
 
 
+def vllm_flag(extra_args: list, name: str) -> str | None:
+    """The value vLLM takes for flag NAME (e.g. "--dtype") from these server arguments: the last
+    `NAME VALUE` or `NAME=VALUE`, as argparse does; None when absent. ValueError when NAME ends the list."""
+    args = [str(arg) for arg in extra_args]
+    value = None
+    for index, arg in enumerate(args):
+        if arg == name:
+            if index + 1 == len(args):
+                raise ValueError(f"key 'extra_args': {name} needs a value")
+            value = args[index + 1]
+        elif arg.startswith(f"{name}="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
 def max_logprobs_of(extra_args: list[str]) -> int | None:
     """vLLM's cap on top log-probs per position for these server arguments: the last --max-logprobs, else
     vLLM's default; None for -1 (no cap)."""
-    args = [str(arg) for arg in extra_args]
-    value = str(VLLM_DEFAULT_MAX_LOGPROBS)
-    for index, arg in enumerate(args):
-        if arg == "--max-logprobs":
-            if index + 1 == len(args):
-                raise ValueError("key 'extra_args': --max-logprobs needs a value")
-            value = args[index + 1]
-        elif arg.startswith("--max-logprobs="):
-            value = arg.split("=", 1)[1]
+    value = vllm_flag(extra_args, "--max-logprobs")
+    value = str(VLLM_DEFAULT_MAX_LOGPROBS) if value is None else value
     try:
         number = int(value)
     except ValueError:
