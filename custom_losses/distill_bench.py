@@ -44,8 +44,16 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "healthai2025"
 CASES_PATH = SHARED_DATA / "camp_data_step_1_without_answer.jsonl"
 EXAMPLES_PATH = SHARED_DATA / "example_output_early.jsonl"
 SOFTLABEL_RECIPE = "recipes/softlabels/vllm-qwen2.5-72b-instruct.yaml"
-# TRL's SFTConfig defaults for keys a recipe leaves out.
-TRL_DEFAULTS = {"per_device_train_batch_size": 8, "max_length": 1024, "gradient_accumulation_steps": 1, "seed": 42}
+BATCH_KEYS = ("per_device_train_batch_size", "max_length", "gradient_accumulation_steps", "seed", "kd_padding_free")
+
+
+def batch_defaults() -> dict[str, Any]:
+    """What the trainer's config (KDConfig, over TRL's SFTConfig) gives the batching keys a recipe leaves out."""
+    from dataclasses import fields
+
+    from custom_losses.trainer import KDConfig
+
+    return {spec.name: spec.default for spec in fields(KDConfig) if spec.name in BATCH_KEYS}
 
 
 @dataclass(frozen=True)
@@ -89,11 +97,12 @@ class RecipeBatching:
 
 def recipe_batching(path: str | Path, gpus: int, overlays: Sequence[str | Path] = (),
                     overrides: Sequence[str] = ()) -> RecipeBatching:
-    """The batching keys of a distill recipe (TRL's defaults where it leaves one out)."""
-    config = {**TRL_DEFAULTS, **{k: v for k, v in compose(path, list(overlays), list(overrides)).items() if v is not None}}
+    """The batching keys of a distill recipe (the trainer config's defaults where it leaves one out)."""
+    composed = compose(path, list(overlays), list(overrides))
+    config = {**batch_defaults(), **{key: value for key, value in composed.items() if value is not None}}
     return RecipeBatching(Path(path).name, int(config["per_device_train_batch_size"]), int(config["max_length"]),
                           int(config["gradient_accumulation_steps"]), int(config["seed"]), gpus,
-                          bool(config.get("kd_padding_free", False)))
+                          bool(config["kd_padding_free"]))
 
 
 def softlabel_budget(recipe: str | Path = SOFTLABEL_RECIPE) -> tuple[Any, int]:
