@@ -25,9 +25,9 @@ The model is first principles, term by term, per GPU (GiB = 2**30 bytes):
                cross-entropy processes chunks and never holds them.
   overhead     CUDA context and allocator slack: 0.75 GiB + 5 %.
 
-Stage two (distill recipes, TRL's keys; setup_from_distill) has the same terms except the loss: the
-model's head runs on one position and custom_losses.kd_loss walks the answer tokens in chunks, holding
-[chunk x vocab] fp32 logits and logsumexp's temporary of the same size (8 B per element), the answer
+Stage two (distill recipes, TRL's keys; setup_from_distill) has the same terms except the loss: no
+full logits are built; custom_losses.kd_loss runs inside the head's call and walks the answer tokens in
+chunks, holding [chunk x vocab] fp32 logits and logsumexp's temporary of the same size (8 B per element), the answer
 hidden states and their gradient, and, for a trained head, a [vocab x hidden] gradient buffer; under
 ZeRO-3 / FSDP full shard the head is gathered whole (kd_loss_bytes). On CPU in fp32 that model is
 within 2 % of the loss's measured peak (tests/test_estimate_memory.py allows 10 %; custom_losses.loss_bench measures).
