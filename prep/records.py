@@ -99,6 +99,8 @@ def read_cases(
         cases.append(case)
     if rejects_path is not None and rejects:
         write_jsonl_atomic(rejects_path, rejects)
+    if not cases and not problems:   # nothing to do is an error: a run on it would "succeed" with no answers
+        raise InputError(path, None, "no cases: the file is empty")
     return ReadResult(cases, problems)
 
 

@@ -101,3 +101,13 @@ def test_cli_exit_status_and_messages(tmp_path, capsys):
     bad.write_text(json.dumps(GOOD) + "\n{\"id\": 1, \"feature_content\": \"x\"}\n", encoding="utf-8")
     assert main([str(good), str(bad), "--no-tokens"]) == 1
     assert f"{bad}:2: field 'id': duplicate id 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "[]"])
+def test_a_file_without_cases_is_an_error_not_an_empty_run(tmp_path, text):
+    path = tmp_path / "cases.jsonl"
+    path.write_text(text, encoding="utf-8")
+    for mode in ("raise", "collect"):
+        with pytest.raises(InputError, match="no cases: the file is empty") as caught:
+            read_cases(path, on_error=mode)
+        assert caught.value.path == str(path)
