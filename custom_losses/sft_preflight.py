@@ -227,7 +227,11 @@ def resumable_checkpoints(config: dict[str, Any], fresh: bool, log: Log = _stder
     output_dir = Path(config["output_dir"])
     if fresh:
         remove_all(output_dir)
-        (output_dir / DONE_NAME).unlink(missing_ok=True)
+        # The last run's model files too (an adapter left beside a full fine-tune's weights would be served as
+        # the model); folders (Axolotl's dataset cache, TensorBoard's runs/) stay.
+        for path in output_dir.glob("*"):
+            if path.is_file():
+                path.unlink()
         return []
     existing = complete_checkpoints(output_dir, lambda message: log(f"[preflight] {message}"))
     previous = previous_config(output_dir)

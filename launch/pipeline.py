@@ -2,11 +2,15 @@
 labels -> distill -> predict), then the score table and the validated submission; make-like.
 
     python -m launch.pipeline --config recipes/pipeline/<one>.yaml [--stages 1,2] [--set key=value ...]
+        [--plan] [--until STEP]
     (or: bash launch/run.sh RECIPE ...)
 
 Each step runs one stage command (launch.teacher, launch.sft, launch.merge, launch.predict,
 launch.softlabels, launch.distill, launch.score, launch.submission) with its own log under OUT/logs/.
-A finished step is skipped; after a crash, run the same command again. Everything is checked first
+A step whose content key (its composed recipe, the content of its inputs, its upstream steps' keys and
+its code) matches the stamp of its last run is skipped; after a crash, run the same command again.
+--plan prints `STEP run (reason)` or `STEP skip (up to date)` for every step and runs nothing (make -n).
+Everything is checked first
 (recipes, case files, disk, GPUs, teacher endpoint, vLLM environment): bad input is one sentence and
 exit 2 before any step starts.
 """
@@ -24,6 +28,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m launch.pipeline", description=__doc__.splitlines()[0])
     add_recipe_arguments(parser, "pipeline recipe (recipes/pipeline/*.yaml)", overlays=False)
     parser.add_argument("--stages", help="comma list overriding the recipe's stages, e.g. 1")
+    parser.add_argument("--plan", action="store_true", help="print which steps would run and why; run nothing")
+    parser.add_argument("--until", metavar="STEP", help="stop after this step (e.g. teacher, sft)")
     return parser.parse_args(argv)
 
 
@@ -31,13 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = args.overrides + ([f"stages=[{args.stages}]"] if args.stages else [])
     try:
-        out = run_pipeline(args.config, overrides)
+        out = run_pipeline(args.config, overrides, plan_only=args.plan, until=args.until)
     except (RecipeError, InputError, PipelineError, FileNotFoundError) as err:
         print(f"[pipeline] error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # a stage validator's own error (ClientError, ValueError, ...): still one sentence
         print(f"[pipeline] error: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
+    if args.plan or args.until:
+        return 0
     print(f"[pipeline] scores: {out / 'scores' / 'scores.md'} and {out / 'scores' / 'scores.png'}")
     print(f"[pipeline] submission (validated): {out / 'submission.jsonl'}")
     return 0

@@ -3,38 +3,34 @@ labels -> distill -> predict), then the score table and the submission. `python 
 is its command.
 
 Each step runs one of the stage commands users run by hand (`python -m launch.<stage> --config
-RECIPE ... --set key=value`), with its own log file under OUT/logs/. A step whose stamp matches its
-command and whose outputs validate is skipped; a crashed run is restarted with the same command and
-every step resumes from its own cache or checkpoint. Everything is checked before anything costly
-starts: the case files, every stage recipe through prep.catalogue (with the overlays and overrides
-its step will get), free disk, the vLLM environment and any hosted teacher's endpoint.
+RECIPE ... --set key=value`), with its own log file under OUT/logs/. A step is skipped when its
+content key (prep.steps: its composed recipe, the content of what it reads, its upstream steps' keys
+and its code) matches its stamp and its outputs validate; `--plan` prints that decision for every
+step and runs nothing. A crashed run is restarted with the same command and every step resumes from
+its own cache or checkpoint. Everything is checked before anything costly starts: the case files,
+every stage recipe through prep.catalogue (with the overlays and overrides its step will get), free
+disk, the vLLM environment and any hosted teacher's endpoint.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from prep import catalogue
 from prep.client import check_endpoint
-from prep.config import RecipeError, load_recipe
-from prep.jsonio import InputError, dumps, read_jsonl, write_jsonl_atomic, write_text_atomic
-from prep.paths import REPO_ROOT, resolve_path
+from prep.config import RecipeError, compose, load_recipe
+from prep.jsonio import read_jsonl, write_jsonl_atomic, write_text_atomic
+from prep.paths import resolve_path
 from prep.records import read_cases
 from prep.score import DEFAULT_RECIPE as DEFAULT_SCORE_RECIPE
-from prep.serving import new_session_dying_with_parent, vllm_python
+from prep.serving import vllm_python
 from prep.stage import ApiRecipe, endpoint_target
+from prep.steps import DATA_KEY, PYTHON, Decision, PipelineError, StageRun, Step, decide, run_decision
 from prep.submission import check_submission
+from prep.teacher import Split, validation_ids
 
-PYTHON = sys.executable
 # Options for a stage's validator when the stage will run on this machine: an SFT recipe that needs a GPU
 # must find one now, before the teacher spends API time (the recipe test validates it on any machine).
 RUN_HERE = {"sft": {"require_gpu": True}}
@@ -81,43 +77,13 @@ class PipelineRecipe:
     min_free_disk_gb: float = 50.0
     step_timeout_s: float = 48 * 3600
     score_baseline: bool = True
+    progress_interval_s: float = 30.0     # a plain progress line at most this often when not on a terminal
 
     def __post_init__(self) -> None:
         if not set(self.stages) <= {1, 2} or not self.stages:
             raise ValueError("stages must be a non-empty subset of [1, 2]")
         if 2 in self.stages and self.stage2 is None:
             raise ValueError("stages includes 2 but the recipe has no stage2 section")
-
-
-@dataclass
-class Step:
-    name: str
-    argv: list[str]
-    outputs: list[Path]                               # all must exist for the step to count as done
-    validate: Callable[[], None] | None = None        # raises when the outputs are not complete and valid
-    before: Callable[[], None] | None = None          # cheap local preparation (e.g. write an input file)
-
-    def stamp(self) -> str:
-        return hashlib.sha256("\0".join(self.argv).encode()).hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class StageRun:
-    """One stage command as the pipeline runs it: the recipe, its overlays and its overrides."""
-
-    folder: str                       # its recipes/<folder>/, which names its command and its validator
-    recipe: str
-    overlays: tuple[str, ...] = ()
-    overrides: tuple[str, ...] = ()
-
-    def argv(self, *args: str) -> list[str]:
-        flags = [arg for overlay in self.overlays for arg in ("--overlay", overlay)]
-        flags += [arg for item in self.overrides for arg in ("--set", item)]
-        return [PYTHON, "-m", f"launch.{self.folder}", "--config", self.recipe, *args, *flags]
-
-
-class PipelineError(RuntimeError):
-    pass
 
 
 # --------------------------------------------------------------------------- the plan
@@ -166,6 +132,18 @@ def layout_of(recipe: PipelineRecipe) -> Layout:
     return Layout(*(Path(absolute(path)) for path in (recipe.out, recipe.train_cases, recipe.test_cases)))
 
 
+def sft_is_full(recipe: PipelineRecipe) -> bool:
+    """A full fine-tune SFT recipe (no `adapter`) saves the model itself: no merge step, and predict and distill
+    read the SFT output folder."""
+    s1 = recipe.stage1
+    return not compose(absolute(s1.sft), list(map(absolute, s1.sft_overlays)), list(s1.sft_set)).get("adapter")
+
+
+def stage_one_model(recipe: PipelineRecipe) -> Path:
+    where = layout_of(recipe)
+    return where.stage1 / ("sft" if sft_is_full(recipe) else "merged")
+
+
 def stage_runs(recipe: PipelineRecipe) -> dict[str, StageRun]:
     """Every stage command of the run with the overrides that place its inputs and outputs in the run folder."""
     where, s1, s2 = layout_of(recipe), recipe.stage1, recipe.stage2
@@ -179,7 +157,7 @@ def stage_runs(recipe: PipelineRecipe) -> dict[str, StageRun]:
     if 2 in recipe.stages:
         distill_paths = (path_override("dataset_path", where.stage2 / "softlabels"),
                          path_override("output_dir", where.stage2 / "distill"),
-                         path_override("model_name_or_path", where.stage1 / "merged"))
+                         path_override("model_name_or_path", stage_one_model(recipe)))
         runs.update({
             "softlabels": StageRun("softlabels", absolute(s2.softlabels), (), tuple(s2.softlabels_set)),
             "distill": StageRun("distill", absolute(s2.distill), tuple(map(absolute, s2.distill_overlays)),
@@ -190,48 +168,62 @@ def stage_runs(recipe: PipelineRecipe) -> dict[str, StageRun]:
 
 
 def sft_paths(where: Layout) -> tuple[str, ...]:
-    """The SFT recipe's data and output keys moved into this run's folder (after the user's own overrides)."""
+    """The SFT recipe's data and output keys moved into this run's folder (after the user's own overrides).
+    Axolotl's tokenised-dataset cache sits in a folder named by the digest of what the step reads (the
+    teacher's key, the chat template, the base model), so a re-run never trains on rows made from old data."""
     sft = where.stage1 / "sft"
-    return (path_override("output_dir", sft), path_override("dataset_prepared_path", sft / "prepared"),
+    return (path_override("output_dir", sft), path_override("dataset_prepared_path", sft / "prepared" / DATA_KEY),
             path_override("datasets.0.path", where.teacher / "sft" / "train.jsonl"),
             path_override("test_datasets.0.path", where.valid_reference))
 
 
-def predict_step(name: str, run: StageRun, model: str | Path, where: Layout, out: Path) -> Step:
+def predict_step(name: str, run: StageRun, model: str | Path, where: Layout, out: Path,
+                 deps: tuple[str, ...]) -> Step:
+    """Answers for the test cases plus the held-out ones (whose ids come from the teacher's split)."""
     cases = where.predict_cases
-    return Step(name, run.argv("--model", str(model), "--input", str(cases), "--out", str(out), "--no-progress"),
+    return Step(name, run.argv("--model", str(model), "--input", str(cases), "--out", str(out)),
                 [out / "predictions.jsonl", out / "submission.jsonl"],
                 validate=lambda: require_valid_submission(cases, out / "submission.jsonl"),
-                before=lambda: write_predict_cases(where))
+                before=lambda: write_predict_cases(where), deps=("teacher", *deps),
+                inputs=(where.test_cases, where.train_cases), recipe=run)
 
 
 def stage_one_steps(recipe: PipelineRecipe, runs: dict[str, StageRun], where: Layout) -> list[Step]:
-    train = where.teacher / "sft" / "train.jsonl"
+    train, sft = where.teacher / "sft" / "train.jsonl", where.stage1 / "sft"
+    full = sft_is_full(recipe)
     steps = [
-        Step("teacher", runs["teacher"].argv("--input", str(where.train_cases), "--out", str(where.teacher),
-                                             "--no-progress"),
+        Step("teacher", runs["teacher"].argv("--input", str(where.train_cases), "--out", str(where.teacher)),
              [where.teacher / "summary.json", train, where.valid_reference],
-             validate=lambda: (require_unique_ids(train), require_unique_ids(where.valid_reference))),
-        Step("sft", runs["sft"].argv(), [where.stage1 / "sft" / "adapter_config.json"]),
-        Step("merge", [PYTHON, "-m", "launch.merge", str(where.stage1 / "sft")],
-             [where.stage1 / "merged" / "config.json"]),
+             validate=lambda: (require_unique_ids(train), require_unique_ids(where.valid_reference)),
+             inputs=(where.train_cases,), recipe=runs["teacher"]),
+        Step("sft", runs["sft"].argv(), [sft / ("config.json" if full else "adapter_config.json")],
+             deps=("teacher",), recipe=runs["sft"], fresh_flag="--fresh"),
     ]
+    if not full:
+        steps.append(Step("merge", [PYTHON, "-m", "launch.merge", str(sft)], [where.stage1 / "merged" / "config.json"],
+                          deps=("sft",)))
     if recipe.score_baseline:  # the untuned student, served and asked exactly as stage one's model
+        base = resolve_path(recipe.base_model)
         steps.append(predict_step("predict-base", runs["predict-stage1"], recipe.base_model, where,
-                                  where.out / "base" / "predict"))
-    steps.append(predict_step("predict-stage1", runs["predict-stage1"], where.stage1 / "merged", where,
-                              where.stage1 / "predict"))
+                                  where.out / "base" / "predict", ()))
+        if base.is_dir():   # a local base model's content is part of the key; a hub id is, by its name, in the argv
+            steps[-1].inputs += (base,)
+    steps.append(predict_step("predict-stage1", runs["predict-stage1"], stage_one_model(recipe), where,
+                              where.stage1 / "predict", ("sft" if full else "merge",)))
     return steps
 
 
-def stage_two_steps(runs: dict[str, StageRun], where: Layout) -> list[Step]:
+def stage_two_steps(recipe: PipelineRecipe, runs: dict[str, StageRun], where: Layout) -> list[Step]:
     s2 = where.stage2
     return [
-        Step("softlabels", runs["softlabels"].argv("--input", str(where.train_cases), "--out", str(s2 / "softlabels"),
-                                                   "--no-progress"),
-             [s2 / "softlabels" / "dataset" / "dataset_dict.json"]),
-        Step("distill", runs["distill"].argv(), [s2 / "distill" / "merged" / "config.json"]),
-        predict_step("predict-stage2", runs["predict-stage2"], s2 / "distill" / "merged", where, s2 / "predict"),
+        Step("softlabels", runs["softlabels"].argv("--input", str(where.train_cases), "--out", str(s2 / "softlabels")),
+             [s2 / "softlabels" / "dataset" / "dataset_dict.json"], inputs=(where.train_cases,),
+             recipe=runs["softlabels"]),
+        Step("distill", runs["distill"].argv(), [s2 / "distill" / "merged" / "config.json"],
+             deps=("softlabels", "sft" if sft_is_full(recipe) else "merge"), recipe=runs["distill"],
+             fresh_flag="--fresh"),
+        predict_step("predict-stage2", runs["predict-stage2"], s2 / "distill" / "merged", where, s2 / "predict",
+                     ("distill",)),
     ]
 
 
@@ -240,18 +232,20 @@ def build_plan(recipe: PipelineRecipe) -> list[Step]:
     where, runs = layout_of(recipe), stage_runs(recipe)
     steps = stage_one_steps(recipe, runs, where)
     if 2 in recipe.stages:
-        steps += stage_two_steps(runs, where)
+        steps += stage_two_steps(recipe, runs, where)
     predicted = {step.name.removeprefix("predict-"): step.outputs[0] for step in steps
                  if step.name.startswith("predict-")}   # base, stage1, stage2: the score table's rows
     scores = where.out / "scores"
     steps.append(Step("score", runs["score"].argv(str(where.valid_reference), *map(str, predicted.values()),
                                                   "--out", str(scores), "--names", *predicted),
-                      [scores / "scores.md", scores / "scores.png"]))
-    final_predictions = list(predicted.values())[-1]
+                      [scores / "scores.md", scores / "scores.png"],
+                      deps=("teacher", *(f"predict-{name}" for name in predicted)), recipe=runs["score"]))
+    final = list(predicted)[-1]
     submission = where.out / "submission.jsonl"
     steps.append(Step("submission", [PYTHON, "-m", "launch.submission", "write", str(where.test_cases),
-                                     str(final_predictions), str(submission)],
-                      [submission], validate=lambda: require_valid_submission(where.test_cases, submission)))
+                                     str(predicted[final]), str(submission)],
+                      [submission], validate=lambda: require_valid_submission(where.test_cases, submission),
+                      deps=(f"predict-{final}",), inputs=(where.test_cases,)))
     return steps
 
 
@@ -299,6 +293,7 @@ def preflight(recipe: PipelineRecipe) -> list[str]:
                                         **RUN_HERE.get(run.folder, {}))
                for name, run in stage_runs(recipe).items()}
     notes = [f"{name}: {result}" for name, result in checked.items() if isinstance(result, str)]
+    notes.append(check_split(resolve_path(recipe.train_cases), checked["teacher"].split))
     out = layout_of(recipe).out
     out.mkdir(parents=True, exist_ok=True)
     free_gb = shutil.disk_usage(out).free / 2**30
@@ -312,6 +307,16 @@ def preflight(recipe: PipelineRecipe) -> list[str]:
     return notes
 
 
+def check_split(train_cases: Path, split: Split) -> str:
+    """The teacher's split must leave training rows (a case it rejects later only makes fewer)."""
+    ids = [case.id for case in read_cases(train_cases).cases]
+    valid = validation_ids(ids, split.valid_fraction, split.seed)
+    if len(valid) == len(ids):
+        raise PipelineError(f"{train_cases}: the teacher's split (valid_fraction={split.valid_fraction}) holds out "
+                            f"all {len(ids)} case(s), leaving no training rows; add cases or lower valid_fraction")
+    return f"split: {len(ids) - len(valid)} training and {len(valid)} held-out case(s) at most"
+
+
 def check_teacher(role: str, teacher: ApiRecipe) -> str:
     """A hosted teacher must answer now (key set, key accepted, model listed); a self-hosted one starts later."""
     if teacher.server is not None:
@@ -323,73 +328,47 @@ def check_teacher(role: str, teacher: ApiRecipe) -> str:
 
 # --------------------------------------------------------------------------- running
 
-def step_done(step: Step, stamps: Path) -> bool:
-    stamp = stamps / f"{step.name}.json"
-    if not stamp.exists() or json.loads(stamp.read_text()).get("stamp") != step.stamp():
-        return False
-    if not all(path.exists() for path in step.outputs):
-        return False
-    if step.validate:
-        try:
-            step.validate()
-        except (PipelineError, InputError, ValueError):
-            return False
-    return True
+def plan_pipeline(recipe: PipelineRecipe) -> list[Decision]:
+    """Every step of RECIPE with its key and whether it runs (and why); runs nothing."""
+    out = layout_of(recipe).out
+    return decide(build_plan(recipe), out, out / "stamps")
 
 
-def run_step(step: Step, logs: Path, timeout_s: float) -> float:
-    """Run STEP's command with its output appended to logs/<step>.log; the seconds it took."""
-    log_path = logs / f"{step.name}.log"
-    started = time.monotonic()
-    with open(log_path, "a", encoding="utf-8") as log:
-        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(step.argv)}\n")
-        log.flush()
-        # Own session, so a timeout ends the step's whole process tree.
-        process = subprocess.Popen(step.argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                   preexec_fn=new_session_dying_with_parent)
-        try:
-            code = process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=60)
-            raise PipelineError(f"step {step.name} ran past {timeout_s:.0f} s; see {log_path}") from None
-    if code != 0:
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
-        raise PipelineError(f"step {step.name} failed (exit {code}); see {log_path}; last lines:\n{tail}")
-    return time.monotonic() - started
+def print_plan(decisions: list[Decision]) -> None:
+    width = max(len(decision.step.name) for decision in decisions)
+    for decision in decisions:
+        print(decision.line(width), flush=True)
 
 
-def run_or_skip(step: Step, logs: Path, stamps: Path, timeout_s: float) -> dict:
-    """Skip STEP when its stamp and outputs say it is done, else run it and stamp it; its summary row."""
-    if step_done(step, stamps):
-        print(f"[pipeline] {step.name}: done already, skipped", flush=True)
-        return {"step": step.name, "status": "skipped", "seconds": 0.0}
-    if step.before:
-        step.before()
-    print(f"[pipeline] {step.name}: running (log {logs / (step.name + '.log')})", flush=True)
-    seconds = run_step(step, logs, timeout_s)
-    missing = [str(path) for path in step.outputs if not path.exists()]
-    if missing:
-        raise PipelineError(f"step {step.name} finished without writing {missing[0]}")
-    if step.validate:
-        step.validate()
-    write_text_atomic(stamps / f"{step.name}.json", dumps({"stamp": step.stamp(), "seconds": round(seconds, 1)}))
-    print(f"[pipeline] {step.name}: finished in {seconds:.0f} s", flush=True)
-    return {"step": step.name, "status": "ran", "seconds": round(seconds, 1)}
+def steps_until(decisions: list[Decision], until: str | None) -> list[Decision]:
+    """The decisions up to and including the step named UNTIL (all of them when None)."""
+    if until is None:
+        return decisions
+    names = [decision.step.name for decision in decisions]
+    if until not in names:
+        raise PipelineError(f"--until {until}: no such step; the steps are {', '.join(names)}")
+    return decisions[:names.index(until) + 1]
 
 
-def run_pipeline(config: str | Path, overrides: list[str] = ()) -> Path:
-    """Load the pipeline recipe CONFIG with OVERRIDES, check everything, run every step not done; the run folder.
+def run_pipeline(config: str | Path, overrides: list[str] = (), *, plan_only: bool = False,
+                 until: str | None = None) -> Path:
+    """Load the pipeline recipe CONFIG with OVERRIDES, check everything, run every step that is not up to date
+    (up to the step UNTIL); the run folder. PLAN_ONLY prints each step's decision and runs nothing.
 
     Raises RecipeError, InputError, PipelineError or a stage validator's own error (one sentence each)."""
     recipe = validate_recipe(config, overrides=overrides)
     out = layout_of(recipe).out
+    if plan_only:
+        print_plan(steps_until(plan_pipeline(recipe), until))
+        return out
     logs, stamps = out / "logs", out / "stamps"
     for note in preflight(recipe):
         print(f"[pipeline] preflight: {note}", flush=True)
     logs.mkdir(parents=True, exist_ok=True)
     stamps.mkdir(parents=True, exist_ok=True)
-    summary = [run_or_skip(step, logs, stamps, recipe.step_timeout_s) for step in build_plan(recipe)]
+    decisions = steps_until(plan_pipeline(recipe), until)
+    summary = [run_decision(decision, logs, stamps, recipe.step_timeout_s, recipe.progress_interval_s)
+               for decision in decisions]
     write_text_atomic(out / "pipeline_summary.json", json.dumps(summary, indent=1))
     width = max(len(row["step"]) for row in summary)
     for row in summary:

@@ -1,8 +1,11 @@
-"""launch.pipeline: bad input stops it before any step; SIGKILL inside each stage-one step, then the
-same command finishes with every case exactly once and a valid submission."""
+"""launch.pipeline: bad input stops it before any step; each step's content key changes with exactly what
+determines its output; SIGKILL inside each step, then the same command finishes with every case exactly
+once and a valid submission; on that finished run, `--plan` and real re-runs after an unchanged re-run, an
+in-place recipe edit, a prompt change and a switch to a full fine-tune SFT recipe."""
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +16,7 @@ import pytest
 import yaml
 
 from prep.jsonio import read_appended, read_jsonl
-from prep.pipeline import build_plan, validate_recipe
+from prep.pipeline import build_plan, plan_pipeline, validate_recipe
 from prep.submission import check_submission
 from tests.conftest import REPO_ROOT, SAMPLE_CASES
 
@@ -53,7 +56,23 @@ def unknown_teacher_key(tmp_path: Path) -> str:
     return str(path)
 
 
+def one_case(tmp_path: Path) -> str:
+    path = tmp_path / "one.jsonl"
+    path.write_text(SAMPLE_CASES.read_text(encoding="utf-8").splitlines()[0] + "\n", encoding="utf-8")
+    return str(path)
+
+
+def empty_cases(tmp_path: Path) -> str:
+    path = tmp_path / "empty.jsonl"
+    path.write_text("", encoding="utf-8")
+    return str(path)
+
+
 BAD = {
+    "empty case file": (lambda r, t: r.update(test_cases=empty_cases(t)), "empty.jsonl: no cases: the file is empty"),
+    "split leaves no training rows": (
+        lambda r, t: (r.update(train_cases=one_case(t)), r["stage1"].update(teacher_set=["split.valid_fraction=0.999"])),
+        "holds out all 1 case(s), leaving no training rows"),
     "corrupt case line": (lambda r, t: r.update(train_cases=corrupt_cases(t)), r"cases.jsonl:4: invalid JSON"),
     "missing key": (lambda r, t: r["stage1"].pop("teacher"), "key 'stage1.teacher': missing (required)"),
     "wrong type": (lambda r, t: r.update(min_free_disk_gb="lots"), "key 'min_free_disk_gb': expected float, got str"),
@@ -95,7 +114,8 @@ def test_plan_passes_every_setting_as_the_stage_commands_own_flags(tmp_path):
     assert sft[1:3] == ["-m", "launch.sft"] and "--run" not in sft
     assert sft[sft.index("--overlay") + 1] == f"{RECIPES}/sft/overrides/cpu-tiny.yaml"
     sets = [sft[i + 1] for i, arg in enumerate(sft) if arg == "--set"]
-    assert sets == [f'output_dir="{out}/stage1/sft"', f'dataset_prepared_path="{out}/stage1/sft/prepared"',
+    # Axolotl's tokenised-dataset cache is named by the digest of the data (filled in when the key is made).
+    assert sets == [f'output_dir="{out}/stage1/sft"', f'dataset_prepared_path="{out}/stage1/sft/prepared/{{data_key}}"',
                     f'datasets.0.path="{out}/stage1/teacher/sft/train.jsonl"',
                     f'test_datasets.0.path="{out}/stage1/teacher/sft/valid.jsonl"']
     assert plan["merge"][1:] == ["-m", "launch.merge", f"{out}/stage1/sft"]
@@ -112,6 +132,86 @@ def test_plan_passes_every_setting_as_the_stage_commands_own_flags(tmp_path):
                                       f"{out}/stage2/predict/predictions.jsonl", f"{out}/submission.jsonl"]
 
 
+# --------------------------------------------------------------------------- content keys (no step runs)
+
+def make_editable(tmp_path: Path) -> dict[str, Path]:
+    """The tiny pipeline recipe over copies of the inputs a user edits in place: the teacher's prompt file,
+    the SFT and distill CPU overlays, the case file."""
+    copies = {"user_prompt": REPO_ROOT / "data/prompts/user.txt", "cases": SAMPLE_CASES,
+              "sft_overlay": RECIPES / "sft/overrides/cpu-tiny.yaml",
+              "distill_overlay": RECIPES / "distill/overrides/cpu-tiny.yaml"}
+    paths = {}
+    for name, source in copies.items():
+        folder = tmp_path / ("overrides" if "overlay" in name else "inputs") / name
+        folder.mkdir(parents=True)
+        paths[name] = Path(shutil.copy2(source, folder / source.name))
+
+    def edit(recipe: dict) -> None:
+        recipe.update(train_cases=str(paths["cases"]), test_cases=str(paths["cases"]))
+        recipe["stage1"]["teacher_set"].append(f"prompts.user={paths['user_prompt']}")
+        recipe["stage1"]["sft_overlays"] = [str(paths["sft_overlay"])]
+        recipe["stage2"]["distill_overlays"] = [str(paths["distill_overlay"])]
+    paths["recipe"] = write_recipe(tmp_path, edit)
+    return paths
+
+
+@pytest.fixture
+def editable(tmp_path) -> dict[str, Path]:
+    return make_editable(tmp_path)
+
+
+def keys_of(recipe: Path, *overrides: str) -> dict[str, str]:
+    return {decision.step.name: decision.key for decision in plan_pipeline(validate_recipe(recipe, overrides=overrides))}
+
+
+def changed(before: dict[str, str], after: dict[str, str]) -> set[str]:
+    return {name for name in after if before.get(name) != after[name]}
+
+
+def replace_in(path: Path, old: str, new: str) -> None:
+    text = path.read_text(encoding="utf-8")
+    assert old in text
+    path.write_text(text.replace(old, new), encoding="utf-8")
+
+
+STAGE_ONE_MODEL_DOWN = {"sft", "merge", "predict-stage1", "distill", "predict-stage2", "score", "submission"}
+
+
+def test_a_step_key_changes_with_exactly_what_determines_its_output(editable):
+    recipe = editable["recipe"]
+    start = keys_of(recipe)
+    for path in editable.values():   # touched, same content: nothing to redo
+        os.utime(path, (time.time() + 60, time.time() + 60))
+    assert keys_of(recipe) == start
+
+    replace_in(editable["sft_overlay"], "learning_rate: 0.005", "learning_rate: 0.004")   # in place, same path
+    assert changed(start, keys_of(recipe)) == STAGE_ONE_MODEL_DOWN
+    replace_in(editable["sft_overlay"], "learning_rate: 0.004", "learning_rate: 0.005")
+    assert keys_of(recipe) == start
+
+    replace_in(editable["distill_overlay"], "learning_rate: 5.0e-3", "learning_rate: 4.0e-3")
+    assert changed(start, keys_of(recipe)) == {"distill", "predict-stage2", "score", "submission"}
+    replace_in(editable["distill_overlay"], "learning_rate: 4.0e-3", "learning_rate: 5.0e-3")
+
+    with open(editable["user_prompt"], "a", encoding="utf-8") as prompt:   # the teacher's prompt only
+        prompt.write("\n请简洁。\n")
+    prompted = keys_of(recipe)
+    assert changed(start, prompted) == set(start) - {"softlabels"}
+
+    # The soft-label teacher's sampling: stage two's soft labels and what reads them, nothing in stage one.
+    assert changed(prompted, keys_of(recipe, "stage2.softlabels_set=[sampling.seed=7]")) == {
+        "softlabels", "distill", "predict-stage2", "score", "submission"}
+
+
+def test_a_moved_run_folder_keeps_its_keys_and_a_missing_output_reruns_its_step(tmp_path, editable):
+    recipe = editable["recipe"]
+    assert keys_of(recipe) == keys_of(recipe, f"out={tmp_path / 'elsewhere'}")
+    decisions = plan_pipeline(validate_recipe(recipe))
+    assert {decision.reason for decision in decisions} == {"not run yet"}
+
+
+# --------------------------------------------------------------------------- a real run, killed in every step
+
 def _kill_tree(process: subprocess.Popen) -> None:
     """SIGKILL the pipeline and the session of the step it runs: as if the machine lost power."""
     children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
@@ -122,7 +222,7 @@ def _kill_tree(process: subprocess.Popen) -> None:
     process.wait()
 
 
-STAGE_ONE_STEPS = ["teacher", "sft", "merge", "predict-base", "predict-stage1"]
+STEPS = ["teacher", "sft", "merge", "predict-base", "predict-stage1", "softlabels", "distill", "predict-stage2"]
 
 
 def _lines(path: Path) -> int:
@@ -138,15 +238,21 @@ def kill_point(step: str, out: Path):
         "merge": lambda: log.exists() and log.stat().st_size > 0,
         "predict-base": lambda: _lines(out / "base" / "predict" / "cache.jsonl") >= 1,
         "predict-stage1": lambda: _lines(out / "stage1" / "predict" / "cache.jsonl") >= 1,
+        "softlabels": lambda: _lines(out / "stage2" / "softlabels" / "cache.jsonl") >= 1,
+        "distill": lambda: log.exists() and "'loss'" in log.read_text(errors="replace"),
+        "predict-stage2": lambda: _lines(out / "stage2" / "predict" / "cache.jsonl") >= 1,
     }[step]
 
 
-@pytest.mark.slow
-def test_sigkill_inside_each_stage_one_step_then_rerun(tmp_path):
-    recipe = write_recipe(tmp_path, lambda r: None)
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory) -> dict:
+    """The tiny pipeline (both stages) over editable inputs, SIGKILLed inside each step in turn (as if the machine
+    lost power), then run again to the end by the same command: shared by the re-run tests below."""
+    tmp_path = tmp_path_factory.mktemp("killed")
+    paths = make_editable(tmp_path)
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "launch.pipeline", "--config", str(recipe), "--stages", "1"]
-    for step in STAGE_ONE_STEPS:
+    command = [sys.executable, "-m", "launch.pipeline", "--config", str(paths["recipe"])]
+    for step in STEPS:
         with open(tmp_path / f"pipeline-{step}.out", "w") as log:
             process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
                                        start_new_session=True)
@@ -157,21 +263,123 @@ def test_sigkill_inside_each_stage_one_step_then_rerun(tmp_path):
                 time.sleep(0.1)
             _kill_tree(process)
         assert not (out / "stamps" / f"{step}.json").exists(), f"{step} finished before the kill"
-    final = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1500)
-    assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
+    final = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800)
+    return {**paths, "out": out, "command": command, "final": final, "tmp": tmp_path}
 
-    cases = [json.loads(line)["id"] for line in SAMPLE_CASES.read_text(encoding="utf-8").splitlines()]
+
+def ids_in(path: Path) -> list[int]:
+    return [row["id"] for row in read_jsonl(path)]
+
+
+@pytest.mark.slow
+def test_sigkill_inside_each_step_then_rerun_gives_every_case_exactly_once(killed_run):
+    final, out = killed_run["final"], killed_run["out"]
+    assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
+    cases = ids_in(SAMPLE_CASES)
     teacher = out / "stage1" / "teacher"
-    cache_keys = [row["key"] for row in read_appended(teacher / "cache.jsonl")]
-    assert len(cache_keys) == len(set(cache_keys))
-    train = [row["id"] for row in read_jsonl(teacher / "sft" / "train.jsonl")]
-    valid = [row["id"] for row in read_jsonl(teacher / "sft" / "valid.jsonl")]
-    rejected = [row["id"] for row in read_jsonl(teacher / "rejects.jsonl")] if (teacher / "rejects.jsonl").exists() else []
+    for cache in (teacher / "cache.jsonl", out / "stage2" / "softlabels" / "cache.jsonl"):
+        cache_keys = [row["key"] for row in read_appended(cache)]
+        assert cache_keys and len(cache_keys) == len(set(cache_keys)), cache
+    train, valid = ids_in(teacher / "sft" / "train.jsonl"), ids_in(teacher / "sft" / "valid.jsonl")
+    rejected = ids_in(teacher / "rejects.jsonl") if (teacher / "rejects.jsonl").exists() else []
     assert sorted(train + valid + rejected) == sorted(cases)
-    for predictions in (out / "base" / "predict" / "predictions.jsonl", out / "stage1" / "predict" / "predictions.jsonl"):
-        ids = [row["id"] for row in read_jsonl(predictions)]
-        assert len(ids) == len(set(ids)) and set(cases) <= set(ids)
+    from datasets import load_from_disk
+    soft = load_from_disk(str(out / "stage2" / "softlabels" / "dataset"))
+    soft_ids = [row_id for split in soft.values() for row_id in split["id"]]
+    assert len(soft_ids) == len(set(soft_ids)) and set(soft_ids) <= set(cases)
+    for model in ("base", "stage1", "stage2"):
+        ids = ids_in(out / model / "predict" / "predictions.jsonl")
+        assert len(ids) == len(set(ids)) and set(cases) <= set(ids), model
     assert check_submission(SAMPLE_CASES, out / "submission.jsonl") == []
     assert (out / "scores" / "scores.png").exists()
     summary = json.loads((out / "pipeline_summary.json").read_text())
-    assert [row["step"] for row in summary][:5] == STAGE_ONE_STEPS
+    assert [row["step"] for row in summary][:len(STEPS)] == STEPS
+    # After the kill, distill resumed its own checkpoint (same key): it was never told to start fresh.
+    assert "--fresh" not in (out / "logs" / "distill.log").read_text(errors="replace")
+
+
+def plan_lines(recipe: Path, *extra: str) -> dict[str, tuple[str, str]]:
+    """`--plan`'s verdict per step: {step: (run|skip, reason)}."""
+    result = run_pipeline(recipe, "--plan", *extra)
+    assert result.returncode == 0, result.stdout + result.stderr
+    verdicts = {}
+    for line in result.stdout.splitlines():
+        name, verdict, reason = line.split(None, 2)
+        verdicts[name] = (verdict, reason.strip("()"))
+    return verdicts
+
+
+def statuses(out: Path) -> dict[str, str]:
+    return {row["step"]: row["status"] for row in json.loads((out / "pipeline_summary.json").read_text())}
+
+
+@pytest.mark.slow
+def test_an_unchanged_or_touched_rerun_skips_every_step_in_seconds(killed_run):
+    recipe, out = killed_run["recipe"], killed_run["out"]
+    assert set(plan_lines(recipe).values()) == {("skip", "up to date")}
+    later = time.time() + 120
+    for name in ("cases", "user_prompt", "sft_overlay", "distill_overlay"):
+        os.utime(killed_run[name], (later, later))
+    assert set(plan_lines(recipe).values()) == {("skip", "up to date")}
+    started = time.monotonic()
+    rerun = run_pipeline(recipe, timeout=300)
+    seconds = time.monotonic() - started
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert set(statuses(out).values()) == {"skipped"}
+    print(f"unchanged re-run of the tiny pipeline: {seconds:.1f} s")
+    assert seconds < 120
+
+
+@pytest.mark.slow
+def test_an_in_place_recipe_edit_reruns_that_step_and_its_dependents_only(killed_run):
+    recipe, out = killed_run["recipe"], killed_run["out"]
+    replace_in(killed_run["distill_overlay"], "learning_rate: 5.0e-3", "learning_rate: 4.0e-3")
+    plan = plan_lines(recipe)
+    after = ["distill", "predict-stage2", "score", "submission"]
+    assert {name for name, (verdict, _) in plan.items() if verdict == "run"} == set(after)
+    assert plan["distill"] == ("run", "recipe changed")
+    assert plan["predict-stage2"] == ("run", "upstream distill changed")
+    rerun = run_pipeline(recipe, timeout=900)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert {name for name, status in statuses(out).items() if status == "ran"} == set(after)
+    last_command = (out / "logs" / "distill.log").read_text(errors="replace").split("\n=== ")[-1].splitlines()[0]
+    assert last_command.endswith("--fresh"), "a changed key trains from the start, not from the old checkpoint"
+    assert set(plan_lines(recipe).values()) == {("skip", "up to date")}
+
+
+@pytest.mark.slow
+def test_a_full_finetune_sft_recipe_runs_without_merge_and_predict_serves_its_weights(killed_run):
+    out = killed_run["tmp"] / "full"
+    shutil.copytree(killed_run["out"], out, symlinks=True)   # a copied run folder stays up to date
+    recipe_data = yaml.safe_load(killed_run["recipe"].read_text(encoding="utf-8"))
+    recipe_data.update(out=str(out), stages=[1])
+    recipe_data["stage1"]["sft"] = "recipes/sft/qwen2.5-7b-instruct-full-zero3.yaml"
+    recipe_data["stage1"]["sft_set"] = ["deepspeed=null", "max_steps=4", "save_steps=2"]
+    recipe = killed_run["tmp"] / "full.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_data, allow_unicode=True), encoding="utf-8")
+    plan = plan_lines(recipe)
+    assert "merge" not in plan
+    assert plan["teacher"] == ("skip", "up to date") and plan["predict-base"] == ("skip", "up to date")
+    assert plan["sft"][0] == plan["predict-stage1"][0] == "run"
+    rerun = run_pipeline(recipe, timeout=900)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert statuses(out)["sft"] == statuses(out)["predict-stage1"] == "ran"
+    sft = out / "stage1" / "sft"
+    assert (sft / "config.json").exists() and not (sft / "adapter_config.json").exists()
+    assert check_submission(SAMPLE_CASES, out / "submission.jsonl") == []
+
+
+@pytest.mark.slow
+def test_a_changed_prompt_reruns_the_teacher_and_everything_that_reads_it(killed_run):
+    recipe, out = killed_run["recipe"], killed_run["out"]
+    with open(killed_run["user_prompt"], "a", encoding="utf-8") as prompt:
+        prompt.write("\n请简洁。\n")
+    plan = plan_lines(recipe)
+    assert plan["teacher"] == ("run", f"{killed_run['user_prompt']} changed")
+    assert plan["softlabels"] == ("skip", "up to date")   # stage two's teacher has prompts of its own
+    assert {name for name, (verdict, _) in plan.items() if verdict == "skip"} == {"softlabels"}
+    rerun = run_pipeline(recipe, "--until", "teacher", timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert statuses(out) == {"teacher": "ran"}
+    plan = plan_lines(recipe)
+    assert plan["teacher"] == ("skip", "up to date") and plan["sft"] == ("run", "upstream teacher changed")
