@@ -19,6 +19,8 @@ only, and scrubbed from every message this module produces.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import email.utils
 import hashlib
 import json
@@ -51,14 +53,48 @@ PLACEHOLDER_KEY = "EMPTY"     # local servers without auth; the SDK refuses an e
 # ---- settings ------------------------------------------------------------------------------------
 
 @dataclass
+class EndpointSettings:
+    """One item of `client.endpoints`: an endpoint asked alongside the others (replicas, several keys).
+
+    Keys left unset take the client section's value (model, key variable, concurrency, limits); a
+    base_url of null is the server the recipe starts. token_cap is this endpoint's share of a run's spend.
+    """
+
+    base_url: str | None = None
+    name: str | None = None              # in logs and the summary; default host:port
+    model: str | None = None             # the name this endpoint serves; default client.model
+    api_key_env: str | None = None
+    api_key_file: str | None = None
+    concurrency: int | None = None
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+    token_cap: int | None = None         # prompt + completion tokens this run may spend here; null = no cap
+
+    def __post_init__(self) -> None:
+        checks = [("concurrency", self.concurrency is None or self.concurrency >= 1, "must be at least 1 or null"),
+                  ("requests_per_minute", self.requests_per_minute is None or self.requests_per_minute > 0,
+                   "must be positive or null"),
+                  ("tokens_per_minute", self.tokens_per_minute is None or self.tokens_per_minute > 0,
+                   "must be positive or null"),
+                  ("token_cap", self.token_cap is None or self.token_cap >= 1, "must be at least 1 or null")]
+        for name, ok, problem in checks:
+            if not ok:
+                raise ValueError(f"key '{name}': {problem}")
+
+
+@dataclass
 class ClientSettings:
-    """The `client:` section of teacher, soft-label and predict recipes."""
+    """The `client:` section of teacher, soft-label and predict recipes.
+
+    One endpoint: base_url, model, the key and the limits here. Several: list them under `endpoints`
+    (base_url stays null); each takes the keys it leaves unset from here.
+    """
 
     base_url: str | None = None          # e.g. https://api.deepseek.com/v1; None when the recipe starts a server
     model: str | None = None             # the name the endpoint serves; None = the started server's served_model_name
     api_key_env: str | None = None       # NAME of the environment variable holding the key (never the key)
     api_key_file: str | None = None      # or a file holding only the key
-    concurrency: int = 8                 # requests in flight at once
+    concurrency: int = 8                 # requests in flight at once (per endpoint)
     requests_per_minute: float | None = None
     tokens_per_minute: float | None = None   # prompt + max_tokens, settled against the usage reported
     request_timeout_s: float = 300.0
@@ -73,6 +109,9 @@ class ClientSettings:
     # Items failing in a row (after their retries) that stop the run: the endpoint is down or refusing
     # everything, and going on would only pay for more failures. null = never stop.
     abort_after_failures: int | None = 50
+    endpoints: list[EndpointSettings] | None = None   # several endpoints sharing the work; null = the one above
+    token_cap: int | None = None         # prompt + completion tokens this run may spend, all endpoints together
+    health_check_s: float = 1.0          # first GET /models after an endpoint failed; doubles up to 16 s
 
     def __post_init__(self) -> None:
         checks = [("concurrency", self.concurrency >= 1, "must be at least 1"),
@@ -87,10 +126,81 @@ class ClientSettings:
                   ("backoff_max_s", self.backoff_max_s >= self.backoff_base_s, "must be at least backoff_base_s"),
                   ("in_flight_per_slot", self.in_flight_per_slot >= 1, "must be at least 1"),
                   ("abort_after_failures", self.abort_after_failures is None or self.abort_after_failures >= 1,
-                   "must be at least 1 or null")]
+                   "must be at least 1 or null"),
+                  ("endpoints", self.endpoints is None or len(self.endpoints) >= 1, "must list at least one or be null"),
+                  ("endpoints", not (self.endpoints and self.base_url),
+                   "set client.base_url or client.endpoints, not both"),
+                  ("token_cap", self.token_cap is None or self.token_cap >= 1, "must be at least 1 or null"),
+                  ("health_check_s", self.health_check_s > 0, "must be positive")]
         for name, ok, problem in checks:
             if not ok:
                 raise ValueError(f"key 'client.{name}': {problem}")
+        if self.endpoints is not None:
+            self.endpoints = [_endpoint_item(item, i) for i, item in enumerate(self.endpoints)]
+            names = [endpoint.name for endpoint in self.resolved()]
+            if len(set(names)) < len(names):
+                raise ValueError(f"key 'client.endpoints': two endpoints share a name ({', '.join(names)}); give "
+                                 f"each a different base_url or name")
+
+    def resolved(self) -> list[EndpointSettings]:
+        """Every endpoint with all its keys filled in (one, from this section, when `endpoints` is null)."""
+        items = self.endpoints if self.endpoints is not None else [EndpointSettings(base_url=self.base_url)]
+        inherited = {"model": self.model, "api_key_env": self.api_key_env, "api_key_file": self.api_key_file,
+                     "concurrency": self.concurrency, "requests_per_minute": self.requests_per_minute,
+                     "tokens_per_minute": self.tokens_per_minute}
+        out = []
+        for i, item in enumerate(items):
+            values = {key: getattr(item, key) if getattr(item, key) is not None else default
+                      for key, default in inherited.items()}
+            if item.api_key_env or item.api_key_file:    # an endpoint naming its own key takes none from above
+                values.update(api_key_env=item.api_key_env, api_key_file=item.api_key_file)
+            name = item.name or _host(item.base_url) or ("server" if len(items) == 1 else f"endpoint{i}")
+            out.append(EndpointSettings(base_url=item.base_url, name=name, token_cap=item.token_cap, **values))
+        return out
+
+    @property
+    def total_concurrency(self) -> int:
+        """Requests in flight at once over every endpoint."""
+        return sum(endpoint.concurrency for endpoint in self.resolved())
+
+    def only(self, endpoint: EndpointSettings) -> ClientSettings:
+        """This section for one of its resolved endpoints alone (a stage's preflight asks each on its own)."""
+        return dataclasses.replace(
+            self, endpoints=None, base_url=endpoint.base_url, model=endpoint.model, api_key_env=endpoint.api_key_env,
+            api_key_file=endpoint.api_key_file, concurrency=endpoint.concurrency, token_cap=None,
+            requests_per_minute=endpoint.requests_per_minute, tokens_per_minute=endpoint.tokens_per_minute)
+
+    def with_server(self, base_url: str) -> ClientSettings:
+        """The started server's URL in place of the endpoint(s) without one."""
+        if self.endpoints is None:
+            return dataclasses.replace(self, base_url=base_url)
+        endpoints = [dataclasses.replace(item, base_url=item.base_url or base_url) for item in self.endpoints]
+        return dataclasses.replace(self, endpoints=endpoints)
+
+
+def _host(base_url: str | None) -> str | None:
+    if not base_url:
+        return None
+    netloc = base_url.split("://", 1)[-1].split("/", 1)[0]
+    return netloc or None
+
+
+def _endpoint_item(item: Any, index: int) -> EndpointSettings:
+    """A `client.endpoints` item as EndpointSettings; a bad key as a ValueError naming client.endpoints.N.KEY."""
+    from prep.config import RecipeError, build
+
+    if isinstance(item, EndpointSettings):
+        return item
+    if not isinstance(item, dict):
+        raise ValueError(f"key 'client.endpoints.{index}': expected a mapping (base_url, api_key_env, ...), "
+                         f"got {type(item).__name__}")
+    try:
+        return build(EndpointSettings, item, "", f"client.endpoints.{index}.")
+    except RecipeError as err:
+        problem = str(err).removeprefix(": ")
+        if err.key is None:   # a range check: "key 'concurrency': ..." from __post_init__
+            problem = problem.replace("key '", f"key 'client.endpoints.{index}.", 1)
+        raise ValueError(problem) from None
 
 
 @dataclass
@@ -168,7 +278,7 @@ def redact(text: str, secret: str | None) -> str:
     return text
 
 
-def key_source(settings: ClientSettings) -> str:
+def key_source(settings: ClientSettings | EndpointSettings) -> str:
     if settings.api_key_env:
         return f"environment variable {settings.api_key_env}"
     if settings.api_key_file:
@@ -176,7 +286,7 @@ def key_source(settings: ClientSettings) -> str:
     return "no key (set client.api_key_env or client.api_key_file)"
 
 
-def resolve_api_key(settings: ClientSettings) -> str:
+def resolve_api_key(settings: ClientSettings | EndpointSettings) -> str:
     """The key from the variable or file the recipe names; a placeholder for endpoints without auth."""
     if settings.api_key_env:
         value = os.environ.get(settings.api_key_env, "").strip()
@@ -212,7 +322,8 @@ class TokenBucket:
     """A per-minute budget refilled continuously, holding at most one second's worth.
 
     A request larger than the bucket waits for a full bucket and then borrows (the level goes
-    negative), so the long-run rate holds for any request size. Waiters queue first come, first served.
+    negative), so the long-run rate holds for any request size. Callers ask `wait_s` and, when it
+    is 0, `take` in the same step (no await between), so nothing is given out twice.
     """
 
     def __init__(self, per_minute: float):
@@ -220,21 +331,20 @@ class TokenBucket:
         self.capacity = max(1.0, self.rate)
         self.level = self.capacity
         self.updated = time.monotonic()
-        self._lock = asyncio.Lock()
 
     def _refill(self) -> None:
         now = time.monotonic()
         self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
         self.updated = now
 
-    async def acquire(self, amount: float) -> None:
-        async with self._lock:
-            need = min(amount, self.capacity)
-            self._refill()
-            while self.level < need:
-                await asyncio.sleep((need - self.level) / self.rate)
-                self._refill()
-            self.level -= amount
+    def wait_s(self, amount: float) -> float:
+        """Seconds until AMOUNT (or a full bucket, for more) is there; 0 when it is now."""
+        self._refill()
+        return max(0.0, (min(amount, self.capacity) - self.level) / self.rate)
+
+    def take(self, amount: float) -> None:
+        self._refill()
+        self.level -= amount
 
     def settle(self, delta: float) -> None:
         """Give back (positive) or charge (negative) the difference between an estimate and the real use."""
@@ -261,6 +371,23 @@ class ClientStats:
 
 
 @dataclass
+class EndpointStats:
+    """One endpoint's share: attempts sent, answers, failed attempts by reason, tokens, times marked down."""
+
+    requests: int = 0
+    succeeded: int = 0
+    errors: Counter = field(default_factory=Counter)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    went_down: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"requests": self.requests, "succeeded": self.succeeded, "errors": sum(self.errors.values()),
+                "error_reasons": dict(self.errors), "tokens_in": self.prompt_tokens,
+                "tokens_out": self.completion_tokens, "went_down": self.went_down}
+
+
+@dataclass
 class ChatResult:
     text: str
     finish_reason: str | None
@@ -272,6 +399,10 @@ class ChatResult:
 
 class MalformedResponse(ValueError):
     pass
+
+
+class SpendCapReached(ClientError):
+    """No endpoint may take another request without passing a token cap: the run stops cleanly."""
 
 
 _LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
@@ -290,48 +421,197 @@ def estimate_prompt_tokens(messages: list[dict[str, Any]] | str) -> int:
     return sum(len(str(message.get("content") or "")) + 4 for message in messages)
 
 
-class ChatClient:
-    """Async chat/completions against one endpoint and model, with limits and retries shared by all callers.
+class _Attempt(Exception):
+    """One failed HTTP attempt: why, what the server said, its Retry-After, and the status if not worth retrying."""
 
-    Use as `async with ChatClient(settings) as client: result = await client.chat(messages, temperature=0.7)`.
-    Keyword arguments are OpenAI request parameters; `extra_body` is merged into the request body.
+    def __init__(self, reason: str, message: str, retry_after: float | None = None, refused: int | None = None):
+        super().__init__(message)
+        self.reason, self.message, self.retry_after, self.refused = reason, message, retry_after, refused
+
+
+class _Endpoint:
+    """One endpoint's connection, limits, health and spend, as the pool in ChatClient sees it.
+
+    The SDK client is built here (base URL, auth and default headers, transport); requests are sent
+    through its HTTP client with those headers, so no per-request options or response models are built.
     """
 
-    def __init__(self, settings: ClientSettings, api_key: str | None = None, seed: int | None = None):
+    def __init__(self, settings: EndpointSettings, client: ClientSettings, secret: str):
         import httpx2
         from openai import AsyncOpenAI
 
-        if not settings.base_url or not settings.model:
+        self.settings, self.name, self.secret = settings, settings.name, secret
+        self.concurrency = settings.concurrency
+        self.http = _http_client(settings.concurrency, client.transport)
+        timeout = httpx2.Timeout(client.request_timeout_s, connect=client.connect_timeout_s)
+        self.sdk = AsyncOpenAI(base_url=settings.base_url, api_key=secret, max_retries=0,  # retries are ours
+                               timeout=timeout, http_client=self.http)
+        headers = {**self.sdk.default_headers, **self.sdk.auth_headers}
+        self.headers = {key: value for key, value in headers.items() if isinstance(value, str)}
+        self.root = str(self.sdk.base_url).rstrip("/")
+        self.extensions = {"timeout": timeout.as_dict()}
+        health = min(client.connect_timeout_s, client.request_timeout_s, 10.0)
+        self.health_extensions = {"timeout": httpx2.Timeout(health).as_dict()}
+        self.timeout_s = client.request_timeout_s
+        self._request_type, self._transport_error = httpx2.Request, httpx2.RequestError
+        self.rpm = TokenBucket(settings.requests_per_minute) if settings.requests_per_minute else None
+        self.tpm = TokenBucket(settings.tokens_per_minute) if settings.tokens_per_minute else None
+        self.in_flight = 0
+        self.resume_at = 0.0          # a 429's Retry-After holds back every request here, not just the one refused
+        self.up, self.failures_in_row, self.throttled = True, 0, 0    # failures and 429s in a row
+        self.reserved = 0             # token estimates of the requests in flight
+        self.stats = EndpointStats()
+        self.health_task: asyncio.Task | None = None
+
+    @property
+    def spent(self) -> int:
+        return self.stats.prompt_tokens + self.stats.completion_tokens
+
+    def fits(self, estimate: int) -> bool:
+        cap = self.settings.token_cap
+        return cap is None or self.spent + self.reserved + estimate <= cap
+
+    def wait_s(self, now: float, estimate: int) -> float:
+        """Seconds until this endpoint may send a request of ESTIMATE tokens (0: now), slots aside."""
+        wait = self.resume_at - now
+        if self.rpm:
+            wait = max(wait, self.rpm.wait_s(1))
+        if self.tpm:
+            wait = max(wait, self.tpm.wait_s(estimate))
+        return max(wait, 0.0)
+
+    def take(self, estimate: int) -> None:
+        self.in_flight += 1
+        self.reserved += estimate
+        if self.rpm:
+            self.rpm.take(1)
+        if self.tpm:
+            self.tpm.take(estimate)
+
+    async def send(self, path: str, payload: bytes) -> dict[str, Any]:
+        """One POST; the decoded body, or _Attempt saying why not."""
+        request = self._request_type("POST", self.root + path, headers=self.headers, content=payload,
+                                     extensions=self.extensions)
+        self.stats.requests += 1
+        try:
+            response = await self.http.send(request)
+        except self._transport_error as err:
+            reason = _transport_failure(err)
+            message = (f"no answer within {self.timeout_s:g} s" if reason == "timeout"
+                       else redact(_describe_cause(err), self.secret))
+            raise _Attempt(reason, message) from None
+        status = response.status_code
+        if status >= 400:
+            message = redact(_error_message(response.content), self.secret)
+            raise _Attempt(str(status), message, _retry_after(response.headers),
+                           None if retryable_status(status) else status)
+        try:
+            return _decode(response.content, path)
+        except ValueError as err:      # a garbled body: json.JSONDecodeError, MalformedResponse
+            raise _Attempt("malformed", redact(str(err), self.secret)[:200]) from None
+
+    async def healthy(self) -> bool:
+        """GET /models answered 200."""
+        request = self._request_type("GET", self.root + "/models", headers=self.headers,
+                                     extensions=self.health_extensions)
+        try:
+            response = await self.http.send(request)
+        except Exception:  # noqa: BLE001 - a probe: whatever went wrong, the endpoint is not back yet
+            return False
+        return response.status_code == 200
+
+    async def close(self) -> None:
+        if self.health_task is not None:
+            self.health_task.cancel()
+            await asyncio.gather(self.health_task, return_exceptions=True)
+        await self.sdk.close()
+
+
+def _decode(content: bytes, path: str) -> dict[str, Any]:
+    data = json.loads(content)
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise MalformedResponse(f"the {path} response has no choices")
+    return data
+
+
+def _error_message(content: bytes) -> str:
+    """The `error.message` (or `message`, or the text) of an error body, on one line, at most 200 characters."""
+    try:
+        body = json.loads(content)
+    except ValueError:
+        body = None
+    message = None
+    if isinstance(body, dict):
+        error = body.get("error")
+        message = error.get("message") if isinstance(error, dict) else error if isinstance(error, str) else None
+        message = message or body.get("message") or body.get("detail")
+    if message is None:
+        message = content.decode("utf-8", "replace")
+    return " ".join(str(message).split())[:200]
+
+
+class ChatClient:
+    """Async chat/completions against one or several endpoints of one model, with limits and retries shared
+    by all callers.
+
+    Use as `async with ChatClient(settings) as client: result = await client.chat(messages, temperature=0.7)`.
+    Keyword arguments are OpenAI request parameters; `extra_body` is merged into the request body.
+
+    Several endpoints (settings.endpoints): each request goes to the endpoint with the most free slots
+    among those up, within their limits and token caps. An endpoint whose connection fails (or that
+    fails three requests in a row) is down: its requests are retried on the others at once, and a
+    GET /models every health_check_s (doubling) brings it back. A 429 pauses only the endpoint that sent it.
+    """
+
+    def __init__(self, settings: ClientSettings, api_key: str | None = None, seed: int | None = None,
+                 api_keys: dict[str, str] | None = None, down: Iterable[str] = ()):
+        endpoints = settings.resolved()
+        if not endpoints or any(not endpoint.base_url or not endpoint.model for endpoint in endpoints):
             raise ClientError("client.base_url and client.model must be set (or the recipe must start a server)")
         self.settings = settings
-        self._secret = api_key if api_key is not None else resolve_api_key(settings)
-        self._openai = AsyncOpenAI(
-            base_url=settings.base_url, api_key=self._secret, max_retries=0,  # retries are ours
-            timeout=httpx2.Timeout(settings.request_timeout_s, connect=settings.connect_timeout_s),
-            http_client=_http_client(settings),
-        )
-        self._response_type = httpx2.Response
-        self._slots = asyncio.Semaphore(settings.concurrency)
-        self._rpm = TokenBucket(settings.requests_per_minute) if settings.requests_per_minute else None
-        self._tpm = TokenBucket(settings.tokens_per_minute) if settings.tokens_per_minute else None
-        self._resume_at = 0.0        # a 429's Retry-After holds back every request, not just the one refused
+        keys = api_keys or {}
+        if api_key is not None and len(endpoints) == 1:
+            keys = {endpoints[0].name: api_key}
+        self.endpoints = [_Endpoint(endpoint, settings, keys.get(endpoint.name) or resolve_api_key(endpoint))
+                          for endpoint in endpoints]
+        self._secret = self.endpoints[0].secret
         self._random = random.Random(seed)
+        self._changed: asyncio.Event | None = None    # set whenever a slot frees or an endpoint comes back
         self.stats = ClientStats()
+        self.spent = self.reserved = 0
+        for endpoint in self.endpoints:
+            if endpoint.name in set(down):
+                self._mark_down(endpoint, "did not answer the preflight", start_check=False)
 
     def __repr__(self) -> str:
-        return f"ChatClient(base_url={self.settings.base_url!r}, model={self.settings.model!r})"
+        return f"ChatClient(endpoints={[e.root for e in self.endpoints]!r}, model={self.settings.model!r})"
 
     async def __aenter__(self) -> ChatClient:
+        for endpoint in self.endpoints:
+            if not endpoint.up and endpoint.health_task is None:
+                endpoint.health_task = asyncio.ensure_future(self._watch(endpoint))
         return self
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
     async def close(self) -> None:
-        await self._openai.close()
+        for endpoint in self.endpoints:
+            await endpoint.close()
 
     def redact(self, text: str) -> str:
-        return redact(text, self._secret)
+        for endpoint in self.endpoints:
+            text = redact(text, endpoint.secret)
+        return text
+
+    def endpoint_stats(self) -> dict[str, dict[str, Any]]:
+        """name -> requests, errors, tokens, times down, and the base URL (no key), per endpoint."""
+        return {e.name: {"base_url": e.settings.base_url, **e.stats.to_json()} for e in self.endpoints}
+
+    def stats_json(self) -> dict[str, Any]:
+        """The client's counters and, under "endpoints", each endpoint's."""
+        return {**self.stats.to_json(), "endpoints": self.endpoint_stats()}
 
     async def chat(self, messages: list[dict[str, Any]], **params: Any) -> ChatResult:
         body = self._body({"messages": messages}, params)
@@ -365,62 +645,169 @@ class ChatClient:
         return {"prompt_tokens": int(usage.get("prompt_tokens") or 0),
                 "completion_tokens": int(usage.get("completion_tokens") or 0)}
 
-    async def _post(self, path: str, body: dict[str, Any], prompt_estimate: int) -> tuple[dict[str, Any], int]:
-        from openai import APIConnectionError, APIStatusError
+    def _payloads(self, body: dict[str, Any]) -> dict[str, bytes]:
+        """The request body per endpoint: the same JSON but for the model name each one serves."""
+        payloads: dict[str, bytes] = {}
+        for endpoint in self.endpoints:
+            model = endpoint.settings.model
+            if model not in payloads:
+                payloads[model] = json.dumps({**body, "model": model}, ensure_ascii=False).encode("utf-8")
+        return payloads
 
+    async def _post(self, path: str, body: dict[str, Any], prompt_estimate: int) -> tuple[dict[str, Any], int]:
+        """Send until answered: a failed attempt is retried (on another endpoint at once when one is ready,
+        else after the backoff) up to max_retries; the body and the retries taken."""
         completion = int(body.get("max_tokens") or body.get("max_completion_tokens") or 0) * int(body.get("n") or 1)
         estimate = prompt_estimate + completion
-        retries = 0
+        payloads = self._payloads(body)
+        retries, avoid = 0, None
         while True:
-            await self._wait_for_limits(estimate)
-            retry_after, refused = None, None
-            async with self._slots:
-                self.stats.requests += 1
-                try:
-                    response = await self._openai.post(path, cast_to=self._response_type, body=body)
-                    data = self._decode(response.content, path)
-                except APIStatusError as err:
-                    reason, retry_after = str(err.status_code), _retry_after(err.response.headers)
-                    message = _server_message(err, self._secret)
-                    if not retryable_status(err.status_code):
-                        refused = err.status_code
-                except APIConnectionError as err:  # APITimeoutError included
-                    reason = _transport_failure(err)
-                    message = (f"no answer within {self.settings.request_timeout_s:g} s" if reason == "timeout"
-                               else self.redact(_describe_cause(err)))
-                except ValueError as err:  # a garbled body: json.JSONDecodeError, MalformedResponse
-                    reason, message = "malformed", self.redact(str(err))[:200]
-                else:
-                    self.stats.succeeded += 1
-                    usage = self._usage(data)
-                    self.stats.prompt_tokens += usage["prompt_tokens"]
-                    self.stats.completion_tokens += usage["completion_tokens"]
-                    if self._tpm and (usage["prompt_tokens"] or usage["completion_tokens"]):
-                        self._tpm.settle(estimate - usage["prompt_tokens"] - usage["completion_tokens"])
-                    return data, retries
-            if refused is not None:  # raised here, outside the except clause, so no chained error carries the raw body
+            endpoint = await self._acquire(estimate, avoid)
+            self.stats.requests += 1
+            settled = False
+            try:
+                data = await endpoint.send(path, payloads[endpoint.settings.model])
+                self._settle(endpoint, estimate, self._usage(data))
+                settled = True
+                return data, retries
+            except _Attempt as attempt:
+                failure = attempt
+            finally:
+                endpoint.in_flight -= 1
+                if not settled:          # failed or cancelled: its reservation goes back
+                    self._release(endpoint, estimate)
+                self._changed_set()
+            reason, message = failure.reason, failure.message
+            endpoint.stats.errors[reason] += 1
+            if failure.refused is not None:
                 self.stats.failed += 1
-                self._raise_for_status(refused, message, retries)
+                self._raise_for_status(endpoint, failure.refused, message, retries)
+            if reason != "429":
+                endpoint.failures_in_row += 1
+                if len(self.endpoints) > 1 and endpoint.up and (reason == "connection" or endpoint.failures_in_row >= 3):
+                    self._mark_down(endpoint, f"{reason}: {message}")
             if retries >= self.settings.max_retries:
                 self.stats.failed += 1
                 raise RequestFailed(f"gave up after {retries + 1} attempts; last: {reason} ({message})", reason,
                                     retries)
-            delay = self._delay(retries, retry_after)
-            if reason == "429":
-                self._resume_at = max(self._resume_at, time.monotonic() + delay)
+            delay = self._delay(retries, failure.retry_after)
+            if reason == "429":    # the endpoint pauses, longer with each 429 in a row it sends
+                endpoint.throttled += 1
+                pause = self._delay(endpoint.throttled - 1, failure.retry_after)
+                endpoint.resume_at = max(endpoint.resume_at, time.monotonic() + pause)
             retries += 1
             self.stats.retries += 1
             self.stats.retry_reasons[reason] += 1
-            log.info("retry %d/%d in %.2f s after %s: %s", retries, self.settings.max_retries, delay, reason, message)
-            await asyncio.sleep(delay)
+            other = self._other_ready(endpoint, estimate)
+            log.info("retry %d/%d %s after %s at %s: %s", retries, self.settings.max_retries,
+                     f"now at {other.name}" if other else f"in {delay:.2f} s", reason, endpoint.name, message)
+            avoid = endpoint
+            if other is None:
+                await asyncio.sleep(delay)
 
-    async def _wait_for_limits(self, estimate: int) -> None:
-        while (wait := self._resume_at - time.monotonic()) > 0:
-            await asyncio.sleep(wait)
-        if self._rpm:
-            await self._rpm.acquire(1)
-        if self._tpm:
-            await self._tpm.acquire(estimate)
+    # ---- the pool ----
+
+    def _changed_set(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+
+    def _total_fits(self, estimate: int) -> bool:
+        cap = self.settings.token_cap
+        return cap is None or self.spent + self.reserved + estimate <= cap
+
+    def _other_ready(self, failed: _Endpoint, estimate: int) -> _Endpoint | None:
+        now = time.monotonic()
+        for endpoint in self.endpoints:
+            if (endpoint is not failed and endpoint.up and endpoint.in_flight < endpoint.concurrency
+                    and endpoint.fits(estimate) and endpoint.wait_s(now, estimate) == 0):
+                return endpoint
+        return None
+
+    async def _acquire(self, estimate: int, avoid: _Endpoint | None) -> _Endpoint:
+        """A slot on the endpoint with the most free capacity that may send now; waits until one may."""
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        while True:
+            now, best, best_score, wake = time.monotonic(), None, None, 1.0
+            fitting = [e for e in self.endpoints if e.fits(estimate)] if self._total_fits(estimate) else []
+            if not fitting and self.reserved == 0:   # nothing in flight will free a reservation: no room, ever
+                raise SpendCapReached(self._cap_message(estimate))
+            # Those up; when none is, every endpoint (a retry then tries them anyway, within its budget).
+            candidates = [e for e in fitting if e.up] if any(e.up for e in self.endpoints) else fitting
+            for endpoint in candidates:
+                free = endpoint.concurrency - endpoint.in_flight
+                if free <= 0:
+                    continue
+                wait = endpoint.wait_s(now, estimate)
+                if wait > 0:
+                    wake = min(wake, wait)
+                    continue
+                score = (endpoint is not avoid, free / endpoint.concurrency, free)
+                if best_score is None or score > best_score:
+                    best, best_score = endpoint, score
+            if best is not None:
+                best.take(estimate)
+                self.reserved += estimate
+                return best
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout=max(wake, 0.001))
+
+    def _release(self, endpoint: _Endpoint, estimate: int) -> None:
+        endpoint.reserved -= estimate
+        self.reserved -= estimate
+
+    def _settle(self, endpoint: _Endpoint, estimate: int, usage: dict[str, int]) -> None:
+        self._release(endpoint, estimate)
+        used = usage["prompt_tokens"] + usage["completion_tokens"]
+        for stats in (self.stats, endpoint.stats):
+            stats.succeeded += 1
+            stats.prompt_tokens += usage["prompt_tokens"]
+            stats.completion_tokens += usage["completion_tokens"]
+        self.spent += used
+        endpoint.failures_in_row = endpoint.throttled = 0
+        if not endpoint.up:              # it answered a request tried while every endpoint was down
+            self._mark_up(endpoint)
+        if endpoint.tpm and used:
+            endpoint.tpm.settle(estimate - used)
+
+    def _cap_message(self, estimate: int) -> str:
+        caps = [f"{e.name} {e.spent}/{e.settings.token_cap}" for e in self.endpoints if e.settings.token_cap]
+        total = f"{self.spent} tokens spent of client.token_cap {self.settings.token_cap}" \
+            if self.settings.token_cap else f"{self.spent} tokens spent"
+        per = f" (per endpoint: {', '.join(caps)})" if caps else ""
+        return (f"spend cap reached: {total}{per}, and the next request may need {estimate}; raise the cap and "
+                f"run the same command again to continue from the cache")
+
+    # ---- health ----
+
+    def _mark_down(self, endpoint: _Endpoint, why: str, start_check: bool = True) -> None:
+        endpoint.up = False
+        endpoint.stats.went_down += 1
+        log.warning("endpoint %s is down (%s); its requests go to the others until it answers GET /models",
+                    endpoint.name, self.redact(why)[:200])
+        if start_check and endpoint.health_task is None:
+            endpoint.health_task = asyncio.ensure_future(self._watch(endpoint))
+
+    def _mark_up(self, endpoint: _Endpoint) -> None:
+        endpoint.up, endpoint.failures_in_row = True, 0
+        log.info("endpoint %s is back", endpoint.name)
+        self._changed_set()
+
+    async def _watch(self, endpoint: _Endpoint) -> None:
+        """GET /models after health_check_s, doubling up to 16 s, until the endpoint answers; then it rejoins."""
+        interval = self.settings.health_check_s
+        try:
+            while not endpoint.up:
+                await asyncio.sleep(interval)
+                if endpoint.up:
+                    break
+                if await endpoint.healthy():
+                    self._mark_up(endpoint)
+                    break
+                interval = min(interval * 2, 16.0)
+        finally:
+            endpoint.health_task = None
 
     def _delay(self, retries: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -429,30 +816,23 @@ class ChatClient:
         ceiling = min(self.settings.backoff_max_s, self.settings.backoff_base_s * 2 ** retries)
         return ceiling * (0.5 + 0.5 * self._random.random())
 
-    def _decode(self, content: bytes, path: str) -> dict[str, Any]:
-        data = json.loads(content)
-        choices = data.get("choices") if isinstance(data, dict) else None
-        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-            raise MalformedResponse(f"the {path} response has no choices")
-        return data
-
-    def _raise_for_status(self, status: int, message: str, retries: int) -> None:
-        url, model = self.settings.base_url, self.settings.model
+    def _raise_for_status(self, endpoint: _Endpoint, status: int, message: str, retries: int) -> None:
+        url, model = endpoint.settings.base_url, endpoint.settings.model
         if status in (401, 403):
             raise ClientError(f"{url} refused the API key (HTTP {status}: {message}); check that "
-                              f"{key_source(self.settings)} holds a valid key for this endpoint")
+                              f"{key_source(endpoint.settings)} holds a valid key for this endpoint")
         if status == 404:
             raise ClientError(f"{url} has no model '{model}' or no such route (HTTP 404: {message}); "
                               f"check client.model and client.base_url")
         raise RequestFailed(f"the endpoint refused the request (HTTP {status}: {message})", str(status), retries)
 
 
-def _http_client(settings: ClientSettings) -> Any:
+def _http_client(concurrency: int, transport: str) -> Any:
     """The SDK's HTTP client: its vendored aiohttp transport, or plain httpx2 (O(pool) work per request)."""
     import httpx2
 
-    limits = httpx2.Limits(max_connections=settings.concurrency, max_keepalive_connections=settings.concurrency)
-    if settings.transport == "aiohttp":
+    limits = httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    if transport == "aiohttp":
         try:
             from openai import DefaultAioHttpClient
 
@@ -507,20 +887,23 @@ def _retry_after(headers: Any) -> float | None:
 
 # ---- preflight -----------------------------------------------------------------------------------
 
-async def check_endpoint_async(settings: ClientSettings, api_key: str | None = None,
-                               attempts: int = 2) -> list[str] | None:
+async def check_endpoint_async(settings: ClientSettings, api_key: str | None = None, attempts: int = 2,
+                               endpoint: EndpointSettings | None = None) -> list[str] | None:
     """GET /models once (one retry on a dropped connection): the models served, or None if the endpoint lists none.
 
-    Raises ClientError naming the fix for an unreachable endpoint, a refused key or an unlisted model.
+    ENDPOINT: one of settings.resolved() (default: the only one). Raises ClientError naming the fix for
+    an unreachable endpoint (EndpointUnreachable), a refused key or an unlisted model.
     """
     import httpx2
     from openai import APIConnectionError, APIStatusError, AsyncOpenAI
 
-    secret = api_key if api_key is not None else resolve_api_key(settings)
+    endpoint = endpoint or settings.resolved()[0]
+    url, model = endpoint.base_url, endpoint.model
+    secret = api_key if api_key is not None else resolve_api_key(endpoint)
     timeout = min(settings.request_timeout_s, 30.0)
-    client = AsyncOpenAI(base_url=settings.base_url, api_key=secret, max_retries=0,
+    client = AsyncOpenAI(base_url=url, api_key=secret, max_retries=0,
                          timeout=httpx2.Timeout(timeout, connect=min(settings.connect_timeout_s, timeout)))
-    problem, response = None, None
+    problem, response, unreachable = None, None, False
     try:
         for attempt in range(attempts):
             try:
@@ -529,37 +912,62 @@ async def check_endpoint_async(settings: ClientSettings, api_key: str | None = N
             except APIStatusError as err:
                 status, message = err.status_code, _server_message(err, secret)
                 if status in (401, 403):
-                    problem = (f"{settings.base_url} refused the API key (HTTP {status}: {message}); "
-                               f"check that {key_source(settings)} holds a valid key for this endpoint")
+                    problem = (f"{url} refused the API key (HTTP {status}: {message}); "
+                               f"check that {key_source(endpoint)} holds a valid key for this endpoint")
                     break
                 if status in (404, 405):
                     return None  # some providers do not list models; the first request will tell
-                problem = (f"{settings.base_url} answered HTTP {status} to GET /models ({message}); "
+                problem = (f"{url} answered HTTP {status} to GET /models ({message}); "
                            f"check client.base_url or try again later")
             except APIConnectionError as err:
-                problem = (f"cannot reach {settings.base_url} ({redact(_describe_cause(err), secret)}); "
-                           f"check client.base_url and that the server is running")
+                problem, unreachable = (f"cannot reach {url} ({redact(_describe_cause(err), secret)}); "
+                                        f"check client.base_url and that the server is running"), True
             if attempt < attempts - 1:
                 await asyncio.sleep(1.0)
     finally:
         await client.close()
     if response is None:
         # Raised outside the except clauses: no chained SDK error carries the server's raw words.
-        raise ClientError(problem)
+        raise (EndpointUnreachable if unreachable else ClientError)(problem)
     try:
         data = json.loads(response.content)
         served = [str(item["id"]) for item in data["data"]]
     except (ValueError, KeyError, TypeError):
         return None
-    if served and settings.model not in served:
-        raise ClientError(f"model '{settings.model}' is not served at {settings.base_url} (it serves: "
+    if served and model not in served:
+        raise ClientError(f"model '{model}' is not served at {url} (it serves: "
                           f"{', '.join(served[:10])}); fix client.model")
     return served
 
 
+class EndpointUnreachable(ClientError):
+    """The preflight could not connect (as opposed to a refused key or a missing model)."""
+
+
 def check_endpoint(settings: ClientSettings, api_key: str | None = None) -> list[str] | None:
-    """Synchronous preflight, for callers outside an event loop."""
-    return asyncio.run(check_endpoint_async(settings, api_key))
+    """Synchronous preflight of every endpoint, for callers outside an event loop: the first one's models."""
+    endpoints = settings.resolved()
+    if len(endpoints) == 1:
+        return asyncio.run(check_endpoint_async(settings, api_key))
+    return [asyncio.run(check_endpoint_async(settings, endpoint=endpoint)) for endpoint in endpoints][0]
+
+
+def check_endpoints(settings: ClientSettings, api_keys: dict[str, str]) -> list[str]:
+    """Preflight of each endpoint (several): the names of those unreachable now, which join when they answer.
+
+    A refused key or a missing model stops the run (ClientError); so does no endpoint answering.
+    """
+    down, problems = [], []
+    for endpoint in settings.resolved():
+        try:
+            asyncio.run(check_endpoint_async(settings, api_keys.get(endpoint.name), endpoint=endpoint))
+        except EndpointUnreachable as err:
+            down.append(endpoint.name)
+            problems.append(str(err))
+            log.warning("endpoint %s: %s; starting without it, it joins when it answers", endpoint.name, err)
+    if len(down) == len(settings.resolved()):
+        raise ClientError(problems[0] if len(problems) == 1 else f"no endpoint answers: {'; '.join(problems)}")
+    return down
 
 
 # ---- the exactly-once cache runner ---------------------------------------------------------------
@@ -596,6 +1004,7 @@ class RunReport:
     finished: int                    # items appended to the cache this run
     failed: list[dict[str, Any]]     # {"key", "item", "error", "reason"}: not cached, asked again next run
     wall_s: float
+    stopped: str | None = None       # why the run stopped before asking everything (a spend cap), if it did
 
     def to_json(self) -> dict[str, Any]:
         return {"items": self.total, "cached": self.cached, "asked": self.asked, "finished": self.finished,
@@ -633,7 +1042,8 @@ async def run_cached(
     kill are paid twice. fsync (power loss) happens at most every FSYNC_INTERVAL_S and at the end.
     A work_fn raising RequestFailed fails that item only (not cached, reported, retried next run);
     ClientError stops the run; ABORT_AFTER_FAILURES failures in a row stop it too (the stages pass their
-    recipe's client.abort_after_failures; None never stops).
+    recipe's client.abort_after_failures; None never stops). SpendCapReached stops it cleanly: nothing
+    new starts, what is in flight finishes and is cached, and the report says why (`stopped`).
 
     One function on purpose: the task loop, the appender, the progress bar and the cancellation of
     what is still running (in `finally`, on any way out) share their state.
@@ -655,6 +1065,8 @@ async def run_cached(
     consecutive_failures, last_fsync = 0, time.monotonic()
 
     def launch() -> None:
+        if report.stopped:
+            return
         for key, item in queue:
             running[asyncio.ensure_future(work_fn(item))] = (key, item)
             if len(running) >= max_in_flight:
@@ -676,6 +1088,11 @@ async def run_cached(
                                           "reason": error.reason})
                     consecutive_failures += 1
                     log.warning("%s %s failed: %s", desc, label_fn(item), error)
+                elif isinstance(error, SpendCapReached):
+                    if not report.stopped:
+                        log.warning("%s", error)
+                    report.stopped = str(error)
+                    continue        # not done: no progress tick, asked next run
                 else:
                     raise error
                 bar.update(1)

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import sys
@@ -38,6 +39,8 @@ from prep.client import (
     StructuredOutput,
     archive_cache,
     check_endpoint,
+    check_endpoints,
+    estimate_prompt_tokens,
     load_cache,
     resolve_api_key,
     run_cached,
@@ -115,43 +118,71 @@ class Target:
 
 
 def endpoint_target(client: ClientSettings, server: str | dict[str, Any] | None, model_hint: str = "") -> Target:
-    """The recipe's server (asked by its served name unless client.model names another) or a running endpoint."""
+    """The recipe's server (asked by its served name unless client.model names another) or running endpoints."""
     spec = None
     if server is not None:
         spec = load_server_spec(server)
         client = dataclasses.replace(client, model=client.model or spec.served_model_name or spec.model)
-    elif not client.base_url:
+    elif not client.base_url and not client.endpoints:
         raise ClientError("client.base_url is not set and the recipe has no server: section; set one of them")
+    elif client.endpoints:
+        for i, item in enumerate(client.endpoints):
+            if not item.base_url:
+                raise ClientError(f"client.endpoints.{i}.base_url is not set and the recipe has no server: section; "
+                                  f"set one of them")
+    endpoints = client.resolved()
+    if not client.model and endpoints[0].model:          # several endpoints, each naming its model
+        client = dataclasses.replace(client, model=endpoints[0].model)
     if not client.model:
         raise ClientError(f"client.model is not set; name the model the endpoint serves{model_hint}")
     return Target(client, spec, client.model)
 
 
 class Endpoint:
-    """The endpoint, opened on first need (a finished stage starts no server): the API key, the recipe's
-    server, GET /models, then the stage's own preflight. A context manager: the server stops on exit."""
+    """The endpoints, opened on first need (a finished stage starts no server): the API keys, the recipe's
+    server, GET /models, then the stage's own preflight on each. A context manager: the server stops on exit.
+
+    With several endpoints, one that cannot be reached yet is left out (`down`) and joins once it
+    answers; a refused key or a missing model stops the run as with one.
+    """
 
     def __init__(self, target: Target, server_log: Path, preflight: Callable[[ClientSettings, str], None]):
         self.target, self.server_log, self.preflight = target, server_log, preflight
-        self.settings, self.api_key = target.settings, None
+        self.settings, self.api_keys, self.down = target.settings, None, []
         self._stack = contextlib.ExitStack()
 
-    def open(self) -> tuple[ClientSettings, str]:
-        if self.api_key is None:
-            api_key = resolve_api_key(self.settings)      # a missing key stops us before a server start
+    def open(self) -> tuple[ClientSettings, dict[str, str]]:
+        if self.api_keys is None:
+            for endpoint in self.settings.resolved():
+                resolve_api_key(endpoint)                 # a missing key stops us before a server start
             server = self._stack.enter_context(serving(self.target.spec, self.server_log))
             if server is not None:
-                self.settings = dataclasses.replace(self.settings, base_url=server.base_url)
-            check_endpoint(self.settings, api_key)
-            self.preflight(self.settings, api_key)
-            self.api_key = api_key
-        return self.settings, self.api_key
+                self.settings = self.settings.with_server(server.base_url)
+            endpoints = self.settings.resolved()          # named by their URLs, the started server's included
+            api_keys = {e.name: resolve_api_key(e) for e in endpoints}
+            if len(endpoints) == 1:
+                check_endpoint(self.settings, api_keys[endpoints[0].name])
+            else:
+                self.down = check_endpoints(self.settings, api_keys)
+            for endpoint in self.settings.resolved():
+                if endpoint.name not in self.down:
+                    self.preflight(self.settings.only(endpoint) if len(endpoints) > 1 else self.settings,
+                                   api_keys[endpoint.name])
+            self.api_keys = api_keys
+        return self.settings, self.api_keys
 
     def __enter__(self) -> Endpoint:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._stack.close()
+
+
+def spend_cap(settings: ClientSettings) -> int | None:
+    """The most tokens a run may spend: client.token_cap, or the endpoints' caps summed when each has one."""
+    caps = [endpoint.token_cap for endpoint in settings.resolved()]
+    summed = sum(caps) if all(cap is not None for cap in caps) else None
+    return min((cap for cap in (settings.token_cap, summed) if cap is not None), default=None)
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
@@ -189,6 +220,10 @@ class StageRun:
         return [failure for report in self.reports for failure in report.failed]
 
     @property
+    def stopped(self) -> str | None:
+        return next((report.stopped for report in self.reports if report.stopped), None)
+
+    @property
     def ask_wall_s(self) -> float:
         return sum(report.wall_s for report in self.reports)
 
@@ -196,12 +231,27 @@ class StageRun:
         return dict(Counter(reason_kind(failure["error"]) for failure in self.failed))
 
     def client_stats(self) -> dict[str, Any]:
-        """The client's counters summed over the rounds (zeros when nothing was asked)."""
+        """The client's counters summed over the rounds (zeros when nothing was asked); under "endpoints",
+        each endpoint's requests, errors, tokens and answers per second; "stopped" when a spend cap stopped it."""
         total = {**NO_REQUESTS, "retry_reasons": Counter()}
+        endpoints: dict[str, dict[str, Any]] = {}
         for stats in self.stats:
             for key, value in stats.items():
-                total[key] = total[key] + (Counter(value) if key == "retry_reasons" else value)
-        return {**total, "retry_reasons": dict(total["retry_reasons"])}
+                if key == "endpoints":
+                    for name, counts in value.items():
+                        mine = endpoints.setdefault(name, {"base_url": counts["base_url"]})
+                        for field_name, count in counts.items():
+                            if field_name == "error_reasons":
+                                mine[field_name] = dict(Counter(mine.get(field_name, {})) + Counter(count))
+                            elif field_name != "base_url":
+                                mine[field_name] = mine.get(field_name, 0) + count
+                else:
+                    total[key] = total[key] + (Counter(value) if key == "retry_reasons" else value)
+        wall = self.ask_wall_s
+        for counts in endpoints.values():
+            counts["requests_per_s"] = round(counts["succeeded"] / wall, 3) if wall else 0.0
+        stopped = {"stopped": self.stopped} if self.stopped else {}
+        return {**total, "retry_reasons": dict(total["retry_reasons"]), "endpoints": endpoints, **stopped}
 
 
 class ApiStage:
@@ -240,32 +290,65 @@ class ApiStage:
             log.info("moved the old cache to %s", moved)
         target = self.resolve()
         run = StageRun(target.settings, cached_before=len(load_cache(cache)), started=started)
+        rounds = iter(self.rounds(cache))
+        first = next(rounds, None)
+        if first is not None:
+            cached = load_cache(cache)
+            self.check_spend(target.settings, [item for item in first[1] if self.key(item) not in cached])
         with Endpoint(target, out / "server.log", self.preflight) as endpoint:
-            for desc, items in self.rounds(cache):
+            for desc, items in itertools.chain([first] if first else [], rounds):
                 cached = load_cache(cache)
                 pending = [item for item in items if self.key(item) not in cached]
                 log.info("%s: %d items, %d cached, %d to ask %s at %s", desc, len(items), len(items) - len(pending),
-                         len(pending), target.identity, endpoint.settings.base_url or "(the recipe's server)")
+                         len(pending), target.identity,
+                         ", ".join(e.base_url or "(the recipe's server)" for e in endpoint.settings.resolved()))
                 if pending:
-                    settings, api_key = endpoint.open()
-                    report, stats = asyncio.run(self._ask(pending, settings, api_key, cache, desc, progress))
+                    settings, api_keys = endpoint.open()
+                    report, stats = asyncio.run(self._ask(pending, settings, api_keys, endpoint.down, cache, desc,
+                                                          progress))
                     run.asked += pending
                     run.reports.append(report)
                     run.stats.append(stats)
+                    if report.stopped:      # a spend cap: no further round either
+                        break
             run.settings = endpoint.settings
         summary = self.finish(out, run)
         write_text_atomic(out / "summary.json", json.dumps(summary, ensure_ascii=False, indent=1) + "\n")
         log.info("summary: %s", dumps(summary))
         return summary
 
-    async def _ask(self, items: list[Any], settings: ClientSettings, api_key: str, cache: Path, desc: str,
-                   progress: bool) -> tuple[RunReport, dict[str, Any]]:
-        async with ChatClient(settings, api_key=api_key) as client:
+    async def _ask(self, items: list[Any], settings: ClientSettings, api_keys: dict[str, str], down: list[str],
+                   cache: Path, desc: str, progress: bool) -> tuple[RunReport, dict[str, Any]]:
+        async with ChatClient(settings, api_keys=api_keys, down=down) as client:
             report = await run_cached(items, self.key, lambda item: self.ask(client, item), cache,
-                                      max_in_flight=settings.concurrency * settings.in_flight_per_slot,
+                                      max_in_flight=settings.total_concurrency * settings.in_flight_per_slot,
                                       stats=client.stats, desc=desc, label_fn=self.label, progress=progress,
                                       abort_after_failures=settings.abort_after_failures)
-            return report, client.stats.to_json()
+            return report, client.stats_json()
+
+    def check_spend(self, settings: ClientSettings, pending: list[Any]) -> None:
+        """Log (and with a cap, print) the first round's token estimate; refuse (ClientError) a run whose estimate passes the spend cap."""
+        if not pending:
+            return
+        prompt, completion = self.estimate_tokens(pending)
+        cap = spend_cap(settings)
+        line = (f"{self.name}: {len(pending)} requests to ask, about {prompt} prompt tokens and at most "
+                f"{completion} completion tokens ({prompt + completion} in all, repair turns and retries on top)"
+                + (f"; spend cap {cap}" if cap is not None else ""))
+        log.info("%s", line)
+        if cap is not None:         # on the terminal when it matters; always in the stage log
+            print(line, file=sys.stderr)
+        if cap is not None and prompt + completion > cap:
+            raise ClientError(f"the run may spend about {prompt + completion} tokens ({len(pending)} requests), "
+                              f"over its spend cap of {cap}; raise client.token_cap (or the endpoints' token_cap), "
+                              f"lower sampling.max_tokens, or ask fewer cases with --limit")
+
+    def estimate_tokens(self, items: list[Any]) -> tuple[int, int]:
+        """(prompt tokens, completion tokens) for asking ITEMS once each: one token per prompt character
+        plus 4 per message, and sampling.max_tokens per answer. Items are cases or (case, sample) pairs."""
+        prompt = sum(estimate_prompt_tokens(self.prompts.messages(item[0] if isinstance(item, tuple) else item))
+                     for item in items)
+        return prompt, len(items) * self.recipe.sampling.max_tokens
 
     # ---- what each stage supplies ----
 
@@ -340,7 +423,11 @@ def fail(err: BaseException) -> int:
 
 
 def retry_status(summary: dict[str, Any], out: Path) -> int:
-    """Exit 1 when requests failed after their retries (a re-run asks for just those), else 0."""
+    """Exit 1 when a spend cap stopped the run or requests failed after their retries (a re-run asks for
+    just those), else 0."""
+    if summary.get("stopped"):
+        print(f"error: {summary['stopped']}", file=sys.stderr)
+        return 1
     if summary["failed"] or summary["incomplete"]:
         print(f"error: {summary['failed']} requests failed after retries (see {out / 'summary.json'}); "
               f"run the same command again to ask for them", file=sys.stderr)

