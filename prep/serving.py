@@ -48,6 +48,10 @@ class ServerSpec:
     startup_timeout_s: float = 900.0
     stop_timeout_s: float = 20.0                # SIGTERM, then this long before SIGKILL
     api_key_env: str | None = None              # passed to vLLM as VLLM_API_KEY, never on argv
+    # The machine shape the recipe is written for (documentation, checked by prep.catalogue against the
+    # tensor x pipeline x data parallel sizes); nothing here is passed to vLLM.
+    nodes: int = 1
+    gpus_per_node: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -55,6 +59,10 @@ class ServerSpec:
         for name in ("startup_timeout_s", "stop_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"key '{name}': must be positive")
+        if self.nodes < 1:
+            raise ValueError("key 'nodes': must be at least 1")
+        if self.gpus_per_node is not None and self.gpus_per_node < 1:
+            raise ValueError("key 'gpus_per_node': must be at least 1 or null")
         max_logprobs_of(self.extra_args)          # a malformed --max-logprobs is a recipe error, raised now
 
     @property
