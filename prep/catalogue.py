@@ -27,7 +27,7 @@ from prep.paths import RECIPES_DIR, resolve_path
 VALIDATORS: dict[str, str] = {
     "teacher": "prep.teacher:validate_recipe",
     "softlabels": "prep.softlabels:validate_recipe",
-    "serve": "prep.serving:validate_recipe",
+    "serve": "prep.catalogue:validate_serve",
     "sft": "custom_losses.sft_config:validate_recipe",
     "distill": "custom_losses.distill:validate_recipe",
     "predict": "prep.predict:validate_recipe",
@@ -87,6 +87,16 @@ def validate_accelerate(path: str | Path, overlays: Sequence[str | Path] = (), o
         raise RecipeError(path, "use_cpu", "must be false: these configs launch GPU training")
     if str(config.mixed_precision) != "no":
         raise RecipeError(path, "mixed_precision", "must be 'no': precision comes from the training recipe")
+    if config.num_machines > 1:
+        if config.num_processes % config.num_machines:
+            raise RecipeError(path, "num_processes", f"{config.num_processes} processes do not split evenly over "
+                                                     f"{config.num_machines} machines (it counts all machines' GPUs)")
+        if config.rdzv_backend not in ("static", "c10d"):
+            raise RecipeError(path, "rdzv_backend", f"must be static or c10d, got {config.rdzv_backend!r}")
+        if config.rdzv_backend == "c10d" and config.same_network:
+            # same_network makes accelerate pass --master_addr/--master_port, which c10d ignores (it wants an endpoint)
+            raise RecipeError(path, "same_network", "must be false with rdzv_backend c10d (torchrun then meets at "
+                                                    "--rdzv_endpoint main_process_ip:main_process_port)")
 
 
 def validate_deepspeed(path: str | Path, overlays: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> None:
@@ -96,3 +106,53 @@ def validate_deepspeed(path: str | Path, overlays: Sequence[str | Path] = (), ov
     stage = zero.get("stage") if isinstance(zero, dict) else None
     if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         raise RecipeError(path, "zero_optimization.stage", f"must be 0, 1, 2 or 3, got {stage!r}")
+
+
+# vLLM's parallelism flags (long and short spellings, vllm 0.32 engine/arg_utils.py) in a serve recipe's extra_args.
+PARALLEL_FLAGS = {"tensor": ("--tensor-parallel-size", "-tp"), "pipeline": ("--pipeline-parallel-size", "-pp"),
+                  "data": ("--data-parallel-size", "-dp")}
+
+
+def _parallel_size(extra_args: list, kind: str, path: str | Path) -> int:
+    from prep.serving import vllm_flag
+
+    found = {name: value for name in PARALLEL_FLAGS[kind] if (value := vllm_flag(extra_args, name)) is not None}
+    if len(found) > 1:
+        raise RecipeError(path, "extra_args", f"{kind} parallel size given twice ({' and '.join(found)})")
+    value = next(iter(found.values()), "1")
+    if not value.isdigit() or int(value) < 1:
+        raise RecipeError(path, "extra_args", f"{PARALLEL_FLAGS[kind][0]} must be a whole number >= 1, got {value!r}")
+    return int(value)
+
+
+def validate_serve(path: str | Path, overlays: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> Any:
+    """A serve recipe (prep.serving's ServerSpec), and the machines it states against the GPUs vLLM will ask for:
+    tensor x pipeline x data parallel sizes must equal nodes x gpus_per_node when the recipe states them (and must
+    over several machines), and a server over several machines runs on a Ray cluster (`--distributed-executor-backend
+    ray`; the README's `ray start` commands). Returns the ServerSpec."""
+    from prep.serving import validate_recipe, vllm_flag
+
+    spec = validate_recipe(path, list(overlays), list(overrides))
+    nodes, per_node = getattr(spec, "nodes", 1), getattr(spec, "gpus_per_node", None)
+    sizes = {kind: _parallel_size(spec.extra_args, kind, path) for kind in PARALLEL_FLAGS}
+    gpus = sizes["tensor"] * sizes["pipeline"] * sizes["data"]
+    if nodes < 1:
+        raise RecipeError(path, "nodes", f"must be at least 1, got {nodes}")
+    if nodes > 1 and per_node is None:
+        raise RecipeError(path, "gpus_per_node", f"missing: a server over {nodes} machines must state their GPUs")
+    if per_node is not None:
+        if per_node < 1:
+            raise RecipeError(path, "gpus_per_node", f"must be at least 1, got {per_node}")
+        if gpus != nodes * per_node:
+            raise RecipeError(path, "extra_args", f"tensor x pipeline x data parallel = {sizes['tensor']} x "
+                                                  f"{sizes['pipeline']} x {sizes['data']} = {gpus} GPUs, but the recipe "
+                                                  f"states nodes {nodes} x gpus_per_node {per_node} = {nodes * per_node}")
+    if nodes > 1:
+        backend = vllm_flag(spec.extra_args, "--distributed-executor-backend")
+        if backend != "ray":
+            raise RecipeError(path, "extra_args", f"a server over {nodes} machines needs --distributed-executor-backend "
+                                                  f"ray (got {backend}): vLLM reaches the other machines' GPUs through "
+                                                  "the Ray cluster started on them")
+        if sizes["data"] > 1 and vllm_flag(spec.extra_args, "--data-parallel-backend") != "ray":
+            raise RecipeError(path, "extra_args", "data parallel over several machines needs --data-parallel-backend ray")
+    return spec
