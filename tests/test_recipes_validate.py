@@ -171,6 +171,51 @@ def test_multi_node_accelerate_configs_split_their_processes_and_meet_at_one_add
     catalogue.validate("accelerate", multi, overrides=["rdzv_backend=c10d", "same_network=false"])
 
 
+SERVE_RECIPES = sorted((RECIPES / "serve").glob("*.yaml"))
+
+
+def parallel(spec, flag: str) -> int:
+    from prep.serving import vllm_flag
+
+    return int(vllm_flag(spec.extra_args, flag) or 1)
+
+
+@pytest.mark.parametrize("recipe", [r for r in SERVE_RECIPES if (yaml.safe_load(r.read_text()).get("nodes") or 1) > 1],
+                         ids=rel)
+def test_teacher_over_several_nodes_is_tensor_x_pipeline_parallel_on_ray(recipe: Path):
+    spec = catalogue.validate("serve", recipe)
+    tensor, pipeline = parallel(spec, "--tensor-parallel-size"), parallel(spec, "--pipeline-parallel-size")
+    assert tensor * pipeline == spec.nodes * spec.gpus_per_node
+    assert tensor == spec.gpus_per_node and pipeline == spec.nodes, "tensor parallel inside a node, pipeline across"
+    header = "".join(line for line in recipe.read_text().splitlines(keepends=True) if line.startswith("#"))
+    assert f"ray start --head --port=6379 --num-gpus={spec.gpus_per_node}" in header
+    assert f"ray start --address=HEAD_IP:6379 --num-gpus={spec.gpus_per_node}" in header
+    assert f"python -m launch.serve --config {rel(recipe)}" in header
+
+
+def test_several_node_recipes_exist_and_the_8_gpu_predict_server_uses_every_gpu():
+    several = [r.name for r in SERVE_RECIPES if (yaml.safe_load(r.read_text()).get("nodes") or 1) > 1]
+    assert {"qwen2.5-72b-instruct-2x4-ray.yaml", "deepseek-v3-2x8-ray.yaml"} <= set(several)
+    spec = catalogue.validate("serve", RECIPES / "serve" / "qwen2.5-7b-student-dp8.yaml")
+    assert parallel(spec, "--data-parallel-size") == 8 == spec.gpus_per_node and spec.nodes == 1
+    assert parallel(spec, "--tensor-parallel-size") == 1
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["gpus_per_node=4"], r"tensor x pipeline x data parallel = 8 x 2 x 1 = 16 GPUs, but the recipe states nodes 2 x "
+                          r"gpus_per_node 4 = 8"),
+    (["extra_args.5=mp"], r"a server over 2 machines needs --distributed-executor-backend ray \(got mp\)"),
+    (["gpus_per_node=null"], r"key 'gpus_per_node': missing: a server over 2 machines must state their GPUs"),
+    (["extra_args.3=two"], r"--pipeline-parallel-size must be a whole number >= 1, got 'two'"),
+    (["extra_args.2=-tp"], r"key 'extra_args': tensor parallel size given twice \(--tensor-parallel-size and -tp\)"),
+])
+def test_serve_validator_holds_the_parallel_sizes_against_the_machines(overrides, message):
+    recipe = RECIPES / "serve" / "deepseek-v3-2x8-ray.yaml"
+    assert yaml.safe_load(recipe.read_text())["extra_args"][4:6] == ["--distributed-executor-backend", "ray"]
+    with pytest.raises(ValueError, match=message):
+        catalogue.validate("serve", recipe, overrides=overrides)
+
+
 # ---- SFT recipes: what they must agree on ---------------------------------------------------------
 
 @pytest.mark.parametrize("recipe", SFT_RECIPES, ids=rel)
