@@ -21,7 +21,7 @@ import sys
 
 from prep.config import RecipeError, add_recipe_arguments
 from prep.jsonio import InputError
-from prep.pipeline import PipelineError, run_pipeline
+from prep.pipeline import PipelineError, curve_files, run_pipeline, validate_recipe
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = args.overrides + ([f"stages=[{args.stages}]"] if args.stages else [])
     try:
         out = run_pipeline(args.config, overrides, plan_only=args.plan, until=args.until)
+        curves = curve_files(validate_recipe(args.config, overrides=overrides)).values()
     except (RecipeError, InputError, PipelineError, FileNotFoundError) as err:
         print(f"[pipeline] error: {err}", file=sys.stderr)
         return 2
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan or args.until:
         return 0
     print(f"[pipeline] scores: {out / 'scores' / 'scores.md'} and {out / 'scores' / 'scores.png'}")
+    print(f"[pipeline] training curves: {' and '.join(map(str, curves))}")
     print(f"[pipeline] submission (validated): {out / 'submission.jsonl'}")
     return 0
 

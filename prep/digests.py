@@ -7,7 +7,7 @@ modification time and inode (DVC's state database does the same), so a 15 GB mod
 and an unchanged re-run costs a `stat` per file; touching a file re-reads it and finds the same digest.
 
 The code digest of a command is the digest of every first-party module it imports, directly or not
-(found by reading the import statements, without importing anything), plus the project's version pins:
+(found by reading the import statements, without importing anything), plus medkd's version and pins:
 editing prep/teacher.py changes the teacher step's key and not the merge step's.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from prep.paths import RECIPES_DIR, REPO_ROOT, resolve_path
 
 FIRST_PARTY = ("prep", "custom_losses", "launch")
 # What pip installs from: a changed pin is a changed library under every step.
-PIN_FILES = (REPO_ROOT / "constraints.txt", REPO_ROOT / "pyproject.toml")
+PIN_FILES = (REPO_ROOT / "constraints.txt",)
 CHUNK = 1 << 20
 
 
@@ -177,7 +177,19 @@ def code_files(module: str) -> tuple[Path, ...]:
 
 
 def code_parts(module: str, cache: DigestCache) -> dict[str, str]:
-    """`code:<file>` -> digest for every source file MODULE runs, and `pins:<file>` for the version pins."""
+    """`code:<file>` -> digest for every source file MODULE runs, `pins:<file>` for the version pins and
+    `pins:medkd` for the package's version."""
     parts = {f"code:{path.relative_to(REPO_ROOT)}": cache.file(path) for path in code_files(module)}
     parts.update({f"pins:{path.relative_to(REPO_ROOT)}": cache.file(path) for path in PIN_FILES if path.is_file()})
+    parts["pins:medkd"] = medkd_version()
     return parts
+
+
+@cache
+def medkd_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("medkd")
+    except PackageNotFoundError:   # a checkout used without `pip install -e .`
+        return "unknown"

@@ -7,25 +7,24 @@ RECIPE ... --set key=value`), with its own log file under OUT/logs/. A step is s
 content key (prep.steps: its composed recipe, the content of what it reads, its upstream steps' keys
 and its code) matches its stamp and its outputs validate; `--plan` prints that decision for every
 step and runs nothing. A crashed run is restarted with the same command and every step resumes from
-its own cache or checkpoint. Everything is checked before anything costly starts: the case files,
-every stage recipe through prep.catalogue (with the overlays and overrides its step will get), free
-disk, the vLLM environment and any hosted teacher's endpoint.
+its own cache or checkpoint. Everything is checked before anything costly starts, by the doctor (`python
+-m launch.doctor`): the case files, every stage recipe through prep.catalogue (with the overlays and
+overrides its step will get), the machine against every step's needs, free disk, the vLLM
+environment and any hosted teacher's endpoint.
 """
 from __future__ import annotations
 
 import json
-import shutil
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prep import catalogue
 from prep.client import check_endpoint
 from prep.config import RecipeError, compose, load_recipe
 from prep.jsonio import read_jsonl, write_jsonl_atomic, write_text_atomic
-from prep.paths import resolve_path
+from prep.paths import REPO_ROOT, resolve_path
 from prep.records import read_cases
 from prep.score import DEFAULT_RECIPE as DEFAULT_SCORE_RECIPE
-from prep.serving import vllm_python
 from prep.stage import ApiRecipe, endpoint_target
 from prep.steps import DATA_KEY, PYTHON, Decision, PipelineError, StageRun, Step, decide, run_decision
 from prep.submission import check_submission
@@ -33,7 +32,6 @@ from prep.teacher import Split, validation_ids
 
 # Options for a stage's validator when the stage will run on this machine: an SFT recipe that needs a GPU
 # must find one now, before the teacher spends API time (the recipe test validates it on any machine).
-RUN_HERE = {"sft": {"require_gpu": True}}
 
 
 @dataclass
@@ -236,10 +234,12 @@ def build_plan(recipe: PipelineRecipe) -> list[Step]:
     predicted = {step.name.removeprefix("predict-"): step.outputs[0] for step in steps
                  if step.name.startswith("predict-")}   # base, stage1, stage2: the score table's rows
     scores = where.out / "scores"
+    curves = curve_sources(recipe)
     steps.append(Step("score", runs["score"].argv(str(where.valid_reference), *map(str, predicted.values()),
+                                                  "--curves", *(f"{name}={path}" for name, path in curves.items()),
                                                   "--out", str(scores), "--names", *predicted),
-                      [scores / "scores.md", scores / "scores.png"],
-                      deps=("teacher", *(f"predict-{name}" for name in predicted)), recipe=runs["score"]))
+                      [scores / "scores.md", scores / "scores.png", *curve_files(recipe).values()],
+                      deps=("teacher", *curves, *(f"predict-{name}" for name in predicted)), recipe=runs["score"]))
     final = list(predicted)[-1]
     submission = where.out / "submission.jsonl"
     steps.append(Step("submission", [PYTHON, "-m", "launch.submission", "write", str(where.test_cases),
@@ -247,6 +247,20 @@ def build_plan(recipe: PipelineRecipe) -> list[Step]:
                       [submission], validate=lambda: require_valid_submission(where.test_cases, submission),
                       deps=(f"predict-{final}",), inputs=(where.test_cases,)))
     return steps
+
+
+def curve_sources(recipe: PipelineRecipe) -> dict[str, Path]:
+    """The training steps whose trainer_state.json the report plots: {step: its output folder}."""
+    where = layout_of(recipe)
+    sources = {"sft": where.stage1 / "sft"}
+    if 2 in recipe.stages:
+        sources["distill"] = where.stage2 / "distill"
+    return sources
+
+
+def curve_files(recipe: PipelineRecipe) -> dict[str, Path]:
+    """The report's training-curve PNGs, beside the score table (launch.score --curves)."""
+    return {name: layout_of(recipe).out / "scores" / f"curves-{name}.png" for name in curve_sources(recipe)}
 
 
 def write_predict_cases(where: Layout) -> None:
@@ -285,26 +299,19 @@ def validate_recipe(path: str | Path, overlays: list[str | Path] = (), overrides
     return recipe
 
 
-def preflight(recipe: PipelineRecipe) -> list[str]:
-    """Everything that can be checked in seconds, before any GPU or API time; returns notes for the log."""
-    for path in (recipe.train_cases, recipe.test_cases):
-        read_cases(resolve_path(path))  # raises InputError naming file:line:field
-    checked = {name: catalogue.validate(run.folder, run.recipe, run.overlays, run.overrides,
-                                        **RUN_HERE.get(run.folder, {}))
-               for name, run in stage_runs(recipe).items()}
-    notes = [f"{name}: {result}" for name, result in checked.items() if isinstance(result, str)]
-    notes.append(check_split(resolve_path(recipe.train_cases), checked["teacher"].split))
-    out = layout_of(recipe).out
-    out.mkdir(parents=True, exist_ok=True)
-    free_gb = shutil.disk_usage(out).free / 2**30
-    if free_gb < recipe.min_free_disk_gb:
-        raise PipelineError(f"{out}: {free_gb:.1f} GiB free, the recipe asks for "
-                            f"min_free_disk_gb={recipe.min_free_disk_gb}")
-    notes.append(f"vLLM environment {vllm_python()}")   # FileNotFoundError saying how to install it
-    notes.append(check_teacher("teacher", checked["teacher"]))
-    if 2 in recipe.stages:
-        notes.append(check_teacher("soft-label teacher", checked["softlabels"]))
-    return notes
+def preflight(config: str | Path, overrides: list[str]) -> list[str]:
+    """The doctor (`python -m launch.doctor`, custom_losses.doctor) on this pipeline recipe: case files, every stage
+    recipe, the teacher's split, CUDA, GPU memory against each step's estimate, precision, attention, bitsandbytes,
+    vLLM, NCCL, disk, models and teacher endpoints, in seconds and before any GPU or API time. Run as a command,
+    as every step is (the data library does not import the training side). Its lines, for the log; PipelineError
+    with its FAIL lines when the recipe cannot run here."""
+    argv = [PYTHON, "-m", "launch.doctor", "--config", absolute(config), *(x for item in overrides for x in ("--set", item))]
+    result = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True)
+    lines = [line.rstrip() for line in result.stdout.splitlines() if line.strip()]
+    if result.returncode != 0:
+        failed = [line for line in lines if line.startswith("FAIL")] or lines[-5:] or result.stderr.splitlines()[-5:]
+        raise PipelineError("this run cannot start here (python -m launch.doctor):\n" + "\n".join(failed))
+    return lines
 
 
 def check_split(train_cases: Path, split: Split) -> str:
@@ -362,8 +369,8 @@ def run_pipeline(config: str | Path, overrides: list[str] = (), *, plan_only: bo
         print_plan(steps_until(plan_pipeline(recipe), until))
         return out
     logs, stamps = out / "logs", out / "stamps"
-    for note in preflight(recipe):
-        print(f"[pipeline] preflight: {note}", flush=True)
+    for line in preflight(config, list(overrides)):
+        print(f"[pipeline] preflight: {line}", flush=True)
     logs.mkdir(parents=True, exist_ok=True)
     stamps.mkdir(parents=True, exist_ok=True)
     decisions = steps_until(plan_pipeline(recipe), until)

@@ -17,6 +17,7 @@ import yaml
 
 from prep.jsonio import read_appended, read_jsonl
 from prep.pipeline import build_plan, plan_pipeline, validate_recipe
+from prep.steps import ProgressLine, progress_of
 from prep.submission import check_submission
 from tests.conftest import REPO_ROOT, SAMPLE_CASES
 
@@ -82,7 +83,7 @@ BAD = {
     "missing stage recipe": (lambda r, t: r["stage2"].update(distill="recipes/distill/nope.yaml"), "recipes/distill/nope.yaml"),
     "bad score setting": (lambda r, t: r["score"].update(set=["fuzzy_threshold=2"]),
                           "fuzzy_threshold must be in (0, 1], got 2"),
-    "GPU recipe without a GPU": (lambda r, t: r["stage1"].pop("sft_overlays"), "needs a CUDA GPU"),
+    "GPU recipe without a GPU": (lambda r, t: r["stage1"].pop("sft_overlays"), "FAIL cuda: no CUDA GPU visible"),
 }
 
 
@@ -383,3 +384,18 @@ def test_a_changed_prompt_reruns_the_teacher_and_everything_that_reads_it(killed
     assert statuses(out) == {"teacher": "ran"}
     plan = plan_lines(recipe)
     assert plan["teacher"] == ("skip", "up to date") and plan["sft"] == ("run", "upstream teacher changed")
+
+
+def test_a_steps_progress_is_read_from_its_log_and_printed_as_plain_lines_off_a_terminal(capsys):
+    log = ("teacher:   0%|          | 0/12 [00:00<?, ?it/s]\rteacher:  42%|████▏     | 5/12 [00:06<00:07]\n"
+           "  0%|          | 0/16 [00:00<?, ?it/s]\r  6%|▋         | 1/16 [00:10<02:30, 10.0s/it]"
+           "{'loss': '11.91', 'grad_norm': '1.5', 'learning_rate': '0.005', 'epoch': '0.11'}\n")
+    assert progress_of(log[:log.index("\n")]) == "teacher 5/12"
+    assert progress_of(log) == "step 1/16 loss 11.91"
+    assert progress_of("vLLM server starting\n") is None
+    line = ProgressLine("sft", interval_s=0.0)   # pytest's captured stdout is not a terminal
+    for text in ("step 1/16 loss 11.91", "step 1/16 loss 11.91", None, "step 2/16 loss 9.7"):
+        line.update(text, 5.0)
+    line.close()
+    assert capsys.readouterr().out.splitlines() == ["[pipeline] sft: step 1/16 loss 11.91 (5 s)",
+                                                    "[pipeline] sft: step 2/16 loss 9.7 (5 s)"]

@@ -1,0 +1,53 @@
+"""prep.digests: what a pipeline step's key is made of: file contents (read once per size/mtime/inode),
+model folders, the files a composed recipe names, and the first-party code a command imports."""
+import os
+
+from prep.config import compose
+from prep.digests import DigestCache, code_files, recipe_inputs
+from tests.conftest import REPO_ROOT
+
+
+def test_a_file_is_read_again_only_when_its_size_mtime_or_inode_changes(tmp_path):
+    path, store = tmp_path / "cases.jsonl", tmp_path / "digests.json"
+    path.write_text("one\n", encoding="utf-8")
+    cache = DigestCache(store)
+    first = cache.file(path)
+    cache.save()
+    stat = path.stat()
+    path.write_text("two\n", encoding="utf-8")                        # same size...
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))          # ...and mtime: the cached digest stands
+    assert DigestCache(store).file(path) == first
+    os.utime(path, (stat.st_mtime + 5, stat.st_mtime + 5))           # a new mtime: read, and the change is seen
+    assert DigestCache(store).file(path) != first
+    path.write_text("one\n", encoding="utf-8")                        # touched back to the first content
+    assert DigestCache(store).file(path) == first
+
+
+def test_a_folder_digest_covers_names_and_contents_but_not_hidden_files(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}", encoding="utf-8")
+    cache = DigestCache(None)
+    before = cache.tree(tmp_path / "m")
+    (tmp_path / "m" / ".lock").write_text("x", encoding="utf-8")
+    assert cache.tree(tmp_path / "m") == before
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"\0" * 10)
+    assert cache.tree(tmp_path / "m") != before
+
+
+def test_a_recipe_names_its_prompt_files_serve_recipe_and_model_but_not_the_run_folder(tmp_path):
+    teacher = compose(REPO_ROOT / "recipes/teacher/local-tiny-vllm.yaml", overrides=[f"client.base_url={tmp_path}/x"])
+    names = {str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else path.name
+             for path in recipe_inputs(teacher, exclude=[tmp_path])}
+    assert {"data/prompts/system.txt", "data/prompts/user.txt", "data/prompts/repair.txt",
+            "recipes/serve/tiny-cpu.yaml"} <= names
+    assert any(name.startswith(".cache/tiny-qwen2.5-") or "tiny-qwen2.5" in name for name in names)  # via the serve recipe
+    assert not any(str(tmp_path) in name for name in names)
+
+
+def test_a_commands_code_is_every_first_party_module_it_imports_and_no_other():
+    merge = {str(path.relative_to(REPO_ROOT)) for path in code_files("launch.merge")}
+    assert {"launch/merge.py", "custom_losses/merge.py", "prep/jsonio.py"} <= merge
+    assert "prep/teacher.py" not in merge and "custom_losses/trainer.py" not in merge
+    teacher = {str(path.relative_to(REPO_ROOT)) for path in code_files("launch.teacher")}
+    assert {"prep/teacher.py", "prep/client.py", "prep/stage.py"} <= teacher
+    assert not any(name.startswith("custom_losses/") for name in teacher)
