@@ -10,8 +10,11 @@ CPU time per request is reported.
         [--config recipes/teacher/local-tiny-vllm.yaml] [--set KEY=VALUE]...
 
 The recipe gives the prompts, sampling and constraint; its endpoint is replaced by the fault server.
+The two-endpoint case then asks two such servers at once as one recipe's `client.endpoints`: one
+with half the capacity at the same latency, one with half the capacity at twice the latency (half as
+fast), so the best possible rate is the sum of theirs.
 
-Last line: `capacity_fraction=F speedup_vs_sequential=S client_cpu_ms=C`.
+Last line: `capacity_fraction=F speedup_vs_sequential=S client_cpu_ms=C capacity_fraction_2ep=F2`.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from prep.client import ChatClient, ClientSettings, run_cached
+from prep.client import ChatClient, ClientSettings, EndpointSettings, run_cached
 from prep.config import add_recipe_arguments
 from prep.fault_server import DEFAULT_MODEL
 from prep.paths import REPO_ROOT, resolve_path
@@ -63,12 +66,13 @@ async def label(labeller: Labeller, settings: ClientSettings, cases: list[Case],
                 cache: Path) -> tuple[float, float, int]:
     """(wall seconds, client CPU seconds, requests) for labelling CASES through run_cached."""
     async with ChatClient(settings) as client:
-        warm = synthetic_cases(settings.concurrency, 10_000_000)   # open the connections outside the timing
+        warm = synthetic_cases(settings.total_concurrency, 10_000_000)   # open the connections outside the timing
         await asyncio.gather(*(labeller.label(client, (case, 0)) for case in warm))
         before = client.stats.requests
         cpu, wall = time.process_time(), time.perf_counter()
         report = await run_cached(labeller.items(cases), labeller.key, lambda item: labeller.label(client, item),
-                                  cache, max_in_flight=settings.concurrency, stats=client.stats, progress=False)
+                                  cache, max_in_flight=settings.total_concurrency, stats=client.stats,
+                                  progress=False)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         assert report.finished == len(cases) and not report.failed, report
         return wall, cpu, client.stats.requests - before
@@ -121,6 +125,19 @@ def main(argv: list[str] | None = None) -> None:
             body = {"model": DEFAULT_MODEL, "messages": labeller.prompts.messages(case), **labeller.sampling,
                     **labeller.constraint["extra_body"]}
             bare_rate, bare_cpu_ms = asyncio.run(bare_aiohttp(base_url, body, args.requests, concurrency))
+            half = max(1, args.capacity // 2)
+            fast, fast_url = start_server(args.latency, half)
+            slow, slow_url = start_server(2 * args.latency, half)
+            try:
+                two = dataclasses.replace(base, base_url=None, endpoints=[
+                    EndpointSettings(base_url=fast_url, name="fast", concurrency=half),
+                    EndpointSettings(base_url=slow_url, name="slow", concurrency=half)])
+                wall2, cpu2, n2 = asyncio.run(label(labeller, two, synthetic_cases(args.requests, 2_000_000),
+                                                    Path(tmp) / "two.jsonl"))
+            finally:
+                for process in (fast, slow):
+                    process.terminate()
+                    process.wait(10)
     finally:
         server.terminate()
         server.wait(10)
@@ -136,8 +153,12 @@ def main(argv: list[str] | None = None) -> None:
           f"on {os.cpu_count()} cores")
     print(f"for context, a bare aiohttp loop (no SDK, no retries, limits, parsing or cache) at the same time: "
           f"{bare_rate:.1f} requests/s = {bare_rate / capacity_rate:.3f} of capacity, {bare_cpu_ms:.2f} ms CPU each")
+    capacity_2ep, rate_2ep = half / args.latency + half / (2 * args.latency), n2 / wall2
+    print(f"two endpoints (capacity {half} at {args.latency} s and {half} at {2 * args.latency} s -> at most "
+          f"{capacity_2ep:.1f} requests/s together): {n2} requests in {wall2:.2f} s = {rate_2ep:.1f} requests/s, "
+          f"{cpu2 / n2 * 1000:.2f} ms client CPU each")
     print(f"capacity_fraction={rate / capacity_rate:.3f} speedup_vs_sequential={rate / sequential_rate:.1f} "
-          f"client_cpu_ms={cpu / n * 1000:.2f}")
+          f"client_cpu_ms={cpu / n * 1000:.2f} capacity_fraction_2ep={rate_2ep / capacity_2ep:.3f}")
 
 
 if __name__ == "__main__":

@@ -447,8 +447,10 @@ class _Endpoint:
         self.sdk = AsyncOpenAI(base_url=settings.base_url, api_key=secret, max_retries=0,  # retries are ours
                                timeout=timeout, http_client=self.http)
         headers = {**self.sdk.default_headers, **self.sdk.auth_headers}
-        self.headers = {key: value for key, value in headers.items() if isinstance(value, str)}
+        # Built once: a Request given a parsed URL and a Headers object skips half its per-request work.
+        self.headers = httpx2.Headers({key: value for key, value in headers.items() if isinstance(value, str)})
         self.root = str(self.sdk.base_url).rstrip("/")
+        self.urls = {path: httpx2.URL(self.root + path) for path in ("/chat/completions", "/completions", "/models")}
         self.extensions = {"timeout": timeout.as_dict()}
         health = min(client.connect_timeout_s, client.request_timeout_s, 10.0)
         self.health_extensions = {"timeout": httpx2.Timeout(health).as_dict()}
@@ -490,7 +492,7 @@ class _Endpoint:
 
     async def send(self, path: str, payload: bytes) -> dict[str, Any]:
         """One POST; the decoded body, or _Attempt saying why not."""
-        request = self._request_type("POST", self.root + path, headers=self.headers, content=payload,
+        request = self._request_type("POST", self.urls[path], headers=self.headers, content=payload,
                                      extensions=self.extensions)
         self.stats.requests += 1
         try:
@@ -512,7 +514,7 @@ class _Endpoint:
 
     async def healthy(self) -> bool:
         """GET /models answered 200."""
-        request = self._request_type("GET", self.root + "/models", headers=self.headers,
+        request = self._request_type("GET", self.urls["/models"], headers=self.headers,
                                      extensions=self.health_extensions)
         try:
             response = await self.http.send(request)
