@@ -16,7 +16,7 @@ optimiser step over all processes), gradient_accumulation_steps is derived from 
 processes per node) and passed to the stage as `--set gradient_accumulation_steps=N`, so the recipe trains with
 the same batch on 8 GPUs or 2 x 8. Then it runs the stage command, which starts `accelerate launch` with
 --num_machines, --machine_rank, --main_process_ip and --main_process_port (recipes/accelerate/multi-node.yaml;
-MEDKD_ACCELERATE_CONFIG picks another, e.g. multi-node-fsdp2.yaml). DeepSpeed ZeRO-2/3 comes from the recipe's
+MEDKD_ACCELERATE_CONFIG picks another, e.g. fsdp2.yaml). DeepSpeed ZeRO-2/3 comes from the recipe's
 `deepspeed:` as on one machine. The run folder must be on a filesystem all machines share.
 Exit status: the stage's; 2 when this machine's place or the batch cannot be worked out (one sentence).
 """

@@ -101,8 +101,8 @@ def test_each_machine_adds_accelerates_multinode_flags(monkeypatch):
                     str(REPO_ROOT / "recipes/accelerate/multi-node.yaml"), "--num_machines", "2", "--machine_rank", "1",
                     "--main_process_ip", "10.0.0.1", "--main_process_port", "29555", "--num_processes", "16",
                     "-m", "launch.distill", "--config", "r.yaml"]
-    monkeypatch.setenv("MEDKD_ACCELERATE_CONFIG", "recipes/accelerate/multi-node-fsdp2.yaml")
-    assert launch_argv("launch.distill", [], 8)[4] == str(REPO_ROOT / "recipes/accelerate/multi-node-fsdp2.yaml")
+    monkeypatch.setenv("MEDKD_ACCELERATE_CONFIG", "recipes/accelerate/fsdp2.yaml")
+    assert launch_argv("launch.distill", [], 8)[4] == str(REPO_ROOT / "recipes/accelerate/fsdp2.yaml")
     with pytest.raises(ValueError, match="a run over 2 machines needs GPUs here"):
         launch_argv("launch.distill", [], 0)
 

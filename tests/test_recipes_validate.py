@@ -157,12 +157,14 @@ def test_accelerate_validator_refuses_precision_and_cpu(tmp_path):
 
 
 def test_multi_node_accelerate_configs_split_their_processes_and_meet_at_one_address():
-    for name in ("multi-node.yaml", "multi-node-fsdp2.yaml"):
+    for name in ("multi-node.yaml", "fsdp2.yaml"):
         config = yaml.safe_load((RECIPES / "accelerate" / name).read_text())
-        assert config["num_machines"] > 1 and config["num_processes"] % config["num_machines"] == 0
+        assert config["num_processes"] % config["num_machines"] == 0
         assert config["rdzv_backend"] == "static" and config["same_network"] is True
-    fsdp = yaml.safe_load((RECIPES / "accelerate" / "multi-node-fsdp2.yaml").read_text())
+    assert yaml.safe_load((RECIPES / "accelerate" / "multi-node.yaml").read_text())["num_machines"] > 1
+    fsdp = yaml.safe_load((RECIPES / "accelerate" / "fsdp2.yaml").read_text())
     assert fsdp["distributed_type"] == "FSDP" and fsdp["fsdp_config"]["fsdp_version"] == 2
+    assert fsdp["num_machines"] == 1, "one machine unless the launcher passes --num_machines"
     multi = RECIPES / "accelerate" / "multi-node.yaml"
     with pytest.raises(ValueError, match=r"key 'num_processes': 15 processes do not split evenly over 2 machines"):
         catalogue.validate("accelerate", multi, overrides=["num_processes=15"])
