@@ -2,11 +2,15 @@
 
     python -m launch.score REF.jsonl PRED.jsonl [PRED2.jsonl ...] --out DIR [--names a b]
                            [--config recipes/score/default.yaml] [--set fuzzy_threshold=0.6 ...]
+                           [--curves NAME=PATH ...]
 
 REF is JSONL of {id, reason, diseases} or prep.teacher's sft/valid.jsonl ({id, messages}); each PRED
 is a submission or predict's predictions.jsonl. Writes DIR/scores.md, scores.csv, scores.json,
 scores.png and per_case.jsonl, and prints the table. Settings come from the score recipe; `--set`
-overrides its keys. Bad input (recipe, reference, arguments): one sentence and exit 2.
+overrides its keys. `--curves sft=runs/stage1/sft distill=runs/stage2/distill` also plots each run's
+training curves (loss, eval loss; distill's kd, ce and diseases_weight_share) from its trainer_state.json
+(PATH: that file, or the training output folder) into DIR/curves-NAME.png, linked from scores.md.
+Bad input (recipe, reference, a trainer state, arguments): one sentence and exit 2.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import argparse
 import sys
 
 from prep.config import RecipeError, add_recipe_arguments
+from prep.curves import curve_path, parse_curve_specs
 from prep.jsonio import InputError
 from prep.score import DEFAULT_RECIPE, console_report, score_files, validate_recipe
 
@@ -24,6 +29,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("predictions", nargs="+", help="submission or predictions JSONL files, one per run")
     parser.add_argument("--out", required=True, help="folder for scores.md/.csv/.json/.png and per_case.jsonl")
     parser.add_argument("--names", nargs="+", help="run labels, one per prediction file (default: from file names)")
+    parser.add_argument("--curves", nargs="+", default=[], metavar="NAME=PATH",
+                        help="training curves to plot: NAME=a trainer_state.json or a training output folder "
+                             "(e.g. sft=runs/stage1/sft distill=runs/stage2/distill) -> DIR/curves-NAME.png")
     add_recipe_arguments(parser, f"score recipe (default {DEFAULT_RECIPE})", default=DEFAULT_RECIPE, overlays=False)
     return parser.parse_args(argv)
 
@@ -32,12 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         settings = validate_recipe(args.config, overrides=args.overrides)
-        runs = score_files(args.reference, args.predictions, args.names, settings, args.out)
+        curves = parse_curve_specs(args.curves)
+        runs = score_files(args.reference, args.predictions, args.names, settings, args.out, curves)
     except (InputError, RecipeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(console_report(runs), end="")
     print(f"wrote {args.out}/scores.md, scores.csv, scores.json, scores.png, per_case.jsonl")
+    for name in curves:
+        print(f"wrote {curve_path(args.out, name)}")
     return 0
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from prep.answers import AnswerError, answer_from_object, normalise_diseases, parse_answer
 from prep.config import load_recipe
+from prep.curves import read_curves, write_curves
 from prep.jsonio import (
     InputError,
     iter_json_lines,
@@ -314,16 +315,22 @@ def run_names(paths: list[str], names: list[str] | None) -> list[str]:
 
 
 def score_files(reference_path: str | Path, prediction_paths: list[str], names: list[str] | None,
-                settings: ScoreSettings, out_dir: str | Path | None) -> list[RunScore]:
-    """Score every prediction file; with OUT_DIR write scores.md/.csv/.png and per_case.jsonl there."""
+                settings: ScoreSettings, out_dir: str | Path | None,
+                curves: dict[str, Path] | None = None) -> list[RunScore]:
+    """Score every prediction file; with OUT_DIR write scores.md/.csv/.png and per_case.jsonl there, and
+    prep.curves.curve_path(OUT_DIR, NAME) for each CURVES name: trainer_state.json or training folder."""
     labels = run_names(prediction_paths, names)
     reference = load_answers(reference_path, strict=True)
     predictions = [load_answers(path, strict=False) for path in prediction_paths]  # read all before scoring any
+    histories = read_curves(curves or {})
     runs = [score_run(label, prediction, reference, settings) for label, prediction in zip(labels, predictions)]
     if out_dir is not None:
         out_dir = Path(out_dir)
         rows = table_rows(runs)
-        write_text_atomic(out_dir / "scores.md", report_markdown(runs, reference, settings))
+        written = write_curves(histories, out_dir)
+        curve_links = "".join(f"\n![{name} training]({path.name})\n" for name, path in written.items())
+        curve_section = f"\n## Training curves\n{curve_links}" if written else ""
+        write_text_atomic(out_dir / "scores.md", report_markdown(runs, reference, settings) + curve_section)
         write_text_atomic(out_dir / "scores.csv", csv_text(rows))
         write_jsonl_atomic(out_dir / "per_case.jsonl",
                            ({"run": run.name, **case} for run in runs for case in run.per_case))

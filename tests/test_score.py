@@ -172,3 +172,28 @@ def test_command_takes_its_settings_from_a_score_recipe(tmp_path, reference, cap
     recipe.write_text("fuzzy_threshold: 1.5\n", encoding="utf-8")
     assert main([str(reference), str(prediction), "--out", str(tmp_path / "out"), "--config", str(recipe)]) == 2
     assert "fuzzy_threshold must be in (0, 1], got 1.5" in capsys.readouterr().err
+
+
+def test_command_plots_training_curves_beside_the_scores(tmp_path, reference, capsys):
+    """--curves NAME=PATH: a training folder (its last checkpoint's state, as Axolotl leaves it) or a trainer_state.json
+    -> OUT/curves-NAME.png, linked from scores.md and printed; a missing one stops the command before anything is
+    written."""
+    from tests.test_curves import distill_history, save_state
+
+    prediction = write_jsonl(tmp_path / "run.jsonl", [{"id": 2, "reason": "发热咳嗽", "diseases": "肺炎"}])
+    save_state(tmp_path / "sft" / "checkpoint-16" / "trainer_state.json", [{"step": s, "loss": 1.0 / s} for s in (1, 2)])
+    state = save_state(tmp_path / "distill" / "trainer_state.json", distill_history())
+    out = tmp_path / "out"
+    assert main([str(reference), str(prediction), "--out", str(out), "--curves", f"sft={tmp_path / 'sft'}",
+                 f"distill={state}"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-2:] == [f"wrote {out / 'curves-sft.png'}", f"wrote {out / 'curves-distill.png'}"]
+    for name in ("sft", "distill"):
+        assert (out / f"curves-{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"![{name} training](curves-{name}.png)" in (out / "scores.md").read_text(encoding="utf-8")
+
+    fresh = tmp_path / "fresh"
+    assert main([str(reference), str(prediction), "--out", str(fresh), "--curves", f"x={tmp_path / 'nothing'}"]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'nothing'}: not found: give a trainer_state.json or the "
+                                       f"training output folder holding one\n")
+    assert not fresh.exists()
