@@ -4,18 +4,22 @@ One recipe (recipes/distill/*.yaml, TRL's layout: script, training and model arg
 holds every knob; overlays and `--set key=value` overrides are composed over it by prep.config, and
 the result is handed to TRL's parser as its config (`parse_recipe`, the one boundary where medkd's
 spelling becomes TRL's). `train` resumes from the last checkpoint in output_dir and ends by writing
-`output_dir/adapter` (LoRA) or `output_dir/model` (a full fine-tune) and `output_dir/merged` (the model vLLM serves, with
-the base's tokenizer files and chat template). The command is `python -m launch.distill`.
+`output_dir/adapter` (LoRA) or `output_dir/model` (a full fine-tune), `output_dir/trainer_state.json` (the
+logged curves) and `output_dir/merged` (the model vLLM serves, with the base's tokenizer files and chat
+template). A resume happens only into the same run: `claim_run` refuses checkpoints made under another
+composed recipe, other soft labels or another starting model (--fresh starts over). The command is
+`python -m launch.distill`.
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from custom_losses.checkpoints import complete_checkpoints
-from custom_losses.merge import base_folder, copy_full_model, merge_adapter
+from custom_losses.checkpoints import claim_output_dir, complete_checkpoints, read_record
+from custom_losses.merge import STAMP_NAME, base_folder, copy_full_model, merge_adapter
 from prep import config as recipe_config
 from prep.config import RecipeError, read_yaml
 from prep.jsonio import InputError
@@ -25,6 +29,17 @@ from prep.tiny_model import resolve_model
 # Recipe keys naming local files or folders: resolved like every recipe path (prep.paths.resolve_path).
 PATH_KEYS = ("dataset_path", "output_dir", "init_adapter_path", "tokenizer_path", "lexicon_path", "deepspeed")
 REQUIRED_KEYS = ("model_name_or_path", "dataset_path", "output_dir")
+# OUTPUT_DIR/RUN_RECORD: what the checkpoints there were trained from (custom_losses.checkpoints.claim_output_dir).
+RUN_RECORD = "medkd-distill-run.json"
+# Recipe keys left out of a run's identity, since they do not change the weights trained: where the run
+# lives (output_dir; the data's content is in the identity as its own digest, so its path is not), what is
+# logged, saved or tracked, and what is done after training (the merge is redone from the adapter each time).
+RESULT_NEUTRAL_KEYS = ("output_dir", "dataset_path", "report_to", "run_name", "logging_steps", "logging_first_step",
+                       "save_strategy", "save_steps", "save_total_limit", "merge", "merge_dtype",
+                       "dataloader_num_workers")
+# The files of a saved `datasets` folder that hold its content: not state.json (a fingerprint that differs
+# between two saves of the same rows) nor the cache-*.arrow files `.map` leaves there while training.
+DATA_PATTERNS = ("data-*.arrow", "dataset_info.json", "dataset_dict.json")
 
 
 @dataclass
@@ -63,13 +78,18 @@ def _origin(key: str, recipe: str | Path, overlays: Sequence[str | Path]) -> str
     return "--set"
 
 
+def composed_recipe(recipe: str | Path, overlays: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> dict:
+    """The recipe with its overlays and overrides, local paths made absolute: what TRL's parser gets."""
+    return _resolve_paths(recipe_config.compose(recipe, list(overlays), list(overrides)))
+
+
 def parse_recipe(recipe: str | Path, overlays: Sequence[str | Path] = (), overrides: Sequence[str] = ()):
     """The composed recipe parsed by TRL into (DistillArguments, KDConfig, ModelConfig); RecipeError on a bad key."""
     from trl import ModelConfig, TrlParser
 
     from custom_losses.trainer import KDConfig
 
-    data = _resolve_paths(recipe_config.compose(recipe, list(overlays), list(overrides)))
+    data = composed_recipe(recipe, overlays, overrides)
     for key in REQUIRED_KEYS:
         if not data.get(key):
             raise RecipeError(recipe, key, "missing (required)")
@@ -123,6 +143,50 @@ def softlabel_folder(path: str) -> Path:
     if not folder.is_dir():
         raise InputError(path, None, "soft-label dataset folder not found (run prep.softlabels first)")
     return folder
+
+
+def dataset_digest(folder: Path, known: dict | None = None) -> tuple[str, dict]:
+    """A digest of a saved dataset's content (DATA_PATTERNS files) and the files' (size, mtime) signature.
+
+    KNOWN ({"digest", "files"} from an earlier call) is reused when no file's size or mtime moved, so a
+    dataset of many GB is read once per change, not on every launch and resume.
+    """
+    paths = sorted(path for pattern in DATA_PATTERNS for path in folder.rglob(pattern) if path.is_file())
+    files = {str(path.relative_to(folder)): [path.stat().st_size, path.stat().st_mtime_ns] for path in paths}
+    if known and known.get("files") == files and known.get("digest"):
+        return known["digest"], files
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(f"{path.relative_to(folder)}\0".encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16], files
+
+
+def starting_model(model_name_or_path: str) -> str:
+    """What the student starts from: a merged model's stamp (its trained weights' digest) when it has one,
+    else the model's name or path, which the recipe already holds."""
+    stamp = read_record(Path(model_name_or_path) / STAMP_NAME)
+    if stamp is None:
+        return model_name_or_path
+    return f"{stamp.get('kind')} {stamp.get('dtype')} weights {stamp.get('weights_sha256')}"
+
+
+def claim_run(recipe: str | Path, overlays: Sequence[str | Path], overrides: Sequence[str], fresh: bool = False,
+              log: Callable[[str], None] = lambda m: print(m, flush=True)) -> list[Path]:
+    """Before the model loads: the checkpoints this run may resume from. Its identity (the composed recipe but
+    RESULT_NEUTRAL_KEYS, the soft labels' content digest, the starting model) is recorded in
+    output_dir/RUN_RECORD; checkpoints of another identity raise ResumeRefused, which names --fresh."""
+    data = composed_recipe(recipe, overlays, overrides)
+    output_dir = Path(data["output_dir"])
+    previous = read_record(output_dir / RUN_RECORD) or {}
+    digest, files = dataset_digest(softlabel_folder(data["dataset_path"]), previous.get("data_files"))
+    identity = {"recipe": {key: value for key, value in data.items() if key not in RESULT_NEUTRAL_KEYS},
+                "soft-label data": digest, "starting model": starting_model(str(data["model_name_or_path"]))}
+    return claim_output_dir(output_dir, identity, RUN_RECORD, fresh, lambda message: log(f"[distill] {message}"),
+                            extra={"data_files": {"digest": digest, "files": files},
+                                   "dataset_path": str(data["dataset_path"])})
 
 
 def load_softlabel_dataset(path: str):
@@ -243,6 +307,7 @@ def train(script_args, training_args, model_args, log: Callable[[str], None] = l
     if last:
         log(f"[distill] resuming from {last}")
     trainer.train(resume_from_checkpoint=last)
+    trainer.save_state()  # output_dir/trainer_state.json: every logged step, for the report's curves (prep.curves)
     # A LoRA run saves its adapter, a full fine-tune its weights (ZeRO-3/FSDP gather them for the save).
     saved = output_dir / ("adapter" if is_adapter else "model")
     trainer.save_model(str(saved))

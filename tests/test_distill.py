@@ -129,3 +129,76 @@ def test_a_case_over_max_length_stops_the_run_before_the_model_loads(tmp_path, q
     with pytest.raises(InputError, match=message):
         train(*args)
     assert not (tmp_path / "o").exists()
+
+
+def save_softlabels(tokenizer, folder: Path, count: int, seed: int = 0) -> Path:
+    """Synthetic soft labels (test_kd_trainer's teacher) for COUNT sample cases, saved as prep.softlabels does."""
+    from datasets import Dataset, DatasetDict
+
+    from tests.test_kd_trainer import softlabel_rows
+
+    DatasetDict({"train": Dataset.from_list(softlabel_rows(tokenizer, count, seed))}).save_to_disk(str(folder / "dataset"))
+    return folder
+
+
+@pytest.mark.slow
+def test_resume_only_into_its_own_run_and_tracking_and_curves(tmp_path, qwen_tokenizer, tiny_model_dir, monkeypatch,
+                                                              capsys):
+    """A real 2-step run (TensorBoard on, its events under output_dir; trainer_state.json there with a curve point
+    per logged step); then another learning_rate or other soft labels are refused before the model loads, naming
+    --fresh; the same recipe (report_to aside: tracking is not part of a run's identity) resumes; --fresh clears."""
+    from custom_losses.distill import RUN_RECORD, claim_run
+    from launch.distill import main
+    from prep.curves import KEYS, plot_curves, read_log_history
+
+    monkeypatch.setenv("MEDKD_TRAINING_WORKER", "1")  # train in this process (no accelerate, no second interpreter)
+    softlabels, output = save_softlabels(qwen_tokenizer, tmp_path / "softlabels", 4), tmp_path / "distill"
+    args = ["--config", RECIPE, "--overlay", CPU_OVERRIDE, "--set", f"dataset_path={softlabels}",
+            "--set", f"output_dir={output}", "--set", "max_steps=2", "--set", "save_steps=2", "--set", "merge=false"]
+
+    def run(*extra: str) -> tuple[int, str, str]:
+        code = main([*args, *extra])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    code, out, err = run("--set", "report_to=tensorboard")
+    assert code == 0, out[-2000:] + err[-2000:]
+    assert (output / "checkpoint-2" / "trainer_state.json").is_file()
+    first_data = json.loads((output / RUN_RECORD).read_text())["identity"]["soft-label data"]
+    assert list(output.glob("runs/*/events.out.tfevents.*")), "TensorBoard writes under output_dir/runs/"
+    state_path, history = read_log_history(output)
+    assert state_path == output / "trainer_state.json", "distill leaves the whole log history in output_dir"
+    plotted = plot_curves(history, "distill", tmp_path / "curves.png")
+    assert {"loss", "kd_loss", "ce_loss", "diseases_weight_share"} <= set(plotted)
+    for key in KEYS:
+        logged = [entry for entry in history if key in entry]
+        assert len(plotted.get(key, ([], []))[0]) == len(logged), key
+        assert plotted.get(key, ([], []))[1] == [entry[key] for entry in logged], key
+
+    def refused(*extra: str) -> str:
+        with monkeypatch.context() as patch:
+            patch.setattr("custom_losses.distill.load_student", lambda *a: pytest.fail("the model loaded"))
+            code, out, err = run(*extra)
+        assert code == 2 and err.count("\n") == 1, out + err
+        return err
+
+    assert refused("--set", "learning_rate=0.01") == (
+        f"error: output_dir {output} holds checkpoints of another run (recipe key 'learning_rate': 0.005 -> 0.01); "
+        f"set another output_dir (--set output_dir=...) or use --fresh\n")
+
+    code, out, err = run()  # the same recipe: report_to back at the overlay's none, which is not part of the identity
+    assert code == 0 and f"[distill] resuming from {output / 'checkpoint-2'}" in out, out[-2000:] + err[-2000:]
+
+    save_softlabels(qwen_tokenizer, tmp_path / "new", 4, seed=1)  # other teacher logprobs for the same cases
+    for new in (tmp_path / "new" / "dataset" / "train").iterdir():  # in place: same path, other content
+        (softlabels / "dataset" / "train" / new.name).write_bytes(new.read_bytes())
+    capsys.readouterr()  # the save's progress bars
+    assert "holds checkpoints of another run (soft-label data changed: " in refused()
+    assert "use --fresh" in refused()
+
+    # --fresh (launch.distill's flag is this argument): the checkpoints go, the run is recorded with the new data.
+    overrides = [value for flag, value in zip(args[4::2], args[5::2]) if flag == "--set"]
+    assert claim_run(RECIPE, [CPU_OVERRIDE], overrides, fresh=True) == []
+    assert not list(output.glob("checkpoint-*"))
+    record = json.loads((output / RUN_RECORD).read_text())
+    assert record["identity"]["soft-label data"] == record["data_files"]["digest"] != first_data
