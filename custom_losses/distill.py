@@ -53,6 +53,10 @@ class DistillArguments:
     tokenizer_path: str | None = field(default=None, metadata={"help": "Tokenizer folder; default: the model's."})
     merge: bool = field(default=True, metadata={
         "help": "Write output_dir/merged for vLLM after training (the merged LoRA, or the full model as saved)."})
+    effective_batch_size: int | None = field(default=None, metadata={
+        "help": "Rows per optimiser step over all processes = per_device_train_batch_size x "
+                "gradient_accumulation_steps x processes; launch.multinode derives gradient_accumulation_steps from "
+                "it and the world size and passes it as --set; None keeps the recipe's."})
     merge_dtype: str | None = field(default=None, metadata={
         "help": "Precision of the merged model: bfloat16 | float16 | float32 | auto; default: the dtype the "
                 "student is served in (custom_losses.merge.served_dtype)."})
