@@ -29,7 +29,7 @@ import os
 import random
 import re
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -462,12 +462,13 @@ class _Endpoint:
         self.resume_at = 0.0          # a 429's Retry-After holds back every request here, not just the one refused
         self.up, self.failures_in_row, self.throttled = True, 0, 0    # failures and 429s in a row
         self.reserved = 0             # token estimates of the requests in flight
+        self.spent_before = 0         # tokens spent here by earlier rounds of the same run
         self.stats = EndpointStats()
         self.health_task: asyncio.Task | None = None
 
     @property
     def spent(self) -> int:
-        return self.stats.prompt_tokens + self.stats.completion_tokens
+        return self.spent_before + self.stats.prompt_tokens + self.stats.completion_tokens
 
     def fits(self, estimate: int) -> bool:
         cap = self.settings.token_cap
@@ -513,14 +514,14 @@ class _Endpoint:
             raise _Attempt("malformed", redact(str(err), self.secret)[:200]) from None
 
     async def healthy(self) -> bool:
-        """GET /models answered 200."""
+        """GET /models got an answer that is not a server error (some APIs list no models: a 404 is alive)."""
         request = self._request_type("GET", self.urls["/models"], headers=self.headers,
                                      extensions=self.health_extensions)
         try:
             response = await self.http.send(request)
         except Exception:  # noqa: BLE001 - a probe: whatever went wrong, the endpoint is not back yet
             return False
-        return response.status_code == 200
+        return response.status_code < 500
 
     async def close(self) -> None:
         if self.health_task is not None:
@@ -567,7 +568,11 @@ class ChatClient:
     """
 
     def __init__(self, settings: ClientSettings, api_key: str | None = None, seed: int | None = None,
-                 api_keys: dict[str, str] | None = None, down: Iterable[str] = ()):
+                 api_keys: dict[str, str] | None = None, down: Iterable[str] = (),
+                 spent: dict[str, int] | None = None):
+        """API_KEYS: endpoint name -> key (default: each endpoint's variable or file; API_KEY for a lone one).
+        DOWN: endpoints that did not answer the preflight, left out until their health check passes.
+        SPENT: endpoint name -> tokens an earlier round of the same run spent, counted against the caps."""
         endpoints = settings.resolved()
         if not endpoints or any(not endpoint.base_url or not endpoint.model for endpoint in endpoints):
             raise ClientError("client.base_url and client.model must be set (or the recipe must start a server)")
@@ -579,9 +584,13 @@ class ChatClient:
                           for endpoint in endpoints]
         self._secret = self.endpoints[0].secret
         self._random = random.Random(seed)
-        self._changed: asyncio.Event | None = None    # set whenever a slot frees or an endpoint comes back
+        # Requests waiting for a slot, first come first served: a freed slot wakes one, an endpoint coming
+        # back wakes all (waking every waiter on every answer would cost O(waiters) per request).
+        self._waiters: deque[asyncio.Future] = deque()
         self.stats = ClientStats()
-        self.spent = self.reserved = 0
+        for endpoint in self.endpoints:
+            endpoint.spent_before = (spent or {}).get(endpoint.name, 0)
+        self.spent, self.reserved = sum(endpoint.spent_before for endpoint in self.endpoints), 0
         for endpoint in self.endpoints:
             if endpoint.name in set(down):
                 self._mark_down(endpoint, "did not answer the preflight", start_check=False)
@@ -678,7 +687,7 @@ class ChatClient:
                 endpoint.in_flight -= 1
                 if not settled:          # failed or cancelled: its reservation goes back
                     self._release(endpoint, estimate)
-                self._changed_set()
+                self._wake()
             reason, message = failure.reason, failure.message
             endpoint.stats.errors[reason] += 1
             if failure.refused is not None:
@@ -709,9 +718,13 @@ class ChatClient:
 
     # ---- the pool ----
 
-    def _changed_set(self) -> None:
-        if self._changed is not None:
-            self._changed.set()
+    def _wake(self, everyone: bool = False) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                if not everyone:
+                    return
 
     def _total_fits(self, estimate: int) -> bool:
         cap = self.settings.token_cap
@@ -727,12 +740,11 @@ class ChatClient:
 
     async def _acquire(self, estimate: int, avoid: _Endpoint | None) -> _Endpoint:
         """A slot on the endpoint with the most free capacity that may send now; waits until one may."""
-        if self._changed is None:
-            self._changed = asyncio.Event()
         while True:
             now, best, best_score, wake = time.monotonic(), None, None, 1.0
             fitting = [e for e in self.endpoints if e.fits(estimate)] if self._total_fits(estimate) else []
             if not fitting and self.reserved == 0:   # nothing in flight will free a reservation: no room, ever
+                self._wake(everyone=True)            # the other waiters learn it now, not at their timeout
                 raise SpendCapReached(self._cap_message(estimate))
             # Those up; when none is, every endpoint (a retry then tries them anyway, within its budget).
             candidates = [e for e in fitting if e.up] if any(e.up for e in self.endpoints) else fitting
@@ -751,9 +763,10 @@ class ChatClient:
                 best.take(estimate)
                 self.reserved += estimate
                 return best
-            self._changed.clear()
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout=max(wake, 0.001))
+                await asyncio.wait_for(waiter, timeout=max(wake, 0.001))
 
     def _release(self, endpoint: _Endpoint, estimate: int) -> None:
         endpoint.reserved -= estimate
@@ -794,7 +807,7 @@ class ChatClient:
     def _mark_up(self, endpoint: _Endpoint) -> None:
         endpoint.up, endpoint.failures_in_row = True, 0
         log.info("endpoint %s is back", endpoint.name)
-        self._changed_set()
+        self._wake(everyone=True)
 
     async def _watch(self, endpoint: _Endpoint) -> None:
         """GET /models after health_check_s, doubling up to 16 s, until the endpoint answers; then it rejoins."""

@@ -227,6 +227,14 @@ class StageRun:
     def ask_wall_s(self) -> float:
         return sum(report.wall_s for report in self.reports)
 
+    def spent(self) -> dict[str, int]:
+        """Tokens spent so far per endpoint (the earlier rounds'), which the spend caps count."""
+        spent: Counter = Counter()
+        for stats in self.stats:
+            for name, counts in stats.get("endpoints", {}).items():
+                spent[name] += counts["tokens_in"] + counts["tokens_out"]
+        return dict(spent)
+
     def failed_reasons(self) -> dict[str, int]:
         return dict(Counter(reason_kind(failure["error"]) for failure in self.failed))
 
@@ -305,7 +313,7 @@ class ApiStage:
                 if pending:
                     settings, api_keys = endpoint.open()
                     report, stats = asyncio.run(self._ask(pending, settings, api_keys, endpoint.down, cache, desc,
-                                                          progress))
+                                                          progress, run.spent()))
                     run.asked += pending
                     run.reports.append(report)
                     run.stats.append(stats)
@@ -318,8 +326,8 @@ class ApiStage:
         return summary
 
     async def _ask(self, items: list[Any], settings: ClientSettings, api_keys: dict[str, str], down: list[str],
-                   cache: Path, desc: str, progress: bool) -> tuple[RunReport, dict[str, Any]]:
-        async with ChatClient(settings, api_keys=api_keys, down=down) as client:
+                   cache: Path, desc: str, progress: bool, spent: dict[str, int]) -> tuple[RunReport, dict[str, Any]]:
+        async with ChatClient(settings, api_keys=api_keys, down=down, spent=spent) as client:
             report = await run_cached(items, self.key, lambda item: self.ask(client, item), cache,
                                       max_in_flight=settings.total_concurrency * settings.in_flight_per_slot,
                                       stats=client.stats, desc=desc, label_fn=self.label, progress=progress,

@@ -65,12 +65,15 @@ def assert_exactly_once(out, ids):
 @pytest.mark.parametrize("path", TEACHER_RECIPES, ids=[path.stem for path in TEACHER_RECIPES])
 def test_every_teacher_recipe_validates(path):
     recipe = validate_recipe(path)
+    endpoints = recipe.client.resolved()
     if isinstance(recipe.server, str):
         assert (REPO_ROOT / recipe.server).exists()
+    elif recipe.client.endpoints:       # several: hosted over https, self-hosted replicas on a private network
+        assert all(e.base_url.startswith(("https://", "http://")) for e in endpoints)
     else:
         assert recipe.client.base_url.startswith("https://")
-    key_env = recipe.client.api_key_env
-    assert key_env is None or (key_env.isupper() and not key_env.startswith("SK")), "name a variable, never a key"
+    for key_env in [recipe.client.api_key_env] + [e.api_key_env for e in endpoints]:
+        assert key_env is None or (key_env.isupper() and not key_env.startswith("SK")), "name a variable, never a key"
     load_prompts(recipe.prompts.system, recipe.prompts.user)
 
 
