@@ -112,6 +112,10 @@ class ClientSettings:
     endpoints: list[EndpointSettings] | None = None   # several endpoints sharing the work; null = the one above
     token_cap: int | None = None         # prompt + completion tokens this run may spend, all endpoints together
     health_check_s: float = 1.0          # first GET /models after an endpoint failed; doubles up to 16 s
+    # Several endpoints: each one with requests in flight is probed (GET /models) this often; two failed
+    # probes in a row mark it down and send its in-flight requests to the others at once (a machine that
+    # vanished sends no error, so they would wait out request_timeout_s). null = no probes.
+    probe_s: float | None = 15.0
 
     def __post_init__(self) -> None:
         checks = [("concurrency", self.concurrency >= 1, "must be at least 1"),
@@ -131,7 +135,8 @@ class ClientSettings:
                   ("endpoints", not (self.endpoints and self.base_url),
                    "set client.base_url or client.endpoints, not both"),
                   ("token_cap", self.token_cap is None or self.token_cap >= 1, "must be at least 1 or null"),
-                  ("health_check_s", self.health_check_s > 0, "must be positive")]
+                  ("health_check_s", self.health_check_s > 0, "must be positive"),
+                  ("probe_s", self.probe_s is None or self.probe_s > 0, "must be positive or null")]
         for name, ok, problem in checks:
             if not ok:
                 raise ValueError(f"key 'client.{name}': {problem}")
@@ -465,6 +470,8 @@ class _Endpoint:
         self.spent_before = 0         # tokens spent here by earlier rounds of the same run
         self.stats = EndpointStats()
         self.health_task: asyncio.Task | None = None
+        self.sending: set[asyncio.Future] = set()      # attempts in flight, when a prober watches
+        self.probe_failures = 0
 
     @property
     def spent(self) -> int:
@@ -564,7 +571,9 @@ class ChatClient:
     Several endpoints (settings.endpoints): each request goes to the endpoint with the most free slots
     among those up, within their limits and token caps. An endpoint whose connection fails (or that
     fails three requests in a row) is down: its requests are retried on the others at once, and a
-    GET /models every health_check_s (doubling) brings it back. A 429 pauses only the endpoint that sent it.
+    GET /models every health_check_s (doubling) brings it back. One that stops answering altogether is
+    found by a probe every probe_s; its in-flight requests are then cancelled and sent elsewhere.
+    A 429 pauses only the endpoint that sent it.
     """
 
     def __init__(self, settings: ClientSettings, api_key: str | None = None, seed: int | None = None,
@@ -587,6 +596,7 @@ class ChatClient:
         # Requests waiting for a slot, first come first served: a freed slot wakes one, an endpoint coming
         # back wakes all (waking every waiter on every answer would cost O(waiters) per request).
         self._waiters: deque[asyncio.Future] = deque()
+        self._prober: asyncio.Task | None = None
         self.stats = ClientStats()
         for endpoint in self.endpoints:
             endpoint.spent_before = (spent or {}).get(endpoint.name, 0)
@@ -602,12 +612,18 @@ class ChatClient:
         for endpoint in self.endpoints:
             if not endpoint.up and endpoint.health_task is None:
                 endpoint.health_task = asyncio.ensure_future(self._watch(endpoint))
+        if len(self.endpoints) > 1 and self.settings.probe_s and self._prober is None:
+            self._prober = asyncio.ensure_future(self._probe())
         return self
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
     async def close(self) -> None:
+        if self._prober is not None:
+            self._prober.cancel()
+            await asyncio.gather(self._prober, return_exceptions=True)
+            self._prober = None
         for endpoint in self.endpoints:
             await endpoint.close()
 
@@ -675,15 +691,26 @@ class ChatClient:
         while True:
             endpoint = await self._acquire(estimate, avoid)
             self.stats.requests += 1
-            settled = False
+            settled, sending = False, None
             try:
-                data = await endpoint.send(path, payloads[endpoint.settings.model])
+                if self._prober is None:
+                    data = await endpoint.send(path, payloads[endpoint.settings.model])
+                else:       # a task of its own, which the prober cancels if the endpoint stops answering
+                    sending = asyncio.ensure_future(endpoint.send(path, payloads[endpoint.settings.model]))
+                    endpoint.sending.add(sending)
+                    data = await sending
                 self._settle(endpoint, estimate, self._usage(data))
                 settled = True
                 return data, retries
             except _Attempt as attempt:
                 failure = attempt
+            except asyncio.CancelledError:
+                if sending is None or asyncio.current_task().cancelling():
+                    raise                # the caller cancelled us, not the prober
+                failure = _Attempt("connection", "the endpoint stopped answering (its health probe failed)")
             finally:
+                if sending is not None:
+                    endpoint.sending.discard(sending)
                 endpoint.in_flight -= 1
                 if not settled:          # failed or cancelled: its reservation goes back
                     self._release(endpoint, estimate)
@@ -808,6 +835,20 @@ class ChatClient:
         endpoint.up, endpoint.failures_in_row = True, 0
         log.info("endpoint %s is back", endpoint.name)
         self._wake(everyone=True)
+
+    async def _probe(self) -> None:
+        """Every probe_s, GET /models on each endpoint up with requests in flight; two failures in a row: down,
+        and the requests it holds are cancelled, to be retried on the others."""
+        while True:
+            await asyncio.sleep(self.settings.probe_s)
+            busy = [e for e in self.endpoints if e.up and e.in_flight]
+            for endpoint, ok in zip(busy, await asyncio.gather(*(e.healthy() for e in busy))):
+                endpoint.probe_failures = 0 if ok else endpoint.probe_failures + 1
+                if endpoint.probe_failures >= 2 and endpoint.up:
+                    endpoint.probe_failures = 0
+                    self._mark_down(endpoint, "GET /models failed twice in a row")
+                    for sending in list(endpoint.sending):
+                        sending.cancel()
 
     async def _watch(self, endpoint: _Endpoint) -> None:
         """GET /models after health_check_s, doubling up to 16 s, until the endpoint answers; then it rejoins."""

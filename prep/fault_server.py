@@ -13,6 +13,9 @@ takes the next item of a script, or the default behaviour when the script is emp
     "malformed"           200 with a body that is not JSON
     {"answer": TEXT}      200 whose assistant content is TEXT (e.g. an invalid answer)
 
+Setting `frozen` makes it stop answering anything (GET /models included) without closing a
+connection, as a machine that vanished from the network would, until it is cleared.
+
 It counts what it was asked (received, completed, in flight, the peak in flight) and keeps each
 chat request's body and arrival time for assertions. Run in a thread (`with FaultServer() as s`)
 for tests, or as a process for benchmarks:
@@ -60,6 +63,7 @@ class FaultServer:
         self.requests: list[dict] = []          # chat request bodies, in arrival order
         self.arrivals: list[float] = []         # time.monotonic() of each chat request
         self.host, self.port = "127.0.0.1", 0
+        self.frozen = False                     # True: answer nothing, close nothing (a vanished machine)
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -141,7 +145,12 @@ class FaultServer:
             if not writer.is_closing():
                 writer.close()
 
+    async def _hold(self) -> None:
+        while self.frozen:
+            await asyncio.sleep(0.02)
+
     async def _dispatch(self, method: str, path: str, headers: dict, body: bytes, writer) -> bool:
+        await self._hold()
         if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
             presented = headers.get("authorization", "").removeprefix("Bearer ")
             # Like real providers, the message echoes the key it was given: clients must not repeat it.
@@ -178,6 +187,7 @@ class FaultServer:
     async def _respond(self, item: Any, path: str, request: dict, raw: bytes, writer) -> bool:
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
+        await self._hold()
         if request.get("model") != self.model and not (isinstance(item, str) and item.startswith(("4", "5"))):
             return await self._error(writer, 404, f"The model `{request.get('model')}` does not exist.",
                                      "NotFoundError")

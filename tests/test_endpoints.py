@@ -137,6 +137,25 @@ def test_an_endpoint_dying_mid_run_fails_over_and_rejoins_when_healthy(tmp_path,
             assert not any(secret.encode() in text for secret in SECRETS.values()), path
 
 
+def test_an_endpoint_that_stops_answering_without_an_error_is_found_by_its_probe(tmp_path):
+    cases, out, n = write_cases(tmp_path / "cases.jsonl", 40), tmp_path / "out", 40
+    with FaultServer(latency_s=0.1) as a, FaultServer(latency_s=0.1) as b:
+        def freeze() -> None:
+            a.frozen = True
+
+        when(lambda: a.completed >= 5, freeze)           # A's requests in flight now hang, no error ever comes
+        started = time.monotonic()
+        result = run_teacher(out, cases, [endpoint(a, "a", concurrency=3), endpoint(b, "b", concurrency=3)],
+                             "client.request_timeout_s=60", "client.connect_timeout_s=0.5", "client.probe_s=0.3")
+        took = time.monotonic() - started
+        a.frozen = False
+    assert took < 20, "A's requests waited for their 60 s timeout instead of moving to B"
+    assert_exactly_once(out, list(range(n)))
+    assert result["failed"] == 0 and result["endpoints"]["a"]["went_down"] == 1
+    assert result["endpoints"]["b"]["succeeded"] == n - result["endpoints"]["a"]["succeeded"]
+    assert n < a.received + b.received <= n + 3                 # asked twice: what hung on A
+
+
 def test_429s_on_one_endpoint_move_its_share_to_the_other(tmp_path):
     cases, n = write_cases(tmp_path / "cases.jsonl", 40), 40
     shares = {}
@@ -237,3 +256,18 @@ def test_two_vllm_servers_one_killed_mid_run(vllm_server, second_vllm_server, tm
     assert set(by_name) == {"shared", "second"} and by_name["second"]["went_down"] >= 1
     assert by_name["shared"]["succeeded"] > 0 and by_name["second"]["succeeded"] >= 1
     assert by_name["shared"]["succeeded"] + by_name["second"]["succeeded"] == result["requests"] - result["retries"]
+
+
+def test_the_teacher_benchmark_prints_its_line_with_the_two_endpoint_case():
+    import re
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "launch.bench_teacher", "--requests", "64", "--sequential-requests",
+                             "4", "--latency", "0.05", "--capacity", "8"], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    last = result.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"capacity_fraction=[\d.]+ speedup_vs_sequential=[\d.]+ client_cpu_ms=[\d.]+ "
+                        r"capacity_fraction_2ep=[\d.]+", last), last
+    assert "two endpoints (capacity 4 at 0.05 s and 4 at 0.1 s -> at most 120.0 requests/s together)" in result.stdout
