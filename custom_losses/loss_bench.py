@@ -24,6 +24,8 @@ CPU_DEFAULT_HIDDEN = 256
 TRL_CHUNK = 256  # trl.trainer.sft_trainer._CHUNKED_LM_HEAD_CHUNK_SIZE in TRL 1.9.0
 ALPHA = 0.5
 VARIANTS = ("kd_chunked", "kd_naive", "ce_trl", "ce_naive")
+# Axolotl 0.19's fused top-k KD kernel (axolotl.integrations.kd): measured where Axolotl imports (launch.bench_gpu).
+AXOLOTL_VARIANT = "kd_axolotl"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -116,7 +118,28 @@ def loss_ce_naive(x: dict[str, torch.Tensor], chunk: int) -> torch.Tensor:
     return F.cross_entropy(logits, x["target"])
 
 
-LOSSES = {"kd_chunked": loss_kd_chunked, "kd_naive": loss_kd_naive, "ce_trl": loss_ce_trl, "ce_naive": loss_ce_naive}
+def _axolotl_kd(compiled: bool) -> Callable:
+    with _quiet_stderr():
+        from axolotl.integrations.kd.kernels.liger import LigerFusedLinearKLTopKLogprobLoss
+
+    # kd_alpha ALPHA, kd_ce_alpha 1 - ALPHA, forward KL (beta 0), the student renormalised over the top-k (our
+    # renorm support); compiled under inductor as Axolotl runs it on a GPU, plain torch on a CPU.
+    return LigerFusedLinearKLTopKLogprobLoss(1.0 - ALPHA, ALPHA, 1.0, 0.0, compiled=compiled, chunk_size=TRL_CHUNK,
+                                             compute_ce_loss=True, normalize_topk=True)
+
+
+def loss_kd_axolotl(x: dict[str, torch.Tensor], chunk: int) -> torch.Tensor:
+    """Axolotl's fused top-k KD on the same inputs: the teacher's top-k renormalised (as medkd's export writes
+    them), every alternative unmasked, chunks of CHUNK tokens. The kernel sums over tokens (AxolotlKDTrainer divides
+    by the batch's token count afterwards), so it is divided by N here: the same scale as the others."""
+    fn = _axolotl_kd(compiled=x["hidden"].is_cuda)
+    fn.chunk_size = chunk
+    teacher = torch.log_softmax(x["topk_lp"], dim=-1)
+    return fn(x["weight"], x["hidden"][None], x["topk_ids"][None], teacher[None], torch.ones_like(teacher)[None].bool(),
+              x["target"][None]) / x["target"].numel()
+
+
+LOSSES = {"kd_chunked": loss_kd_chunked, "kd_axolotl": loss_kd_axolotl, "kd_naive": loss_kd_naive, "ce_trl": loss_ce_trl, "ce_naive": loss_ce_naive}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -124,7 +147,7 @@ LOSSES = {"kd_chunked": loss_kd_chunked, "kd_naive": loss_kd_naive, "ce_trl": lo
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _cpu_rss_bytes(field: str) -> int:
+def cpu_rss_bytes(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -132,7 +155,7 @@ def _cpu_rss_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _reset_cpu_peak() -> None:
+def reset_cpu_peak() -> None:
     # Writing 5 to clear_refs resets the process's peak RSS (VmHWM) to the current RSS (Linux >= 4.0).
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
@@ -146,6 +169,9 @@ def measure(variant: str, n: int, hidden: int, vocab: int, k: int, device: str, 
     source = ""
     if variant == "ce_trl":
         _, source = _trl_chunked_ce()  # imported before the baseline: the import is not the loss's memory
+    if variant == AXOLOTL_VARIANT:
+        _axolotl_kd(compiled=False)
+        source = "axolotl.integrations.kd.kernels.liger.LigerFusedLinearKLTopKLogprobLoss"
     x = make_inputs(n, hidden, vocab, k, device, dtype)
     # Warm-up on a few tokens: kernels and allocator pools set up outside the measured peak.
     small = {key: (val.detach()[:8].requires_grad_(val.requires_grad) if key != "weight" else val) for key, val in x.items()}
@@ -158,15 +184,15 @@ def measure(variant: str, n: int, hidden: int, vocab: int, k: int, device: str, 
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        _reset_cpu_peak()
-        base = _cpu_rss_bytes("VmRSS")
+        reset_cpu_peak()
+        base = cpu_rss_bytes("VmRSS")
     loss = fn(x, chunk)
     loss.backward()
     if device == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = _cpu_rss_bytes("VmHWM") - base
+        peak = cpu_rss_bytes("VmHWM") - base
     loss_value = float(loss.detach())
 
     times = []

@@ -48,3 +48,29 @@ def test_distill_benchmark_without_the_competition_data_says_so(tmp_path):
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "absent.jsonl is not here" in result.stdout and "nothing measured" in result.stdout
+
+
+def test_gpu_benchmark_runs_its_cpu_tiny_path_and_names_what_is_missing():
+    """launch.bench_gpu --cpu-tiny: the loss comparison (Axolotl's kernel included), the SFT step and the distill
+    step packed and unpacked at tiny shapes; two optional modules looked up under names that do not exist."""
+    result = subprocess.run([sys.executable, "-m", "launch.bench_gpu", "--cpu-tiny",
+                             "--import-name", "bitsandbytes=medkd_no_such_bitsandbytes",
+                             "--import-name", "vllm=medkd_no_such_vllm"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    out = result.stdout
+    assert "skip bitsandbytes: not installed; the 4-bit (QLoRA) steps are left out" in out
+    assert "skip vllm: not installed; no serving request" in out
+    rows = dict(re.findall(r"^\s+64 (\w+)\s+\d+\s+[\d.]+\s+([-\d.]+)$", out, re.M))
+    assert set(rows) == {"kd_chunked", "kd_naive", "ce_trl", "kd_axolotl"}
+    assert abs(float(rows["kd_chunked"]) - float(rows["kd_naive"])) < 1e-3
+    for step in ("SFT step (qwen2.5-7b-instruct-lora-zero2.yaml)", "distill step (qwen2.5-7b-instruct-lora-multi-gpu.yaml, packed)",
+                 "distill step (qwen2.5-7b-instruct-lora-multi-gpu.yaml, unpacked, "):
+        assert f"ok {step}" in out, out
+    last = out.strip().splitlines()[-1]
+    figures = dict(item.split("=") for item in last.split())
+    assert list(figures)[:4] == ["sft_tokens_per_s", "sft_mfu", "distill_packed_tokens_per_s", "distill_packed_mfu"]
+    for key in ("sft_tokens_per_s", "distill_packed_tokens_per_s", "distill_unpacked_tokens_per_s", "packed_speedup",
+                "kd_mem_vs_ce", "kd_mem_vs_axolotl", "sft_peak_vs_estimate"):
+        assert float(figures[key]) > 0, last
+    assert figures["sft_mfu"] == "nan"   # no bf16 peak for a CPU
