@@ -262,23 +262,35 @@ def stage_recipe(stage_args: Sequence[str]) -> dict[str, Any]:
     return compose(known.config, known.overlays, known.overrides)
 
 
-def run_multinode(stage: str, stage_args: Sequence[str], cluster: Cluster, processes_per_machine: int) -> int:
+def keep_effective_batch(stage: str, stage_args: Sequence[str], world_size: int, machines: int = 1
+                         ) -> tuple[list[str], str]:
+    """The arguments that keep the STAGE recipe's effective batch on WORLD_SIZE processes (`--set
+    gradient_accumulation_steps=N`, derived; none when the recipe states no effective_batch_size) and the line that
+    says so. A stage command on one machine can append them to its own arguments before it launches."""
+    plan = batch_plan(stage_recipe(stage_args), stage, world_size, machines)
+    extra = [] if plan.effective_batch is None else ["--set", f"{STAGES[stage][2]}={plan.accumulation}"]
+    return extra, plan.describe()
+
+
+def run_multinode(stage: str, stage_args: Sequence[str], cluster: Cluster, processes_per_machine: int | None = None) -> int:
     """Run `python -m launch.STAGE STAGE_ARGS` on this machine as one of CLUSTER's, with the accumulation that keeps
-    the recipe's effective batch on CLUSTER.num_machines x PROCESSES_PER_MACHINE processes; its exit code."""
+    the recipe's effective batch on CLUSTER.num_machines x PROCESSES_PER_MACHINE processes (default: one per visible
+    GPU, or MEDKD_NUM_PROCESSES); its exit code."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {sorted(STAGES)}, got {stage!r}")
+    if processes_per_machine is None:
+        processes_per_machine = trainer_processes(visible_gpus())
     if processes_per_machine < 1:
         raise ValueError("no GPU here: pass --gpus-per-node (or set MEDKD_NUM_PROCESSES for CPU processes)")
-    module, _, accumulation_key = STAGES[stage]
     world_size = processes_per_machine * cluster.num_machines
     where = (f"machine {cluster.machine_rank} of {cluster.num_machines}, rendezvous "
              f"{cluster.main_process_ip}:{cluster.main_process_port}" if cluster.num_machines > 1 else "one machine")
     sys.stderr.write(f"[multinode] {stage} on {where}: {processes_per_machine} "
                      f"process{'es' if processes_per_machine > 1 else ''} here, {world_size} in all\n")
     sys.stderr.flush()
-    plan = batch_plan(stage_recipe(stage_args), stage, world_size, cluster.num_machines)
-    sys.stderr.write(f"[multinode] {plan.describe()}\n")
-    argv = [sys.executable, "-m", module, *stage_args, "--set", f"{accumulation_key}={plan.accumulation}"]
+    extra, description = keep_effective_batch(stage, stage_args, world_size, cluster.num_machines)
+    sys.stderr.write(f"[multinode] {description}\n")
+    argv = [sys.executable, "-m", STAGES[stage][0], *stage_args, *extra]
     env = {**os.environ, **cluster.env(), PROCESSES_ENV: str(processes_per_machine)}
     return subprocess.run(argv, cwd=REPO_ROOT, env=env, preexec_fn=_die_with_parent).returncode
 

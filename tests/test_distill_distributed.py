@@ -14,6 +14,9 @@ accelerate 1.13 builds FSDP and DeepSpeed only on GPU-type devices; tests/cpu_sh
 exactly those two gates in the workers, and makes gloo's asynchronous collectives complete in order for DeepSpeed
 (which relies on CUDA stream order; see its docstring). Each sharded run is checked to be what it claims by what
 its checkpoint holds (FSDP's and DeepSpeed's own checkpoint files).
+
+The DDP run is also the reference of the multi-node launch path: two "machines" (launch.multinode, machine ranks 0
+and 1, one process each, rendezvous at 127.0.0.1 on gloo) train exactly as one machine with two processes.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from custom_losses.launcher import PROCESSES_ENV, launch_argv
+from custom_losses.launcher import PROCESSES_ENV, free_port, launch_argv
 from prep.config import compose
 from prep.paths import REPO_ROOT
 from tests.test_kd_trainer import softlabel_rows
@@ -57,16 +60,20 @@ def softlabels(tmp_path_factory, qwen_tokenizer) -> tuple[Path, int]:
     return folder, max(lengths)
 
 
-def run_distill(out: Path, softlabels: tuple[Path, int], processes: int, *overrides: str,
-                env: dict[str, str] | None = None) -> Path:
-    """launch.distill on PROCESSES CPU processes (1: plain python, the default without a GPU); returns OUT."""
+def distill_args(out: Path, softlabels: tuple[Path, int], processes: int, *overrides: str) -> list[str]:
+    """launch.distill's arguments for a run of PROCESSES processes in all, ROWS_PER_STEP rows a step between them."""
     folder, max_length = softlabels
     sets = [f"dataset_path={folder}", f"output_dir={out}", f"max_length={max_length}", "use_peft=false",
             "deepspeed=null", f"per_device_train_batch_size={ROWS_PER_STEP // processes}", f"max_steps={STEPS}",
             f"save_steps={STEPS}", "optim=sgd", "learning_rate=0.5", "max_grad_norm=0", "logging_steps=1",
             *overrides]
-    command = [sys.executable, "-m", "launch.distill", "--config", RECIPE, "--overlay", CPU_OVERLAY,
-               *[arg for item in sets for arg in ("--set", item)]]
+    return ["--config", RECIPE, "--overlay", CPU_OVERLAY, *[arg for item in sets for arg in ("--set", item)]]
+
+
+def run_distill(out: Path, softlabels: tuple[Path, int], processes: int, *overrides: str,
+                env: dict[str, str] | None = None) -> Path:
+    """launch.distill on PROCESSES CPU processes (1: plain python, the default without a GPU); returns OUT."""
+    command = [sys.executable, "-m", "launch.distill", *distill_args(out, softlabels, processes, *overrides)]
     environment = {key: value for key, value in os.environ.items() if key != PROCESSES_ENV}
     if processes > 1:
         environment[PROCESSES_ENV] = str(processes)
@@ -121,13 +128,56 @@ def assert_trains_as_one_process(two: Path, one: Path, tiny_model_dir: Path) -> 
     assert apart[worst] <= 1e-5, f"{worst} differs by {apart[worst]:.2e} after {STEPS} steps (updates up to {moved:.2e})"
 
 
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory, softlabels) -> Path:
+    """One machine, two processes (DDP), one row each a step: checked against one process, and the reference of
+    the two-machine run."""
+    return run_distill(tmp_path_factory.mktemp("ddp") / "run", softlabels, 2)
+
+
 @pytest.mark.slow
-def test_ddp_on_two_processes_equals_one_process(one_process, softlabels, tmp_path, tiny_model_dir):
-    two = run_distill(tmp_path / "ddp", softlabels, 2)
-    checkpoint = two / f"checkpoint-{STEPS}"
+def test_ddp_on_two_processes_equals_one_process(one_process, two_processes, tiny_model_dir):
+    checkpoint = two_processes / f"checkpoint-{STEPS}"
     assert (checkpoint / "rng_state_1.pth").exists(), "two ranks saved their RNG states"
     assert not (checkpoint / "pytorch_model_fsdp.bin").exists() and not list(checkpoint.glob("global_step*"))
-    assert_trains_as_one_process(two, one_process, tiny_model_dir)
+    assert_trains_as_one_process(two_processes, one_process, tiny_model_dir)
+
+
+@pytest.mark.slow
+def test_two_machines_train_as_one_machine_with_two_processes(two_processes, softlabels, tmp_path):
+    """Two "machines" on localhost: launch.multinode with machine ranks 0 and 1, one CPU process each, meeting at
+    127.0.0.1 (torchrun's static rendezvous through accelerate's multi-node flags; gloo). The run folder is shared, as
+    on a cluster. The recipe states the effective batch of the one-machine run (2 rows), so the derived accumulation
+    is 1: every step's loss and gradient norm, and the final weights, are the two-process run's."""
+    out, port = tmp_path / "two-machines", free_port()
+    args = distill_args(out, softlabels, 2, f"effective_batch_size={ROWS_PER_STEP}")
+    environment = {key: value for key, value in os.environ.items() if key != PROCESSES_ENV}
+    machines = [subprocess.Popen([sys.executable, "-m", "launch.multinode", "--nodes", "2", "--node-rank", str(rank),
+                                  "--main-address", "127.0.0.1", "--main-port", str(port), "--gpus-per-node", "1",
+                                  "distill", *args], cwd=REPO_ROOT, env=environment, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = []
+    try:
+        for machine in machines:
+            outputs.append(machine.communicate(timeout=600)[0])
+    finally:
+        for machine in machines:
+            machine.kill()
+    for rank, (machine, output) in enumerate(zip(machines, outputs)):
+        assert machine.returncode == 0, f"machine {rank}:\n{output[-4000:]}"
+        assert (f"[multinode] distill on machine {rank} of 2, rendezvous 127.0.0.1:{port}: 1 process here, 2 in all\n"
+                f"[multinode] effective batch 2 rows per optimiser step = 1 per device x 2 processes (2 machines x 1) x "
+                f"gradient_accumulation_steps 1 (derived from the recipe's effective_batch_size 2; the recipe says 1)"
+                ) in output, output[-3000:]
+        assert f"--num_machines 2 --machine_rank {rank} --main_process_ip 127.0.0.1" in output, output[-3000:]
+    expected, found = logged_steps(two_processes), logged_steps(out)
+    for step, (want, got) in enumerate(zip(expected, found), start=1):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-6), f"step {step}: {got} vs {want}"
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-6), f"step {step}: {got} vs {want}"
+    reference, weights = weights_in(two_processes / "model"), weights_in(out / "model")
+    assert set(weights) == set(reference)
+    worst = max(float((weights[name] - reference[name]).abs().max()) for name in reference)
+    assert worst <= 1e-6, f"the two-machine weights differ from the one-machine run's by {worst:.2e}"
 
 
 @pytest.mark.slow
