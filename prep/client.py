@@ -4,6 +4,10 @@ Three layers, each usable alone:
 - `ChatClient`: one request at a time as the caller sees it; underneath, bounded concurrency,
   token-bucket limits on requests and tokens per minute, and our own retry policy (the SDK's is
   off) with exponential backoff, jitter and Retry-After, shared by every caller of the client.
+  A recipe may list several endpoints (`client.endpoints`: replicas, several keys): requests go where
+  there is free capacity, a failing endpoint is left out until its health check passes, and its
+  requests are retried on the others. Token caps (`client.token_cap`, per endpoint too) stop the run
+  cleanly before a request could pass them (SpendCapReached).
 - `check_endpoint`: a cheap preflight (GET /models) that turns a wrong URL, model or key into one
   sentence before any paid request.
 - `run_cached`: an exactly-once, resumable runner: each finished item is appended to a JSONL cache
@@ -13,8 +17,12 @@ The answer constraint (`structured_output` recipe section) is built here from pr
 optional length bounds: a random-weight model needs short bounds to close its JSON quickly, a real
 model needs none (a 1500-char bound took vLLM 40 s to compile per request).
 
+The SDK builds each endpoint's client (base URL, auth and default headers, the aiohttp transport);
+requests then go through that client's HTTP layer with those headers, so no per-request options or
+response models are built (0.4 ms of client CPU per request less; bench_teacher measures it).
+
 API keys are read from the environment variable (or file) a recipe names, held by the SDK client
-only, and scrubbed from every message this module produces.
+and the headers built from it only, and scrubbed from every message this module produces.
 """
 from __future__ import annotations
 
