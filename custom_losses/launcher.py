@@ -148,15 +148,16 @@ def _first(env: Mapping[str, str], *names: str) -> tuple[str, str] | None:
 
 def resolve_cluster(env: Mapping[str, str], nodes: int | None = None, node_rank: int | None = None,
                     main_address: str | None = None, main_port: int | None = None) -> Cluster:
-    """This machine's place in the run: each flag given, else the scheduler's variables (SLURM: SLURM_JOB_NUM_NODES
-    or SLURM_NNODES, SLURM_NODEID; torchrun-style: NNODES, NODE_RANK), MASTER_ADDR and MASTER_PORT for the
+    """This machine's place in the run: each flag given, else the scheduler's variables (SLURM: SLURM_NNODES or
+    SLURM_JOB_NUM_NODES, SLURM_NODEID; torchrun-style: NNODES, NODE_RANK), MASTER_ADDR and MASTER_PORT for the
     rendezvous (the sbatch template exports MASTER_ADDR, the first host of the job). ValueError naming what is
     missing."""
     if env.get("SLURM_LOCALID", "0") not in ("", "0"):
         raise ValueError(f"SLURM started {env.get('SLURM_NTASKS_PER_NODE', 'several')} tasks on this node: launch.multinode "
                          "must run once per node (srun --ntasks-per-node=1); accelerate starts the GPU processes")
     if nodes is None:
-        found = _first(env, "SLURM_JOB_NUM_NODES", "SLURM_NNODES", "NNODES")
+        # SLURM_NNODES before SLURM_JOB_NUM_NODES: the step's nodes, which SLURM_NODEID counts (srun may use fewer)
+        found = _first(env, "SLURM_NNODES", "SLURM_JOB_NUM_NODES", "NNODES")
         nodes = _whole(found[1], found[0]) if found else 1
     if node_rank is None:
         found = _first(env, "SLURM_NODEID", "NODE_RANK")

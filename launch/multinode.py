@@ -4,7 +4,7 @@
                                [--gpus-per-node G] {sft,distill} --config RECIPE [--overlay FILE]... [--set k=v]...
 
 --nodes, --node-rank    the machines in the run and this one's rank (0 = the main machine); default: SLURM's
-                        SLURM_JOB_NUM_NODES / SLURM_NODEID, else torchrun-style NNODES / NODE_RANK, else 1 / 0
+                        SLURM_NNODES / SLURM_NODEID, else torchrun-style NNODES / NODE_RANK, else 1 / 0
 --main-address, --main-port
                         the main machine's address and a free port on it, where torchrun's rendezvous meets;
                         default: MASTER_ADDR / MASTER_PORT (29500)
