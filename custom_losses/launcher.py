@@ -280,7 +280,8 @@ def run_multinode(stage: str, stage_args: Sequence[str], cluster: Cluster, proce
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {sorted(STAGES)}, got {stage!r}")
     if processes_per_machine is None:
-        processes_per_machine = trainer_processes(visible_gpus())
+        # Probing the GPUs costs seconds (torch, the driver): not when MEDKD_NUM_PROCESSES says the count.
+        processes_per_machine = trainer_processes(0 if os.environ.get(PROCESSES_ENV, "").strip() else visible_gpus())
     if processes_per_machine < 1:
         raise ValueError("no GPU here: pass --gpus-per-node (or set MEDKD_NUM_PROCESSES for CPU processes)")
     world_size = processes_per_machine * cluster.num_machines
