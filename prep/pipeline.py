@@ -329,8 +329,8 @@ def check_teacher(role: str, teacher: ApiRecipe) -> str:
     if teacher.server is not None:
         return f"{role} is self-hosted: its step starts the vLLM server"
     settings = endpoint_target(teacher.client, teacher.server).settings
-    check_endpoint(settings)  # one sentence on a missing key, 401, wrong model or unreachable endpoint
-    return f"{role} endpoint {settings.base_url} answers"
+    check_endpoint(settings)  # one sentence on a missing key, 401, wrong model or unreachable endpoint (each one)
+    return f"{role} endpoint(s) {', '.join(endpoint.base_url for endpoint in settings.resolved())} answer"
 
 
 # --------------------------------------------------------------------------- running

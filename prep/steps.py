@@ -186,7 +186,7 @@ def write_stamp(stamps: Path, decision: Decision, seconds: float) -> None:
 # --------------------------------------------------------------------------- progress
 
 # tqdm's bar as written to a log: "desc:  45%|████▌     | 9/20 [00:10<00:12, 1.1it/s]".
-BAR = re.compile(r"([^\r\n|%\[\]]*?):?\s*\d+%\|[^|\r\n]*\|\s*(\d+)/(\d+)\s*\[")
+BAR = re.compile(r"([^\r\n|%\[\]{}]*?):?\s*\d+%\|[^|\r\n]*\|\s*(\d+)/(\d+)\s*\[")
 LOSS = re.compile(r"'loss': '?(-?[\d.]+(?:e-?\d+)?)")
 
 

@@ -393,6 +393,7 @@ def test_a_steps_progress_is_read_from_its_log_and_printed_as_plain_lines_off_a_
     assert progress_of(log[:log.index("\n")]) == "teacher 5/12"
     assert progress_of(log) == "step 1/16 loss 11.91"
     assert progress_of("vLLM server starting\n") is None
+    assert progress_of("{'loss': '2.028', 'epoch': '1.444'}\n 81%|████▏| 13/16 [02:30<00:30]") == "step 13/16 loss 2.028"
     line = ProgressLine("sft", interval_s=0.0)   # pytest's captured stdout is not a terminal
     for text in ("step 1/16 loss 11.91", "step 1/16 loss 11.91", None, "step 2/16 loss 9.7"):
         line.update(text, 5.0)
