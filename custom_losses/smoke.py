@@ -489,13 +489,38 @@ def wall_time_line(name: str, result: StepResult, data: SmokeData, config: dict[
 
 @dataclass
 class SmokeContext:
+    """What the parts share. The model and the data are made when a part first asks for them: a vLLM request to a
+    running server needs neither."""
+
     recipe: Any                       # prep.pipeline.PipelineRecipe
-    model_dir: Path
+    tiny: bool
     device: str
     steps: int
-    data: SmokeData
     gpus: int
     import_names: dict[str, str] = field(default_factory=dict)
+    rows_of_tokens: int = 2           # cases enough for this many rows of the longer SFT / distill length
+    _model_dir: Path | None = None
+    _data: SmokeData | None = None
+
+    @property
+    def model_dir(self) -> Path:
+        if self._model_dir is None:
+            # On a GPU the 7B is built in a child process, so this one holds no CUDA memory while the steps run.
+            self._model_dir = Path(_run_on(self.device, random_model_dir, model_config(self.tiny), self.device))
+        return self._model_dir
+
+    @property
+    def data(self) -> SmokeData:
+        if self._data is None:
+            from prep.tokenizer import load_tokenizer
+
+            stage1, stage2 = self.recipe.stage1, self.recipe.stage2
+            lengths = [int(compose(stage1.sft, stage1.sft_overlays, stage1.sft_set).get("sequence_len") or 2048)]
+            if stage2:
+                lengths.append(int(compose(stage2.distill, stage2.distill_overlays,
+                                           stage2.distill_set).get("max_length") or 1024))
+            self._data = smoke_data(self.recipe, load_tokenizer(str(self.model_dir)), self.rows_of_tokens * max(lengths))
+        return self._data
 
 
 def _run_on(device: str, fn: Callable, *args: Any) -> Any:
@@ -602,7 +627,7 @@ def vllm_part(ctx: SmokeContext, say: Callable[[str], None], base_url: str | Non
     from prep.records import read_cases
     from prep.serving import load_server_spec, serving, vllm_python
 
-    case = read_cases(resolve_path(ctx.data.cases_path)).cases[0]
+    case = read_cases(resolve_path(ctx.recipe.train_cases)).cases[0]
     messages = load_prompts().messages(case)
     if base_url is None:
         try:
@@ -629,25 +654,15 @@ def vllm_part(ctx: SmokeContext, say: Callable[[str], None], base_url: str | Non
 
 def smoke_context(recipe: Any, tiny: bool, steps: int, import_names: dict[str, str] | None = None,
                   rows_of_tokens: int = 2) -> SmokeContext:
-    """RECIPE (a prep.pipeline.PipelineRecipe), the random-weight model (built once per config), and enough of its
-    cases, with stand-in answers, for ROWS_OF_TOKENS rows of the longer of the SFT and distill lengths."""
+    """RECIPE (a prep.pipeline.PipelineRecipe) on this machine; RuntimeError when the real shapes need a GPU
+    and none is visible. The random-weight model is built (once per config) when a part first needs it."""
     import torch
-
-    from prep.tokenizer import load_tokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if not tiny and device == "cpu":
         raise RuntimeError("no CUDA GPU visible: the real-shape smoke needs one (tiny=True runs the tiny model here)")
-    # On a GPU the 7B is built in a child process, so this one holds no CUDA memory while the steps run.
-    model_dir = _run_on(device, random_model_dir, model_config(tiny), device)
-    sequence = [int(compose(recipe.stage1.sft, recipe.stage1.sft_overlays, recipe.stage1.sft_set).get("sequence_len")
-                    or 2048)]
-    if recipe.stage2:
-        sequence.append(int(compose(recipe.stage2.distill, recipe.stage2.distill_overlays,
-                                    recipe.stage2.distill_set).get("max_length") or 1024))
-    data = smoke_data(recipe, load_tokenizer(str(model_dir)), rows_of_tokens * max(sequence))
     gpus = torch.cuda.device_count() if device == "cuda" else 1
-    return SmokeContext(recipe, Path(model_dir), device, steps, data, gpus, dict(import_names or {}))
+    return SmokeContext(recipe, tiny, device, steps, gpus, dict(import_names or {}), rows_of_tokens)
 
 
 def run_smoke(config: str | Path, overrides: Sequence[str] = (), *, tiny: bool,
@@ -670,12 +685,13 @@ def run_smoke(config: str | Path, overrides: Sequence[str] = (), *, tiny: bool,
     recipe = validate_recipe(config, [], list(overrides))
     try:
         ctx = smoke_context(recipe, tiny, steps, import_names)
+        if {"sft", "distill"} & set(parts):
+            where = f"{ctx.gpus} GPU(s) visible" if ctx.device == "cuda" else "no GPU"
+            say(f"ok smoke model: {ctx.model_dir.name} on {ctx.device} ({where}); {len(ctx.data.rows)} cases of "
+                f"{ctx.data.cases_path}, answers as long as {ctx.data.answers_from}'s, top-{ctx.data.top_k} soft labels")
     except (RuntimeError, ValueError, OSError) as err:
         say(f"FAIL smoke: {err}")
         return lines
-    where = f"{ctx.gpus} GPU(s) visible" if ctx.device == "cuda" else "no GPU"
-    say(f"ok smoke model: {ctx.model_dir.name} on {ctx.device} ({where}); {len(ctx.data.rows)} "
-        f"cases of {ctx.data.cases_path}, answers as long as {ctx.data.answers_from}'s, top-{ctx.data.top_k} soft labels")
     runners = {"sft": lambda: sft_part(ctx, say), "distill": lambda: distill_part(ctx, say),
                "vllm": lambda: vllm_part(ctx, say, vllm_base_url)}
     for part in parts:

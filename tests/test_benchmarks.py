@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from prep.paths import REPO_ROOT
 
 
@@ -50,10 +52,12 @@ def test_distill_benchmark_without_the_competition_data_says_so(tmp_path):
     assert "absent.jsonl is not here" in result.stdout and "nothing measured" in result.stdout
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_runs_its_cpu_tiny_path_and_names_what_is_missing():
     """launch.bench_gpu --cpu-tiny: the loss comparison (Axolotl's kernel included), the SFT step and the distill
-    step packed and unpacked at tiny shapes; two optional modules looked up under names that do not exist."""
-    result = subprocess.run([sys.executable, "-m", "launch.bench_gpu", "--cpu-tiny",
+    step packed and unpacked at tiny shapes (one optimiser step each: tests/test_smoke.py times two); two optional
+    modules looked up under names that do not exist."""
+    result = subprocess.run([sys.executable, "-m", "launch.bench_gpu", "--cpu-tiny", "--steps", "1",
                              "--import-name", "bitsandbytes=medkd_no_such_bitsandbytes",
                              "--import-name", "vllm=medkd_no_such_vllm"],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import re
 
+import pytest
+
 from custom_losses.gpu_bench import card_peak_tflops, step_flops
 from custom_losses.memory import QWEN25_7B
 from custom_losses.smoke import missing_modules, run_smoke
@@ -14,10 +16,10 @@ TINY_PIPELINE = REPO_ROOT / "recipes" / "pipeline" / "tiny-cpu.yaml"
 RATE_AND_MEMORY = r"[\d,]+ tokens/s; peak ([\d.]+) GiB RSS .* vs estimate ([\d.]+) GiB without the CUDA context"
 
 
-def test_smoke_trains_the_tiny_pipelines_sft_and_distill_recipes_and_says_vllm_is_missing(monkeypatch, tmp_path):
-    monkeypatch.setenv("MEDKD_VLLM_PYTHON", str(tmp_path / "no-vllm-env" / "python"))
+@pytest.mark.slow
+def test_smoke_trains_the_tiny_pipelines_sft_and_distill_recipes():
     printed: list[str] = []
-    lines = run_smoke(TINY_PIPELINE, [], tiny=True, out=printed.append, steps=2)
+    lines = run_smoke(TINY_PIPELINE, [], tiny=True, out=printed.append, steps=2, parts=("sft", "distill"))
     assert printed == lines
     assert [line for line in lines if line.split()[0] not in ("ok", "skip")] == [], lines
     assert lines[0].startswith("ok smoke model: random-qwen2-h128-l2-") and "data/sample_cases.jsonl" in lines[0]
@@ -30,7 +32,14 @@ def test_smoke_trains_the_tiny_pipelines_sft_and_distill_recipes_and_says_vllm_i
         wall = next(line for line in lines if line.startswith(f"ok {step} wall time: max_steps"))
         assert re.search(r"= [\d.]+ (min|h) \(data/sample_cases.jsonl\)$", wall), wall
     assert "qlora r=32, 1 x 512 tokens packed, eager" in next(line for line in lines if line.startswith("ok SFT step"))
-    assert any(line.startswith("skip vLLM: ") and "no-vllm-env" in line for line in lines), lines
+
+
+def test_smoke_without_the_vllm_environment_says_so_in_one_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("MEDKD_VLLM_PYTHON", str(tmp_path / "no-vllm-env" / "python"))
+    lines = run_smoke(TINY_PIPELINE, [], tiny=True, parts=("vllm",))
+    assert lines[0] == (f"skip vLLM: {tmp_path}/no-vllm-env/python: the vLLM environment is missing; run "
+                        f"`bash launch/setup.sh`; no serving request"), lines
+    assert lines[1].startswith("ok smoke finished in ") and len(lines) == 2
 
 
 def test_smoke_sends_one_request_through_vllm(vllm_server):
