@@ -28,7 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from custom_losses.memory import GIB, ModelShape, estimate_distill, estimate_recipe, needs_gpu, shape_for
+from custom_losses.memory import (
+    GIB,
+    ModelShape,
+    PreflightError,
+    estimate_distill,
+    estimate_recipe,
+    needs_gpu,
+    shape_for,
+)
 from prep.paths import REPO_ROOT, resolve_path
 
 # The module each attention implementation imports; sdpa and eager need only torch.
@@ -503,8 +511,12 @@ def load(config: str | Path, overrides: Sequence[str], gpus: int) -> Recipe:
 
     recipe = pipeline.validate_recipe(config, overrides=list(overrides))
     runs = pipeline.stage_runs(recipe)
-    validated = {name: catalogue.validate(run.folder, run.recipe, run.overlays, run.overrides)
-                 for name, run in runs.items()}
+    validated = {}
+    for name, run in runs.items():
+        try:
+            validated[name] = catalogue.validate(run.folder, run.recipe, run.overlays, run.overrides)
+        except PreflightError as err:   # the SFT validator's own memory check: the gpu memory line reports it
+            validated[name] = f"{err}"
     processes = int(os.environ.get("MEDKD_NUM_PROCESSES") or 0) or gpus
     steps = [train_step("sft", "sft", compose_sft(runs["sft"].recipe, runs["sft"].overlays, runs["sft"].overrides),
                         runs["sft"].recipe, processes, recipe.base_model)]
@@ -531,7 +543,7 @@ def models_of(recipe: Recipe) -> list[str]:
         stage = recipe.validated.get(name)
         if stage is not None and stage.server is not None:
             names.append(load_server_spec(stage.server).model)
-    return [name for name in dict.fromkeys(names) if not Path(name).is_absolute() or name == names[0]]
+    return list(dict.fromkeys(names))
 
 
 def run_doctor(config: str | Path, overrides: Sequence[str] = (), machine: Machine | None = None,

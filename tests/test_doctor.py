@@ -123,7 +123,8 @@ def test_bad_teacher_key_against_the_fault_server(monkeypatch):
         assert result.failed and "refused the API key (HTTP 401" in result.detail
         assert "sk-wrong-key-1234" not in result.line()
         monkeypatch.setenv("DASHSCOPE_API_KEY", "the-right-key")
-        assert check_teacher("teacher", teacher).line() == f"ok   teacher endpoint: teacher endpoint {server.base_url} answers"
+        good = check_teacher("teacher", teacher).line()
+        assert good.startswith("ok   teacher endpoint: ") and server.base_url in good, good
         monkeypatch.delenv("DASHSCOPE_API_KEY")
         assert "DASHSCOPE_API_KEY is not set" in check_teacher("teacher", teacher).detail
 
@@ -171,9 +172,10 @@ def test_sdpa_overlay_validates_over_every_sft_recipe():
 def test_doctor_command_passes_the_tiny_cpu_pipeline():
     out = subprocess.run([sys.executable, "-m", "launch.doctor", "--config", "recipes/pipeline/tiny-cpu.yaml"],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    lines = out.stdout.splitlines()
+    # Only the check lines: a library may log to stdout too (DeepSpeed's accelerator warning does).
+    lines = [line for line in out.stdout.splitlines() if line.startswith(("ok   ", "skip ", "FAIL "))]
     assert out.returncode == 0, out.stdout + out.stderr[-2000:]
-    assert lines and all(line.startswith(("ok   ", "skip ")) for line in lines), out.stdout
+    assert lines and not [line for line in lines if line.startswith("FAIL")], out.stdout
     checks = {line[5:].split(":", 1)[0] for line in lines}
     assert {"case files", "recipes", "cuda", "gpu memory", "attention", "vllm", "disk", "teacher endpoint"} <= checks
 
