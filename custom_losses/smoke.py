@@ -174,7 +174,6 @@ class SmokeData:
     top_k: int
     rows: list[dict[str, Any]]        # soft-label rows in prep.softlabels' layout, a few cases
     answers_from: str
-    notes: list[str] = field(default_factory=list)
 
 
 def stand_in_answers(cases: Sequence[Any]) -> tuple[list[Any], str]:

@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from custom_losses.gpu_bench import card_peak_tflops, step_flops
+from custom_losses.gpu_bench import card_peak_tflops, final_line, mfu, step_flops
 from custom_losses.memory import QWEN25_7B
-from custom_losses.smoke import missing_modules, run_smoke
+from custom_losses.smoke import StepResult, missing_modules, run_smoke
 from prep.paths import REPO_ROOT
 
 TINY_PIPELINE = REPO_ROOT / "recipes" / "pipeline" / "tiny-cpu.yaml"
@@ -73,3 +73,14 @@ def test_card_peaks_and_model_flops():
     lora = step_flops(QWEN25_7B, [tokens], tokens, full_finetune=False)
     assert math.isclose(full, 6 * (QWEN25_7B.linear_params + head) * tokens + 3 * attention)
     assert math.isclose(lora, 4 * (QWEN25_7B.linear_params + head) * tokens + 3 * attention)
+
+
+def test_mfu_counts_the_timed_steps_against_the_cards_peak_and_the_final_line_lists_every_figure():
+    result = StepResult("distill", times=[9.0, 2.0], tokens=[4096, 4096], peak_bytes=2**30, reserved_bytes=2**30,
+                        segments=[[4096], [1000, 3096]], label_tokens=[700, 800])
+    flops = step_flops(QWEN25_7B, [1000, 3096], 800, full_finetune=False)    # the warm-up step is left out
+    assert math.isclose(mfu(result, QWEN25_7B, 989.0, head_all_positions=False), flops / 2.0 / 989e12)
+    assert math.isnan(mfu(result, QWEN25_7B, None, head_all_positions=False))
+    line = final_line({"sft_tokens_per_s": 1234.5, "qlora_sft_mfu": 0.25})
+    assert line.startswith("sft_tokens_per_s=1234 sft_mfu=nan distill_packed_tokens_per_s=nan")
+    assert line.endswith("qlora_sft_mfu=0.25")
