@@ -97,6 +97,22 @@ async def bare_aiohttp(base_url: str, body: dict, requests: int, concurrency: in
         return requests / (time.perf_counter() - wall), (time.process_time() - cpu) / requests * 1000
 
 
+def two_endpoints(labeller: Labeller, base: ClientSettings, capacity: int, latency: float, requests: int,
+                  cache: Path) -> tuple[float, float, int]:
+    """REQUESTS through one recipe over two fault servers of CAPACITY each, one at LATENCY and one twice as slow."""
+    fast, fast_url = start_server(latency, capacity)
+    slow, slow_url = start_server(2 * latency, capacity)
+    try:
+        two = dataclasses.replace(base, base_url=None, endpoints=[
+            EndpointSettings(base_url=fast_url, name="fast", concurrency=capacity),
+            EndpointSettings(base_url=slow_url, name="slow", concurrency=capacity)])
+        return asyncio.run(label(labeller, two, synthetic_cases(requests, 2_000_000), cache))
+    finally:
+        for process in (fast, slow):
+            process.terminate()
+            process.wait(10)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m launch.bench_teacher", description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=1280, help="requests in the concurrent run")
@@ -126,18 +142,7 @@ def main(argv: list[str] | None = None) -> None:
                     **labeller.constraint["extra_body"]}
             bare_rate, bare_cpu_ms = asyncio.run(bare_aiohttp(base_url, body, args.requests, concurrency))
             half = max(1, args.capacity // 2)
-            fast, fast_url = start_server(args.latency, half)
-            slow, slow_url = start_server(2 * args.latency, half)
-            try:
-                two = dataclasses.replace(base, base_url=None, endpoints=[
-                    EndpointSettings(base_url=fast_url, name="fast", concurrency=half),
-                    EndpointSettings(base_url=slow_url, name="slow", concurrency=half)])
-                wall2, cpu2, n2 = asyncio.run(label(labeller, two, synthetic_cases(args.requests, 2_000_000),
-                                                    Path(tmp) / "two.jsonl"))
-            finally:
-                for process in (fast, slow):
-                    process.terminate()
-                    process.wait(10)
+            wall2, cpu2, n2 = two_endpoints(labeller, base, half, args.latency, args.requests, Path(tmp) / "two.jsonl")
     finally:
         server.terminate()
         server.wait(10)
