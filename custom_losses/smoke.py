@@ -619,6 +619,16 @@ def chat_once(base_url: str, messages: list[dict[str, str]], max_tokens: int = 6
     return int(answer["usage"]["completion_tokens"]), time.perf_counter() - start
 
 
+def last_error_line(log: Path) -> str:
+    """The last line of a server log that names an error (else its last line): what a FAIL line quotes."""
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "(no log)"
+    errors = [line for line in lines if "Error" in line or "error" in line]
+    return (errors or lines or ["(empty log)"])[-1][-300:]
+
+
 def vllm_part(ctx: SmokeContext, say: Callable[[str], None], base_url: str | None = None) -> None:
     """One request through vLLM: BASE_URL's server, or one started from the predict recipe's serve settings on
     the smoke's model."""
@@ -639,13 +649,18 @@ def vllm_part(ctx: SmokeContext, say: Callable[[str], None], base_url: str | Non
             say(f"skip vLLM: {ctx.recipe.stage1.predict} serves elsewhere (server: null); no serving request")
             return
         spec = load_server_spec(server, [f"model={json.dumps(str(ctx.model_dir))}", "served_model_name=smoke"])
-        with tempfile.TemporaryDirectory(prefix="medkd-smoke-vllm-") as work:
-            start = time.perf_counter()
-            with serving(spec, Path(work) / "server.log") as running:
+        log = resolve_path(ctx.recipe.out) / "logs" / "smoke-vllm.log"   # kept: a failed start is read there
+        log.unlink(missing_ok=True)
+        start = time.perf_counter()
+        try:
+            with serving(spec, log) as running:
                 ready = time.perf_counter() - start
                 tokens, seconds = chat_once(running.base_url, messages)
+        except RuntimeError as err:
+            say(f"FAIL vLLM: {str(err).splitlines()[0].split(';')[0]}: {last_error_line(log)} (log: {log})")
+            return
         say(f"ok vLLM: ready in {ready:.0f} s; one request, {tokens} tokens in {seconds:.2f} s "
-            f"({tokens / seconds:,.0f} tokens/s)")
+            f"({tokens / seconds:,.0f} tokens/s); log {log}")
         return
     tokens, seconds = chat_once(base_url, messages)
     say(f"ok vLLM ({base_url}): one request, {tokens} tokens in {seconds:.2f} s ({tokens / seconds:,.0f} tokens/s)")
