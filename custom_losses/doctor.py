@@ -341,21 +341,33 @@ def pinned_version(package: str, constraints: Path = REPO_ROOT / "constraints.tx
     return None
 
 
-def check_vllm(python: str | None, pinned: str | None, timeout_s: float = 120) -> CheckResult:
-    """PYTHON (the vLLM environment's interpreter; None when prep.serving.vllm_python found none) imports vllm
-    at the PINNED version."""
-    fix = "bash launch/setup.sh (it builds .venv-vllm with the pinned vLLM)"
+def start_vllm_import(python: str | None) -> subprocess.Popen | None:
+    """`import vllm` in PYTHON, started now and read by check_vllm: its seconds of CPU overlap the other checks
+    (the pipeline runs the doctor before every run)."""
     if python is None or not Path(python).exists():
+        return None
+    return subprocess.Popen([python, "-c", "import vllm; print(vllm.__version__)"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def check_vllm(python: str | None, pinned: str | None, timeout_s: float = 120,
+               started: subprocess.Popen | None = None) -> CheckResult:
+    """PYTHON (the vLLM environment's interpreter; None when prep.serving.vllm_python found none) imports vllm
+    at the PINNED version (STARTED: that import, already running)."""
+    fix = "bash launch/setup.sh (it builds .venv-vllm with the pinned vLLM)"
+    process = started or start_vllm_import(python)
+    if process is None:
         return fail("vllm", f"{python or '.venv-vllm/bin/python'}: the vLLM environment is missing", fix)
     try:
-        out = subprocess.run([python, "-c", "import vllm; print(vllm.__version__)"], capture_output=True, text=True,
-                             timeout=timeout_s)
+        stdout, stderr = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
         return fail("vllm", f"`import vllm` took over {timeout_s:.0f} s in {python}", fix)
-    if out.returncode != 0:
-        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+    if process.returncode != 0:
+        last = (stderr.strip().splitlines() or ["no output"])[-1]
         return fail("vllm", f"`import vllm` fails in {python}: {last}", fix)
-    version = out.stdout.strip().splitlines()[-1]
+    version = stdout.strip().splitlines()[-1]
     if pinned and version.split("+")[0] != pinned:
         return fail("vllm", f"vllm {version} in {python}, constraints.txt pins {pinned}", fix)
     return ok("vllm", f"vllm {version} imports ({python})")
@@ -478,6 +490,19 @@ def _cached_snapshot(name: str) -> str | None:
     return str(folder) if any(folder.glob("*.safetensors")) else None
 
 
+def check_split(train_cases: str | Path, teacher: Any) -> CheckResult:
+    """The teacher recipe's split must leave training rows (prep.pipeline.check_split)."""
+    from prep.jsonio import InputError
+    from prep.pipeline import check_split as pipeline_check_split
+    from prep.steps import PipelineError
+
+    try:
+        return ok("split", pipeline_check_split(resolve_path(train_cases), teacher.split))
+    except (PipelineError, InputError) as err:
+        return fail("split", str(err), "add cases to the training file or lower split.valid_fraction in the teacher "
+                    "recipe (stage1.teacher_set)")
+
+
 def check_teacher(role: str, teacher: Any) -> CheckResult:
     """A hosted teacher answers now with the key it is given (prep.pipeline.check_teacher); a self-hosted one
     starts with its step."""
@@ -567,22 +592,6 @@ def _run(config: str | Path, overrides: Sequence[str], machine: Machine | None, 
         if report:
             report(result)
 
-    machine = Machine.here() if machine is None else machine
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false") if offline is None else offline
-    try:
-        recipe = load(config, overrides, len(machine.gpus))
-    except (RecipeError, ValueError, OSError, KeyError) as err:
-        add(fail("recipes", str(err), "correct the named file and key (each recipe's header says what its keys do)"))
-        return results, None
-    pipe = recipe.pipeline
-    add(check_case_files([pipe.train_cases, pipe.test_cases]))
-    notes = [f"{name}: {note}" for name, note in recipe.validated.items() if isinstance(note, str)]
-    add(ok("recipes", f"{len(recipe.validated)} stage recipes validate" + (f" ({'; '.join(notes)})" if notes else "")))
-    add(check_cuda(recipe.steps, machine))
-    add(check_gpu_memory(recipe.steps, machine.gpus))
-    add(check_precision(recipe.steps, machine.gpus))
-    add(check_attention({step.name: step.attention for step in recipe.steps if step.kind == "train"}))
-    add(check_bitsandbytes(recipe.steps, machine.gpus))
     if vllm_python == "":
         from prep.serving import vllm_python as find_vllm
 
@@ -590,7 +599,28 @@ def _run(config: str | Path, overrides: Sequence[str], machine: Machine | None, 
             vllm_python = find_vllm()
         except FileNotFoundError:
             vllm_python = None
-    add(check_vllm(vllm_python, pinned_version("vllm")))
+    vllm_import = start_vllm_import(vllm_python)
+    machine = Machine.here() if machine is None else machine
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false") if offline is None else offline
+    try:
+        recipe = load(config, overrides, len(machine.gpus))
+    except (RecipeError, ValueError, OSError, KeyError) as err:
+        if vllm_import is not None:
+            vllm_import.kill()
+            vllm_import.communicate()
+        add(fail("recipes", str(err), "correct the named file and key (each recipe's header says what its keys do)"))
+        return results, None
+    pipe = recipe.pipeline
+    add(check_case_files([pipe.train_cases, pipe.test_cases]))
+    notes = [f"{name}: {note}" for name, note in recipe.validated.items() if isinstance(note, str)]
+    add(ok("recipes", f"{len(recipe.validated)} stage recipes validate" + (f" ({'; '.join(notes)})" if notes else "")))
+    add(check_split(pipe.train_cases, recipe.validated["teacher"]))
+    add(check_cuda(recipe.steps, machine))
+    add(check_gpu_memory(recipe.steps, machine.gpus))
+    add(check_precision(recipe.steps, machine.gpus))
+    add(check_attention({step.name: step.attention for step in recipe.steps if step.kind == "train"}))
+    add(check_bitsandbytes(recipe.steps, machine.gpus))
+    add(check_vllm(vllm_python, pinned_version("vllm"), started=vllm_import))
     multi = any(step.on_gpu and step.gpus > 1 for step in recipe.steps)
     add(check_allreduce(len(machine.gpus)) if multi and len(machine.gpus) > 1 else
         ok("nccl", "no step spans several GPUs here" if machine.gpus else "no GPU: not needed"))
@@ -620,10 +650,8 @@ def run_smoke(config: str | Path, overrides: Sequence[str], tiny: bool,
               report: Callable[[str], None] = print) -> CheckResult:
     """custom_losses.smoke.run_smoke (a few real-shape steps on this box), each of its lines streamed to REPORT;
     FAIL when any of them is a FAIL line."""
-    try:
-        smoke = importlib.import_module("custom_losses.smoke")
-    except ImportError as err:
-        return fail("smoke", f"custom_losses.smoke is not available ({err})", "update medkd (git pull)")
+    from custom_losses import smoke
+
     try:
         smoke_lines = smoke.run_smoke(config, list(overrides), tiny=tiny, out=report)
     except Exception as err:  # a recipe the checks passed but the smoke run refuses: still one line

@@ -321,7 +321,7 @@ def check_split(train_cases: Path, split: Split) -> str:
     if len(valid) == len(ids):
         raise PipelineError(f"{train_cases}: the teacher's split (valid_fraction={split.valid_fraction}) holds out "
                             f"all {len(ids)} case(s), leaving no training rows; add cases or lower valid_fraction")
-    return f"split: {len(ids) - len(valid)} training and {len(valid)} held-out case(s) at most"
+    return f"{len(ids) - len(valid)} training and {len(valid)} held-out case(s) at most"
 
 
 def check_teacher(role: str, teacher: ApiRecipe) -> str:
