@@ -13,7 +13,7 @@ On one H100/H200 (custom_losses.gpu_bench says what is measured and how the FLOP
     against custom_losses.memory's prediction.
 Each missing optional module (vllm, bitsandbytes, flash_attn, liger_kernel, axolotl, deepspeed, trl) is one
 `skip` line saying what is left out. `--cpu-tiny` runs the same code at tiny shapes on a CPU (the tiny Qwen2
-config, the recipes' cpu-tiny overlays, hidden 64 in the loss): what the test suite runs.
+config, the recipes' cpu-tiny overlays, hidden 64 and vocabulary 4096 in the loss): what the test suite runs.
 The last line is `key=value` for the headline figures (nan where a part was skipped); exit 1 if a step failed.
 
 On a rented or air-gapped box with Python 3.11/3.12, CUDA and torch already installed:
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = BenchPlan(cases=cases, tiny=args.cpu_tiny, steps=args.steps or (2 if args.cpu_tiny else 4),
                      qlora=not args.no_qlora and not args.cpu_tiny, import_names=names)
     if args.cpu_tiny:
-        loss = LossSettings(seqs=[64], hidden=64, vocab=VOCAB_ROWS, k=20, dtype="float32", chunk=TRL_CHUNK,
+        loss = LossSettings(seqs=[64], hidden=64, vocab=4096, k=20, dtype="float32", chunk=TRL_CHUNK,
                             repeats=1, fresh_process=False)
     else:
         loss = LossSettings(seqs=[2048, 4096], hidden=QWEN25_7B_HIDDEN, vocab=VOCAB_ROWS, k=20, dtype="bfloat16",
