@@ -12,11 +12,14 @@ teacher top-k ids/log-probs), each differentiated wrt hidden and weight:
                    trl.trainer.sft_trainer._chunked_cross_entropy_loss, chunks of 256 tokens under
                    gradient checkpointing
   (d) ce_naive     plain CE through full logits and F.cross_entropy
+  (e) kd_axolotl   with --axolotl: Axolotl 0.19's fused top-k KD kernel on the same inputs (compiled on cuda),
+                   divided by the token count (the kernel sums; Axolotl's trainer divides afterwards)
 
 (a) and (b) compute the same loss, as do (c) and (d); the table prints the losses so that can be checked.
 Every measurement runs in a fresh process (multiprocessing spawn) so peaks do not leak between variants.
 The last line, for the longest sequence, is `mem_vs_ce=A mem_vs_naive=B time_vs_ce=C` with
-A = peak(a) / peak(c), B = peak(a) / peak(b), C = time(a) / time(c).
+A = peak(a) / peak(c), B = peak(a) / peak(b), C = time(a) / time(c); with --axolotl it adds
+`mem_vs_axolotl=D time_vs_axolotl=E` (peak(a) / peak(e), time(a) / time(e)).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import argparse
 import torch
 
 from custom_losses.loss_bench import (
+    AXOLOTL_VARIANT,
     CPU_DEFAULT_HIDDEN,
     QWEN25_7B_HIDDEN,
     TRL_CHUNK,
@@ -45,6 +49,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs after the warm-up (default 5 cuda, 1 cpu)")
     parser.add_argument("--chunk", type=int, default=TRL_CHUNK, help="tokens per chunk of our loss (default: TRL's 256)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--axolotl", action="store_true", help="also Axolotl's fused top-k KD kernel (needs axolotl)")
     args = parser.parse_args()
     on_gpu = args.device == "cuda"
     hidden = args.hidden or (QWEN25_7B_HIDDEN if on_gpu else CPU_DEFAULT_HIDDEN)
@@ -64,7 +69,7 @@ def main() -> None:
     results: dict[tuple[int, str], dict | None] = {}
     print(f"\n{'tokens':>7} {'variant':<11} {'peak MiB':>10} {'time s':>8} {'loss':>10}")
     for n in seqs:
-        for variant in VARIANTS:
+        for variant in [*VARIANTS, *([AXOLOTL_VARIANT] if args.axolotl else [])]:
             r = measure_in_fresh_process(variant, n, hidden, args.vocab, args.k, args.device, dtype, args.chunk, repeats)
             results[(n, variant)] = r
             if r is None:
@@ -77,7 +82,11 @@ def main() -> None:
     n = max(seqs)
     a, b, c = (results[(n, v)] for v in ("kd_chunked", "kd_naive", "ce_trl"))
     ratio = lambda x, y, key: f"{x[key] / y[key]:.3f}" if x and y and y[key] > 0 else "nan"
-    print(f"mem_vs_ce={ratio(a, c, 'peak_bytes')} mem_vs_naive={ratio(a, b, 'peak_bytes')} time_vs_ce={ratio(a, c, 'time_s')}")
+    line = f"mem_vs_ce={ratio(a, c, 'peak_bytes')} mem_vs_naive={ratio(a, b, 'peak_bytes')} time_vs_ce={ratio(a, c, 'time_s')}"
+    if args.axolotl:
+        e = results[(n, AXOLOTL_VARIANT)]
+        line += f" mem_vs_axolotl={ratio(a, e, 'peak_bytes')} time_vs_axolotl={ratio(a, e, 'time_s')}"
+    print(line)
 
 
 if __name__ == "__main__":
