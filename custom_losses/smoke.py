@@ -296,6 +296,11 @@ def load_sft_model(config: dict[str, Any], model_dir: str, device: str, attn: st
     elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.enable_input_require_grads()
+    # As Axolotl 0.19 does for a LoRA/QLoRA adapter (ModelLoader._configure_embedding_dtypes): the norms and the
+    # embedding and output layers, which the k-bit preparation upcasts to fp32, go back to the compute dtype.
+    for name, module in model.named_modules():
+        if "norm" in name or (name.endswith(("embed_tokens", "lm_head")) and hasattr(module, "weight")):
+            module.to(dtype)
     targets: Any = list(config.get("lora_target_modules") or [])
     if config.get("lora_target_linear"):
         targets = "all-linear" if not targets else sorted({*targets, "q_proj", "k_proj", "v_proj", "o_proj",
