@@ -119,12 +119,20 @@ def random_model_dir(config: dict[str, Any], device: str) -> Path:
 
 # ---- measuring -----------------------------------------------------------------------------------
 
+def _first_gpu_only() -> None:
+    """In the child, before CUDA starts: one GPU. A single process that sees several makes transformers' Trainer
+    wrap the model in torch.nn.DataParallel, which is neither what a recipe runs nor what one GPU measures."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible.split(",")[0] if visible else "0"
+
+
 def in_fresh_process(fn: Callable, *args: Any) -> Any:
-    """FN(*ARGS) in a spawned process: its peak memory is its own and its kernels' patches (Liger) stay there.
-    A killed child (out of memory) raises RuntimeError."""
+    """FN(*ARGS) in a spawned process on the first visible GPU: its peak memory is its own and its kernels'
+    patches (Liger) stay there. A killed child (out of memory) raises RuntimeError."""
     context = mp.get_context("spawn")
     try:
-        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context,
+                                                    initializer=_first_gpu_only) as pool:
             return pool.submit(fn, *args).result()
     except concurrent.futures.process.BrokenProcessPool:
         raise RuntimeError("the measuring process died (out of memory?)") from None
