@@ -35,6 +35,16 @@ pip_config() {  # pip_config PIP KEY: what pip uses for KEY (its environment var
 
 find_uv() {  # sets UV: a uv on PATH, else one pip-installed into .venv (pinned in constraints.txt if there)
   [[ "${MEDKD_INSTALLER:-uv}" == uv && -z "$UV" ]] || return 0
+  # uv takes a version found on several indexes from the first one that has it (even with unsafe-best-match),
+  # so where indexes split one version's wheels (local mirrors) it can install another Python's wheel: seen with
+  # multiprocess 0.70.19 (py310 from the first index, py311 on the second), which breaks datasets' workers.
+  # pip weighs every file of every index, so with several indexes pip it is.
+  local indexes
+  indexes="$( { pip_config .venv/bin/pip index-url; pip_config .venv/bin/pip extra-index-url | tr ' ' '\n'; } | grep -c . )"
+  if (( indexes > 1 )); then
+    log "pip, not uv: $indexes package indexes are configured and uv reads each version from the first that has it"
+    return 0
+  fi
   if command -v uv >/dev/null; then UV="$(command -v uv)"; return 0; fi
   [[ -x .venv/bin/uv ]] || quiet_pip .venv/bin/pip install -q uv || log "uv is not installable here; pip it is"
   [[ -x .venv/bin/uv ]] && UV="$ROOT/.venv/bin/uv"
