@@ -245,6 +245,11 @@ def kill_point(step: str, out: Path):
     }[step]
 
 
+# The shared run (eight kills, then the whole pipeline) is set up inside the first test that uses it, and
+# pytest-timeout counts a test's fixtures: 15-25 minutes on two loaded cores, above the suite's 900 s default.
+KILLED_RUN_TIMEOUT = pytest.mark.timeout(2700)
+
+
 @pytest.fixture(scope="module")
 def killed_run(tmp_path_factory) -> dict:
     """The tiny pipeline (both stages) over editable inputs, SIGKILLed inside each step in turn (as if the machine
@@ -273,6 +278,7 @@ def ids_in(path: Path) -> list[int]:
 
 
 @pytest.mark.slow
+@KILLED_RUN_TIMEOUT
 def test_sigkill_inside_each_step_then_rerun_gives_every_case_exactly_once(killed_run):
     final, out = killed_run["final"], killed_run["out"]
     assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
@@ -315,6 +321,7 @@ def statuses(out: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
+@KILLED_RUN_TIMEOUT
 def test_an_unchanged_or_touched_rerun_skips_every_step_in_seconds(killed_run):
     recipe, out = killed_run["recipe"], killed_run["out"]
     assert set(plan_lines(recipe).values()) == {("skip", "up to date")}
@@ -332,6 +339,7 @@ def test_an_unchanged_or_touched_rerun_skips_every_step_in_seconds(killed_run):
 
 
 @pytest.mark.slow
+@KILLED_RUN_TIMEOUT
 def test_an_in_place_recipe_edit_reruns_that_step_and_its_dependents_only(killed_run):
     recipe, out = killed_run["recipe"], killed_run["out"]
     replace_in(killed_run["distill_overlay"], "learning_rate: 5.0e-3", "learning_rate: 4.0e-3")
@@ -351,6 +359,7 @@ def test_an_in_place_recipe_edit_reruns_that_step_and_its_dependents_only(killed
 
 
 @pytest.mark.slow
+@KILLED_RUN_TIMEOUT
 def test_a_full_finetune_sft_recipe_runs_without_merge_and_predict_serves_its_weights(killed_run):
     out = killed_run["tmp"] / "full"
     shutil.copytree(killed_run["out"], out, symlinks=True)   # a copied run folder stays up to date
@@ -373,6 +382,7 @@ def test_a_full_finetune_sft_recipe_runs_without_merge_and_predict_serves_its_we
 
 
 @pytest.mark.slow
+@KILLED_RUN_TIMEOUT
 def test_a_changed_prompt_reruns_the_teacher_and_everything_that_reads_it(killed_run):
     recipe, out = killed_run["recipe"], killed_run["out"]
     with open(killed_run["user_prompt"], "a", encoding="utf-8") as prompt:
