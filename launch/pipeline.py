@@ -21,7 +21,7 @@ import sys
 
 from prep.config import RecipeError, add_recipe_arguments
 from prep.jsonio import InputError
-from prep.pipeline import PipelineError, curve_files, run_pipeline, validate_recipe
+from prep.pipeline import PipelineError, run_pipeline
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -38,7 +38,6 @@ def main(argv: list[str] | None = None) -> int:
     overrides = args.overrides + ([f"stages=[{args.stages}]"] if args.stages else [])
     try:
         out = run_pipeline(args.config, overrides, plan_only=args.plan, until=args.until)
-        curves = curve_files(validate_recipe(args.config, overrides=overrides)).values()
     except (RecipeError, InputError, PipelineError, FileNotFoundError) as err:
         print(f"[pipeline] error: {err}", file=sys.stderr)
         return 2
@@ -48,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan or args.until:
         return 0
     print(f"[pipeline] scores: {out / 'scores' / 'scores.md'} and {out / 'scores' / 'scores.png'}")
+    curves = sorted((out / "scores").glob("curves-*.png"))   # the score step wrote them (prep.pipeline.curve_files)
     print(f"[pipeline] training curves: {' and '.join(map(str, curves))}")
     print(f"[pipeline] submission (validated): {out / 'submission.jsonl'}")
     return 0
