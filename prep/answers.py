@@ -1,5 +1,8 @@
 """The one answer schema (`reason`, then `diseases`), its parser for model output, and the disease normaliser.
 
+An answer may also carry a reasoning teacher's trace (`reasoning`, written first, before `reason`): a
+training target only, never part of a submission.
+
 Teacher labelling, training targets, constrained decoding and the scorer all go through here, so
 the JSON the student is trained on is byte-for-byte the JSON it is constrained to emit.
 """
@@ -11,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 ANSWER_KEYS = ("reason", "diseases")  # order matters: the model reasons before it names diseases
+# A reasoning teacher's trace, first when present: the order public solutions trained on (trace, reason, diseases).
+REASONING_KEY = "reasoning"
 # Key names seen in official examples (the early `bingli_json`) and in teacher output.
 KEY_ALIASES = {"诊断依据": "reason", "理由": "reason", "诊断": "diseases", "disease": "diseases"}
 
@@ -39,6 +44,11 @@ class AnswerError(ValueError):
 class Answer:
     reason: str
     diseases: str
+    reasoning: str | None = None          # a reasoning teacher's trace; training targets only
+
+    def without_reasoning(self) -> Answer:
+        """The answer as submitted: reason and diseases only."""
+        return Answer(self.reason, self.diseases)
 
     def to_json(self) -> str:
         return answer_json(self)
@@ -48,8 +58,11 @@ class Answer:
 
 
 def answer_json(answer: Answer) -> str:
-    """The canonical compact JSON of an answer, reason first: the training target and the decode format."""
-    return json.dumps({"reason": answer.reason, "diseases": answer.diseases}, ensure_ascii=False, separators=(",", ":"))
+    """The canonical compact JSON of an answer, reason first (the trace before it when the answer has one):
+    the training target and the decode format."""
+    trace = {REASONING_KEY: answer.reasoning} if answer.reasoning is not None else {}
+    return json.dumps({**trace, "reason": answer.reason, "diseases": answer.diseases}, ensure_ascii=False,
+                      separators=(",", ":"))
 
 
 _FENCE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.S)
@@ -116,7 +129,10 @@ def answer_from_object(obj: Any) -> Answer:
         if not value.strip():
             raise AnswerError(f"'{key}' is empty")
         values[key] = value.strip()
-    return Answer(**values)
+    trace = obj.get(REASONING_KEY)
+    if trace is not None and not isinstance(trace, str):
+        raise AnswerError(f"'{REASONING_KEY}' must be a string, got {type(trace).__name__}")
+    return Answer(**values, reasoning=(trace.strip() or None) if trace is not None else None)
 
 
 def format_diseases(names: list[str]) -> str:

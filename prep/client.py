@@ -44,7 +44,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from prep.answers import _JSON_STRING_BODY, ANSWER_KEYS, ANSWER_REGEX
+from prep.answers import _JSON_STRING_BODY, ANSWER_KEYS, ANSWER_REGEX, REASONING_KEY
 from prep.jsonio import JsonlAppender, read_appended
 
 log = logging.getLogger("medkd.client")
@@ -224,14 +224,22 @@ class StructuredOutput:
     json_schema  the OpenAI `response_format` json_schema (vLLM and OpenAI-style servers);
     json_object  `response_format: {type: json_object}` (hosted APIs such as DashScope and DeepSeek);
     none         no constraint; the parser and one repair turn do the rest.
+
+    `reasoning: true` puts a `reasoning` string first in the regex and the schema: the shape a student
+    trained on a reasoning teacher's traces answers in (predict strips the trace from the submission).
+    A reasoning teacher served with a reasoning parser needs no such thing: its trace comes beside the answer.
     """
 
     kind: Literal["regex", "json_schema", "json_object", "none"] = "regex"
     max_reason_chars: int | None = None      # characters (JSON escapes count as one); null = unbounded
     max_diseases_chars: int | None = None
+    reasoning: bool = False                  # the answer opens with a `reasoning` field
+    max_reasoning_chars: int | None = None   # its bound, as above (only with reasoning: true)
 
     def __post_init__(self) -> None:
-        for name in ("max_reason_chars", "max_diseases_chars"):
+        if self.max_reasoning_chars is not None and not self.reasoning:
+            raise ValueError("key 'structured_output.max_reasoning_chars': set only with reasoning: true")
+        for name in ("max_reason_chars", "max_diseases_chars", "max_reasoning_chars"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"key 'structured_output.{name}': must be at least 1 or null")
@@ -241,29 +249,35 @@ def _repeat(bound: int | None) -> str:
     return "+" if bound is None else f"{{1,{bound}}}"
 
 
-def answer_regex(max_reason_chars: int | None = None, max_diseases_chars: int | None = None) -> str:
-    """prep.answers.ANSWER_REGEX with optional length bounds on the two strings."""
-    if max_reason_chars is None and max_diseases_chars is None:
+def answer_regex(max_reason_chars: int | None = None, max_diseases_chars: int | None = None,
+                 reasoning: bool = False, max_reasoning_chars: int | None = None) -> str:
+    """prep.answers.ANSWER_REGEX with optional length bounds on the strings, and the trace first when REASONING."""
+    if max_reason_chars is None and max_diseases_chars is None and not reasoning:
         return ANSWER_REGEX
     reason, diseases = _repeat(max_reason_chars), _repeat(max_diseases_chars)
-    return (r'\{"reason":"' + _JSON_STRING_BODY + reason + r'","diseases":"' + _JSON_STRING_BODY + diseases + r'"\}')
+    trace = f'"{REASONING_KEY}":"' + _JSON_STRING_BODY + _repeat(max_reasoning_chars) + '",' if reasoning else ""
+    return (r'\{' + trace + r'"reason":"' + _JSON_STRING_BODY + reason + r'","diseases":"' + _JSON_STRING_BODY
+            + diseases + r'"\}')
 
 
-def answer_schema(max_reason_chars: int | None = None, max_diseases_chars: int | None = None) -> dict[str, Any]:
-    """prep.answers.ANSWER_JSON_SCHEMA with optional maxLength bounds."""
-    bounds = dict(zip(ANSWER_KEYS, (max_reason_chars, max_diseases_chars)))
+def answer_schema(max_reason_chars: int | None = None, max_diseases_chars: int | None = None,
+                  reasoning: bool = False, max_reasoning_chars: int | None = None) -> dict[str, Any]:
+    """prep.answers.ANSWER_JSON_SCHEMA with optional maxLength bounds, and the trace first when REASONING."""
+    keys = ((REASONING_KEY,) if reasoning else ()) + ANSWER_KEYS
+    bounds = dict(zip(keys, ((max_reasoning_chars,) if reasoning else ()) + (max_reason_chars, max_diseases_chars)))
     properties = {key: {"type": "string", "minLength": 1, **({"maxLength": bound} if bound else {})}
                   for key, bound in bounds.items()}
-    return {"type": "object", "properties": properties, "required": list(ANSWER_KEYS), "additionalProperties": False}
+    return {"type": "object", "properties": properties, "required": list(keys), "additionalProperties": False}
 
 
 def structured_output_params(section: StructuredOutput) -> dict[str, Any]:
     """Request parameters (extra_body or response_format) enforcing the answer format; part of every cache key."""
+    trace = {"reasoning": True, "max_reasoning_chars": section.max_reasoning_chars} if section.reasoning else {}
     if section.kind == "regex":
-        regex = answer_regex(section.max_reason_chars, section.max_diseases_chars)
+        regex = answer_regex(section.max_reason_chars, section.max_diseases_chars, **trace)
         return {"extra_body": {"structured_outputs": {"regex": regex}}}
     if section.kind == "json_schema":
-        schema = answer_schema(section.max_reason_chars, section.max_diseases_chars)
+        schema = answer_schema(section.max_reason_chars, section.max_diseases_chars, **trace)
         json_schema = {"name": "answer", "schema": schema, "strict": True}
         return {"response_format": {"type": "json_schema", "json_schema": json_schema}}
     if section.kind == "json_object":
@@ -408,6 +422,7 @@ class ChatResult:
     logprobs: Any                         # choices[0].logprobs(.content) exactly as the server sent it
     retries: int
     response: dict[str, Any]              # the whole JSON body (prompt_logprobs, other choices, ...)
+    reasoning: str | None = None          # a reasoning model's trace, beside the answer (see reasoning_text)
 
 
 class MalformedResponse(ValueError):
@@ -425,6 +440,20 @@ def _clean_text(text: Any) -> str:
     # A `\ud83d` escape without its pair decodes to a lone surrogate, which UTF-8 files cannot hold.
     text = text if isinstance(text, str) else ""
     return _LONE_SURROGATE.sub("\ufffd", text) if _LONE_SURROGATE.search(text) else text
+
+
+# Where a reasoning model's trace comes: DeepSeek's API and vLLM before 0.11 say `reasoning_content`;
+# vLLM renamed it `reasoning` (docs.vllm.ai, "Reasoning Outputs") and may send the old name empty beside it.
+REASONING_FIELDS = ("reasoning", "reasoning_content")
+
+
+def reasoning_text(message: dict[str, Any]) -> str | None:
+    """The trace of a chat answer's message under either name (the first non-blank), or None."""
+    for name in REASONING_FIELDS:
+        value = message.get(name)
+        if isinstance(value, str) and value.strip():
+            return _clean_text(value)
+    return None
 
 
 def estimate_prompt_tokens(messages: list[dict[str, Any]] | str) -> int:
@@ -648,16 +677,18 @@ class ChatClient:
         """The client's counters and, under "endpoints", each endpoint's."""
         return {**self.stats.to_json(), "endpoints": self.endpoint_stats()}
 
-    async def chat(self, messages: list[dict[str, Any]], **params: Any) -> ChatResult:
+    async def chat(self, messages: list[dict[str, Any]], reasoning_tokens: int = 0, **params: Any) -> ChatResult:
+        """One chat answer. REASONING_TOKENS: what a reasoning model's trace may add beyond max_tokens (not sent;
+        counted in the request's token estimate against token_cap and tokens_per_minute)."""
         body = self._body({"messages": messages}, params)
-        data, retries = await self._post("/chat/completions", body, estimate_prompt_tokens(messages))
+        data, retries = await self._post("/chat/completions", body, estimate_prompt_tokens(messages) + reasoning_tokens)
         choice = data["choices"][0]
         message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
         logprobs = choice.get("logprobs")
         if isinstance(logprobs, dict) and "content" in logprobs:
             logprobs = logprobs["content"]
         return ChatResult(_clean_text(message.get("content")), choice.get("finish_reason"), self._usage(data),
-                          logprobs, retries, data)
+                          logprobs, retries, data, reasoning_text(message))
 
     async def completion(self, prompt: str | list[int], **params: Any) -> ChatResult:
         """/v1/completions (e.g. `prompt_logprobs` on vLLM); text and logprobs of the first choice."""

@@ -12,6 +12,11 @@ takes the next item of a script, or the default behaviour when the script is emp
     "truncated"           headers promise more body than is sent, then close
     "malformed"           200 with a body that is not JSON
     {"answer": TEXT}      200 whose assistant content is TEXT (e.g. an invalid answer)
+    {"answer": TEXT, "reasoning": TRACE}   ... with TRACE as the message's reasoning trace
+
+With `reasoning_fn` every answer also carries a trace beside its content, under `reasoning_field`
+(`reasoning_content`, as DeepSeek's API and older vLLM send it, or `reasoning`, newer vLLM's name), and
+the trace's characters count in usage.completion_tokens, as a reasoning model's tokens do.
 
 Setting `frozen` makes it stop answering anything (GET /models included) without closing a
 connection, as a machine that vanished from the network would, until it is cleared.
@@ -43,10 +48,19 @@ DEFAULT_MODEL = "fault-model"
 _DISEASES = ["急性扁桃体炎", "社区获得性肺炎", "2型糖尿病", "高血压病", "急性胃肠炎", "偏头痛"]
 
 
+def _user_text(body: dict) -> str:
+    return next((m["content"] for m in body.get("messages", []) if m.get("role") == "user"), "")
+
+
+def default_reasoning(body: dict) -> str:
+    """A trace that depends only on the case text, as default_answer does."""
+    digest = int(hashlib.sha256(_user_text(body).encode("utf-8")).hexdigest(), 16)
+    return f"嗯，先看主诉和现病史。病例编号{digest % 1000}，症状指向{_DISEASES[digest % len(_DISEASES)]}，再排除其他可能。"
+
+
 def default_answer(body: dict) -> str:
     """A valid answer that depends only on the case text, so reruns and samples are reproducible."""
-    user = next((m["content"] for m in body.get("messages", []) if m.get("role") == "user"), "")
-    digest = int(hashlib.sha256(user.encode("utf-8")).hexdigest(), 16)
+    digest = int(hashlib.sha256(_user_text(body).encode("utf-8")).hexdigest(), 16)
     disease = _DISEASES[digest % len(_DISEASES)]
     return json.dumps({"reason": f"1. 主诉与现病史支持{disease}；2. 病例编号{digest % 1000}", "diseases": disease},
                       ensure_ascii=False, separators=(",", ":"))
@@ -55,8 +69,11 @@ def default_answer(body: dict) -> str:
 class FaultServer:
     def __init__(self, model: str = DEFAULT_MODEL, latency_s: float = 0.0, capacity: int | None = None,
                  api_key: str | None = None, upstream: str | None = None,
-                 answer_fn: Callable[[dict], str] = default_answer, list_models: bool = True):
+                 answer_fn: Callable[[dict], str] = default_answer, list_models: bool = True,
+                 reasoning_fn: Callable[[dict], str | None] | None = None,
+                 reasoning_field: str = "reasoning_content"):
         self.model, self.latency_s, self.capacity = model, latency_s, capacity
+        self.reasoning_fn, self.reasoning_field = reasoning_fn, reasoning_field
         self.api_key, self.upstream, self.answer_fn, self.list_models = api_key, upstream, answer_fn, list_models
         self.script: deque[Any] = deque()
         self.received = self.completed = self.in_flight = self.peak_in_flight = self.models_requests = 0
@@ -213,11 +230,13 @@ class FaultServer:
         if kind == "malformed":
             return await self._send(writer, 200, b'{"id": "x", "choices": [{"message": ', mark_done=True)
         if kind == "answer":
-            return await self._send(writer, 200, self._chat_body(request, item["answer"]), mark_done=True)
+            body = self._chat_body(request, item["answer"], item.get("reasoning", self._reasoning(request)))
+            return await self._send(writer, 200, body, mark_done=True)
         if self.upstream:
             status, payload = await asyncio.to_thread(self._proxy, path, raw)
             return await self._send(writer, status, payload, mark_done=status == 200)
-        return await self._send(writer, 200, self._chat_body(request, self.answer_fn(request)), mark_done=True)
+        body = self._chat_body(request, self.answer_fn(request), self._reasoning(request))
+        return await self._send(writer, 200, body, mark_done=True)
 
     def _proxy(self, path: str, raw: bytes) -> tuple[int, bytes]:
         url = self.upstream.rstrip("/") + path[path.index("/v1") + 3:] if "/v1" in path else self.upstream + path
@@ -228,15 +247,21 @@ class FaultServer:
         except urllib.error.HTTPError as err:
             return err.code, err.read()
 
-    def _chat_body(self, request: dict, content: str) -> dict:
+    def _reasoning(self, request: dict) -> str | None:
+        return self.reasoning_fn(request) if self.reasoning_fn else None
+
+    def _chat_body(self, request: dict, content: str, reasoning: str | None = None) -> dict:
         prompt_chars = sum(len(str(m.get("content", ""))) for m in request.get("messages", []))
+        message = {"role": "assistant", "content": content}
+        if reasoning is not None:
+            message[self.reasoning_field] = reasoning
+        completion = len(content) + len(reasoning or "")
         return {
             "id": f"chatcmpl-{self.received}", "object": "chat.completion", "created": int(time.time()),
             "model": request.get("model"),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop",
-                         "logprobs": None}],
-            "usage": {"prompt_tokens": prompt_chars, "completion_tokens": len(content),
-                      "total_tokens": prompt_chars + len(content)},
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}],
+            "usage": {"prompt_tokens": prompt_chars, "completion_tokens": completion,
+                      "total_tokens": prompt_chars + completion},
         }
 
     async def _error(self, writer, status: int, message: str, kind: str, headers: dict | None = None) -> bool:

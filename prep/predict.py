@@ -193,6 +193,8 @@ class Predictor:
         case, attempt = item
         result = await client.chat(self.prompts.messages(case), **self.params(attempt))
         answer, raw_valid, error = judge(result.text, result.finish_reason)
+        # Reason and diseases only: a student trained on traces writes one first (structured_output.reasoning),
+        # and it stays in `raw`, never in predictions.jsonl or the submission.
         return {"id": case.id, "attempt": attempt, "status": "ok" if answer else "invalid",
                 "answer": {"reason": answer.reason, "diseases": answer.diseases} if answer else None,
                 "raw_valid": raw_valid, "error": error, "raw": result.text, "finish_reason": result.finish_reason,

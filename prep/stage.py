@@ -68,8 +68,15 @@ class Sampling:
     max_tokens: int = 1024
     samples_per_case: int = 1            # > 1: self-consistency, keep the sample that agrees most with the others
     seed: int | None = None              # sample i is asked with seed + i, so samples differ yet reruns repeat
+    # Tokens a reasoning model's trace may take beyond max_tokens, counted in every token estimate (spend cap,
+    # tokens_per_minute) but never sent: for endpoints whose max_tokens bounds the final answer only, as
+    # DeepSeek's API documented for deepseek-reasoner at R1's launch. Where max_tokens covers the trace (vLLM,
+    # DeepSeek's API today) leave it 0 and make max_tokens room for trace and answer.
+    reasoning_tokens: int = 0
 
     def __post_init__(self) -> None:
+        if self.reasoning_tokens < 0:
+            raise ValueError("key 'sampling.reasoning_tokens': must be 0 or more")
         if self.samples_per_case < 1:
             raise ValueError("key 'sampling.samples_per_case': must be at least 1")
         if self.max_tokens < 1:
@@ -353,10 +360,11 @@ class ApiStage:
 
     def estimate_tokens(self, items: list[Any]) -> tuple[int, int]:
         """(prompt tokens, completion tokens) for asking ITEMS once each: one token per prompt character
-        plus 4 per message, and sampling.max_tokens per answer. Items are cases or (case, sample) pairs."""
+        plus 4 per message, and sampling.max_tokens (plus reasoning_tokens) per answer. Items are cases or
+        (case, sample) pairs."""
         prompt = sum(estimate_prompt_tokens(self.prompts.messages(item[0] if isinstance(item, tuple) else item))
                      for item in items)
-        return prompt, len(items) * self.recipe.sampling.max_tokens
+        return prompt, len(items) * (self.recipe.sampling.max_tokens + self.recipe.sampling.reasoning_tokens)
 
     # ---- what each stage supplies ----
 

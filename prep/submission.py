@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from prep.answers import Answer
+from prep.answers import REASONING_KEY, Answer
 from prep.jsonio import InputError, dumps, parse_object_line, read_jsonl, text_line_of_byte, write_text_atomic
 from prep.records import Case, case_id_of, read_cases
 
@@ -34,6 +34,7 @@ def id_list(ids: list[int], limit: int = MAX_IDS_SHOWN) -> str:
 
 
 def submission_row(case: Case, answer: Answer, echo_feature_content: bool = False) -> dict:
+    """One submission line: the answer's reason and diseases (a reasoning trace never goes in)."""
     row = {"id": case.id, "reason": answer.reason, "diseases": answer.diseases}
     if echo_feature_content:
         row["feature_content"] = case.feature_content
@@ -95,6 +96,10 @@ def _line_problem(path: str | Path, number: int, text: str, expected: Mapping[in
             return InputError(path, number, f"must be a string, got {type(row[key]).__name__}", field=key)
         if not row[key].strip():
             return InputError(path, number, "is empty", field=key)
+    if REASONING_KEY in row:
+        return InputError(path, number, "a reasoning trace is a training target, never part of a submission (a line "
+                                        "has id, reason, diseases and optionally feature_content)",
+                          field=REASONING_KEY)
     extra = [key for key in row if key not in SUBMISSION_KEYS + OPTIONAL_KEYS]
     if extra:
         return InputError(path, number, "unexpected key (a submission line has id, reason, diseases and optionally "

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from prep.stage import (
 )
 
 REPAIR_PLACEHOLDER = "{error}"
+REASONING_MODES = ("drop", "target")
 
 
 @dataclass
@@ -57,10 +58,15 @@ class TeacherRecipe(ApiRecipe):
     prompts: TeacherPrompts = field(default_factory=TeacherPrompts)
     split: Split = field(default_factory=Split)
     repair_turns: int = 1                 # asks after an invalid answer, each with the parser's complaint
+    # A reasoning teacher's trace (kept in cache.jsonl either way): drop = answers as today; target = in the SFT
+    # target, first: {"reasoning", "reason", "diseases"}; a sample without one is rejected. Not in any cache key.
+    reasoning: str = "drop"
 
     def __post_init__(self) -> None:
         if self.repair_turns < 0:
             raise ValueError("key 'repair_turns': must be 0 or more")
+        if self.reasoning not in REASONING_MODES:
+            raise ValueError(f"key 'reasoning': must be one of {', '.join(REASONING_MODES)}")
 
 
 def load_repair_prompt(path: str | Path) -> str:
@@ -96,7 +102,7 @@ def validate_answer(text: str, finish_reason: str | None = None) -> Answer:
             raise AnswerError(f"{err}; the answer was cut off at the max_tokens limit, so answer more briefly") \
                 from None
         raise
-    for name, value in (("reason", answer.reason), ("diseases", answer.diseases)):
+    for name, value in (("reason", answer.reason), ("diseases", answer.diseases), ("reasoning", answer.reasoning or "")):
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
@@ -134,7 +140,7 @@ class Labeller:
         params = {**self.sampling, "seed": self.seed(sample), **self.constraint}
         results, answer, error = [], None, None
         for _ in range(1 + self.recipe.repair_turns):
-            result = await client.chat(messages, **params)
+            result = await client.chat(messages, reasoning_tokens=self.recipe.sampling.reasoning_tokens, **params)
             results.append(result)
             try:
                 answer = validate_answer(result.text, result.finish_reason)
@@ -142,8 +148,12 @@ class Labeller:
             except AnswerError as err:
                 error = str(err)
                 repair = self.repair_prompt.replace(REPAIR_PLACEHOLDER, error)
+                # The answer only, never its trace: DeepSeek's API refuses a reasoning_content in the messages.
                 messages = messages + [{"role": "assistant", "content": result.text},
                                        {"role": "user", "content": repair}]
+        # Traces are kept whatever `reasoning` says, so switching it re-derives the outputs without asking again;
+        # a teacher that sends none leaves its rows as they were before traces were kept.
+        traces = [result.reasoning for result in results]
         return {
             "id": case.id, "sample": sample, "status": "ok" if answer else "rejected",
             "answer": {"reason": answer.reason, "diseases": answer.diseases} if answer else None,
@@ -152,8 +162,23 @@ class Labeller:
             "usage": {"prompt_tokens": sum(r.usage["prompt_tokens"] for r in results),
                       "completion_tokens": sum(r.usage["completion_tokens"] for r in results)},
             "retries": sum(result.retries for result in results), "model": self.model,
-            "prompt_hash": self.prompts.hash,
+            "prompt_hash": self.prompts.hash, **({"reasoning": traces} if any(traces) else {}),
         }
+
+    def judge(self, row: dict[str, Any]) -> tuple[Answer | None, str | None]:
+        """A cache row's answer as the recipe trains on it (the trace first with `reasoning: target`), or None
+        and why: the row's rejection, or a missing trace when the recipe trains on traces."""
+        if row["status"] != "ok":
+            return None, row["error"]
+        answer = answer_from_object(row["answer"])
+        if self.recipe.reasoning == "drop":
+            return answer, None
+        trace = (row.get("reasoning") or [None])[-1]      # the last turn's: the answer that was accepted
+        if not trace:
+            return None, ("no reasoning trace: the teacher sent none with this answer, and the recipe's "
+                          "`reasoning: target` trains on it (a reasoning model: DeepSeek-R1 on its API, or QwQ / "
+                          "R1-distilled models on vLLM with --reasoning-parser)")
+        return replace(answer, reasoning=trace), None
 
 
 # ---- from the cache to the dataset ----------------------------------------------------------------

@@ -68,6 +68,8 @@ def test_every_teacher_recipe_validates(path):
     endpoints = recipe.client.resolved()
     if isinstance(recipe.server, str):
         assert (REPO_ROOT / recipe.server).exists()
+    elif isinstance(recipe.server, dict):   # an inline server (a teacher only it needs, e.g. a reasoning parser)
+        assert recipe.server["model"] and recipe.client.base_url is None
     elif recipe.client.endpoints:       # several: hosted over https, self-hosted replicas on a private network
         assert all(e.base_url.startswith(("https://", "http://")) for e in endpoints)
     else:
