@@ -3,6 +3,8 @@
 w_t is 0 on prompt tokens (they carry no label), 1 on ordinary answer tokens, `w_diseases` on the
 tokens inside the `diseases` value, and `w_terms` on tokens of lexicon terms that also occur in the
 case (the findings that justify the diagnosis). Where both apply, the larger weight wins.
+With `case_weight: agreement` every weight of a case is then multiplied by the case's agreement
+(custom_losses.trainer.build_kd_features), so answers the teacher's samples agreed on teach more.
 Spans are found on the answer's characters and mapped to tokens through the tokenizer's offsets,
 so the weights follow the exact tokens the model is trained on.
 """
@@ -16,6 +18,7 @@ from prep.paths import resolve_path
 from prep.qwen import IM_END
 
 DEFAULT_LEXICON = "data/medical_terms.txt"
+CASE_WEIGHTS = ("none", "agreement")
 
 
 @dataclass(frozen=True)
@@ -23,10 +26,13 @@ class TokenWeightConfig:
     w_diseases: float = 2.0
     w_terms: float = 1.5
     lexicon_path: str | None = DEFAULT_LEXICON
+    case_weight: str = "none"     # none | agreement: the soft-label row's `agreement` scales its tokens' weights
 
     def __post_init__(self) -> None:
         if self.w_diseases < 0 or self.w_terms < 0:
             raise ValueError("token weights w_diseases and w_terms must be >= 0")
+        if self.case_weight not in CASE_WEIGHTS:
+            raise ValueError(f"key 'case_weight': must be one of {', '.join(CASE_WEIGHTS)}, got {self.case_weight!r}")
 
 
 @lru_cache(maxsize=8)

@@ -49,6 +49,9 @@ class KDConfig(SFTConfig):
     w_terms: float = field(default=1.5, metadata={"help": "Weight of lexicon terms found in both case and answer."})
     lexicon_path: str | None = field(default="data/medical_terms.txt", metadata={
         "help": "Medical-term lexicon, one per line."})
+    case_weight: str = field(default="none", metadata={
+        "help": "none | agreement: multiply each case's token weights by its soft-label row's `agreement` (the "
+                "teacher's self-consistency, prep.teacher), so cases the teacher's samples disagreed on teach less."})
     kd_packing: bool = field(default=False, metadata={
         "help": "Pack cases into rows of up to max_length tokens (custom_losses.packing, best-fit decreasing); "
                 "position ids restart per case and no token attends across cases. TRL's `packing` would hand the "
@@ -79,7 +82,8 @@ class KDConfig(SFTConfig):
                             rho_keep_fraction=self.kd_rho_keep_fraction)
 
     def weight_config(self) -> TokenWeightConfig:
-        return TokenWeightConfig(w_diseases=self.w_diseases, w_terms=self.w_terms, lexicon_path=self.lexicon_path)
+        return TokenWeightConfig(w_diseases=self.w_diseases, w_terms=self.w_terms, lexicon_path=self.lexicon_path,
+                                 case_weight=self.case_weight)
 
 
 def build_kd_features(row: dict[str, Any], tokenizer, weights: TokenWeightConfig) -> dict[str, Any]:
@@ -99,6 +103,21 @@ def build_kd_features(row: dict[str, Any], tokenizer, weights: TokenWeightConfig
         raise ValueError(f"case {row.get('id')}: stored answer_token_ids ({len(stored)}) differ from the tokenizer's "
                          f"({len(answer.ids)}); the soft labels were made with another tokenizer or template")
     length = len(answer.ids)
+    # The case weight scales the token weights, and the loss divides by the accumulated batch's sum of those
+    # weights (WeightedKDTrainer._get_num_items_in_batch), so it is normalised: it moves the gradient from
+    # low- to high-agreement cases of a step without shrinking the step. Unnormalised, a run's mean agreement
+    # would act as a learning-rate factor, and a recipe's learning rate would mean something else with the
+    # weight on; normalised, a weight of 1 everywhere is exactly the unweighted loss.
+    case_weight = 1.0
+    if weights.case_weight == "agreement":
+        agreement = row.get("agreement")
+        if agreement is None:
+            raise ValueError(f"case {row.get('id')}: case_weight: agreement needs the soft-label rows' 'agreement' "
+                             f"column, which this dataset lacks (prep.softlabels writes it; make the soft labels "
+                             f"again, or set case_weight: none)")
+        if not 0 <= agreement <= 1:
+            raise ValueError(f"case {row.get('id')}: agreement {agreement} is outside [0, 1]")
+        case_weight = float(agreement)
     topk_ids, topk_logprobs = row["target_token_ids"][:length], row["logprobs"][:length]
     if len(topk_ids) != length or len(topk_logprobs) != length:
         raise ValueError(f"case {row.get('id')}: {len(topk_ids)} soft-label positions for {length} answer tokens")
@@ -107,7 +126,7 @@ def build_kd_features(row: dict[str, Any], tokenizer, weights: TokenWeightConfig
         "labels": [-100] * len(prompt_ids) + answer.ids,
         "kd_topk_ids": [list(map(int, ids)) for ids in topk_ids],
         "kd_topk_logprobs": [list(map(float, lps)) for lps in topk_logprobs],
-        "kd_weights": answer.weights,
+        "kd_weights": [weight * case_weight for weight in answer.weights],
         "kd_in_diseases": answer.in_diseases,
     }
 

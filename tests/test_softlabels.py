@@ -95,6 +95,7 @@ def generated_128(vllm_server, tmp_path_factory):
 def test_generated_rows_hold_the_exact_answer_tokens_and_sorted_valid_topk(generated, qwen_tokenizer):
     rows, stats = all_rows(generated), summary(generated)
     assert stats["answered"] == 6 and stats["rejected"] == 0 and stats["incomplete"] == 0
+    assert (stats["answers"], stats["answers_from"]) == ("fresh", None) and {row["agreement"] for row in rows} == {1.0}
     assert sorted(row["id"] for row in rows) == [case.id for case in read_cases(SAMPLE_CASES).cases[:6]]
     # 20 ids (4 bytes) + 20 log-probs (4 bytes) per position, plus the lists' offsets.
     assert 160 <= stats["softlabel_bytes_per_answer_token"] < 175 and stats["bytes_per_answer_token"] > 160
@@ -252,11 +253,12 @@ def test_scoring_fixed_answers_from_a_teacher_prep_folder(vllm_server, tmp_path,
                                "--answers", str(teacher_out), "--set", f"softlabels.top_k={k}")) == 0
     stats, rows = summary(out), {row["id"]: row for row in all_rows(out)}
     assert stats["mode"] == "score" and stats["answered"] == 3 and stats["without_answer"] == 1 and stats["k"] == k
+    assert (stats["answers"], stats["answers_from"]) == ("kept", str(teacher_out))
     for case, answer in zip(cases, answers):
         row = rows[case.id]
         assert row["messages"][-1]["content"] == answer_json(answer)
         assert row["answer_token_ids"] == qwen_tokenizer(answer_json(answer), add_special_tokens=False)["input_ids"] + [IM_END]
-        assert row["source"] == "prompt_logprobs" and row["sampling_temperature"] is None
+        assert row["source"] == "prompt_logprobs" and row["sampling_temperature"] is None and row["agreement"] == 1.0
         for token_id, ids, logprobs in zip(row["answer_token_ids"], row["target_token_ids"], row["logprobs"]):
             assert token_id in ids                                   # the fixed token's entry exists
             assert len(ids) == len(set(ids)) == k and all(0 <= i < VOCAB for i in ids)
@@ -269,7 +271,7 @@ def test_scoring_fixed_answers_from_a_teacher_prep_folder(vllm_server, tmp_path,
 def test_answers_file_with_reason_and_diseases(tmp_path):
     path = tmp_path / "answers.jsonl"
     path.write_text('{"id": 7, "reason": "1. 发热。", "diseases": "感冒"}\n', encoding="utf-8")
-    assert read_answers(path) == {7: answer_json(Answer("1. 发热。", "感冒"))}
+    assert read_answers(path).texts == {7: answer_json(Answer("1. 发热。", "感冒"))}
     path.write_text('{"id": 7, "text": "x"}\n', encoding="utf-8")
     with pytest.raises(ValueError, match="answers.jsonl:1: .*needs 'messages' or 'reason' and 'diseases'"):
         read_answers(path)
@@ -280,8 +282,8 @@ def test_answers_file_with_reason_and_diseases(tmp_path):
 class ForeignTeacher(FaultServer):
     """Answers with chat logprobs whose tokens are 4-character chunks: not Qwen2.5 tokens."""
 
-    def _chat_body(self, request, content):
-        body = super()._chat_body(request, content)
+    def _chat_body(self, request, content, *rest):   # rest: the fault server's reasoning trace, if any
+        body = super()._chat_body(request, content, *rest)
         chunks = [content[i:i + 4] for i in range(0, len(content), 4)] + ["<|im_end|>"]
         entry = lambda text, lp: {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}  # noqa: E731
         body["choices"][0]["logprobs"] = {"content": [{**entry(chunk, -0.1), "top_logprobs": [entry(chunk, -0.1)]}
