@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from prep.answers import Answer, AnswerError, answer_from_object, normalise_diseases, parse_answer
+from prep.answers import Answer, AnswerError, answer_from_object, format_diseases, normalise_diseases, parse_answer
 from prep.client import ChatClient, cache_key, load_cache, structured_output_params
 from prep.config import RecipeError, load_recipe
 from prep.jsonio import save_splits, write_jsonl_atomic
@@ -36,6 +36,7 @@ from prep.stage import (
 
 REPAIR_PLACEHOLDER = "{error}"
 REASONING_MODES = ("drop", "target")
+DISEASES_VOTES = ("best", "majority")
 
 
 @dataclass
@@ -61,12 +62,22 @@ class TeacherRecipe(ApiRecipe):
     # A reasoning teacher's trace (kept in cache.jsonl either way): drop = answers as today; target = in the SFT
     # target, first: {"reasoning", "reason", "diseases"}; a sample without one is rejected. Not in any cache key.
     reasoning: str = "drop"
+    # Self-consistency (sampling.samples_per_case > 1). A case whose samples agree less than min_agreement (the
+    # kept sample's mean Jaccard, select_by_agreement) goes to rejects.jsonl; 0 keeps every answered case.
+    min_agreement: float = 0.0
+    # best: the diseases of the sample that agrees most; majority: those named by more than half of the valid
+    # samples (vote_diseases). Both only choose among cached answers: neither is part of a cache key.
+    diseases_vote: str = "best"
 
     def __post_init__(self) -> None:
         if self.repair_turns < 0:
             raise ValueError("key 'repair_turns': must be 0 or more")
         if self.reasoning not in REASONING_MODES:
             raise ValueError(f"key 'reasoning': must be one of {', '.join(REASONING_MODES)}")
+        if not 0 <= self.min_agreement <= 1:
+            raise ValueError("key 'min_agreement': must be in [0, 1]")
+        if self.diseases_vote not in DISEASES_VOTES:
+            raise ValueError(f"key 'diseases_vote': must be one of {', '.join(DISEASES_VOTES)}")
 
 
 def load_repair_prompt(path: str | Path) -> str:
@@ -204,6 +215,42 @@ def select_by_agreement(answers: list[Answer | None]) -> tuple[int | None, float
     return best, (round(best_score, 4) if best is not None else 0.0)
 
 
+def _named(answer: Answer) -> dict[str, str]:
+    """Disease key (normalised, parentheticals dropped, as select_by_agreement compares them) -> the sample's own
+    spelling of it (parentheticals kept), in the sample's order."""
+    named: dict[str, str] = {}
+    for spelling in normalise_diseases(answer.diseases, keep_parentheticals=True):
+        for key in normalise_diseases(spelling, keep_parentheticals=False)[:1]:
+            named.setdefault(key, spelling)
+    return named
+
+
+def vote_diseases(answers: list[Answer | None]) -> tuple[int | None, Answer | None]:
+    """The majority answer of a case's samples: (the sample the reason comes from, the answer), or (None, None)
+    when no disease is named by more than half of the valid samples (rejected samples do not vote).
+
+    The diseases are the names more than half of the valid samples give (keys as in select_by_agreement). The
+    reason comes from the valid sample whose disease set agrees most (Jaccard) with the voted set, ties to the
+    first, so reason and diseases stay as close as the samples allow; each voted name is spelt as that sample
+    spells it (else as the first sample naming it does) and listed in its order, then in sample order.
+    """
+    named = [_named(answer) if answer else None for answer in answers]
+    valid = [names for names in named if names is not None]
+    votes = Counter(key for names in valid for key in names)
+    voted = {key for key, count in votes.items() if count * 2 > len(valid)}
+    if not voted:
+        return None, None
+    source = max((i for i, names in enumerate(named) if names is not None),
+                 key=lambda i: (_jaccard(set(named[i]), voted), -i))
+    order = [named[source], *(names for names in named if names is not None)]
+    spellings: dict[str, str] = {}
+    for names in order:
+        for key, spelling in names.items():
+            if key in voted:
+                spellings.setdefault(key, spelling)
+    return source, replace(answers[source], diseases=format_diseases(list(spellings.values())))
+
+
 def validation_ids(ids: list[int], valid_fraction: float, seed: int) -> set[int]:
     """A case's split depends only on its id and the seed, so it never moves as more cases are labelled."""
     def score(case_id: int) -> float:
@@ -221,7 +268,8 @@ def derive_outputs(labeller: Labeller, cases: list[Case], out: Path,
     cache = load_cache(out / "cache.jsonl")
     n = labeller.recipe.sampling.samples_per_case
     sft, rejects, kinds, missing = [], [], Counter(), 0
-    used_keys, repaired = set(), 0
+    used_keys, repaired, voted, no_majority = set(), 0, 0, 0
+    recipe = labeller.recipe
     for case in cases:
         keys = [labeller.key((case, sample)) for sample in range(n)]
         rows = [cache.get(key) for key in keys]
@@ -229,17 +277,33 @@ def derive_outputs(labeller: Labeller, cases: list[Case], out: Path,
         if any(row is None for row in rows):
             missing += 1
             continue
-        answers = [answer_from_object(row["answer"]) if row["status"] == "ok" else None for row in rows]
+        judged = [labeller.judge(row) for row in rows]
+        answers = [answer for answer, _ in judged]
         repaired += sum(bool(row.get("repaired")) for row in rows)
-        for row in rows:
-            if row["status"] != "ok":
-                rejects.append({"id": case.id, "sample": row["sample"], "kind": "rejected", "reason": row["error"],
+        for row, (answer, why) in zip(rows, judged):
+            if answer is None:   # the teacher's answer was invalid, or valid without the trace the recipe needs
+                rejects.append({"id": case.id, "sample": row["sample"],
+                                "kind": "rejected" if row["status"] != "ok" else "no_reasoning", "reason": why,
                                 "raw": row["raw"]})
         best, agreement = select_by_agreement(answers)
         if best is None:
-            kinds[reason_kind(rows[-1]["error"] or "")] += 1
+            kinds[reason_kind(judged[-1][1] or "")] += 1
             continue
-        sft.append({"id": case.id, "messages": labeller.prompts.messages(case, answers[best]), "agreement": agreement})
+        if agreement < recipe.min_agreement:
+            kinds["low_agreement"] += 1
+            rejects.append({"id": case.id, "sample": None, "kind": "low_agreement",
+                            "reason": f"its {n} samples agree {agreement} (the best sample's mean Jaccard overlap of "
+                                      f"diseases with the others'), below min_agreement {recipe.min_agreement}",
+                            "raw": [row["raw"][-1] for row in rows], "agreement": agreement})
+            continue
+        answer = answers[best]
+        if recipe.diseases_vote == "majority":
+            # No disease named by a majority: the samples disagree too much to vote, and an empty list is no
+            # answer, so the case keeps the sample that agrees most (as with `best`); counted in the summary.
+            _, majority = vote_diseases(answers)
+            voted, no_majority = voted + (majority is not None), no_majority + (majority is None)
+            answer = majority or answer
+        sft.append({"id": case.id, "messages": labeller.prompts.messages(case, answer), "agreement": agreement})
     for failure in failed or []:
         case_id, sample = failure["item"]
         rejects.append({"id": case_id, "sample": sample, "kind": "failed", "reason": failure["error"], "raw": None})
@@ -257,6 +321,8 @@ def derive_outputs(labeller: Labeller, cases: list[Case], out: Path,
             "rejected_reasons": dict(kinds),
             "incomplete": missing, "repaired_samples": repaired, "train": len(train), "valid": len(valid),
             "mean_agreement": round(sum(agreements) / len(agreements), 4) if agreements else None,
+            "min_agreement": recipe.min_agreement, "diseases_vote": recipe.diseases_vote,
+            "voted_cases": voted, "no_majority_cases": no_majority,
             "stale_cache_rows": len(cache) - len(used_keys)}
 
 
