@@ -186,8 +186,9 @@ class Labeller:
             return answer, None
         trace = (row.get("reasoning") or [None])[-1]      # the last turn's: the answer that was accepted
         if not trace:
-            return None, ("no reasoning trace: the teacher sent none with this answer, and the recipe's "
-                          "`reasoning: target` trains on it (a reasoning model: DeepSeek-R1 on its API, or QwQ / "
+            # "no reasoning trace" before the bracket is the kind the summary counts (stage.reason_kind).
+            return None, ("no reasoning trace (the teacher sent none with this answer, and the recipe's "
+                          "`reasoning: target` trains on one: use a reasoning model, DeepSeek-R1 on its API or QwQ / "
                           "R1-distilled models on vLLM with --reasoning-parser)")
         return replace(answer, reasoning=trace), None
 
