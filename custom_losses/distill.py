@@ -271,6 +271,10 @@ def build_trainer(script_args, training_args, model_args):
     for split in splits:
         if split not in dataset:
             raise InputError(script_args.dataset_path, None, f"no '{split}' split (has {list(dataset)})")
+        if training_args.case_weight == "agreement" and "agreement" not in dataset[split].column_names:
+            raise InputError(script_args.dataset_path, None, f"split '{split}' has no 'agreement' column, which "
+                             f"case_weight: agreement needs (soft labels made before prep.softlabels wrote it): make "
+                             f"them again, or set case_weight: none", "agreement")
     train_split, eval_split = script_args.dataset_train_split, script_args.dataset_eval_split
     tokenizer_source = script_args.tokenizer_path or model_args.model_name_or_path
     from transformers import AutoTokenizer, set_seed

@@ -203,7 +203,8 @@ def test_case_weight_scales_each_cases_tokens_as_a_brute_force_reference_does(ti
     batch = trainer.data_collator([build_kd_features(row, qwen_tokenizer, plain) for row in softlabels])
     batch["kd_weights"] = batch["kd_weights"] * torch.tensor(agreements)[:, None]
     with torch.no_grad():
-        logits = trainer.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        logits = trainer.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                               use_cache=False).logits
     reference = dense_reference_loss(logits, batch, alpha=0.7, temperature=2.0)
     assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
     unweighted = dense_reference_loss(logits, trainer.data_collator(
@@ -224,3 +225,20 @@ def test_case_weight_needs_the_agreement_column(qwen_tokenizer):
     build_kd_features(row, qwen_tokenizer, TokenWeightConfig())
     with pytest.raises(ValueError, match="case_weight: agreement needs the soft-label rows' 'agreement' column"):
         build_kd_features(row, qwen_tokenizer, TokenWeightConfig(case_weight="agreement"))
+
+
+def test_distill_with_case_weight_refuses_soft_labels_without_agreement_before_loading_anything(qwen_tokenizer,
+                                                                                                 tmp_path):
+    from datasets import DatasetDict
+
+    from custom_losses.distill import build_trainer, parse_recipe
+    from prep.jsonio import InputError
+
+    folder = tmp_path / "softlabels"
+    DatasetDict({"train": Dataset.from_list(softlabel_rows(qwen_tokenizer, 2))}).save_to_disk(str(folder / "dataset"))
+    recipe, overlay = "recipes/distill/qwen2.5-7b-instruct-qlora-1gpu.yaml", "recipes/distill/overrides/cpu-tiny.yaml"
+    args = parse_recipe(recipe, [overlay], [f"dataset_path={folder}", f"output_dir={tmp_path / 'out'}",
+                                            "case_weight=agreement"])
+    with pytest.raises(InputError, match=r"field 'agreement': split 'train' has no 'agreement' column, which "
+                                         r"case_weight: agreement needs"):
+        build_trainer(*args)
