@@ -503,13 +503,16 @@ def check_split(train_cases: str | Path, teacher: Any) -> CheckResult:
                     "recipe (stage1.teacher_set)")
 
 
-def check_teacher(role: str, teacher: Any) -> CheckResult:
-    """A hosted teacher answers now with the key it is given (prep.pipeline.check_teacher); a self-hosted one
-    starts with its step."""
+def check_teacher(role: str, teacher: Any, scores_answers: bool = False) -> CheckResult:
+    """A hosted teacher answers now with the key it is given (prep.pipeline.check_teacher; with SCORES_ANSWERS it
+    must also return prompt_logprobs); a self-hosted one starts with its step."""
     from prep.pipeline import check_teacher as pipeline_check_teacher
+    from prep.steps import PipelineError
 
     try:
-        return ok(f"{role} endpoint", pipeline_check_teacher(role, teacher))
+        return ok(f"{role} endpoint", pipeline_check_teacher(role, teacher, scores_answers))
+    except PipelineError as err:   # a hosted API that cannot score given answers
+        return fail(f"{role} endpoint", str(err), "host the soft-label teacher on vLLM or sample fresh answers")
     except Exception as err:  # ClientError: one sentence naming the key, the status or the model
         return fail(f"{role} endpoint", str(err), "set the key's environment variable (never on the command line) or "
                     "correct client.base_url/client.model in the teacher recipe")
@@ -629,7 +632,7 @@ def _run(config: str | Path, overrides: Sequence[str], machine: Machine | None, 
         add(check_model(name, offline))
     add(check_teacher("teacher", recipe.validated["teacher"]))
     if "softlabels" in recipe.validated:
-        add(check_teacher("soft-label teacher", recipe.validated["softlabels"]))
+        add(check_teacher("soft-label teacher", recipe.validated["softlabels"], pipe.stage2.scores_fixed_answers))
     return results, recipe
 
 

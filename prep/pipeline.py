@@ -14,12 +14,14 @@ environment and any hosted teacher's endpoint.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prep.client import check_endpoint
+from prep.client import ClientError, check_endpoint, resolve_api_key
 from prep.config import RecipeError, compose, load_recipe
 from prep.jsonio import read_jsonl, write_jsonl_atomic, write_text_atomic
 from prep.paths import REPO_ROOT, resolve_path
@@ -54,6 +56,29 @@ class StageTwo:
     distill_overlays: list[str] = field(default_factory=list)
     distill_set: list[str] = field(default_factory=list)
     predict_set: list[str] = field(default_factory=list)
+    # kept: the soft-label teacher scores the answers stage one kept (by agreement), token by token, with
+    # prompt_logprobs (a vLLM teacher); fresh: it samples a new answer per case with its top-k log-probs.
+    softlabel_answers: str = "kept"
+    # On-policy rounds after stage two (prep.onpolicy): the student answers the training cases (predict with
+    # on_policy_set), the teacher scores a mix of those and its own answers, distill continues on them.
+    on_policy_rounds: int = 0
+    on_policy_mix: float = 1.0                              # GKD's lmbda: share of training cases answered by the student
+    on_policy_seed: int = 2025
+    on_policy_set: list[str] = field(default_factory=lambda: ["sampling.temperature=1.0"])   # the student's sampling
+    on_policy_distill_set: list[str] = field(default_factory=list)   # a round's distill overrides, e.g. a lower lr
+
+    def __post_init__(self) -> None:
+        if self.softlabel_answers not in ("kept", "fresh"):
+            raise ValueError(f"key 'stage2.softlabel_answers': must be kept or fresh, got {self.softlabel_answers!r}")
+        if self.on_policy_rounds < 0:
+            raise ValueError("key 'stage2.on_policy_rounds': must be 0 or more")
+        if not 0 <= self.on_policy_mix <= 1:
+            raise ValueError(f"key 'stage2.on_policy_mix': must be in [0, 1], got {self.on_policy_mix}")
+
+    @property
+    def scores_fixed_answers(self) -> bool:
+        """Whether the soft-label teacher must score given answers (prompt_logprobs: a vLLM server)."""
+        return self.softlabel_answers == "kept" or self.on_policy_rounds > 0
 
 
 @dataclass
@@ -115,6 +140,9 @@ class Layout:
     def valid_reference(self) -> Path:       # the teacher's held-out answers: the score's reference
         return self.teacher / "sft" / "valid.jsonl"
 
+    def round(self, index: int) -> Path:    # on-policy round INDEX: student/, answers.jsonl, softlabels/, distill/, predict/
+        return self.stage2 / f"round-{index}"
+
     @property
     def predict_cases(self) -> Path:         # test cases plus the held-out ones, answered by one server per model
         return self.out / "predict_cases.jsonl"
@@ -153,16 +181,31 @@ def stage_runs(recipe: PipelineRecipe) -> dict[str, StageRun]:
         "score": StageRun("score", absolute(recipe.score.config), (), tuple(recipe.score.set)),
     }
     if 2 in recipe.stages:
-        distill_paths = (path_override("dataset_path", where.stage2 / "softlabels"),
-                         path_override("output_dir", where.stage2 / "distill"),
-                         path_override("model_name_or_path", stage_one_model(recipe)))
+        distill = where.stage2 / "distill"
         runs.update({
             "softlabels": StageRun("softlabels", absolute(s2.softlabels), (), tuple(s2.softlabels_set)),
-            "distill": StageRun("distill", absolute(s2.distill), tuple(map(absolute, s2.distill_overlays)),
-                                (*s2.distill_set, *distill_paths)),
+            "distill": distill_run(s2, (), where.stage2 / "softlabels", distill, stage_one_model(recipe)),
             "predict-stage2": StageRun("predict", absolute(s2.predict), (), tuple(s2.predict_set)),
         })
+        if s2.on_policy_rounds:   # the first round's commands (round_steps sets each round's seed and paths)
+            runs["student-1"] = student_run(s2, 1)
+            runs["distill-1"] = distill_run(s2, s2.on_policy_distill_set, where.round(1) / "softlabels",
+                                            where.round(1) / "distill", distill / "merged")
     return runs
+
+
+def student_run(s2: StageTwo, index: int) -> StageRun:
+    """Round INDEX's student answering the training cases: the predict recipe, sampled as on_policy_set says."""
+    return StageRun("predict", absolute(s2.predict), (),
+                    (*s2.predict_set, *s2.on_policy_set, f"sampling.seed={s2.on_policy_seed + index}"))
+
+
+def distill_run(s2: StageTwo, extra: Sequence[str], dataset: Path, output: Path, model: Path) -> StageRun:
+    """The distill command on DATASET from MODEL into OUTPUT: stage two's, or a round's with EXTRA overrides."""
+    paths = (path_override("dataset_path", dataset), path_override("output_dir", output),
+             path_override("model_name_or_path", model))
+    return StageRun("distill", absolute(s2.distill), tuple(map(absolute, s2.distill_overlays)),
+                    (*s2.distill_set, *extra, *paths))
 
 
 def sft_paths(where: Layout) -> tuple[str, ...]:
@@ -213,15 +256,53 @@ def stage_one_steps(recipe: PipelineRecipe, runs: dict[str, StageRun], where: La
 
 def stage_two_steps(recipe: PipelineRecipe, runs: dict[str, StageRun], where: Layout) -> list[Step]:
     s2 = where.stage2
-    return [
-        Step("softlabels", runs["softlabels"].argv("--input", str(where.train_cases), "--out", str(s2 / "softlabels")),
+    kept = recipe.stage2.softlabel_answers == "kept"
+    answers = ("--answers", str(where.teacher)) if kept else ()
+    steps = [
+        Step("softlabels", runs["softlabels"].argv("--input", str(where.train_cases), *answers,
+                                                   "--out", str(s2 / "softlabels")),
              [s2 / "softlabels" / "dataset" / "dataset_dict.json"], inputs=(where.train_cases,),
-             recipe=runs["softlabels"]),
+             deps=("teacher",) if kept else (), recipe=runs["softlabels"]),
         Step("distill", runs["distill"].argv(), [s2 / "distill" / "merged" / "config.json"],
              deps=("softlabels", "sft" if sft_is_full(recipe) else "merge"), recipe=runs["distill"],
              fresh_flag="--fresh"),
         predict_step("predict-stage2", runs["predict-stage2"], s2 / "distill" / "merged", where, s2 / "predict",
                      ("distill",)),
+    ]
+    model, model_step = s2 / "distill" / "merged", "distill"
+    for index in range(1, recipe.stage2.on_policy_rounds + 1):
+        steps += round_steps(recipe.stage2, runs, where, index, model, model_step)
+        model, model_step = where.round(index) / "distill" / "merged", f"distill-{index}"
+    return steps
+
+
+def round_steps(s2: StageTwo, runs: dict[str, StageRun], where: Layout, index: int, model: Path,
+                model_step: str) -> list[Step]:
+    """On-policy round INDEX, continuing from MODEL (written by MODEL_STEP): the student answers the training
+    cases, prep.onpolicy mixes its answers with the teacher's, the soft-label teacher scores them, distill
+    continues on them, and the round's model answers the predict cases for the score table."""
+    folder, train = where.round(index), where.train_cases
+    student, answers, labels, distill = (folder / "student", folder / "answers.jsonl", folder / "softlabels",
+                                         folder / "distill")
+    sampler, trainer = student_run(s2, index), distill_run(s2, s2.on_policy_distill_set, labels, distill, model)
+    return [
+        Step(f"student-{index}", sampler.argv("--model", str(model), "--input", str(train), "--out", str(student)),
+             [student / "predictions.jsonl", student / "submission.jsonl"],
+             validate=lambda: require_valid_submission(train, student / "submission.jsonl"),
+             deps=(model_step,), inputs=(train,), recipe=sampler),
+        Step(f"mix-{index}", [PYTHON, "-m", "launch.onpolicy", "--teacher", str(where.teacher), "--student",
+                              str(student / "predictions.jsonl"), "--mix", str(s2.on_policy_mix),
+                              "--seed", str(s2.on_policy_seed),
+                              "--round", str(index), "--out", str(answers)],
+             [answers], deps=("teacher", f"student-{index}")),
+        Step(f"softlabels-{index}", runs["softlabels"].argv("--input", str(train), "--answers", str(answers),
+                                                            "--out", str(labels)),
+             [labels / "dataset" / "dataset_dict.json"], inputs=(train,), deps=(f"mix-{index}",),
+             recipe=runs["softlabels"]),
+        Step(f"distill-{index}", trainer.argv(), [distill / "merged" / "config.json"],
+             deps=(f"softlabels-{index}", model_step), recipe=trainer, fresh_flag="--fresh"),
+        predict_step(f"predict-round{index}", runs["predict-stage2"], distill / "merged", where, folder / "predict",
+                     (f"distill-{index}",)),
     ]
 
 
@@ -255,6 +336,8 @@ def curve_sources(recipe: PipelineRecipe) -> dict[str, Path]:
     sources = {"sft": where.stage1 / "sft"}
     if 2 in recipe.stages:
         sources["distill"] = where.stage2 / "distill"
+        for index in range(1, recipe.stage2.on_policy_rounds + 1):
+            sources[f"distill-{index}"] = where.round(index) / "distill"
     return sources
 
 
@@ -290,7 +373,8 @@ def validate_recipe(path: str | Path, overlays: list[str | Path] = (), overrides
     """The pipeline recipe's own keys, and that every stage recipe and overlay it names exists."""
     recipe = load_recipe(PipelineRecipe, path, list(overrides), overlays)
     stages = [recipe.stage1] + ([recipe.stage2] if recipe.stage2 else [])
-    named = [value for stage in stages for value in vars(stage).values() if isinstance(value, str)]
+    named = [value for stage in stages for key, value in vars(stage).items()
+             if key in ("teacher", "sft", "predict", "softlabels", "distill")]
     named += [overlay for stage in stages for overlay in getattr(stage, "sft_overlays", [])
               + getattr(stage, "distill_overlays", [])]
     for name in [*named, recipe.score.config]:
@@ -324,12 +408,25 @@ def check_split(train_cases: Path, split: Split) -> str:
     return f"{len(ids) - len(valid)} training and {len(valid)} held-out case(s) at most"
 
 
-def check_teacher(role: str, teacher: ApiRecipe) -> str:
-    """A hosted teacher must answer now (key set, key accepted, model listed); a self-hosted one starts later."""
+def check_teacher(role: str, teacher: ApiRecipe, scores_answers: bool = False) -> str:
+    """A hosted teacher must answer now (key set, key accepted, model listed); a self-hosted one starts later.
+    SCORES_ANSWERS: a soft-label teacher that must score given answers (stage two on stage one's kept answers,
+    on-policy rounds) must return prompt_logprobs, which vLLM does and hosted chat APIs do not: one probe."""
     if teacher.server is not None:
         return f"{role} is self-hosted: its step starts the vLLM server"
     settings = endpoint_target(teacher.client, teacher.server).settings
     check_endpoint(settings)  # one sentence on a missing key, 401, wrong model or unreachable endpoint (each one)
+    if scores_answers:
+        from prep.softlabels import probe_top_k  # the stage's own probe (imported late: it loads transformers)
+
+        endpoint = settings.resolved()[0]
+        try:
+            asyncio.run(probe_top_k(settings, resolve_api_key(endpoint), teacher.softlabels.top_k, "score"))
+        except ClientError as err:
+            raise PipelineError(f"{role}: {err}. Scoring stage one's kept answers (stage2.softlabel_answers: kept) "
+                                "and on-policy rounds need a vLLM teacher (a `server:` section or a vLLM "
+                                "endpoint); with a hosted chat API set stage2.softlabel_answers: fresh and "
+                                "stage2.on_policy_rounds: 0") from None
     return f"{role} endpoint(s) {', '.join(endpoint.base_url for endpoint in settings.resolved())} answer"
 
 

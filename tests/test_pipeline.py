@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from prep.answers import Answer, answer_json
 from prep.jsonio import read_appended, read_jsonl
 from prep.pipeline import build_plan, plan_pipeline, validate_recipe
 from prep.steps import ProgressLine, progress_of
@@ -84,6 +85,10 @@ BAD = {
     "bad score setting": (lambda r, t: r["score"].update(set=["fuzzy_threshold=2"]),
                           "fuzzy_threshold must be in (0, 1], got 2"),
     "GPU recipe without a GPU": (lambda r, t: r["stage1"].pop("sft_overlays"), "FAIL cuda: no CUDA GPU visible"),
+    "mix out of range": (lambda r, t: r["stage2"].update(on_policy_mix=1.5),
+                         "key 'stage2.on_policy_mix': must be in [0, 1], got 1.5"),
+    "unknown soft-label answers": (lambda r, t: r["stage2"].update(softlabel_answers="kep"),
+                                   "key 'stage2.softlabel_answers': must be kept or fresh, got 'kep'"),
 }
 
 
@@ -131,6 +136,66 @@ def test_plan_passes_every_setting_as_the_stage_commands_own_flags(tmp_path):
     assert score[score.index("--names") + 1:score.index("--names") + 4] == ["base", "stage1", "stage2"]
     assert plan["submission"][1:] == ["-m", "launch.submission", "write", str(SAMPLE_CASES),
                                       f"{out}/stage2/predict/predictions.jsonl", f"{out}/submission.jsonl"]
+
+
+def flag_values(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, arg in enumerate(argv) if arg == flag]
+
+
+def test_stage_two_scores_the_kept_answers_and_each_on_policy_round_continues_from_the_last(tmp_path):
+    recipe = write_recipe(tmp_path, lambda r: r["stage2"].update(on_policy_rounds=2, on_policy_mix=0.5,
+                                                                 on_policy_distill_set=["learning_rate=1.0e-3"]))
+    steps = {step.name: step for step in build_plan(validate_recipe(recipe))}
+    out = tmp_path / "run"
+    rounds = [f"{kind}-{index}" for index in (1, 2) for kind in ("student", "mix", "softlabels", "distill")]
+    assert list(steps)[7:] == ["predict-stage2", *rounds[:4], "predict-round1", *rounds[4:], "predict-round2",
+                               "score", "submission"]
+    # Stage two: the soft-label teacher scores what stage one kept, so it follows the teacher step.
+    assert flag_values(steps["softlabels"].argv, "--answers") == [f"{out}/stage1/teacher"]
+    assert steps["softlabels"].deps == ("teacher",)
+    for index, model in ((1, f"{out}/stage2/distill/merged"), (2, f"{out}/stage2/round-1/distill/merged")):
+        round_folder = f"{out}/stage2/round-{index}"
+        student = steps[f"student-{index}"]
+        assert flag_values(student.argv, "--model") == [model] and flag_values(student.argv, "--input") == [
+            str(SAMPLE_CASES)]
+        assert flag_values(student.argv, "--set")[-2:] == ["sampling.temperature=1.0", f"sampling.seed={2025 + index}"]
+        mix = steps[f"mix-{index}"].argv
+        assert mix[1:3] == ["-m", "launch.onpolicy"] and flag_values(mix, "--mix") == ["0.5"]
+        assert flag_values(mix, "--student") == [f"{round_folder}/student/predictions.jsonl"]
+        assert flag_values(mix, "--round") == [str(index)]
+        assert flag_values(steps[f"softlabels-{index}"].argv, "--answers") == [f"{round_folder}/answers.jsonl"]
+        distill = steps[f"distill-{index}"]
+        assert flag_values(distill.argv, "--set") == [
+            "learning_rate=1.0e-3", f'dataset_path="{round_folder}/softlabels"',
+            f'output_dir="{round_folder}/distill"', f'model_name_or_path="{model}"']
+        assert distill.deps == (f"softlabels-{index}", "distill" if index == 1 else "distill-1")
+        assert flag_values(steps[f"predict-round{index}"].argv, "--model") == [f"{round_folder}/distill/merged"]
+    score = steps["score"].argv
+    assert score[score.index("--names") + 1:] == ["base", "stage1", "stage2", "round1", "round2"]
+    assert [arg for arg in score if arg.startswith("distill-")] == [
+        f"distill-1={out}/stage2/round-1/distill", f"distill-2={out}/stage2/round-2/distill"]
+    assert steps["submission"].argv[-2] == f"{out}/stage2/round-2/predict/predictions.jsonl"
+
+    fresh = write_recipe(tmp_path, lambda r: r["stage2"].update(softlabel_answers="fresh"))
+    steps = {step.name: step for step in build_plan(validate_recipe(fresh))}
+    assert "--answers" not in steps["softlabels"].argv and steps["softlabels"].deps == ()
+
+
+def test_kept_answers_with_a_hosted_chat_api_stop_in_preflight(tmp_path):
+    from prep.fault_server import FaultServer
+
+    softlabels = yaml.safe_load((RECIPES / "softlabels" / "local-tiny-vllm.yaml").read_text(encoding="utf-8"))
+    with FaultServer() as api:   # a chat API: /completions answers carry no prompt_logprobs
+        softlabels["server"] = None
+        softlabels["client"].update(base_url=api.base_url, model="fault-model")
+        path = tmp_path / "hosted-softlabels.yaml"
+        path.write_text(yaml.safe_dump(softlabels, allow_unicode=True), encoding="utf-8")
+        recipe = write_recipe(tmp_path, lambda r: r["stage2"].update(softlabels=str(path)))
+        result = run_pipeline(recipe)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "FAIL soft-label teacher endpoint" in result.stderr
+    assert "need a vLLM teacher" in result.stderr and "stage2.softlabel_answers: fresh" in result.stderr
+    assert not (tmp_path / "run" / "logs").exists()
 
 
 # --------------------------------------------------------------------------- content keys (no step runs)
@@ -197,7 +262,7 @@ def test_a_step_key_changes_with_exactly_what_determines_its_output(editable):
     with open(editable["user_prompt"], "a", encoding="utf-8") as prompt:   # the teacher's prompt only
         prompt.write("\n请简洁。\n")
     prompted = keys_of(recipe)
-    assert changed(start, prompted) == set(start) - {"softlabels"}
+    assert changed(start, prompted) == set(start)   # stage two scores the answers the teacher kept
 
     # The soft-label teacher's sampling: stage two's soft labels and what reads them, nothing in stage one.
     assert changed(prompted, keys_of(recipe, "stage2.softlabels_set=[sampling.seed=7]")) == {
@@ -223,7 +288,12 @@ def _kill_tree(process: subprocess.Popen) -> None:
     process.wait()
 
 
-STEPS = ["teacher", "sft", "merge", "predict-base", "predict-stage1", "softlabels", "distill", "predict-stage2"]
+STEPS = ["teacher", "sft", "merge", "predict-base", "predict-stage1", "softlabels", "distill", "predict-stage2",
+         *(f"{kind}{index}" for index in (1, 2)
+           for kind in ("student-", "mix-", "softlabels-", "distill-", "predict-round"))]
+# One kill per kind of resume (the API cache, Axolotl's checkpoints, TRL's checkpoints), the last two inside
+# on-policy round two; predict and the soft-label steps resume through the same cache runner as the teacher.
+KILLED = ["teacher", "sft", "softlabels-2", "distill-2"]
 
 
 def _lines(path: Path) -> int:
@@ -233,36 +303,34 @@ def _lines(path: Path) -> int:
 def kill_point(step: str, out: Path):
     """True once STEP is part-way through its real work (not just starting)."""
     log = out / "logs" / f"{step}.log"
-    return {
-        "teacher": lambda: _lines(out / "stage1" / "teacher" / "cache.jsonl") >= 1,
-        "sft": lambda: log.exists() and "'loss'" in log.read_text(errors="replace"),
-        "merge": lambda: log.exists() and log.stat().st_size > 0,
-        "predict-base": lambda: _lines(out / "base" / "predict" / "cache.jsonl") >= 1,
-        "predict-stage1": lambda: _lines(out / "stage1" / "predict" / "cache.jsonl") >= 1,
-        "softlabels": lambda: _lines(out / "stage2" / "softlabels" / "cache.jsonl") >= 1,
-        "distill": lambda: log.exists() and "'loss'" in log.read_text(errors="replace"),
-        "predict-stage2": lambda: _lines(out / "stage2" / "predict" / "cache.jsonl") >= 1,
-    }[step]
+    caches = {"teacher": out / "stage1" / "teacher", "softlabels-2": out / "stage2" / "round-2" / "softlabels"}
+    if step in caches:
+        return lambda: _lines(caches[step] / "cache.jsonl") >= 1
+    return lambda: log.exists() and "'loss'" in log.read_text(errors="replace")
 
 
-# The shared run (eight kills, then the whole pipeline) is set up inside the first test that uses it, and
-# pytest-timeout counts a test's fixtures: 15-25 minutes on two loaded cores, above the suite's 900 s default.
+# The shared run (four kills, then the whole pipeline with two on-policy rounds) is set up inside the first test
+# that uses it, and pytest-timeout counts a test's fixtures: above the suite's 900 s default on two loaded cores.
 KILLED_RUN_TIMEOUT = pytest.mark.timeout(2700)
 
 
 @pytest.fixture(scope="module")
 def killed_run(tmp_path_factory) -> dict:
-    """The tiny pipeline (both stages) over editable inputs, SIGKILLed inside each step in turn (as if the machine
-    lost power), then run again to the end by the same command: shared by the re-run tests below."""
+    """The tiny pipeline (both stages, two on-policy rounds mixing half the student's answers) over editable
+    inputs, SIGKILLed inside a step of each kind in turn (as if the machine lost power), then run again to the
+    end by the same command: shared by the re-run tests below."""
     tmp_path = tmp_path_factory.mktemp("killed")
     paths = make_editable(tmp_path)
+    recipe = yaml.safe_load(paths["recipe"].read_text(encoding="utf-8"))
+    recipe["stage2"].update(on_policy_rounds=2, on_policy_mix=0.5)
+    paths["recipe"].write_text(yaml.safe_dump(recipe, allow_unicode=True), encoding="utf-8")
     out = tmp_path / "run"
     command = [sys.executable, "-m", "launch.pipeline", "--config", str(paths["recipe"])]
-    for step in STEPS:
+    for step in KILLED:
         with open(tmp_path / f"pipeline-{step}.out", "w") as log:
             process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
                                        start_new_session=True)
-            reached, deadline = kill_point(step, out), time.monotonic() + 600
+            reached, deadline = kill_point(step, out), time.monotonic() + 900
             while not reached():
                 assert process.poll() is None, (tmp_path / f"pipeline-{step}.out").read_text()[-2000:]
                 assert time.monotonic() < deadline, f"step {step} never got going"
@@ -279,30 +347,54 @@ def ids_in(path: Path) -> list[int]:
 
 @pytest.mark.slow
 @KILLED_RUN_TIMEOUT
-def test_sigkill_inside_each_step_then_rerun_gives_every_case_exactly_once(killed_run):
+def test_sigkill_inside_each_kind_of_step_then_rerun_gives_every_case_exactly_once(killed_run, qwen_tokenizer):
     final, out = killed_run["final"], killed_run["out"]
     assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
     cases = ids_in(SAMPLE_CASES)
-    teacher = out / "stage1" / "teacher"
-    for cache in (teacher / "cache.jsonl", out / "stage2" / "softlabels" / "cache.jsonl"):
+    teacher, stage2 = out / "stage1" / "teacher", out / "stage2"
+    label_folders = [stage2 / "softlabels", stage2 / "round-1" / "softlabels", stage2 / "round-2" / "softlabels"]
+    for cache in [teacher / "cache.jsonl", stage2 / "round-2" / "student" / "cache.jsonl",
+                  *(folder / "cache.jsonl" for folder in label_folders)]:
         cache_keys = [row["key"] for row in read_appended(cache)]
         assert cache_keys and len(cache_keys) == len(set(cache_keys)), cache
     train, valid = ids_in(teacher / "sft" / "train.jsonl"), ids_in(teacher / "sft" / "valid.jsonl")
     rejected = ids_in(teacher / "rejects.jsonl") if (teacher / "rejects.jsonl").exists() else []
     assert sorted(train + valid + rejected) == sorted(cases)
+    kept = {row["id"]: row["messages"][-1]["content"] for split in ("train", "valid")
+            for row in read_jsonl(teacher / "sft" / f"{split}.jsonl")}
     from datasets import load_from_disk
-    soft = load_from_disk(str(out / "stage2" / "softlabels" / "dataset"))
-    soft_ids = [row_id for split in soft.values() for row_id in split["id"]]
-    assert len(soft_ids) == len(set(soft_ids)) and set(soft_ids) <= set(cases)
-    for model in ("base", "stage1", "stage2"):
+    for folder in label_folders:   # every case stage one kept, once, in the split stage one put it in
+        soft = load_from_disk(str(folder / "dataset"))
+        assert sorted(soft["train"]["id"]) == sorted(train) and sorted(soft["validation"]["id"]) == sorted(valid)
+    # Stage two scored exactly the answers stage one kept: the same text, the same tokens (then <|im_end|>).
+    tokenizer = qwen_tokenizer
+    for row in (row for split in load_from_disk(str(stage2 / "softlabels" / "dataset")).values() for row in split):
+        assert row["messages"][-1]["content"] == kept[row["id"]]
+        assert row["answer_token_ids"][:-1] == tokenizer(kept[row["id"]], add_special_tokens=False)["input_ids"]
+    for index in (1, 2):   # each round: about half the training cases carry the student's own answer
+        answers = {row["id"]: row for row in read_jsonl(stage2 / f"round-{index}" / "answers.jsonl")}
+        student = {row["id"]: row for row in read_jsonl(stage2 / f"round-{index}" / "student" / "predictions.jsonl")}
+        assert sorted(answers) == sorted(kept) and set(train) <= set(student)
+        own = {case_id for case_id, row in answers.items() if row["source"] == "student"}
+        assert own and own < set(train), "a mix of 0.5 gives some training cases the student's answer, none held out"
+        for case_id, row in answers.items():
+            mine = student[case_id] if case_id in own else None
+            assert row["messages"][-1]["content"] == (
+                answer_json(Answer(mine["reason"], mine["diseases"])) if mine else kept[case_id])
+        soft = load_from_disk(str(stage2 / f"round-{index}" / "softlabels" / "dataset"))
+        for row in (row for split in soft.values() for row in split):
+            assert row["messages"][-1]["content"] == answers[row["id"]]["messages"][-1]["content"]
+    for model in ("base", "stage1", "stage2", "stage2/round-1", "stage2/round-2"):
         ids = ids_in(out / model / "predict" / "predictions.jsonl")
         assert len(ids) == len(set(ids)) and set(cases) <= set(ids), model
     assert check_submission(SAMPLE_CASES, out / "submission.jsonl") == []
-    assert (out / "scores" / "scores.png").exists()
+    scores = (out / "scores" / "scores.md").read_text(encoding="utf-8")
+    assert all(f"| {name} " in scores for name in ("base", "stage1", "stage2", "round1", "round2")), scores
+    assert (out / "scores" / "scores.png").exists() and (out / "scores" / "curves-distill-2.png").exists()
     summary = json.loads((out / "pipeline_summary.json").read_text())
     assert [row["step"] for row in summary][:len(STEPS)] == STEPS
-    # After the kill, distill resumed its own checkpoint (same key): it was never told to start fresh.
-    assert "--fresh" not in (out / "logs" / "distill.log").read_text(errors="replace")
+    # After the kill, round two's distill resumed its own checkpoint (same key): it was never told to start fresh.
+    assert "--fresh" not in (out / "logs" / "distill-2.log").read_text(errors="replace")
 
 
 def plan_lines(recipe: Path, *extra: str) -> dict[str, tuple[str, str]]:
@@ -344,7 +436,7 @@ def test_an_in_place_recipe_edit_reruns_that_step_and_its_dependents_only(killed
     recipe, out = killed_run["recipe"], killed_run["out"]
     replace_in(killed_run["distill_overlay"], "learning_rate: 5.0e-3", "learning_rate: 4.0e-3")
     plan = plan_lines(recipe)
-    after = ["distill", "predict-stage2", "score", "submission"]
+    after = STEPS[STEPS.index("distill"):] + ["score", "submission"]   # the rounds continue from stage two's model
     assert {name for name, (verdict, _) in plan.items() if verdict == "run"} == set(after)
     assert plan["distill"] == ("run", "recipe changed")
     assert plan["predict-stage2"] == ("run", "upstream distill changed")
@@ -389,8 +481,8 @@ def test_a_changed_prompt_reruns_the_teacher_and_everything_that_reads_it(killed
         prompt.write("\n请简洁。\n")
     plan = plan_lines(recipe)
     assert plan["teacher"] == ("run", f"{killed_run['user_prompt']} changed")
-    assert plan["softlabels"] == ("skip", "up to date")   # stage two's teacher has prompts of its own
-    assert {name for name, (verdict, _) in plan.items() if verdict == "skip"} == {"softlabels"}
+    assert plan["softlabels"] == ("run", "upstream teacher changed")   # stage two scores what the teacher kept
+    assert {name for name, (verdict, _) in plan.items() if verdict == "skip"} == set()
     rerun = run_pipeline(recipe, "--until", "teacher", timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert statuses(out) == {"teacher": "ran"}

@@ -1,0 +1,38 @@
+"""One on-policy round's answers: the student's for a share of the training cases, the teacher's for the rest.
+
+    python -m launch.onpolicy --teacher OUT/stage1/teacher --student ROUND/student/predictions.jsonl \
+        --mix 0.5 --seed 2025 --round 1 --out ROUND/answers.jsonl
+
+The pipeline runs this as round R's `mix-R` step (stage2.on_policy_rounds, stage2.on_policy_mix); the soft-label
+step then scores OUT with `--answers`. The last line on stdout is the counts by split and source, as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from prep.jsonio import InputError
+from prep.onpolicy import mix_answers
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launch.onpolicy", description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", required=True, help="the teacher stage's output folder (its sft/*.jsonl)")
+    parser.add_argument("--student", required=True, help="the student's predictions.jsonl on the training cases")
+    parser.add_argument("--mix", type=float, required=True, help="share of training cases given the student's answer")
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--round", type=int, required=True, help="the round number (a different draw each round)")
+    parser.add_argument("--out", required=True, help="the answers file to write (JSONL)")
+    args = parser.parse_args(argv)
+    try:
+        summary = mix_answers(args.teacher, args.student, args.out, args.mix, args.seed, args.round)
+    except (InputError, OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
