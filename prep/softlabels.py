@@ -288,8 +288,10 @@ class SoftLabeller:
     """Keys, asks and checks one case for one recipe, prompt set, model and student tokenizer."""
 
     def __init__(self, recipe: SoftLabelRecipe, prompts: PromptSet, model: str, tokenizer,
-                 answers: dict[int, str] | None = None, agreement: dict[int, float] | None = None):
+                 answers: dict[int, str] | None = None, agreement: dict[int, float] | None = None,
+                 valid_ids: set[int] | None = None):
         self.recipe, self.prompts, self.model, self.tokenizer = recipe, prompts, model, tokenizer
+        self.valid_ids = valid_ids                  # the fixed answers' held-out ids; None: the recipe's split
         # Each fixed answer's agreement (prep.teacher's self-consistency), copied into its dataset row for
         # distill's case_weight; not part of the cache key, since it does not change the soft labels.
         self.agreement = agreement or {}
@@ -500,7 +502,10 @@ def derive_outputs(labeller: SoftLabeller, cases: list[Case], out: Path,
     for failure in failed or []:
         rejects.append({"id": failure["item"], "kind": "failed", "reason": failure["error"], "raw": None})
     split = labeller.recipe.split
-    valid_ids = validation_ids([row["id"] for row in rows], split.valid_fraction, split.seed)
+    if labeller.valid_ids is None:
+        valid_ids = validation_ids([row["id"] for row in rows], split.valid_fraction, split.seed)
+    else:
+        valid_ids = labeller.valid_ids
     train = [row for row in rows if row["id"] not in valid_ids]
     valid = [row for row in rows if row["id"] in valid_ids]
     settings = labeller.settings
@@ -530,6 +535,10 @@ class FixedAnswers:
 
     texts: dict[int, str]           # id -> answer text (the last assistant turn, or reason + diseases as JSON)
     agreement: dict[int, float]     # id -> the row's `agreement` (prep.teacher's self-consistency); 1.0 when absent
+    # The ids the answers' own split holds out (the teacher folder's sft/valid.jsonl, or rows marked "split":
+    # "valid"): the soft-label validation split, so stage two never trains on the cases stage one's score rates.
+    # None: the answers carry no split, and the recipe's split applies.
+    valid_ids: set[int] | None = None
 
 
 def read_answers(path: str | Path) -> FixedAnswers:
@@ -540,9 +549,12 @@ def read_answers(path: str | Path) -> FixedAnswers:
     if not all(file.exists() for file in files):
         raise FileNotFoundError(f"{path}: no answers there (expected the teacher stage's sft/train.jsonl and "
                                 f"sft/valid.jsonl, or a JSONL file)")
-    answers = FixedAnswers({}, {})
+    answers, splits = FixedAnswers({}, {}), {}
     for file in files:
         for line, row in enumerate(read_jsonl(file), start=1):
+            split = "valid" if file.name == "valid.jsonl" and path.is_dir() else row.get("split")
+            if split is not None and split not in ("train", "valid"):
+                raise InputError(file, line, f"must be train or valid, got {split!r}", "split")
             if not isinstance(row.get("id"), int):
                 raise InputError(file, line, "must be an integer", "id")
             if "messages" in row:
@@ -558,6 +570,9 @@ def read_answers(path: str | Path) -> FixedAnswers:
             if isinstance(agreement, bool) or not isinstance(agreement, int | float) or not 0 <= agreement <= 1:
                 raise InputError(file, line, f"must be a number in [0, 1], got {agreement!r}", "agreement")
             answers.agreement[row["id"]] = float(agreement)
+            splits[row["id"]] = split
+    if path.is_dir() or any(split is not None for split in splits.values()):
+        answers.valid_ids = {case_id for case_id, split in splits.items() if split == "valid"}
     return answers
 
 
@@ -594,9 +609,10 @@ class SoftLabelStage(ApiStage):
 
     def __init__(self, recipe: SoftLabelRecipe, cases: list[Case], prompts: PromptSet,
                  answers: dict[int, str] | None = None, agreement: dict[int, float] | None = None,
-                 answers_from: str | None = None):
+                 answers_from: str | None = None, valid_ids: set[int] | None = None):
         # Scoring: only the cases that have an answer; the others are counted, not asked.
         self.answers, self.agreement, self.answers_from = answers, agreement, answers_from
+        self.valid_ids = valid_ids
         self.without_answer = 0 if answers is None else sum(case.id not in answers for case in cases)
         super().__init__(recipe, cases if answers is None else [case for case in cases if case.id in answers], prompts)
 
@@ -608,14 +624,14 @@ class SoftLabelStage(ApiStage):
             return super().from_files(config, cases_path, **kwargs)
         fixed = read_answers(answers)
         return super().from_files(config, cases_path, answers=fixed.texts, agreement=fixed.agreement,
-                                  answers_from=str(resolve_path(answers)), **kwargs)
+                                  answers_from=str(resolve_path(answers)), valid_ids=fixed.valid_ids, **kwargs)
 
     def resolve(self) -> Target:
         target = super().resolve()
         check_top_k(self.recipe, target.spec, self.recipe.recipe_path)
         tokenizer = load_tokenizer(self.recipe.softlabels.tokenizer)
         self.labeller = SoftLabeller(self.recipe, self.prompts, target.settings.model, tokenizer, self.answers,
-                                     self.agreement)
+                                     self.agreement, self.valid_ids)
         return target
 
     def items(self) -> list[Case]:
@@ -631,8 +647,9 @@ class SoftLabelStage(ApiStage):
         return case.id
 
     def preflight(self, settings: ClientSettings, api_key: str) -> None:
-        """More than 20 alternatives: one probe request with k, before the run asks every case."""
-        if self.recipe.softlabels.top_k > API_TOP_LOGPROBS:
+        """One probe request with k before the run asks every case: when scoring fixed answers (prompt_logprobs,
+        which hosted chat APIs lack), or for more than 20 alternatives."""
+        if self.labeller.mode == "score" or self.recipe.softlabels.top_k > API_TOP_LOGPROBS:
             asyncio.run(probe_top_k(settings, api_key, self.recipe.softlabels.top_k, self.labeller.mode))
 
     def finish(self, out: Path, run: StageRun) -> dict[str, Any]:
@@ -642,6 +659,7 @@ class SoftLabelStage(ApiStage):
             "recipe": self.recipe.recipe_path, "mode": self.labeller.mode, "model": run.settings.model,
             # Which answers carry the soft labels: the fixed ones read from answers_from, or fresh samples.
             "answers": "fresh" if self.answers is None else "kept", "answers_from": self.answers_from,
+            "valid_split": "recipe" if self.valid_ids is None else "answers",
             "base_url": run.settings.base_url, "prompt_hash": self.prompts.hash,
             "token_ids": "token_id" if settings.return_tokens_as_token_ids else "bytes",
             "logprob_temperature": settings.logprob_temperature, "cases_asked": len(run.asked),

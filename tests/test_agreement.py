@@ -152,13 +152,16 @@ def test_kept_answers_carry_their_agreement_into_the_soft_label_rows(tmp_path):
             "--config", str(REPO_ROOT / "recipes" / "softlabels" / "local-tiny-vllm.yaml"), "--input",
             str(SAMPLE_CASES), "--out", str(out), "--no-progress", "--limit", "3", "--answers", str(teacher),
             "--set", "server=null", "--set", f"client.base_url={server.base_url}",
-            "--set", "softlabels.axolotl_export=false"]) == 0
+            "--set", "softlabels.axolotl_export=false", "--set", "softlabels.top_k=2"]) == 0   # 2: what it gives
     dataset = load_from_disk(str(out / "dataset"))
     scored = {row["id"]: row for split in dataset.values() for row in split}
     assert {i: row["agreement"] for i, row in scored.items()} == {CASES[0].id: 0.75, CASES[1].id: 0.3333}
     assert scored[CASES[0].id]["messages"][-1]["content"] == answer_json(answers[0])
     stats = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert (stats["answers"], stats["answers_from"], stats["without_answer"]) == ("kept", str(teacher), 1)
+    # The case stage one held out stays held out, whatever the soft-label recipe's own split would pick.
+    assert (dataset["train"]["id"], dataset["validation"]["id"], stats["valid_split"]) == (
+        [CASES[0].id], [CASES[1].id], "answers")
 
 
 def test_an_answers_file_without_agreement_counts_fully_and_a_bad_one_is_refused(tmp_path):
