@@ -32,8 +32,8 @@ from prep.steps import DATA_KEY, PYTHON, Decision, PipelineError, StageRun, Step
 from prep.submission import check_submission
 from prep.teacher import Split, validation_ids
 
-# Options for a stage's validator when the stage will run on this machine: an SFT recipe that needs a GPU
-# must find one now, before the teacher spends API time (the recipe test validates it on any machine).
+# The predict overlay for a student trained on reasoning traces (student_overlays).
+REASONING_PREDICT_OVERLAY = "recipes/predict/overrides/reasoning.yaml"
 
 
 @dataclass
@@ -177,7 +177,8 @@ def stage_runs(recipe: PipelineRecipe) -> dict[str, StageRun]:
         "teacher": StageRun("teacher", absolute(s1.teacher), (), tuple(s1.teacher_set)),
         "sft": StageRun("sft", absolute(s1.sft), tuple(map(absolute, s1.sft_overlays)),
                         (*s1.sft_set, *sft_paths(where))),
-        "predict-stage1": StageRun("predict", absolute(s1.predict), (), tuple(s1.predict_set)),
+        "predict-base": StageRun("predict", absolute(s1.predict), (), tuple(s1.predict_set)),
+        "predict-stage1": StageRun("predict", absolute(s1.predict), student_overlays(recipe), tuple(s1.predict_set)),
         "score": StageRun("score", absolute(recipe.score.config), (), tuple(recipe.score.set)),
     }
     if 2 in recipe.stages:
@@ -185,19 +186,29 @@ def stage_runs(recipe: PipelineRecipe) -> dict[str, StageRun]:
         runs.update({
             "softlabels": StageRun("softlabels", absolute(s2.softlabels), (), tuple(s2.softlabels_set)),
             "distill": distill_run(s2, (), where.stage2 / "softlabels", distill, stage_one_model(recipe)),
-            "predict-stage2": StageRun("predict", absolute(s2.predict), (), tuple(s2.predict_set)),
+            "predict-stage2": StageRun("predict", absolute(s2.predict), student_overlays(recipe), tuple(s2.predict_set)),
         })
         if s2.on_policy_rounds:   # the first round's commands (round_steps sets each round's seed and paths)
-            runs["student-1"] = student_run(s2, 1)
+            runs["student-1"] = student_run(recipe, 1)
             runs["distill-1"] = distill_run(s2, s2.on_policy_distill_set, where.round(1) / "softlabels",
                                             where.round(1) / "distill", distill / "merged")
     return runs
 
 
-def student_run(s2: StageTwo, index: int) -> StageRun:
+def student_run(recipe: PipelineRecipe, index: int) -> StageRun:
     """Round INDEX's student answering the training cases: the predict recipe, sampled as on_policy_set says."""
-    return StageRun("predict", absolute(s2.predict), (),
+    s2 = recipe.stage2
+    return StageRun("predict", absolute(s2.predict), student_overlays(recipe),
                     (*s2.predict_set, *s2.on_policy_set, f"sampling.seed={s2.on_policy_seed + index}"))
+
+
+def student_overlays(recipe: PipelineRecipe) -> tuple[str, ...]:
+    """Predict overlays for the trained student: one trained on the teacher's reasoning traces (teacher recipe
+    `reasoning: target`) writes the trace first, so its answer constraint must open with it. The base model
+    answers in the plain shape."""
+    s1 = recipe.stage1
+    teacher = compose(absolute(s1.teacher), [], list(s1.teacher_set))
+    return (absolute(REASONING_PREDICT_OVERLAY),) if teacher.get("reasoning") == "target" else ()
 
 
 def distill_run(s2: StageTwo, extra: Sequence[str], dataset: Path, output: Path, model: Path) -> StageRun:
@@ -245,7 +256,7 @@ def stage_one_steps(recipe: PipelineRecipe, runs: dict[str, StageRun], where: La
                           deps=("sft",)))
     if recipe.score_baseline:  # the untuned student, served and asked exactly as stage one's model
         base = resolve_path(recipe.base_model)
-        steps.append(predict_step("predict-base", runs["predict-stage1"], recipe.base_model, where,
+        steps.append(predict_step("predict-base", runs["predict-base"], recipe.base_model, where,
                                   where.out / "base" / "predict", ()))
         if base.is_dir():   # a local base model's content is part of the key; a hub id is, by its name, in the argv
             steps[-1].inputs += (base,)
@@ -271,20 +282,20 @@ def stage_two_steps(recipe: PipelineRecipe, runs: dict[str, StageRun], where: La
     ]
     model, model_step = s2 / "distill" / "merged", "distill"
     for index in range(1, recipe.stage2.on_policy_rounds + 1):
-        steps += round_steps(recipe.stage2, runs, where, index, model, model_step)
+        steps += round_steps(recipe, runs, where, index, model, model_step)
         model, model_step = where.round(index) / "distill" / "merged", f"distill-{index}"
     return steps
 
 
-def round_steps(s2: StageTwo, runs: dict[str, StageRun], where: Layout, index: int, model: Path,
+def round_steps(recipe: PipelineRecipe, runs: dict[str, StageRun], where: Layout, index: int, model: Path,
                 model_step: str) -> list[Step]:
     """On-policy round INDEX, continuing from MODEL (written by MODEL_STEP): the student answers the training
     cases, prep.onpolicy mixes its answers with the teacher's, the soft-label teacher scores them, distill
     continues on them, and the round's model answers the predict cases for the score table."""
-    folder, train = where.round(index), where.train_cases
+    s2, folder, train = recipe.stage2, where.round(index), where.train_cases
     student, answers, labels, distill = (folder / "student", folder / "answers.jsonl", folder / "softlabels",
                                          folder / "distill")
-    sampler, trainer = student_run(s2, index), distill_run(s2, s2.on_policy_distill_set, labels, distill, model)
+    sampler, trainer = student_run(recipe, index), distill_run(s2, s2.on_policy_distill_set, labels, distill, model)
     return [
         Step(f"student-{index}", sampler.argv("--model", str(model), "--input", str(train), "--out", str(student)),
              [student / "predictions.jsonl", student / "submission.jsonl"],

@@ -181,6 +181,16 @@ def test_stage_two_scores_the_kept_answers_and_each_on_policy_round_continues_fr
     assert "--answers" not in steps["softlabels"].argv and steps["softlabels"].deps == ()
 
 
+def test_a_student_trained_on_reasoning_traces_is_asked_for_them_and_the_base_model_is_not(tmp_path):
+    recipe = write_recipe(tmp_path, lambda r: (r["stage1"]["teacher_set"].append("reasoning=target"),
+                                               r["stage2"].update(on_policy_rounds=1)))
+    steps = {step.name: step.argv for step in build_plan(validate_recipe(recipe))}
+    overlay = str(RECIPES / "predict" / "overrides" / "reasoning.yaml")
+    for name in ("predict-stage1", "predict-stage2", "student-1", "predict-round1"):
+        assert flag_values(steps[name], "--overlay") == [overlay], name
+    assert "--overlay" not in steps["predict-base"]
+
+
 def test_kept_answers_with_a_hosted_chat_api_stop_in_preflight(tmp_path):
     from prep.fault_server import FaultServer
 
