@@ -63,7 +63,7 @@ class StageTwo:
     # on_policy_set), the teacher scores a mix of those and its own answers, distill continues on them.
     on_policy_rounds: int = 0
     on_policy_mix: float = 1.0                              # GKD's lmbda: share of training cases answered by the student
-    on_policy_seed: int = 2025
+    on_policy_seed: int = 2025                              # which cases get the student's answer (prep.onpolicy)
     on_policy_set: list[str] = field(default_factory=lambda: ["sampling.temperature=1.0"])   # the student's sampling
     on_policy_distill_set: list[str] = field(default_factory=list)   # a round's distill overrides, e.g. a lower lr
 
@@ -188,18 +188,19 @@ def stage_runs(recipe: PipelineRecipe) -> dict[str, StageRun]:
             "distill": distill_run(s2, (), where.stage2 / "softlabels", distill, stage_one_model(recipe)),
             "predict-stage2": StageRun("predict", absolute(s2.predict), student_overlays(recipe), tuple(s2.predict_set)),
         })
-        if s2.on_policy_rounds:   # the first round's commands (round_steps sets each round's seed and paths)
-            runs["student-1"] = student_run(recipe, 1)
+        if s2.on_policy_rounds:   # the rounds' commands (round_steps sets each round's paths)
+            runs["student"] = student_run(recipe)
             runs["distill-1"] = distill_run(s2, s2.on_policy_distill_set, where.round(1) / "softlabels",
                                             where.round(1) / "distill", distill / "merged")
     return runs
 
 
-def student_run(recipe: PipelineRecipe, index: int) -> StageRun:
-    """Round INDEX's student answering the training cases: the predict recipe, sampled as on_policy_set says."""
+def student_run(recipe: PipelineRecipe) -> StageRun:
+    """A round's student answering the training cases: the predict recipe, sampled as on_policy_set says. No
+    seed: one request seed shared by every case would draw every case's tokens from the same random stream;
+    the step's cache keeps its answers for a re-run, and each round's model gives it a key of its own."""
     s2 = recipe.stage2
-    return StageRun("predict", absolute(s2.predict), student_overlays(recipe),
-                    (*s2.predict_set, *s2.on_policy_set, f"sampling.seed={s2.on_policy_seed + index}"))
+    return StageRun("predict", absolute(s2.predict), student_overlays(recipe), (*s2.predict_set, *s2.on_policy_set))
 
 
 def student_overlays(recipe: PipelineRecipe) -> tuple[str, ...]:
@@ -295,7 +296,7 @@ def round_steps(recipe: PipelineRecipe, runs: dict[str, StageRun], where: Layout
     s2, folder, train = recipe.stage2, where.round(index), where.train_cases
     student, answers, labels, distill = (folder / "student", folder / "answers.jsonl", folder / "softlabels",
                                          folder / "distill")
-    sampler, trainer = student_run(recipe, index), distill_run(s2, s2.on_policy_distill_set, labels, distill, model)
+    sampler, trainer = runs["student"], distill_run(s2, s2.on_policy_distill_set, labels, distill, model)
     return [
         Step(f"student-{index}", sampler.argv("--model", str(model), "--input", str(train), "--out", str(student)),
              [student / "predictions.jsonl", student / "submission.jsonl"],
