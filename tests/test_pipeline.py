@@ -24,6 +24,7 @@ from tests.conftest import REPO_ROOT, SAMPLE_CASES
 
 RECIPES = REPO_ROOT / "recipes"
 TINY = RECIPES / "pipeline" / "tiny-cpu.yaml"
+ROUND_ONE = ["student-1", "mix-1", "softlabels-1", "distill-1", "predict-round1"]   # the demo's on-policy round
 
 
 def write_recipe(tmp_path: Path, edit) -> Path:
@@ -112,7 +113,7 @@ def test_plan_passes_every_setting_as_the_stage_commands_own_flags(tmp_path):
     plan = {step.name: step.argv for step in build_plan(validate_recipe(recipe))}
     out = tmp_path / "run"
     assert list(plan) == ["teacher", "sft", "merge", "predict-base", "predict-stage1", "softlabels", "distill",
-                          "predict-stage2", "score", "submission"]
+                          "predict-stage2", *ROUND_ONE, "score", "submission"]
     # Recipe and case paths are absolute: the steps run in the repository wherever the pipeline started.
     assert plan["teacher"][1:5] == ["-m", "launch.teacher", "--config", f"{RECIPES}/teacher/local-tiny-vllm.yaml"]
     assert plan["teacher"][-2:] == ["--set", "split.valid_fraction=0.34"]
@@ -133,9 +134,9 @@ def test_plan_passes_every_setting_as_the_stage_commands_own_flags(tmp_path):
     score = plan["score"]
     assert score[1:5] == ["-m", "launch.score", "--config", f"{RECIPES}/score/default.yaml"]
     assert score[-2:] == ["--set", "fuzzy_threshold=0.6"]
-    assert score[score.index("--names") + 1:score.index("--names") + 4] == ["base", "stage1", "stage2"]
+    assert score[score.index("--names") + 1:score.index("--names") + 5] == ["base", "stage1", "stage2", "round1"]
     assert plan["submission"][1:] == ["-m", "launch.submission", "write", str(SAMPLE_CASES),
-                                      f"{out}/stage2/predict/predictions.jsonl", f"{out}/submission.jsonl"]
+                                      f"{out}/stage2/round-1/predict/predictions.jsonl", f"{out}/submission.jsonl"]
 
 
 def flag_values(argv: list[str], flag: str) -> list[str]:
@@ -250,7 +251,8 @@ def replace_in(path: Path, old: str, new: str) -> None:
     path.write_text(text.replace(old, new), encoding="utf-8")
 
 
-STAGE_ONE_MODEL_DOWN = {"sft", "merge", "predict-stage1", "distill", "predict-stage2", "score", "submission"}
+STAGE_ONE_MODEL_DOWN = {"sft", "merge", "predict-stage1", "distill", "predict-stage2", *ROUND_ONE, "score",
+                        "submission"}
 
 
 def test_a_step_key_changes_with_exactly_what_determines_its_output(editable):
@@ -266,7 +268,7 @@ def test_a_step_key_changes_with_exactly_what_determines_its_output(editable):
     assert keys_of(recipe) == start
 
     replace_in(editable["distill_overlay"], "learning_rate: 5.0e-3", "learning_rate: 4.0e-3")
-    assert changed(start, keys_of(recipe)) == {"distill", "predict-stage2", "score", "submission"}
+    assert changed(start, keys_of(recipe)) == {"distill", "predict-stage2", *ROUND_ONE, "score", "submission"}
     replace_in(editable["distill_overlay"], "learning_rate: 4.0e-3", "learning_rate: 5.0e-3")
 
     with open(editable["user_prompt"], "a", encoding="utf-8") as prompt:   # the teacher's prompt only
@@ -275,8 +277,9 @@ def test_a_step_key_changes_with_exactly_what_determines_its_output(editable):
     assert changed(start, prompted) == set(start)   # stage two scores the answers the teacher kept
 
     # The soft-label teacher's sampling: stage two's soft labels and what reads them, nothing in stage one.
+    # (every round's soft labels too: the same recipe scores them).
     assert changed(prompted, keys_of(recipe, "stage2.softlabels_set=[sampling.seed=7]")) == {
-        "softlabels", "distill", "predict-stage2", "score", "submission"}
+        "softlabels", "distill", "predict-stage2", *ROUND_ONE, "score", "submission"}
 
 
 def test_a_moved_run_folder_keeps_its_keys_and_a_missing_output_reruns_its_step(tmp_path, editable):
