@@ -14,4 +14,4 @@ fi
 bash launch/setup.sh
 "$MEDKD_ROOT/.venv/bin/ruff" check .
 # An hour is far above the suite's time on a 2-core CPU; it only guards against a hang.
-timeout --signal=INT 3600 "$PY" -m pytest -q -p no:cacheprovider --timeout=900 --durations=10 "${MARKS[@]}" "$@"
+timeout --signal=INT 3600 "$PY" -m pytest -q -p no:cacheprovider --timeout=900 --durations=25 "${MARKS[@]}" "$@"
