@@ -12,7 +12,8 @@ CPU time per request is reported.
 The recipe gives the prompts, sampling and constraint; its endpoint is replaced by the fault server.
 The two-endpoint case then asks two such servers at once as one recipe's `client.endpoints`: one
 with half the capacity at the same latency, one with half the capacity at twice the latency (half as
-fast), so the best possible rate is the sum of theirs.
+fast), so the best possible rate is the sum of theirs. It runs twice: first as a baseline with the client
+not told how many items are left (free-capacity routing alone), then as the stages run it.
 
 Last line: `capacity_fraction=F speedup_vs_sequential=S client_cpu_ms=C capacity_fraction_2ep=F2`.
 """
@@ -63,8 +64,9 @@ def synthetic_cases(count: int, first_id: int) -> list[Case]:
 
 
 async def label(labeller: Labeller, settings: ClientSettings, cases: list[Case],
-                cache: Path) -> tuple[float, float, int]:
-    """(wall seconds, client CPU seconds, requests) for labelling CASES through run_cached."""
+                cache: Path, backlog: bool = True) -> tuple[float, float, int]:
+    """(wall seconds, client CPU seconds, requests) for labelling CASES through run_cached; BACKLOG: run_cached
+    tells the client how many items are left (as the stages do), for its end-of-run routing."""
     async with ChatClient(settings) as client:
         warm = synthetic_cases(settings.total_concurrency, 10_000_000)   # open the connections outside the timing
         await asyncio.gather(*(labeller.label(client, (case, 0)) for case in warm))
@@ -72,7 +74,7 @@ async def label(labeller: Labeller, settings: ClientSettings, cases: list[Case],
         cpu, wall = time.process_time(), time.perf_counter()
         report = await run_cached(labeller.items(cases), labeller.key, lambda item: labeller.label(client, item),
                                   cache, max_in_flight=settings.total_concurrency, stats=client.stats,
-                                  progress=False)
+                                  progress=False, client=client if backlog else None)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         assert report.finished == len(cases) and not report.failed, report
         return wall, cpu, client.stats.requests - before
@@ -98,7 +100,7 @@ async def bare_aiohttp(base_url: str, body: dict, requests: int, concurrency: in
 
 
 def two_endpoints(labeller: Labeller, base: ClientSettings, capacity: int, latency: float, requests: int,
-                  cache: Path) -> tuple[float, float, int]:
+                  cache: Path, backlog: bool = True) -> tuple[float, float, int]:
     """REQUESTS through one recipe over two fault servers of CAPACITY each, one at LATENCY and one twice as slow."""
     fast, fast_url = start_server(latency, capacity)
     slow, slow_url = start_server(2 * latency, capacity)
@@ -106,7 +108,7 @@ def two_endpoints(labeller: Labeller, base: ClientSettings, capacity: int, laten
         two = dataclasses.replace(base, base_url=None, endpoints=[
             EndpointSettings(base_url=fast_url, name="fast", concurrency=capacity),
             EndpointSettings(base_url=slow_url, name="slow", concurrency=capacity)])
-        return asyncio.run(label(labeller, two, synthetic_cases(requests, 2_000_000), cache))
+        return asyncio.run(label(labeller, two, synthetic_cases(requests, 2_000_000), cache, backlog))
     finally:
         for process in (fast, slow):
             process.terminate()
@@ -142,6 +144,9 @@ def main(argv: list[str] | None = None) -> None:
                     **labeller.constraint["extra_body"]}
             bare_rate, bare_cpu_ms = asyncio.run(bare_aiohttp(base_url, body, args.requests, concurrency))
             half = max(1, args.capacity // 2)
+            # The baseline in the same run: free-capacity routing alone, the client not told what is left.
+            wall0, _, n0 = two_endpoints(labeller, base, half, args.latency, args.requests, Path(tmp) / "two0.jsonl",
+                                         backlog=False)
             wall2, cpu2, n2 = two_endpoints(labeller, base, half, args.latency, args.requests, Path(tmp) / "two.jsonl")
     finally:
         server.terminate()
@@ -161,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     capacity_2ep, rate_2ep = half / args.latency + half / (2 * args.latency), n2 / wall2
     print(f"two endpoints (capacity {half} at {args.latency} s and {half} at {2 * args.latency} s -> at most "
           f"{capacity_2ep:.1f} requests/s together): {n2} requests in {wall2:.2f} s = {rate_2ep:.1f} requests/s, "
-          f"{cpu2 / n2 * 1000:.2f} ms client CPU each")
+          f"{cpu2 / n2 * 1000:.2f} ms client CPU each; {rate_2ep / (n0 / wall0):.3f} x the same run without telling "
+          f"the client its backlog ({n0 / wall0:.1f} requests/s = {n0 / wall0 / capacity_2ep:.3f} of capacity)")
     print(f"capacity_fraction={rate / capacity_rate:.3f} speedup_vs_sequential={rate / sequential_rate:.1f} "
           f"client_cpu_ms={cpu / n * 1000:.2f} capacity_fraction_2ep={rate_2ep / capacity_2ep:.3f}")
 

@@ -506,6 +506,7 @@ class _Endpoint:
         self.reserved = 0             # token estimates of the requests in flight
         self.spent_before = 0         # tokens spent here by earlier rounds of the same run
         self.stats = EndpointStats()
+        self.latency_s: float | None = None   # moving average of its answered requests' time (seconds)
         self.health_task: asyncio.Task | None = None
         self.sending: set[asyncio.Future] = set()      # attempts in flight, when a prober watches
         self.probe_failures = 0
@@ -634,6 +635,11 @@ class ChatClient:
         # back wakes all (waking every waiter on every answer would cost O(waiters) per request).
         self._waiters: deque[asyncio.Future] = deque()
         self._prober: asyncio.Task | None = None
+        self._acquiring = 0        # requests inside _acquire: waiting for a slot, or about to take one
+        # Items the caller has not handed to the client yet (run_cached's queue), or None when unknown: with it,
+        # the run's last requests skip a slow endpoint whose answer would come after a faster one's next slot
+        # (later_than_waiting).
+        self.backlog: int | None = None
         self.stats = ClientStats()
         for endpoint in self.endpoints:
             endpoint.spent_before = (spent or {}).get(endpoint.name, 0)
@@ -730,7 +736,7 @@ class ChatClient:
         while True:
             endpoint = await self._acquire(estimate, avoid)
             self.stats.requests += 1
-            settled, sending = False, None
+            settled, sending, sent_at = False, None, time.monotonic()
             try:
                 if self._prober is None:
                     data = await endpoint.send(path, payloads[endpoint.settings.model])
@@ -738,6 +744,8 @@ class ChatClient:
                     sending = asyncio.ensure_future(endpoint.send(path, payloads[endpoint.settings.model]))
                     endpoint.sending.add(sending)
                     data = await sending
+                took = time.monotonic() - sent_at
+                endpoint.latency_s = took if endpoint.latency_s is None else 0.8 * endpoint.latency_s + 0.2 * took
                 self._settle(endpoint, estimate, self._usage(data))
                 settled = True
                 return data, retries
@@ -805,7 +813,15 @@ class ChatClient:
         return None
 
     async def _acquire(self, estimate: int, avoid: _Endpoint | None) -> _Endpoint:
-        """A slot on the endpoint with the most free capacity that may send now; waits until one may."""
+        """A slot on the endpoint with the most free capacity that may send now; waits until one may, or, at the
+        end of a run, until a faster endpoint's slot would answer sooner than the free one (later_than_waiting)."""
+        self._acquiring += 1
+        try:
+            return await self._acquire_slot(estimate, avoid)
+        finally:
+            self._acquiring -= 1
+
+    async def _acquire_slot(self, estimate: int, avoid: _Endpoint | None) -> _Endpoint:
         while True:
             now, best, best_score, wake = time.monotonic(), None, None, 1.0
             fitting = [e for e in self.endpoints if e.fits(estimate)] if self._total_fits(estimate) else []
@@ -825,6 +841,8 @@ class ChatClient:
                 score = (endpoint is not avoid, free / endpoint.concurrency, free)
                 if best_score is None or score > best_score:
                     best, best_score = endpoint, score
+            if best is not None and self.backlog is not None:
+                best, wake = self._soonest(candidates, best, avoid, now, estimate, wake)
             if best is not None:
                 best.take(estimate)
                 self.reserved += estimate
@@ -833,6 +851,23 @@ class ChatClient:
             self._waiters.append(waiter)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(waiter, timeout=max(wake, 0.001))
+
+    def _soonest(self, candidates: list[_Endpoint], best: _Endpoint, avoid: _Endpoint | None, now: float,
+                 estimate: int, wake: float) -> tuple[_Endpoint | None, float]:
+        """With the caller's backlog known: the free slot that answers soonest, or None (wait) when a faster
+        endpoint's next slot would answer sooner still, given every request still to come (the backlog and
+        those waiting here); and the wait before looking again. Mid-run that many requests keep every slot worth
+        filling; at the end a half-speed endpoint's last answers would come a whole latency after the fast
+        one's. Free-capacity order (BEST) stands until every endpoint has answered once."""
+        ready = [e for e in candidates if e.wait_s(now, estimate) == 0]
+        if any(e.latency_s is None for e in ready):
+            return best, wake
+        free = [e for e in ready if e.in_flight < e.concurrency]
+        best = min(free, key=lambda e: (e is avoid, e.latency_s))
+        others = [(e.latency_s, e.concurrency) for e in ready if e is not best]
+        if later_than_waiting(best.latency_s, others, self.backlog + self._acquiring):
+            return None, min(wake, min(latency / slots for latency, slots in others))
+        return best, wake
 
     def _release(self, endpoint: _Endpoint, estimate: int) -> None:
         endpoint.reserved -= estimate
@@ -920,6 +955,13 @@ class ChatClient:
             raise ClientError(f"{url} has no model '{model}' or no such route (HTTP 404: {message}); "
                               f"check client.model and client.base_url")
         raise RequestFailed(f"the endpoint refused the request (HTTP {status}: {message})", str(status), retries)
+
+
+def later_than_waiting(latency_s: float, others: list[tuple[float, int]], waiting: int) -> bool:
+    """Whether a request sent now on an endpoint answering in LATENCY_S would finish later than the WAITING
+    requests still to send (this one included) would on one of OTHERS (each (latency, slots)) alone: its
+    slots answer them one after another, the last after about latency x (1 + waiting / slots)."""
+    return any(other * (1 + waiting / slots) < latency_s for other, slots in others)
 
 
 def _http_client(concurrency: int, transport: str) -> Any:
@@ -1129,6 +1171,7 @@ async def run_cached(
     abort_after_failures: int | None = None,
     progress: bool = True,
     fsync_interval_s: float = 1.0,
+    client: ChatClient | None = None,
 ) -> RunReport:
     """Run WORK_FN on every item whose key the cache lacks, appending each result as `{"key": ..., **row}`.
 
@@ -1138,7 +1181,8 @@ async def run_cached(
     A work_fn raising RequestFailed fails that item only (not cached, reported, retried next run);
     ClientError stops the run; ABORT_AFTER_FAILURES failures in a row stop it too (the stages pass their
     recipe's client.abort_after_failures; None never stops). SpendCapReached stops it cleanly: nothing
-    new starts, what is in flight finishes and is cached, and the report says why (`stopped`).
+    new starts, what is in flight finishes and is cached, and the report says why (`stopped`). CLIENT, when
+    given, is told how many items are not yet started (ChatClient.backlog), for its end-of-run routing.
 
     One function on purpose: the task loop, the appender, the progress bar and the cancellation of
     what is still running (in `finally`, on any way out) share their state.
@@ -1157,15 +1201,19 @@ async def run_cached(
     appender = JsonlAppender(cache_path, fsync=False)
     queue = iter(pending)
     running: dict[asyncio.Task, tuple[str, Any]] = {}
-    consecutive_failures, last_fsync = 0, time.monotonic()
+    consecutive_failures, last_fsync, started_items = 0, time.monotonic(), 0
 
     def launch() -> None:
+        nonlocal started_items
         if report.stopped:
             return
         for key, item in queue:
             running[asyncio.ensure_future(work_fn(item))] = (key, item)
+            started_items += 1
             if len(running) >= max_in_flight:
-                return
+                break
+        if client is not None:
+            client.backlog = len(pending) - started_items
 
     try:
         launch()

@@ -338,7 +338,7 @@ class ApiStage:
             report = await run_cached(items, self.key, lambda item: self.ask(client, item), cache,
                                       max_in_flight=settings.total_concurrency * settings.in_flight_per_slot,
                                       stats=client.stats, desc=desc, label_fn=self.label, progress=progress,
-                                      abort_after_failures=settings.abort_after_failures)
+                                      abort_after_failures=settings.abort_after_failures, client=client)
             return report, client.stats_json()
 
     def check_spend(self, settings: ClientSettings, pending: list[Any]) -> None:

@@ -17,6 +17,7 @@ from prep.client import (
     answer_regex,
     answer_schema,
     check_endpoint,
+    later_than_waiting,
     load_cache,
     resolve_api_key,
     run_cached,
@@ -301,3 +302,39 @@ def test_run_cached_reports_failures_without_caching_them_and_stops_on_fatal_err
     # Without a limit (the stages pass their recipe's client.abort_after_failures) every item is tried.
     report = asyncio.run(run_cached(range(200, 260), str, always_failing, cache, progress=False, max_in_flight=1))
     assert len(report.failed) == 60 and report.finished == 0
+
+
+# ---- the end of a run on endpoints of different speeds ---------------------------------------------------------
+
+def test_a_slow_free_slot_is_skipped_only_when_a_faster_endpoint_would_finish_what_is_left_sooner():
+    fast = [(0.3, 32)]                                    # bench_teacher's two endpoints: 0.3 s and 0.6 s, 32 slots each
+    assert later_than_waiting(0.6, fast, 1)               # the last request: 0.3 s after a fast slot frees beats 0.6 s
+    assert later_than_waiting(0.6, fast, 31)              # 31 left: the fast slots answer them all in about 0.59 s
+    assert not later_than_waiting(0.6, fast, 32)          # 32 or more: every slot of both is worth filling
+    assert not later_than_waiting(0.3, [(0.6, 32)], 1)    # a slower endpoint is never worth waiting for
+    assert not later_than_waiting(0.3, [(0.3, 32)], 1)    # nor an equal one
+    assert not later_than_waiting(0.6, [], 1)             # nor nothing
+    assert later_than_waiting(0.6, [(0.9, 8), (0.1, 2)], 5)   # any faster one counts: 0.1 x (1 + 5/2) = 0.35
+
+
+def test_a_run_that_tells_the_client_its_backlog_answers_every_item_once_on_both_endpoints(tmp_path):
+    cache = tmp_path / "cache.jsonl"
+
+    async def run() -> tuple[dict, ChatClient]:
+        endpoints = [{"base_url": fast.base_url, "name": "fast", "concurrency": 2},
+                     {"base_url": slow.base_url, "name": "slow", "concurrency": 2}]
+        settings = ClientSettings(model=fast.model, endpoints=endpoints, request_timeout_s=5.0)
+        async with ChatClient(settings) as client:
+            async def ask(item: int) -> dict:
+                return {"text": (await client.chat(MESSAGES, max_tokens=5)).text}
+
+            report = await run_cached(range(40), str, ask, cache, max_in_flight=4, progress=False, client=client)
+            return report, client
+
+    with FaultServer(latency_s=0.02) as fast, FaultServer(latency_s=0.3) as slow:
+        report, client = asyncio.run(run())
+    assert report.finished == 40 and not report.failed and client.backlog == 0
+    rows = [json.loads(line) for line in cache.read_text().splitlines()]
+    assert sorted(int(row["key"]) for row in rows) == list(range(40))
+    assert fast.received + slow.received == 40 and slow.received >= 2     # both used, nothing asked twice
+    assert client.endpoints[1].latency_s > client.endpoints[0].latency_s
