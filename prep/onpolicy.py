@@ -10,9 +10,10 @@ cases and different rounds pick different ones. The cases stage one held out kee
 their soft-label loss stays comparable between rounds and the student never trains on its own answers to
 the cases the score table rates.
 
-The command is `python -m launch.onpolicy`; the pipeline runs it as the `mix-R` step of round R. Output:
-one JSONL row per case, `{"id", "messages": [assistant turn], "agreement", "split", "source"}`, which
-prep.softlabels reads with `--answers FILE`.
+The command is `python -m launch.onpolicy`; the pipeline runs it as the `mix-R` step of round R. Stage one's
+answers are read as the soft-label stage reads them (prep.softlabels.read_answers). Output: one JSONL row per
+case, `{"id", "messages": [assistant turn], "agreement", "split", "source"}`, which prep.softlabels reads
+with `--answers FILE`.
 """
 from __future__ import annotations
 
@@ -24,23 +25,13 @@ from typing import Any
 from prep.answers import Answer, answer_json
 from prep.jsonio import InputError, read_jsonl, write_jsonl_atomic
 from prep.paths import resolve_path
+from prep.softlabels import read_answers
 
 
 def takes_student_answer(case_id: int, mix: float, seed: int, round_index: int) -> bool:
     """Whether case CASE_ID uses the student's answer in round ROUND_INDEX: a fraction MIX of the cases, by hash."""
     digest = hashlib.sha256(f"{seed}:{round_index}:{case_id}".encode()).hexdigest()[:13]
     return int(digest, 16) / 16 ** 13 < mix
-
-
-def teacher_rows(teacher: Path) -> dict[str, list[dict[str, Any]]]:
-    """Stage one's kept answers by split: the teacher stage's sft/train.jsonl and sft/valid.jsonl rows."""
-    rows = {}
-    for split in ("train", "valid"):
-        path = teacher / "sft" / f"{split}.jsonl"
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: stage one's kept answers are missing (run the teacher step first)")
-        rows[split] = read_jsonl(path)
-    return rows
 
 
 def student_answers(predictions: Path) -> dict[int, str]:
@@ -56,33 +47,28 @@ def student_answers(predictions: Path) -> dict[int, str]:
     return answers
 
 
-def assistant_text(row: dict[str, Any], path: Path) -> str:
-    turns = [turn for turn in row.get("messages", []) if turn.get("role") == "assistant"]
-    if not turns:
-        raise ValueError(f"{path}: case {row.get('id')} has no assistant turn")
-    return turns[-1]["content"]
-
-
 def mix_answers(teacher: str | Path, predictions: str | Path, out: str | Path, mix: float, seed: int,
                 round_index: int) -> dict[str, Any]:
     """Write OUT: for each case stage one kept, the student's answer (a MIX share of the training cases) or the
     teacher's; the counts by source. Every training case needs a student answer (predict answers them all)."""
     if not 0 <= mix <= 1:
         raise ValueError(f"mix must be in [0, 1], got {mix}")
-    teacher, predictions = resolve_path(teacher), resolve_path(predictions)
-    kept, student = teacher_rows(teacher), student_answers(predictions)
-    missing = [row["id"] for row in kept["train"] if row["id"] not in student]
+    predictions = resolve_path(predictions)
+    kept, student = read_answers(teacher), student_answers(predictions)   # kept: the teacher folder, by split
+    if kept.valid_ids is None:
+        raise ValueError(f"{teacher}: not a teacher stage folder (its sft/train.jsonl and sft/valid.jsonl say which "
+                         f"cases stage one held out)")
+    missing = [case_id for case_id in kept.texts if case_id not in kept.valid_ids and case_id not in student]
     if missing:
         raise ValueError(f"{predictions}: no student answer for training case(s) {missing[:10]}"
                          f"{' ...' if len(missing) > 10 else ''}")
     rows, sources = [], Counter()
-    for split, split_rows in kept.items():
-        for row in split_rows:
-            own = split == "train" and takes_student_answer(row["id"], mix, seed, round_index)
-            text = student[row["id"]] if own else assistant_text(row, teacher)
-            source = "student" if own else "teacher"
-            sources[f"{split}_{source}"] += 1
-            rows.append({"id": row["id"], "messages": [{"role": "assistant", "content": text}],
-                         "agreement": row.get("agreement", 1.0), "split": split, "source": source})
+    for case_id, text in kept.texts.items():
+        split = "valid" if case_id in kept.valid_ids else "train"
+        own = split == "train" and takes_student_answer(case_id, mix, seed, round_index)
+        source = "student" if own else "teacher"
+        sources[f"{split}_{source}"] += 1
+        rows.append({"id": case_id, "messages": [{"role": "assistant", "content": student[case_id] if own else text}],
+                     "agreement": kept.agreement[case_id], "split": split, "source": source})
     write_jsonl_atomic(resolve_path(out), rows)
     return {"round": round_index, "mix": mix, "cases": len(rows), **dict(sorted(sources.items()))}

@@ -288,16 +288,15 @@ class SoftLabeller:
     """Keys, asks and checks one case for one recipe, prompt set, model and student tokenizer."""
 
     def __init__(self, recipe: SoftLabelRecipe, prompts: PromptSet, model: str, tokenizer,
-                 answers: dict[int, str] | None = None, agreement: dict[int, float] | None = None,
-                 valid_ids: set[int] | None = None):
+                 fixed: FixedAnswers | None = None):
         self.recipe, self.prompts, self.model, self.tokenizer = recipe, prompts, model, tokenizer
-        self.valid_ids = valid_ids                  # the fixed answers' held-out ids; None: the recipe's split
-        # Each fixed answer's agreement (prep.teacher's self-consistency), copied into its dataset row for
-        # distill's case_weight; not part of the cache key, since it does not change the soft labels.
-        self.agreement = agreement or {}
+        # FIXED: the answers to score (None: generate). Their agreement goes into the dataset rows (not the cache
+        # key: it does not change the soft labels), and their held-out ids, when they have a split, are the
+        # dataset's validation split.
+        self.fixed = fixed
         self.settings = recipe.softlabels
         self.vocab = VocabIndex(tokenizer, self.settings.student_vocab_size)
-        self.answers = answers                      # None: generate; else id -> fixed answer text to score
+        self.answers = fixed.texts if fixed else None   # None: generate; else id -> fixed answer text to score
         self.sampling = recipe.sampling.request()
         constraint = structured_output_params(recipe.structured_output)
         self.params = {**self.sampling, "seed": recipe.sampling.seed,
@@ -496,16 +495,17 @@ def derive_outputs(labeller: SoftLabeller, cases: list[Case], out: Path,
             rejects.append({"id": case.id, "kind": "rejected", "reason": row["error"], "raw": row["raw"]})
             continue
         messages = labeller.prompts.messages(case) + [{"role": "assistant", "content": row["answer"]}]
-        rows.append(dataset_row(row, messages, labeller.settings, labeller.agreement.get(case.id, 1.0)))
+        agreement = labeller.fixed.agreement.get(case.id, 1.0) if labeller.fixed else 1.0
+        rows.append(dataset_row(row, messages, labeller.settings, agreement))
         dropped += row["dropped"]
         endoftext_stops += row.get("chosen_end") not in (None, labeller.vocab.im_end)
     for failure in failed or []:
         rejects.append({"id": failure["item"], "kind": "failed", "reason": failure["error"], "raw": None})
     split = labeller.recipe.split
-    if labeller.valid_ids is None:
+    if labeller.fixed is None or labeller.fixed.valid_ids is None:
         valid_ids = validation_ids([row["id"] for row in rows], split.valid_fraction, split.seed)
     else:
-        valid_ids = labeller.valid_ids
+        valid_ids = labeller.fixed.valid_ids
     train = [row for row in rows if row["id"] not in valid_ids]
     valid = [row for row in rows if row["id"] in valid_ids]
     settings = labeller.settings
@@ -549,10 +549,10 @@ def read_answers(path: str | Path) -> FixedAnswers:
     if not all(file.exists() for file in files):
         raise FileNotFoundError(f"{path}: no answers there (expected the teacher stage's sft/train.jsonl and "
                                 f"sft/valid.jsonl, or a JSONL file)")
-    answers, splits = FixedAnswers({}, {}), {}
+    answers, splits, folder = FixedAnswers({}, {}), {}, path.is_dir()
     for file in files:
         for line, row in enumerate(read_jsonl(file), start=1):
-            split = "valid" if file.name == "valid.jsonl" and path.is_dir() else row.get("split")
+            split = "valid" if folder and file.name == "valid.jsonl" else row.get("split")
             if split is not None and split not in ("train", "valid"):
                 raise InputError(file, line, f"must be train or valid, got {split!r}", "split")
             if not isinstance(row.get("id"), int):
@@ -571,7 +571,7 @@ def read_answers(path: str | Path) -> FixedAnswers:
                 raise InputError(file, line, f"must be a number in [0, 1], got {agreement!r}", "agreement")
             answers.agreement[row["id"]] = float(agreement)
             splits[row["id"]] = split
-    if path.is_dir() or any(split is not None for split in splits.values()):
+    if folder or any(split is not None for split in splits.values()):
         answers.valid_ids = {case_id for case_id, split in splits.items() if split == "valid"}
     return answers
 
@@ -608,11 +608,10 @@ class SoftLabelStage(ApiStage):
     recipe_schema = SoftLabelRecipe
 
     def __init__(self, recipe: SoftLabelRecipe, cases: list[Case], prompts: PromptSet,
-                 answers: dict[int, str] | None = None, agreement: dict[int, float] | None = None,
-                 answers_from: str | None = None, valid_ids: set[int] | None = None):
+                 fixed: FixedAnswers | None = None, answers_from: str | None = None):
         # Scoring: only the cases that have an answer; the others are counted, not asked.
-        self.answers, self.agreement, self.answers_from = answers, agreement, answers_from
-        self.valid_ids = valid_ids
+        self.fixed, self.answers_from = fixed, answers_from
+        answers = fixed.texts if fixed else None
         self.without_answer = 0 if answers is None else sum(case.id not in answers for case in cases)
         super().__init__(recipe, cases if answers is None else [case for case in cases if case.id in answers], prompts)
 
@@ -622,16 +621,14 @@ class SoftLabelStage(ApiStage):
         """As ApiStage.from_files; ANSWERS (prep.teacher's output folder or a JSONL file) switches to scoring."""
         if not answers:
             return super().from_files(config, cases_path, **kwargs)
-        fixed = read_answers(answers)
-        return super().from_files(config, cases_path, answers=fixed.texts, agreement=fixed.agreement,
-                                  answers_from=str(resolve_path(answers)), valid_ids=fixed.valid_ids, **kwargs)
+        return super().from_files(config, cases_path, fixed=read_answers(answers),
+                                  answers_from=str(resolve_path(answers)), **kwargs)
 
     def resolve(self) -> Target:
         target = super().resolve()
         check_top_k(self.recipe, target.spec, self.recipe.recipe_path)
         tokenizer = load_tokenizer(self.recipe.softlabels.tokenizer)
-        self.labeller = SoftLabeller(self.recipe, self.prompts, target.settings.model, tokenizer, self.answers,
-                                     self.agreement, self.valid_ids)
+        self.labeller = SoftLabeller(self.recipe, self.prompts, target.settings.model, tokenizer, self.fixed)
         return target
 
     def items(self) -> list[Case]:
@@ -658,8 +655,8 @@ class SoftLabelStage(ApiStage):
         return {
             "recipe": self.recipe.recipe_path, "mode": self.labeller.mode, "model": run.settings.model,
             # Which answers carry the soft labels: the fixed ones read from answers_from, or fresh samples.
-            "answers": "fresh" if self.answers is None else "kept", "answers_from": self.answers_from,
-            "valid_split": "recipe" if self.valid_ids is None else "answers",
+            "answers": "fresh" if self.fixed is None else "kept", "answers_from": self.answers_from,
+            "valid_split": "recipe" if self.fixed is None or self.fixed.valid_ids is None else "answers",
             "base_url": run.settings.base_url, "prompt_hash": self.prompts.hash,
             "token_ids": "token_id" if settings.return_tokens_as_token_ids else "bytes",
             "logprob_temperature": settings.logprob_temperature, "cases_asked": len(run.asked),
