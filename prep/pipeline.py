@@ -173,34 +173,36 @@ def stage_one_model(recipe: PipelineRecipe) -> Path:
 def stage_runs(recipe: PipelineRecipe) -> dict[str, StageRun]:
     """Every stage command of the run with the overrides that place its inputs and outputs in the run folder."""
     where, s1, s2 = layout_of(recipe), recipe.stage1, recipe.stage2
+    trained = student_overlays(recipe)
     runs = {
         "teacher": StageRun("teacher", absolute(s1.teacher), (), tuple(s1.teacher_set)),
         "sft": StageRun("sft", absolute(s1.sft), tuple(map(absolute, s1.sft_overlays)),
                         (*s1.sft_set, *sft_paths(where))),
         "predict-base": StageRun("predict", absolute(s1.predict), (), tuple(s1.predict_set)),
-        "predict-stage1": StageRun("predict", absolute(s1.predict), student_overlays(recipe), tuple(s1.predict_set)),
+        "predict-stage1": StageRun("predict", absolute(s1.predict), trained, tuple(s1.predict_set)),
         "score": StageRun("score", absolute(recipe.score.config), (), tuple(recipe.score.set)),
     }
     if 2 in recipe.stages:
-        distill = where.stage2 / "distill"
         runs.update({
             "softlabels": StageRun("softlabels", absolute(s2.softlabels), (), tuple(s2.softlabels_set)),
-            "distill": distill_run(s2, (), where.stage2 / "softlabels", distill, stage_one_model(recipe)),
-            "predict-stage2": StageRun("predict", absolute(s2.predict), student_overlays(recipe), tuple(s2.predict_set)),
+            "distill": distill_run(s2, (), where.stage2 / "softlabels", where.stage2 / "distill",
+                                   stage_one_model(recipe)),
+            "predict-stage2": StageRun("predict", absolute(s2.predict), trained, tuple(s2.predict_set)),
         })
-        if s2.on_policy_rounds:   # the rounds' commands (round_steps sets each round's paths)
-            runs["student"] = student_run(recipe)
-            runs["distill-1"] = distill_run(s2, s2.on_policy_distill_set, where.round(1) / "softlabels",
-                                            where.round(1) / "distill", distill / "merged")
+        if s2.on_policy_rounds:
+            # A round's student answering the training cases: sampled as on_policy_set says, with no seed (one
+            # request seed shared by every case would draw every case's tokens from the same random stream);
+            # the step's cache keeps its answers for a re-run, and each round's model gives it a key of its own.
+            runs["student"] = StageRun("predict", absolute(s2.predict), trained, (*s2.predict_set, *s2.on_policy_set))
+        for index in range(1, s2.on_policy_rounds + 1):   # each round continues from the model before it
+            runs[f"distill-{index}"] = distill_run(s2, s2.on_policy_distill_set, where.round(index) / "softlabels",
+                                                   where.round(index) / "distill", round_start(where, index))
     return runs
 
 
-def student_run(recipe: PipelineRecipe) -> StageRun:
-    """A round's student answering the training cases: the predict recipe, sampled as on_policy_set says. No
-    seed: one request seed shared by every case would draw every case's tokens from the same random stream;
-    the step's cache keeps its answers for a re-run, and each round's model gives it a key of its own."""
-    s2 = recipe.stage2
-    return StageRun("predict", absolute(s2.predict), student_overlays(recipe), (*s2.predict_set, *s2.on_policy_set))
+def round_start(where: Layout, index: int) -> Path:
+    """The model on-policy round INDEX starts from: stage two's, then each round's."""
+    return where.round(index - 1) / "distill" / "merged" if index > 1 else where.stage2 / "distill" / "merged"
 
 
 def student_overlays(recipe: PipelineRecipe) -> tuple[str, ...]:
@@ -281,22 +283,20 @@ def stage_two_steps(recipe: PipelineRecipe, runs: dict[str, StageRun], where: La
         predict_step("predict-stage2", runs["predict-stage2"], s2 / "distill" / "merged", where, s2 / "predict",
                      ("distill",)),
     ]
-    model, model_step = s2 / "distill" / "merged", "distill"
     for index in range(1, recipe.stage2.on_policy_rounds + 1):
-        steps += round_steps(recipe, runs, where, index, model, model_step)
-        model, model_step = where.round(index) / "distill" / "merged", f"distill-{index}"
+        steps += round_steps(recipe.stage2, runs, where, index)
     return steps
 
 
-def round_steps(recipe: PipelineRecipe, runs: dict[str, StageRun], where: Layout, index: int, model: Path,
-                model_step: str) -> list[Step]:
-    """On-policy round INDEX, continuing from MODEL (written by MODEL_STEP): the student answers the training
-    cases, prep.onpolicy mixes its answers with the teacher's, the soft-label teacher scores them, distill
-    continues on them, and the round's model answers the predict cases for the score table."""
-    s2, folder, train = recipe.stage2, where.round(index), where.train_cases
+def round_steps(s2: StageTwo, runs: dict[str, StageRun], where: Layout, index: int) -> list[Step]:
+    """On-policy round INDEX, continuing from the model before it (round_start): the student answers the
+    training cases, prep.onpolicy mixes its answers with the teacher's, the soft-label teacher scores them,
+    distill continues on them, and the round's model answers the predict cases for the score table."""
+    folder, train, model = where.round(index), where.train_cases, round_start(where, index)
+    model_step = f"distill-{index - 1}" if index > 1 else "distill"
     student, answers, labels, distill = (folder / "student", folder / "answers.jsonl", folder / "softlabels",
                                          folder / "distill")
-    sampler, trainer = runs["student"], distill_run(s2, s2.on_policy_distill_set, labels, distill, model)
+    sampler, trainer = runs["student"], runs[f"distill-{index}"]
     return [
         Step(f"student-{index}", sampler.argv("--model", str(model), "--input", str(train), "--out", str(student)),
              [student / "predictions.jsonl", student / "submission.jsonl"],
