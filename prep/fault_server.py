@@ -48,19 +48,21 @@ DEFAULT_MODEL = "fault-model"
 _DISEASES = ["急性扁桃体炎", "社区获得性肺炎", "2型糖尿病", "高血压病", "急性胃肠炎", "偏头痛"]
 
 
-def _user_text(body: dict) -> str:
-    return next((m["content"] for m in body.get("messages", []) if m.get("role") == "user"), "")
+def _case_digest(body: dict) -> int:
+    """The request's user turn (the case) as a number: what the default answer and trace depend on."""
+    user = next((m["content"] for m in body.get("messages", []) if m.get("role") == "user"), "")
+    return int(hashlib.sha256(user.encode("utf-8")).hexdigest(), 16)
 
 
 def default_reasoning(body: dict) -> str:
     """A trace that depends only on the case text, as default_answer does."""
-    digest = int(hashlib.sha256(_user_text(body).encode("utf-8")).hexdigest(), 16)
+    digest = _case_digest(body)
     return f"嗯，先看主诉和现病史。病例编号{digest % 1000}，症状指向{_DISEASES[digest % len(_DISEASES)]}，再排除其他可能。"
 
 
 def default_answer(body: dict) -> str:
     """A valid answer that depends only on the case text, so reruns and samples are reproducible."""
-    digest = int(hashlib.sha256(_user_text(body).encode("utf-8")).hexdigest(), 16)
+    digest = _case_digest(body)
     disease = _DISEASES[digest % len(_DISEASES)]
     return json.dumps({"reason": f"1. 主诉与现病史支持{disease}；2. 病例编号{digest % 1000}", "diseases": disease},
                       ensure_ascii=False, separators=(",", ":"))
