@@ -16,7 +16,7 @@ __all__ = ["KDLossConfig", "TAIL_EPS", "weighted_topk_kd_loss"]
 
 def __getattr__(name: str):
     if name in __all__:
-        import custom_losses.kd_loss
+        import custom_losses.kd.kd_loss
 
-        return getattr(custom_losses.kd_loss, name)
+        return getattr(custom_losses.kd.kd_loss, name)
     raise AttributeError(f"module 'custom_losses' has no attribute {name!r}")

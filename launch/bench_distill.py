@@ -6,10 +6,10 @@
 Part one (no model): each case rendered as the distill data is (the soft-label recipe's prompts, Qwen2.5's
 chat template) plus an answer; for each distill recipe (default: every recipes/distill/*.yaml) the
 unpacked batches (per_device_train_batch_size cases, right-padded) and the packed ones
-(custom_losses.packing rows of up to max_length): real tokens per micro-batch, padded fraction and
+(custom_losses.kd.packing rows of up to max_length): real tokens per micro-batch, padded fraction and
 optimiser steps per epoch on the GPUs the recipe's header names. Answers: the published examples'
 lengths (the headline) and, as the worst case, the soft-label recipe's whole max_tokens budget (why:
-custom_losses/distill_bench.py). Part two: the tiny model on CPU (the CPU recipe + overlay), answer
+custom_losses/checks/distill_bench.py). Part two: the tiny model on CPU (the CPU recipe + overlay), answer
 tokens per second of forward + backward, unpacked versus packed, same cases, same run.
 Last line: `pad_fraction_packed=A tokens_per_forward_ratio=B cpu_speedup=C`: A the packed rows' unused
 max_length capacity (1 - fill), B packed over unpacked real tokens per micro-batch, both for the worst recipe;
@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from custom_losses.distill_bench import CASES_PATH, EXAMPLES_PATH, SOFTLABEL_RECIPE, run
+from custom_losses.checks.distill_bench import CASES_PATH, EXAMPLES_PATH, SOFTLABEL_RECIPE, run
 from prep.config import RecipeError
 from prep.jsonio import InputError
 from prep.paths import RECIPES_DIR

@@ -2,7 +2,7 @@
 
     python -m launch.bench_gpu [--cases FILE] [--steps N] [--no-qlora] [--cpu-tiny] [--import-name MODULE=NAME]...
 
-On one H100/H200 (custom_losses.gpu_bench says what is measured and how the FLOPs are counted):
+On one H100/H200 (custom_losses.checks.gpu_bench says what is measured and how the FLOPs are counted):
   * bench_kd_loss at hidden 3584 in bf16, 2048 and 4096 answer tokens: our chunked top-k KD loss, full-logits KD,
     TRL's chunked CE and Axolotl's fused top-k KD (when Axolotl imports), each in a fresh process;
   * on a random-weight Qwen2.5-7B-Instruct (data/models/qwen2.5-7b-instruct.json, built once into .cache/,
@@ -10,7 +10,7 @@ On one H100/H200 (custom_losses.gpu_bench says what is measured and how the FLOP
     recipes/distill/qwen2.5-7b-instruct-lora-multi-gpu.yaml packed and unpacked (bf16 LoRA, one process,
     DeepSpeed dropped), plus the two QLoRA recipes when bitsandbytes imports: tokens/s, model-FLOPs utilisation
     against the card's dense bf16 peak (target >= 40 % for bf16 LoRA at a packed 4096-token row), peak memory
-    against custom_losses.memory's prediction.
+    against custom_losses.train.memory's prediction.
 Each missing optional module (vllm, bitsandbytes, flash_attn, liger_kernel, axolotl, deepspeed, trl) is one
 `skip` line saying what is left out. `--cpu-tiny` runs the same code at tiny shapes on a CPU (the tiny Qwen2
 config, the recipes' cpu-tiny overlays, hidden 64 and vocabulary 4096 in the loss): what the test suite runs.
@@ -31,8 +31,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from custom_losses.gpu_bench import BenchPlan, LossSettings, run_bench
-from custom_losses.loss_bench import QWEN25_7B_HIDDEN, TRL_CHUNK
+from custom_losses.checks.gpu_bench import BenchPlan, LossSettings, run_bench
+from custom_losses.checks.loss_bench import QWEN25_7B_HIDDEN, TRL_CHUNK
 from prep.config import RecipeError
 from prep.jsonio import InputError
 from prep.paths import REPO_ROOT

@@ -28,7 +28,7 @@ import argparse
 
 import torch
 
-from custom_losses.loss_bench import (
+from custom_losses.checks.loss_bench import (
     AXOLOTL_VARIANT,
     CPU_DEFAULT_HIDDEN,
     QWEN25_7B_HIDDEN,

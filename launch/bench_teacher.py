@@ -30,13 +30,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from prep.client import ChatClient, ClientSettings, EndpointSettings, run_cached
+from prep.api.cache import run_cached
+from prep.api.pool import ChatClient
+from prep.api.settings import ClientSettings, EndpointSettings
 from prep.config import add_recipe_arguments
-from prep.fault_server import DEFAULT_MODEL
 from prep.paths import REPO_ROOT, resolve_path
 from prep.prompts import load_prompts
 from prep.records import Case, read_cases
-from prep.teacher import Labeller, validate_recipe
+from prep.stages.teacher import Labeller, validate_recipe
+from prep.testing.fault_server import DEFAULT_MODEL
 
 SAMPLE_CASES = "data/sample_cases.jsonl"
 

@@ -12,7 +12,7 @@ exit 2). Then the trainer starts: plain python without a GPU, `accelerate launch
 config that fits the visible GPUs otherwise (MEDKD_ACCELERATE_CONFIG overrides it); its output is
 appended to output_dir/distill.log. Re-running resumes from the last checkpoint, but only into the
 same run: checkpoints made under another composed recipe, other soft labels or another starting model
-are refused in one sentence (exit 2) unless --fresh (custom_losses.distill.claim_run, which records
+are refused in one sentence (exit 2) unless --fresh (custom_losses.train.distill.claim_run, which records
 the run in output_dir/medkd-distill-run.json). The end writes output_dir/adapter, trainer_state.json
 and merged. `accelerate launch -m launch.distill --config ...` runs the
 trainer directly.
@@ -23,10 +23,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from custom_losses.checkpoints import ResumeRefused
-from custom_losses.distill import claim_run, parse_recipe, train
-from custom_losses.launcher import is_worker, launch_argv, note, run_logged, visible_gpus
-from custom_losses.memory import PreflightError
+from custom_losses.train.checkpoints import ResumeRefused
+from custom_losses.train.distill import claim_run, parse_recipe, train
+from custom_losses.train.launcher import is_worker, launch_argv, note, run_logged, visible_gpus
+from custom_losses.train.memory import PreflightError
 from prep.config import RecipeError, add_recipe_arguments
 from prep.jsonio import InputError
 

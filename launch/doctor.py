@@ -7,15 +7,15 @@ and serving step's estimate, bf16/tf32, each recipe's attention implementation, 
 (4-bit recipes), vLLM at the pinned version, NCCL all-reduce (several GPUs), free disk, the models on disk
 or on the hub (HF_HUB_OFFLINE aware), each hosted teacher's endpoint and key. Each line is `ok`, `skip`
 or `FAIL <check>: <what is wrong>; fix: <the fix>`. --smoke then runs a few real-shape training steps and
-one vLLM request (custom_losses.smoke). Exit 0 only when the recipe can run here; 1 otherwise.
-The checks live in custom_losses/doctor.py.
+one vLLM request (custom_losses.checks.smoke). Exit 0 only when the recipe can run here; 1 otherwise.
+The checks live in custom_losses/checks/doctor.py.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from custom_losses.doctor import diagnose
+from custom_losses.checks.doctor import diagnose
 from prep.config import add_recipe_arguments
 
 

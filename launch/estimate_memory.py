@@ -6,7 +6,7 @@
 RECIPE is an Axolotl recipe (recipes/sft/*.yaml) or a TRL distill recipe (recipes/distill/*.yaml).
 --model names the model's shape when the recipe's model is a folder that does not exist yet (a distill
 recipe's runs/stage1/merged: pass the model stage one starts from, e.g. Qwen/Qwen2.5-7B-Instruct).
-The model, term by term, and the measurements it is checked against: custom_losses/memory.py.
+The model, term by term, and the measurements it is checked against: custom_losses/train/memory.py.
 Exit 0 with the breakdown; 1 with --strict when it does not fit --gpu-mem; 2 on a bad recipe.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ import json
 import sys
 from dataclasses import asdict
 
-from custom_losses.memory import Estimate, estimate_recipe
-from custom_losses.sft_config import resolve_paths
+from custom_losses.train.memory import Estimate, estimate_recipe
+from custom_losses.train.sft_config import resolve_paths
 from prep.config import RecipeError, add_recipe_arguments, compose
 
 

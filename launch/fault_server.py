@@ -1,4 +1,4 @@
-"""An OpenAI-compatible fault-injecting server on 127.0.0.1 (prep.fault_server), for benchmarks and manual tests.
+"""An OpenAI-compatible fault-injecting server on 127.0.0.1 (prep.testing.fault_server), for benchmarks and manual tests.
 
     python -m launch.fault_server [--port N] [--latency S] [--capacity N] [--model NAME]   # prints "port N"
 """
@@ -8,7 +8,7 @@ import argparse
 import asyncio
 import contextlib
 
-from prep.fault_server import DEFAULT_MODEL, FaultServer
+from prep.testing.fault_server import DEFAULT_MODEL, FaultServer
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from custom_losses.memory import PreflightError
-from custom_losses.merge import DTYPES, merge
+from custom_losses.train.memory import PreflightError
+from custom_losses.train.merge import DTYPES, merge
 from prep.config import RecipeError
 
 

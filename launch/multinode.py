@@ -26,7 +26,7 @@ import argparse
 import os
 import sys
 
-from custom_losses.launcher import STAGES, resolve_cluster, run_multinode
+from custom_losses.train.launcher import STAGES, resolve_cluster, run_multinode
 from prep.config import RecipeError
 
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cluster = resolve_cluster(os.environ, args.nodes, args.node_rank, args.main_address, args.main_port)
-        return run_multinode(args.stage, args.stage_args, cluster, args.gpus_per_node)
+        return run_multinode(args.stage, f"launch.{args.stage}", args.stage_args, cluster, args.gpus_per_node)
     except (RecipeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ import json
 import sys
 
 from prep.jsonio import InputError
-from prep.onpolicy import mix_answers
+from prep.stages.onpolicy import mix_answers
 
 
 def main(argv: list[str] | None = None) -> int:

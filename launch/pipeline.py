@@ -19,9 +19,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from custom_losses.pipeline.run import run_pipeline
+from custom_losses.pipeline.steps import PipelineError
 from prep.config import RecipeError, add_recipe_arguments
 from prep.jsonio import InputError
-from prep.pipeline import PipelineError, run_pipeline
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan or args.until:
         return 0
     print(f"[pipeline] scores: {out / 'scores' / 'scores.md'} and {out / 'scores' / 'scores.png'}")
-    curves = sorted((out / "scores").glob("curves-*.png"))   # the score step wrote them (prep.pipeline.curve_files)
+    curves = sorted((out / "scores").glob("curves-*.png"))   # the score step wrote them (custom_losses.pipeline.plan.curve_files)
     print(f"[pipeline] training curves: {' and '.join(map(str, curves))}")
     print(f"[pipeline] submission (validated): {out / 'submission.jsonl'}")
     return 0

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import sys
 
-from prep.predict import PredictStage
-from prep.stage import STAGE_ERRORS, fail, stage_parser
+from prep.stages.api_stage import STAGE_ERRORS, fail, stage_parser
+from prep.stages.predict import PredictStage
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@
                            [--config recipes/score/default.yaml] [--set fuzzy_threshold=0.6 ...]
                            [--curves NAME=PATH ...]
 
-REF is JSONL of {id, reason, diseases} or prep.teacher's sft/valid.jsonl ({id, messages}); each PRED
+REF is JSONL of {id, reason, diseases} or prep.stages.teacher's sft/valid.jsonl ({id, messages}); each PRED
 is a submission or predict's predictions.jsonl. Writes DIR/scores.md, scores.csv, scores.json,
 scores.png and per_case.jsonl, and prints the table. Settings come from the score recipe; `--set`
 overrides its keys. `--curves sft=runs/stage1/sft distill=runs/stage2/distill` also plots each run's
@@ -18,9 +18,9 @@ import argparse
 import sys
 
 from prep.config import RecipeError, add_recipe_arguments
-from prep.curves import curve_path, parse_curve_specs
+from prep.eval.curves import curve_path, parse_curve_specs
+from prep.eval.score import DEFAULT_RECIPE, console_report, score_files, validate_recipe
 from prep.jsonio import InputError
-from prep.score import DEFAULT_RECIPE, console_report, score_files, validate_recipe
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -15,9 +15,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from prep.api.serving import VLLMServer, load_server_spec
 from prep.config import add_recipe_arguments
-from prep.serving import VLLMServer, load_server_spec
-from prep.stage import STAGE_ERRORS, fail
+from prep.stages.api_stage import STAGE_ERRORS, fail
 
 
 def main(argv: list[str] | None = None) -> int:

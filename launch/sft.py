@@ -13,7 +13,7 @@
 --force           train even when the memory estimate says it will not fit
 --preflight-only  check everything and write the composed config, then stop
 
-The preflight (custom_losses/sft_preflight.py) checks data, base model, lengths, GPUs against the
+The preflight (custom_losses/train/sft_preflight.py) checks data, base model, lengths, GPUs against the
 memory estimate and disk in seconds, and writes OUTPUT_DIR/medkd-sft.yaml. Training: no GPU ->
 `python -m axolotl.cli.train` (CPU); 1 GPU -> accelerate with recipes/accelerate/single-gpu.yaml; N GPUs
 -> Axolotl preprocesses once, then accelerate with recipes/accelerate/multi-gpu.yaml on N processes
@@ -25,8 +25,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from custom_losses.launcher import train_axolotl
-from custom_losses.sft_preflight import PreflightError, preflight
+from custom_losses.train.launcher import train_axolotl
+from custom_losses.train.sft_preflight import PreflightError, preflight
 from prep.config import RecipeError, add_recipe_arguments
 from prep.jsonio import InputError
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import sys
 
-from prep.softlabels import SoftLabelStage
-from prep.stage import STAGE_ERRORS, fail, retry_status, stage_parser
+from prep.stages.api_stage import STAGE_ERRORS, fail, retry_status, stage_parser
+from prep.stages.softlabels import SoftLabelStage
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from prep.eval.submission import SubmissionError, check_submission, write_submission_from_predictions
 from prep.jsonio import InputError
 from prep.records import read_cases
-from prep.submission import SubmissionError, check_submission, write_submission_from_predictions
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import sys
 
-from prep.stage import STAGE_ERRORS, fail, retry_status, stage_parser
-from prep.teacher import TeacherStage
+from prep.stages.api_stage import STAGE_ERRORS, fail, retry_status, stage_parser
+from prep.stages.teacher import TeacherStage
 
 
 def main(argv: list[str] | None = None) -> int:

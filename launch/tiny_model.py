@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from prep.tiny_model import build_tiny_model, tiny_model_dir
+from prep.testing.tiny_model import build_tiny_model, tiny_model_dir
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 ANSWER_KEYS = ("reason", "diseases")  # order matters: the model reasons before it names diseases
 # A reasoning teacher's trace, first when present: the order public solutions trained on (trace, reason, diseases).
@@ -175,3 +175,78 @@ def normalise_diseases(diseases: str, keep_parentheticals: bool = True) -> list[
         if name and name not in names:
             names.append(name)
     return names
+
+
+# ---- decode-time constraints (the `structured_output:` recipe section) -------------------------------
+
+
+
+@dataclass
+class StructuredOutput:
+    """The `structured_output:` recipe section: how the answer format is enforced at decode time.
+
+    regex        vLLM's per-request regex (extra_body.structured_outputs.regex), compact JSON, reason first;
+    json_schema  the OpenAI `response_format` json_schema (vLLM and OpenAI-style servers);
+    json_object  `response_format: {type: json_object}` (hosted APIs such as DashScope and DeepSeek);
+    none         no constraint; the parser and one repair turn do the rest.
+
+    `reasoning: true` puts a `reasoning` string first in the regex and the schema: the shape a student
+    trained on a reasoning teacher's traces answers in (predict strips the trace from the submission).
+    A reasoning teacher served with a reasoning parser needs no such thing: its trace comes beside the answer.
+    """
+
+    kind: Literal["regex", "json_schema", "json_object", "none"] = "regex"
+    max_reason_chars: int | None = None      # characters (JSON escapes count as one); null = unbounded
+    max_diseases_chars: int | None = None
+    reasoning: bool = False                  # the answer opens with a `reasoning` field
+    max_reasoning_chars: int | None = None   # its bound, as above (only with reasoning: true)
+
+    def __post_init__(self) -> None:
+        if self.max_reasoning_chars is not None and not self.reasoning:
+            raise ValueError("key 'structured_output.max_reasoning_chars': set only with reasoning: true")
+        for name in ("max_reason_chars", "max_diseases_chars", "max_reasoning_chars"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"key 'structured_output.{name}': must be at least 1 or null")
+
+
+def _repeat(bound: int | None) -> str:
+    return "+" if bound is None else f"{{1,{bound}}}"
+
+
+def answer_regex(max_reason_chars: int | None = None, max_diseases_chars: int | None = None,
+                 reasoning: bool = False, max_reasoning_chars: int | None = None) -> str:
+    """prep.answers.ANSWER_REGEX with optional length bounds on the strings, and the trace first when REASONING."""
+    if max_reason_chars is None and max_diseases_chars is None and not reasoning:
+        return ANSWER_REGEX
+    reason, diseases = _repeat(max_reason_chars), _repeat(max_diseases_chars)
+    trace = f'"{REASONING_KEY}":"' + _JSON_STRING_BODY + _repeat(max_reasoning_chars) + '",' if reasoning else ""
+    return (r'\{' + trace + r'"reason":"' + _JSON_STRING_BODY + reason + r'","diseases":"' + _JSON_STRING_BODY
+            + diseases + r'"\}')
+
+
+def answer_schema(max_reason_chars: int | None = None, max_diseases_chars: int | None = None,
+                  reasoning: bool = False, max_reasoning_chars: int | None = None) -> dict[str, Any]:
+    """prep.answers.ANSWER_JSON_SCHEMA with optional maxLength bounds, and the trace first when REASONING."""
+    keys = ((REASONING_KEY,) if reasoning else ()) + ANSWER_KEYS
+    bounds = dict(zip(keys, ((max_reasoning_chars,) if reasoning else ()) + (max_reason_chars, max_diseases_chars)))
+    properties = {key: {"type": "string", "minLength": 1, **({"maxLength": bound} if bound else {})}
+                  for key, bound in bounds.items()}
+    return {"type": "object", "properties": properties, "required": list(keys), "additionalProperties": False}
+
+
+def structured_output_params(section: StructuredOutput) -> dict[str, Any]:
+    """Request parameters (extra_body or response_format) enforcing the answer format; part of every cache key."""
+    trace = {"reasoning": True, "max_reasoning_chars": section.max_reasoning_chars} if section.reasoning else {}
+    if section.kind == "regex":
+        regex = answer_regex(section.max_reason_chars, section.max_diseases_chars, **trace)
+        return {"extra_body": {"structured_outputs": {"regex": regex}}}
+    if section.kind == "json_schema":
+        schema = answer_schema(section.max_reason_chars, section.max_diseases_chars, **trace)
+        json_schema = {"name": "answer", "schema": schema, "strict": True}
+        return {"response_format": {"type": "json_schema", "json_schema": json_schema}}
+    if section.kind == "json_object":
+        return {"response_format": {"type": "json_object"}}
+    return {}
+
+

@@ -8,7 +8,7 @@ and an unchanged re-run costs a `stat` per file; touching a file re-reads it and
 
 The code digest of a command is the digest of every first-party module it imports, directly or not
 (found by reading the import statements, without importing anything), plus medkd's version and pins:
-editing prep/teacher.py changes the teacher step's key and not the merge step's.
+editing prep/stages/teacher.py changes the teacher step's key and not the merge step's.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import ast
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -102,19 +102,18 @@ def named_paths(value: Any) -> Iterator[str]:
         yield value
 
 
-def recipe_inputs(data: dict[str, Any], exclude: Iterable[Path] = (), _seen: set[Path] | None = None) -> list[Path]:
+def recipe_inputs(data: dict[str, Any], exclude: Iterable[Path] = (), _seen: set[Path] | None = None,
+                  model_folder: Callable[[str], str] = str) -> list[Path]:
     """The files and folders a composed recipe names that exist (prompt files, a lexicon, a DeepSpeed config,
     a local base model), and those named by the recipes it names in turn (a teacher's serve recipe); paths
-    under EXCLUDE (the run folder: other steps' outputs, keyed by those steps) are left out."""
-    from prep.tiny_model import TINY_MODEL_NAME, tiny_model_dir  # builds the fixture only when a recipe names it
-
+    under EXCLUDE (the run folder: other steps' outputs, keyed by those steps) are left out. MODEL_FOLDER maps a
+    name to the folder it stands for (the tiny fixture's name to its built folder; the pipeline passes it)."""
     seen = set() if _seen is None else _seen
     excluded = [path.absolute() for path in exclude]
     found: list[Path] = []
     for text in named_paths(data):
-        if text == TINY_MODEL_NAME:
-            path = tiny_model_dir()
-        elif "/" in text or text.endswith((".txt", ".json", ".jsonl", ".yaml", ".yml", ".jinja")):
+        text = model_folder(text)
+        if "/" in text or text.endswith((".txt", ".json", ".jsonl", ".yaml", ".yml", ".jinja")):
             path = resolve_path(text)
             if not path.exists():
                 continue
@@ -128,14 +127,14 @@ def recipe_inputs(data: dict[str, Any], exclude: Iterable[Path] = (), _seen: set
         seen.add(path)
         found.append(path)
         if path.suffix in (".yaml", ".yml") and path.is_relative_to(RECIPES_DIR.absolute()):
-            found += recipe_inputs(compose(path), exclude, seen)
+            found += recipe_inputs(compose(path), exclude, seen, model_folder)
     return found
 
 
 # --------------------------------------------------------------------------- code
 
 def module_file(name: str) -> Path | None:
-    """prep.teacher -> prep/teacher.py (or the package's __init__.py); None for a third-party module."""
+    """prep.stages.teacher -> prep/stages/teacher.py (or the package's __init__.py); None for a third-party module."""
     if name.split(".")[0] not in FIRST_PARTY:
         return None
     base = REPO_ROOT.joinpath(*name.split("."))

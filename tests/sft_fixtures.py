@@ -1,8 +1,8 @@
-"""Chat datasets in prep.teacher's layout for the SFT tests, built by the same code path it uses.
+"""Chat datasets in prep.stages.teacher's layout for the SFT tests, built by the same code path it uses.
 
 Rows are {"id", "messages": [system, user, assistant], "agreement"} with messages from
 prep.prompts.load_prompts().messages(case, Answer(...)): the assistant turn is answer_json's
-canonical JSON, exactly what prep.teacher writes to <run>/teacher/sft/{train,valid}.jsonl.
+canonical JSON, exactly what prep.stages.teacher writes to <run>/teacher/sft/{train,valid}.jsonl.
 """
 from __future__ import annotations
 

@@ -9,16 +9,16 @@ import torch
 from datasets import Dataset, load_from_disk
 from transformers import AutoModelForCausalLM
 
-from custom_losses.token_weights import TokenWeightConfig
-from custom_losses.trainer import KDConfig, KDDataCollator, WeightedKDTrainer, build_kd_features
+from custom_losses.kd.token_weights import TokenWeightConfig
+from custom_losses.kd.trainer import KDConfig, KDDataCollator, WeightedKDTrainer, build_kd_features
 from launch.softlabels import main as softlabels_main
 from launch.teacher import main as teacher_main
 from prep.answers import Answer, answer_json
-from prep.fault_server import FaultServer
 from prep.prompts import load_prompts
 from prep.records import read_cases
-from prep.softlabels import read_answers
-from prep.teacher import TeacherRecipe, select_by_agreement, vote_diseases
+from prep.stages.softlabels import read_answers
+from prep.stages.teacher import TeacherRecipe, select_by_agreement, vote_diseases
+from prep.testing.fault_server import FaultServer
 from tests.conftest import REPO_ROOT, SAMPLE_CASES
 from tests.test_kd_trainer import TOP_K, dense_reference_loss, softlabel_rows
 
@@ -234,7 +234,7 @@ def test_distill_with_case_weight_refuses_soft_labels_without_agreement_before_l
                                                                                                  tmp_path):
     from datasets import DatasetDict
 
-    from custom_losses.distill import build_trainer, parse_recipe
+    from custom_losses.train.distill import build_trainer, parse_recipe
     from prep.jsonio import InputError
 
     folder = tmp_path / "softlabels"

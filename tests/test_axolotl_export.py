@@ -1,19 +1,19 @@
 """Soft labels in Axolotl 0.19's KD plugin, measured with its own code (strategy, loader, collator, trainer loss,
 fused kernel) on the tiny model: what its offline chat-template path does with rows aligned to their tokens, and
-that prep.axolotl_export's rows give exactly our loss."""
+that prep.stages.axolotl_export's rows give exactly our loss."""
 import math
 import types
 
 import pytest
 import torch
 
-from custom_losses.kd_loss import KDLossConfig, weighted_topk_kd_loss
+from custom_losses.kd.kd_loss import KDLossConfig, weighted_topk_kd_loss
 from prep.answers import Answer, answer_json
-from prep.axolotl_export import axolotl_row, renormalised, save_axolotl_dataset
 from prep.prompts import load_prompts
 from prep.qwen import IM_END_ID, NEWLINE_ID
 from prep.records import read_cases
-from prep.softlabels import SoftLabelSettings, dataset_row
+from prep.stages.axolotl_export import axolotl_row, renormalised, save_axolotl_dataset
+from prep.stages.softlabels import SoftLabelSettings, dataset_row
 from prep.tokenizer import chat_token_ids
 from tests.conftest import SAMPLE_CASES
 
@@ -30,7 +30,7 @@ def student(tiny_model_dir):
 
 
 def teacher_rows(tokenizer, count: int = 2, seed: int = 0) -> list[dict]:
-    """dataset/ rows (prep.softlabels.dataset_row) from a synthetic teacher: top-k sorted, the answer token
+    """dataset/ rows (prep.stages.softlabels.dataset_row) from a synthetic teacher: top-k sorted, the answer token
     among them, a spread of confident and uncertain positions."""
     generator = torch.Generator().manual_seed(seed)
     prompts, cases = load_prompts(), read_cases(SAMPLE_CASES).cases
@@ -68,8 +68,8 @@ def axolotl_kd_loss(model, tokenizer, features: list[dict], temperature: float =
 
 def our_kd_loss(model, tokenizer, rows: list[dict], temperature: float = 1.0, alpha: float = 1.0,
                 offset: int = 1):
-    """custom_losses.kd_loss on our rows, uniform weights: answer token j's row on the hidden state at
-    start - OFFSET + j (OFFSET 1: the position that predicts it, as custom_losses.trainer does)."""
+    """custom_losses.kd.kd_loss on our rows, uniform weights: answer token j's row on the hidden state at
+    start - OFFSET + j (OFFSET 1: the position that predicts it, as custom_losses.kd.trainer does)."""
     model.zero_grad()
     hidden, targets, ids, logprobs = [], [], [], []
     for row in rows:

@@ -1,7 +1,7 @@
 """Resuming skips a checkpoint a kill cut off mid-save, and keeps it aside instead of deleting it."""
 from __future__ import annotations
 
-from custom_losses.checkpoints import COMPLETE_MARKER, complete_checkpoints, remove_all
+from custom_losses.train.checkpoints import COMPLETE_MARKER, complete_checkpoints, remove_all
 
 
 def make_checkpoint(output_dir, step: int, complete: bool) -> None:

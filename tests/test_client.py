@@ -1,4 +1,4 @@
-"""prep.client against a real local HTTP server that injects faults: retries, limits, preflight, exactly-once cache."""
+"""prep.api against a real local HTTP server that injects faults: retries, limits, preflight, exactly-once cache."""
 import asyncio
 import json
 import re
@@ -7,23 +7,21 @@ import traceback
 
 import pytest
 
-from prep.answers import ANSWER_REGEX, Answer, answer_json, parse_answer
-from prep.client import (
-    ChatClient,
-    ClientError,
-    ClientSettings,
-    RequestFailed,
+from prep.answers import (
+    ANSWER_REGEX,
+    Answer,
     StructuredOutput,
+    answer_json,
     answer_regex,
     answer_schema,
-    check_endpoint,
-    later_than_waiting,
-    load_cache,
-    resolve_api_key,
-    run_cached,
+    parse_answer,
     structured_output_params,
 )
-from prep.fault_server import FaultServer
+from prep.api.cache import load_cache, run_cached
+from prep.api.pool import ChatClient, later_than_waiting
+from prep.api.preflight import check_endpoint
+from prep.api.settings import ClientError, ClientSettings, RequestFailed, resolve_api_key
+from prep.testing.fault_server import FaultServer
 
 MESSAGES = [{"role": "system", "content": "你是医生。"}, {"role": "user", "content": "病例：咽痛伴发热2天。"}]
 
@@ -175,7 +173,7 @@ def test_preflight_lists_models_and_names_a_missing_model(fault_server):
 
 
 def test_preflight_names_an_unreachable_endpoint():
-    from prep.serving import free_port
+    from prep.api.process import free_port
 
     url = f"http://127.0.0.1:{free_port()}/v1"
     started = time.monotonic()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from prep.curves import KEYS, parse_curve_specs, plot_curves, read_curves, read_log_history, trainer_state_path
+from prep.eval.curves import KEYS, parse_curve_specs, plot_curves, read_curves, read_log_history, trainer_state_path
 from prep.jsonio import InputError
 from tests.conftest import REPO_ROOT
 
@@ -92,8 +92,8 @@ def test_curve_specs_are_name_equals_path():
 def test_gpu_recipes_track_to_tensorboard_and_the_cpu_overlays_track_nothing(tmp_path):
     """Composed as the commands compose them: GPU recipes log to TensorBoard (W&B only when a user names a
     project); the CPU overlay, used by the demo and the tests, turns tracking off."""
-    from custom_losses.distill import parse_recipe
-    from custom_losses.sft_config import compose
+    from custom_losses.train.distill import parse_recipe
+    from custom_losses.train.sft_config import compose
 
     assert SFT_RECIPES and DISTILL_RECIPES
     for recipe in SFT_RECIPES:

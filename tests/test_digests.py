@@ -4,6 +4,7 @@ import os
 
 from prep.config import compose
 from prep.digests import DigestCache, code_files, recipe_inputs
+from prep.testing.tiny_model import resolve_model
 from tests.conftest import REPO_ROOT
 
 
@@ -37,7 +38,7 @@ def test_a_folder_digest_covers_names_and_contents_but_not_hidden_files(tmp_path
 def test_a_recipe_names_its_prompt_files_serve_recipe_and_model_but_not_the_run_folder(tmp_path):
     teacher = compose(REPO_ROOT / "recipes/teacher/local-tiny-vllm.yaml", overrides=[f"client.base_url={tmp_path}/x"])
     names = {str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else path.name
-             for path in recipe_inputs(teacher, exclude=[tmp_path])}
+             for path in recipe_inputs(teacher, exclude=[tmp_path], model_folder=resolve_model)}
     assert {"data/prompts/system.txt", "data/prompts/user.txt", "data/prompts/repair.txt",
             "recipes/serve/tiny-cpu.yaml"} <= names
     assert any(name.startswith(".cache/tiny-qwen2.5-") or "tiny-qwen2.5" in name for name in names)  # via the serve recipe
@@ -46,8 +47,8 @@ def test_a_recipe_names_its_prompt_files_serve_recipe_and_model_but_not_the_run_
 
 def test_a_commands_code_is_every_first_party_module_it_imports_and_no_other():
     merge = {str(path.relative_to(REPO_ROOT)) for path in code_files("launch.merge")}
-    assert {"launch/merge.py", "custom_losses/merge.py", "prep/jsonio.py"} <= merge
-    assert "prep/teacher.py" not in merge and "custom_losses/trainer.py" not in merge
+    assert {"launch/merge.py", "custom_losses/train/merge.py", "prep/jsonio.py"} <= merge
+    assert "prep/stages/teacher.py" not in merge and "custom_losses/kd/trainer.py" not in merge
     teacher = {str(path.relative_to(REPO_ROOT)) for path in code_files("launch.teacher")}
-    assert {"prep/teacher.py", "prep/client.py", "prep/stage.py"} <= teacher
+    assert {"prep/stages/teacher.py", "prep/api/pool.py", "prep/stages/api_stage.py"} <= teacher
     assert not any(name.startswith("custom_losses/") for name in teacher)

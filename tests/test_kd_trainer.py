@@ -6,9 +6,9 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
-from custom_losses.packing import PackedDataset, pack_features
-from custom_losses.token_weights import TokenWeightConfig, answer_token_weights
-from custom_losses.trainer import KDConfig, KDDataCollator, WeightedKDTrainer, build_kd_features
+from custom_losses.kd.packing import PackedDataset, pack_features
+from custom_losses.kd.token_weights import TokenWeightConfig, answer_token_weights
+from custom_losses.kd.trainer import KDConfig, KDDataCollator, WeightedKDTrainer, build_kd_features
 from prep.answers import Answer, answer_json
 from prep.prompts import load_prompts
 from prep.records import read_cases
@@ -24,7 +24,7 @@ TOP_K = 4
 
 
 def softlabel_rows(tokenizer, count=4, seed=0):
-    """Rows in prep.softlabels' layout with a synthetic teacher: the answer token at rank 1 plus random others."""
+    """Rows in prep.stages.softlabels' layout with a synthetic teacher: the answer token at rank 1 plus random others."""
     generator = torch.Generator().manual_seed(seed)
     prompts, cases = load_prompts(), read_cases(SAMPLE_CASES).cases
     rows = []

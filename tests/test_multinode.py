@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from custom_losses import launcher
-from custom_losses.launcher import Cluster, batch_plan, derived_accumulation, launch_argv, resolve_cluster
+from custom_losses.train import launcher
+from custom_losses.train.launcher import Cluster, batch_plan, derived_accumulation, launch_argv, resolve_cluster
 from prep.paths import REPO_ROOT
 
 DISTILL = "recipes/distill/qwen2.5-7b-instruct-full-zero3.yaml"

@@ -1,4 +1,4 @@
-"""prep.onpolicy: which answer each case carries in an on-policy round (the student's for a share `mix` of the
+"""prep.stages.onpolicy: which answer each case carries in an on-policy round (the student's for a share `mix` of the
 training cases, the teacher's for the rest and for every held-out case), read back by the soft-label stage."""
 import json
 from pathlib import Path
@@ -7,8 +7,8 @@ import pytest
 
 from launch.onpolicy import main
 from prep.answers import Answer, answer_json
-from prep.onpolicy import mix_answers, takes_student_answer
-from prep.softlabels import read_answers
+from prep.stages.onpolicy import mix_answers, takes_student_answer
+from prep.stages.softlabels import read_answers
 
 TRAIN, VALID = list(range(100, 140)), [900, 901, 902]
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from custom_losses.pipeline.plan import build_plan, plan_pipeline, validate_recipe
+from custom_losses.pipeline.steps import ProgressLine, progress_of
 from prep.answers import Answer, answer_json
+from prep.eval.submission import check_submission
 from prep.jsonio import read_appended, read_jsonl
-from prep.pipeline import build_plan, plan_pipeline, validate_recipe
-from prep.steps import ProgressLine, progress_of
-from prep.submission import check_submission
 from tests.conftest import REPO_ROOT, SAMPLE_CASES
 
 RECIPES = REPO_ROOT / "recipes"
@@ -193,7 +193,7 @@ def test_a_student_trained_on_reasoning_traces_is_asked_for_them_and_the_base_mo
 
 
 def test_kept_answers_with_a_hosted_chat_api_stop_in_preflight(tmp_path):
-    from prep.fault_server import FaultServer
+    from prep.testing.fault_server import FaultServer
 
     softlabels = yaml.safe_load((RECIPES / "softlabels" / "local-tiny-vllm.yaml").read_text(encoding="utf-8"))
     with FaultServer() as api:   # a chat API: /completions answers carry no prompt_logprobs

@@ -10,11 +10,11 @@ import time
 import pytest
 
 from launch import predict, score, submission
-from prep.client import load_cache
+from prep.api.cache import load_cache
 from prep.config import RecipeError, load_recipe
-from prep.fault_server import FaultServer, default_answer
-from prep.predict import PredictRecipe, judge, lora_rank_for, resolve_target
 from prep.records import read_cases
+from prep.stages.predict import PredictRecipe, judge, lora_rank_for, resolve_target
+from prep.testing.fault_server import FaultServer, default_answer
 from tests.conftest import REPO_ROOT, SAMPLE_CASES
 
 TINY = REPO_ROOT / "recipes" / "predict" / "tiny-cpu.yaml"
@@ -188,7 +188,7 @@ def test_the_recipe_starts_its_own_server_for_a_lora_adapter(vllm_server, tmp_pa
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from prep.tiny_model import tiny_model_dir
+    from prep.testing.tiny_model import tiny_model_dir
 
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir()), dtype=torch.float32)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))

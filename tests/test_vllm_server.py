@@ -7,10 +7,17 @@ from openai import OpenAI
 
 from launch import serve
 from prep.answers import parse_answer
+from prep.api.serving import (
+    VLLM_DEFAULT_MAX_LOGPROBS,
+    ServerSpec,
+    VLLMServer,
+    load_server_spec,
+    serving,
+    validate_recipe,
+)
 from prep.config import RecipeError
 from prep.prompts import load_prompts
 from prep.records import read_cases
-from prep.serving import VLLM_DEFAULT_MAX_LOGPROBS, ServerSpec, VLLMServer, load_server_spec, serving, validate_recipe
 from prep.tokenizer import chat_token_ids, load_tokenizer
 from tests.conftest import REPO_ROOT, SAMPLE_CASES
 

