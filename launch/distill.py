@@ -13,7 +13,7 @@ config that fits the visible GPUs otherwise (MEDKD_ACCELERATE_CONFIG overrides i
 appended to output_dir/distill.log. Re-running resumes from the last checkpoint, but only into the
 same run: checkpoints made under another composed recipe, other soft labels or another starting model
 are refused in one sentence (exit 2) unless --fresh (custom_losses.train.distill.claim_run, which records
-the run in output_dir/medkd-distill-run.json). The end writes output_dir/adapter, trainer_state.json
+the run in output_dir/medkd-run.json, prep.digests' run record). The end writes output_dir/adapter, trainer_state.json
 and merged. `accelerate launch -m launch.distill --config ...` runs the
 trainer directly.
 """

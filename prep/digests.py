@@ -23,7 +23,7 @@ from typing import Any
 
 from prep.config import compose
 from prep.jsonio import write_text_atomic
-from prep.paths import RECIPES_DIR, REPO_ROOT, resolve_path
+from prep.paths import RECIPES_DIR, REPO_ROOT, cache_dir, resolve_path
 
 FIRST_PARTY = ("prep", "custom_losses", "launch")
 # What pip installs from: a changed pin is a changed library under every step.
@@ -192,3 +192,123 @@ def medkd_version() -> str:
         return version("medkd")
     except PackageNotFoundError:   # a checkout used without `pip install -e .`
         return "unknown"
+
+
+# --------------------------------------------------------------------------- the run-identity record
+
+# One answer, for every producer of an output, to "is this output what this recipe and these inputs make?":
+# a record {"identity": {part: value}, "done": bool, ...} beside the output. A pipeline step keeps it as
+# OUT/stamps/<step>.json (a step writes several outputs); SFT, distill and merge keep RUN_RECORD in the folder
+# they write. The identity's parts are named: "recipe" (the composed recipe's keys, or its digest), "dep:<step>",
+# "file:<path>", "code:<file>", "pins:<what>", "argv", or a plain name ("soft-label data", "starting model").
+RUN_RECORD = "medkd-run.json"
+_PART_WORDS = {"dep": "upstream {} changed", "file": "{} changed", "code": "code {} changed", "pins": "{} changed"}
+
+
+def read_record(path: str | Path) -> dict[str, Any] | None:
+    """The record at PATH (a folder means its RUN_RECORD); None when there is none or it was cut off mid-write."""
+    path = Path(path)
+    path = path / RUN_RECORD if path.is_dir() else path
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def as_recorded(identity: dict[str, Any]) -> dict[str, Any]:
+    """IDENTITY as it reads back from a record (tuples as lists, paths as strings), so the two compare equal."""
+    return json.loads(json.dumps(identity, sort_keys=True, default=str))
+
+
+def write_record(path: str | Path, identity: dict[str, Any], *, done: bool, **extra: Any) -> dict[str, Any]:
+    """Record IDENTITY at PATH (a folder means its RUN_RECORD), atomically; DONE says the output is complete.
+    EXTRA (timings, a content digest) is kept beside it and is not part of the identity."""
+    path = Path(path)
+    path = path / RUN_RECORD if path.is_dir() else path
+    record = {"identity": as_recorded(identity), "done": done, **as_recorded(extra)}
+    if read_record(path) != record:          # several ranks may get here: write only a change
+        write_text_atomic(path, json.dumps(record, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+    return record
+
+
+def _part_words(name: str, old: Any, new: Any) -> str:
+    kind, _, what = name.partition(":")
+    if kind in _PART_WORDS and what:
+        return _PART_WORDS[kind].format(what)
+    if name == "argv":
+        return "command changed"
+    if name == "recipe" and not isinstance(old, dict) and not isinstance(new, dict):
+        return "recipe changed"
+    return f"{name} changed: {old} -> {new}"
+
+
+def identity_difference(previous: dict[str, Any], current: dict[str, Any],
+                        recipe_keys: Iterable[str] | None = None) -> str | None:
+    """What differs between two identities, in words (`recipe key 'lr': 0.1 -> 0.2`, `upstream teacher changed,
+    data/prompts/user.txt changed`); None when nothing does. RECIPE_KEYS limits the recipe keys compared (those
+    that make checkpoints another model's); every other part is always compared."""
+    current = as_recorded(current)
+    words = []
+    old_recipe, new_recipe = previous.get("recipe"), current.get("recipe")
+    if isinstance(old_recipe, dict) and isinstance(new_recipe, dict):
+        keys = sorted(set(old_recipe) | set(new_recipe)) if recipe_keys is None else list(recipe_keys)
+        words += [f"recipe key '{key}': {old_recipe.get(key)!r} -> {new_recipe.get(key)!r}"
+                  for key in keys if old_recipe.get(key) != new_recipe.get(key)]
+    names = [name for name in current if name != "recipe" or not isinstance(new_recipe, dict)]
+    names += [name for name in previous if name not in current]
+    words += [_part_words(name, previous.get(name), current.get(name))
+              for name in dict.fromkeys(names) if previous.get(name) != current.get(name)]
+    words = list(dict.fromkeys(words))
+    if not words:
+        return None
+    return ", ".join(words[:3]) + (f" and {len(words) - 3} more" if len(words) > 3 else "")
+
+
+def why_not_current(path: str | Path, identity: dict[str, Any]) -> str | None:
+    """None when the record at PATH says its output is complete and made by IDENTITY; else why not, in words."""
+    record = read_record(path)
+    if record is None:
+        return "not run yet"
+    if not isinstance(record.get("identity"), dict):
+        return "made by an older medkd, without a content key"
+    difference = identity_difference(record["identity"], identity)
+    if difference:
+        return difference
+    return None if record.get("done") else "did not finish"
+
+
+# --------------------------------------------------------------------------- a model's identity
+
+# What makes a model answer as it does: its weights, config and tokenizer (and an adapter's base).
+MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".json", ".jinja", ".txt", ".model", ".tiktoken", ".pt")
+
+
+def model_files(folder: Path) -> list[Path]:
+    """The files of a model folder that determine its answers (checkpoints and logs below it left out)."""
+    return [path for path in tree_files(folder) if path.suffix in MODEL_FILE_SUFFIXES
+            and not path.relative_to(folder).parts[0].startswith(("checkpoint-", "runs", "logs"))
+            and path.name != RUN_RECORD]
+
+
+def model_digest(folder: str | Path, cache: DigestCache | None = None) -> str:
+    """A digest of what a local model folder serves: its weights, config and tokenizer files, and for a LoRA
+    adapter (adapter_config.json) its base model's too when that is a local folder. Each file is read once and
+    remembered by (size, mtime, inode) in CACHE (default: the user-wide one under .cache/), so a retrain in place
+    is a new digest and an unchanged 15 GB folder costs a stat per file."""
+    folder = Path(folder).absolute()
+    own = cache is None
+    cache = cache or DigestCache(default_digest_cache())
+    parts = [(str(path.relative_to(folder)), cache.file(path)) for path in model_files(folder)]
+    adapter = folder / "adapter_config.json"
+    if adapter.is_file():
+        base = json.loads(adapter.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        if base and Path(base).is_dir():
+            parts.append(("base", model_digest(base, cache)))
+    if own:
+        cache.save()
+    return sha256_json(parts)[:16]
+
+
+def default_digest_cache() -> Path:
+    return cache_dir() / "digests.json"

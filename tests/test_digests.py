@@ -1,5 +1,6 @@
 """prep.digests: what a pipeline step's key is made of: file contents (read once per size/mtime/inode),
 model folders, the files a composed recipe names, and the first-party code a command imports."""
+import json
 import os
 
 from prep.config import compose
@@ -52,3 +53,51 @@ def test_a_commands_code_is_every_first_party_module_it_imports_and_no_other():
     teacher = {str(path.relative_to(REPO_ROOT)) for path in code_files("launch.teacher")}
     assert {"prep/stages/teacher.py", "prep/api/pool.py", "prep/stages/api_stage.py"} <= teacher
     assert not any(name.startswith("custom_losses/") for name in teacher)
+
+
+# ---- the one run record ----------------------------------------------------------------------------
+
+def test_the_run_record_says_why_an_output_is_not_current(tmp_path):
+    from prep.digests import RUN_RECORD, identity_difference, read_record, why_not_current, write_record
+
+    identity = {"recipe": {"learning_rate": 0.1, "lora_r": 8}, "file:data/a.jsonl": "aa", "dep:teacher": "k1"}
+    assert why_not_current(tmp_path, identity) == "not run yet"
+    write_record(tmp_path / RUN_RECORD, identity, done=False, seconds=3)
+    assert why_not_current(tmp_path, identity) == "did not finish"
+    write_record(tmp_path / RUN_RECORD, identity, done=True)
+    assert why_not_current(tmp_path, identity) is None and read_record(tmp_path)["done"] is True
+    changed = {**identity, "recipe": {"learning_rate": 0.2, "lora_r": 8}, "dep:teacher": "k2"}
+    assert why_not_current(tmp_path, changed) == "recipe key 'learning_rate': 0.1 -> 0.2, upstream teacher changed"
+    assert identity_difference(identity, changed, recipe_keys=["lora_r"]) == "upstream teacher changed"
+    assert identity_difference({"recipe": "d1", "argv": "x"}, {"recipe": "d2", "argv": "y"}) == \
+        "command changed, recipe changed"
+    (tmp_path / RUN_RECORD).write_text('{"identity": {"recipe"')        # cut off mid-write: no record
+    assert why_not_current(tmp_path, identity) == "not run yet"
+    (tmp_path / RUN_RECORD).write_text('{"key": "abc"}')                 # an older medkd's stamp
+    assert why_not_current(tmp_path, identity) == "made by an older medkd, without a content key"
+
+
+def test_a_models_digest_is_its_content_and_follows_an_in_place_retrain(tmp_path):
+    from prep.digests import DigestCache, model_digest
+
+    model = tmp_path / "merged"
+    model.mkdir()
+    (model / "config.json").write_text('{"hidden_size": 64}')
+    (model / "model.safetensors").write_bytes(b"weights-1")
+    (model / "tokenizer.json").write_text("{}")
+    cache = DigestCache(tmp_path / "digests.json")
+    first = model_digest(model, cache)
+    assert model_digest(model, cache) == first
+    (model / "medkd-run.json").write_text("{}")                         # its record is not its content
+    (model / "checkpoint-2").mkdir()
+    (model / "checkpoint-2" / "model.safetensors").write_bytes(b"old")  # nor are checkpoints below it
+    assert model_digest(model, cache) == first
+    (model / "model.safetensors").write_bytes(b"weights-2")             # retrained in place: same path, same size
+    assert model_digest(model, cache) != first
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(model)}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"lora")
+    with_base = model_digest(adapter, cache)
+    (model / "model.safetensors").write_bytes(b"weights-3")             # an adapter's base is part of it
+    assert model_digest(adapter, cache) != with_base

@@ -12,6 +12,7 @@ import pytest
 
 from custom_losses.kd.token_weights import TokenWeightConfig
 from custom_losses.kd.trainer import build_kd_features
+from prep.digests import read_record
 from tests.conftest import REPO_ROOT
 from tests.test_softlabels import softlabel_args
 
@@ -73,7 +74,7 @@ def test_distill_kd_falls_and_resumes_after_kill(softlabel_dir, tmp_path, tiny_m
     # The adapter and a merged model vLLM can serve, with the exact chat template, merged by custom_losses.train.merge
     # in the precision the CPU overlay's merge_dtype names.
     assert (output / "adapter" / "adapter_config.json").exists()
-    stamp = json.loads((output / "merged" / "medkd-merge.json").read_text())
+    stamp = read_record(output / "merged")["identity"]
     assert stamp["kind"] == "lora-merged" and stamp["dtype"] == "float32"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -147,8 +148,9 @@ def test_resume_only_into_its_own_run_and_tracking_and_curves(tmp_path, qwen_tok
     """A real 2-step run (TensorBoard on, its events under output_dir; trainer_state.json there with a curve point
     per logged step); then another learning_rate or other soft labels are refused before the model loads, naming
     --fresh; the same recipe (report_to aside: tracking is not part of a run's identity) resumes; --fresh clears."""
-    from custom_losses.train.distill import RUN_RECORD, claim_run
+    from custom_losses.train.distill import claim_run
     from launch.distill import main
+    from prep.digests import RUN_RECORD
     from prep.eval.curves import KEYS, plot_curves, read_log_history
 
     monkeypatch.setenv("MEDKD_TRAINING_WORKER", "1")  # train in this process (no accelerate, no second interpreter)
@@ -164,7 +166,9 @@ def test_resume_only_into_its_own_run_and_tracking_and_curves(tmp_path, qwen_tok
     code, out, err = run("--set", "report_to=tensorboard")
     assert code == 0, out[-2000:] + err[-2000:]
     assert (output / "checkpoint-2" / "trainer_state.json").is_file()
-    first_data = json.loads((output / RUN_RECORD).read_text())["identity"]["soft-label data"]
+    first = json.loads((output / RUN_RECORD).read_text())
+    first_data = first["identity"]["soft-label data"]
+    assert first["done"] is True, "a run that trained to the end says so in its record"
     assert list(output.glob("runs/*/events.out.tfevents.*")), "TensorBoard writes under output_dir/runs/"
     state_path, history = read_log_history(output)
     assert state_path == output / "trainer_state.json", "distill leaves the whole log history in output_dir"
@@ -201,4 +205,4 @@ def test_resume_only_into_its_own_run_and_tracking_and_curves(tmp_path, qwen_tok
     assert claim_run(RECIPE, [CPU_OVERRIDE], overrides, fresh=True) == []
     assert not list(output.glob("checkpoint-*"))
     record = json.loads((output / RUN_RECORD).read_text())
-    assert record["identity"]["soft-label data"] == record["data_files"]["digest"] != first_data
+    assert record["identity"]["soft-label data"] != first_data and record["done"] is False

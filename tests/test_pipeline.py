@@ -18,6 +18,7 @@ import yaml
 from custom_losses.pipeline.plan import build_plan, plan_pipeline, validate_recipe
 from custom_losses.pipeline.steps import ProgressLine, progress_of
 from prep.answers import Answer, answer_json
+from prep.digests import read_record
 from prep.eval.submission import check_submission
 from prep.jsonio import read_appended, read_jsonl
 from tests.conftest import REPO_ROOT, SAMPLE_CASES
@@ -349,7 +350,8 @@ def killed_run(tmp_path_factory) -> dict:
                 assert time.monotonic() < deadline, f"step {step} never got going"
                 time.sleep(0.1)
             _kill_tree(process)
-        assert not (out / "stamps" / f"{step}.json").exists(), f"{step} finished before the kill"
+        record = read_record(out / "stamps" / f"{step}.json")
+        assert record is None or not record["done"], f"{step} finished before the kill"
     final = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800)
     return {**paths, "out": out, "command": command, "final": final, "tmp": tmp_path}
 

@@ -27,6 +27,7 @@ import yaml
 
 from custom_losses.train.sft_config import compose, write_composed
 from prep.answers import Answer, answer_json
+from prep.digests import read_record
 from prep.jsonio import InputError
 from prep.paths import REPO_ROOT
 from prep.tokenizer import CHAT_TEMPLATE_PATH, chat_token_ids
@@ -65,7 +66,8 @@ def lora_run(tmp_path_factory):
     write_sample_sft(run / "teacher")
     args = sft_args(LORA, [CPU], ["deepspeed=null"], run=run)
     first = run_sft_interrupted(args, run / "sft" / "checkpoint-8", timeout=RUN_TIMEOUT)
-    assert not (run / "sft" / "medkd-sft.done").exists(), "the first run was to be interrupted"
+    record = read_record(run / "sft")
+    assert record is not None and record["done"] is False, "the first run was to be interrupted"
     second = run_sft(args, timeout=RUN_TIMEOUT)
     assert second.returncode == 0, second.stdout[-4000:]
     return SimpleNamespace(run=run, out=run / "sft", args=args, first=first, second=second.stdout)
@@ -207,7 +209,7 @@ def test_merged_model_loads_in_transformers_and_answers_through_vllm(lora_run, q
     assert merge.returncode == 0, merge.stdout[-3000:]
     merged = lora_run.run / "merged"
     assert merge.stdout.strip().splitlines()[-1] == str(merged)
-    stamp = json.loads((merged / "medkd-merge.json").read_text())
+    stamp = read_record(merged)["identity"]
     assert stamp["dtype"] == "bfloat16" and stamp["kind"] == "lora-merged"
     for name in ("tokenizer.json", "tokenizer_config.json"):     # byte for byte the base model's
         assert (merged / name).read_bytes() == (tiny_model_dir / name).read_bytes()
@@ -298,7 +300,7 @@ def test_preflight_refuses_bad_inputs_with_one_sentence(tmp_path, tiny_model_dir
     assert plan.status == "train" and plan.gpus == 0 and plan.config_path == run / "sft" / "medkd-sft.yaml"
     (run / "sft" / "checkpoint-4").mkdir()                      # a QLoRA run's (complete) checkpoint ...
     (run / "sft" / "checkpoint-4" / "trainer_state.json").write_text("{}")
-    with pytest.raises(PreflightError, match=r"holds checkpoints of another setup \(key 'adapter'"):
+    with pytest.raises(PreflightError, match=r"holds checkpoints of another run \(recipe key 'adapter'"):
         preflight(LORA, [CPU], ["deepspeed=null", *paths], **quiet)   # ... is no LoRA run's to resume
     assert preflight(QLORA, [CPU], paths, **quiet).status == "resume"
     (run / "sft" / "checkpoint-8").mkdir()                      # a save cut off by a kill: no trainer state
@@ -321,7 +323,7 @@ def test_merge_of_a_full_fine_tune_copies_the_model_and_the_base_tokenizer(tmp_p
     assert merged == tmp_path / "run" / "merged"
     assert (merged / "model.safetensors").read_bytes() == (tiny_model_dir / "model.safetensors").read_bytes()
     assert (merged / "tokenizer_config.json").read_bytes() == (tiny_model_dir / "tokenizer_config.json").read_bytes()
-    assert json.loads((merged / "medkd-merge.json").read_text())["kind"] == "full"
+    assert read_record(merged)["identity"]["kind"] == "full"
 
 
 def test_trainer_launch_command_follows_the_gpu_count(monkeypatch):

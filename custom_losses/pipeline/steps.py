@@ -24,8 +24,17 @@ from typing import TextIO
 
 from prep.api.process import new_session_dying_with_parent
 from prep.config import compose
-from prep.digests import DigestCache, code_parts, recipe_inputs, sha256_json
-from prep.jsonio import InputError, dumps, write_text_atomic
+from prep.digests import (
+    DigestCache,
+    as_recorded,
+    code_parts,
+    read_record,
+    recipe_inputs,
+    sha256_json,
+    why_not_current,
+    write_record,
+)
+from prep.jsonio import InputError
 from prep.paths import REPO_ROOT
 from prep.testing.tiny_model import resolve_model
 from prep.tokenizer import CHAT_TEMPLATE_PATH
@@ -131,33 +140,10 @@ def step_parts(step: Step, keys: dict[str, str], out: Path, cache: DigestCache) 
     return parts
 
 
-def describe_change(old: dict[str, str], new: dict[str, str]) -> str:
-    """`recipe changed, data/prompts/user.txt changed` from two stamps' parts."""
-    changed = [name for name in new if old.get(name) != new[name]] + [name for name in old if name not in new]
-    if not old:
-        return "made by an older medkd, without a content key"
-    words = []
-    for name in changed:
-        kind, _, what = name.partition(":")
-        words.append({"dep": f"upstream {what} changed", "file": f"{what} changed", "code": f"code {what} changed",
-                      "pins": f"{what} changed", "recipe": "recipe changed", "argv": "command changed"}[kind])
-    words = list(dict.fromkeys(words))
-    return ", ".join(words[:3]) + (f" and {len(words) - 3} more" if len(words) > 3 else "")
-
-
-def read_stamp(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def run_reason(step: Step, key: str, parts: dict[str, str], stamps: Path, running: set[str]) -> str | None:
-    stamp = read_stamp(stamps / f"{step.name}.json")
-    if stamp is None:
-        return "not run yet"
-    if stamp.get("key") != key:
-        return describe_change(stamp.get("parts") or {}, parts)
+    reason = why_not_current(stamps / f"{step.name}.json", parts)
+    if reason is not None:
+        return reason
     upstream = [name for name in step.deps if name in running]
     if upstream:
         return f"upstream {upstream[0]} runs"
@@ -191,8 +177,8 @@ def decide(steps: list[Step], out: Path, stamps: Path) -> list[Decision]:
 
 
 def write_stamp(stamps: Path, decision: Decision, seconds: float) -> None:
-    write_text_atomic(stamps / f"{decision.step.name}.json",
-                      dumps({"key": decision.key, "seconds": round(seconds, 1), "parts": decision.parts}))
+    write_record(stamps / f"{decision.step.name}.json", decision.parts, done=True, key=decision.key,
+                 seconds=round(seconds, 1))
 
 
 # --------------------------------------------------------------------------- progress
@@ -286,11 +272,13 @@ def run_decision(decision: Decision, logs: Path, stamps: Path, timeout_s: float,
         return {"step": step.name, "status": "skipped", "seconds": 0.0, "key": decision.key}
     if step.before:
         step.before()
-    started = stamps / f"{step.name}.started.json"
-    last = read_stamp(started)
-    if step.fresh_flag and last is not None and last.get("key") != decision.key:
+    # The step's record, not done, from its start: a step killed and started again under another identity gets
+    # its fresh flag, so it does not resume what the other identity left (a trainer's checkpoints).
+    record = stamps / f"{step.name}.json"
+    last = read_record(record)
+    if step.fresh_flag and last is not None and last.get("identity") != as_recorded(decision.parts):
         step.argv = [*step.argv, step.fresh_flag]
-    write_text_atomic(started, dumps({"key": decision.key}))
+    write_record(record, decision.parts, done=False, key=decision.key)
     print(f"[pipeline] {step.name}: running ({decision.reason}; log {logs / (step.name + '.log')})", flush=True)
     seconds = run_step(step, logs, timeout_s, progress_interval_s)
     missing = [str(path) for path in step.outputs if not path.exists()]

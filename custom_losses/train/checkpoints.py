@@ -7,18 +7,17 @@ on such a one, so both stages set it aside first: renamed `checkpoint-N.incomple
 deleted, and named in the log.
 
 A run also resumes only into its own checkpoints: `claim_output_dir` records what determines the
-result (a run's identity: its composed recipe and the digests of its inputs) in OUTPUT_DIR/RUN_RECORD
-and refuses to resume checkpoints made under another one.
+result (a run's identity: its composed recipe and the digests of its inputs) in OUTPUT_DIR's run record
+(prep.digests, the one record every producer keeps) and refuses to resume checkpoints made under another one.
 """
 from __future__ import annotations
 
-import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from prep.jsonio import write_text_atomic
+from prep.digests import RUN_RECORD, identity_difference, read_record, write_record
 
 COMPLETE_MARKER = "trainer_state.json"
 INCOMPLETE_SUFFIX = ".incomplete"
@@ -61,49 +60,38 @@ def remove_all(output_dir: str | Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def read_record(path: str | Path) -> dict[str, Any] | None:
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except json.JSONDecodeError:  # a record cut off mid-write is no record
-        return None
+def claim_output_dir(output_dir: str | Path, identity: dict[str, Any], fresh: bool,
+                     log: Callable[[str], None] = print, recipe_keys: Iterable[str] | None = None,
+                     **extra: Any) -> list[Path]:
+    """The complete checkpoints this run may resume from, after recording IDENTITY in OUTPUT_DIR's run record
+    (prep.digests.RUN_RECORD, not done until the run marks it so).
 
-
-def identity_difference(previous: dict[str, Any], current: dict[str, Any]) -> str | None:
-    """What differs between two run identities ({"recipe": {...}, other input: digest}), in words; None if nothing."""
-    old_recipe, new_recipe = previous.get("recipe") or {}, current.get("recipe") or {}
-    for key in sorted(set(old_recipe) | set(new_recipe)):
-        if old_recipe.get(key) != new_recipe.get(key):
-            return f"recipe key '{key}': {old_recipe.get(key)!r} -> {new_recipe.get(key)!r}"
-    for name in sorted(set(previous) | set(current)):
-        if name != "recipe" and previous.get(name) != current.get(name):
-            return f"{name} changed: {previous.get(name)} -> {current.get(name)}"
-    return None
-
-
-def claim_output_dir(output_dir: str | Path, identity: dict[str, Any], record_name: str, fresh: bool,
-                     log: Callable[[str], None] = print, extra: dict[str, Any] | None = None) -> list[Path]:
-    """The complete checkpoints this run may resume from, after recording IDENTITY in OUTPUT_DIR/RECORD_NAME.
-
-    FRESH deletes every checkpoint first. Complete checkpoints made under another identity, or under none
-    recorded, raise ResumeRefused naming --fresh. EXTRA (e.g. a digest cache) is stored beside the identity.
+    FRESH deletes every checkpoint first. Complete checkpoints made under another identity (only RECIPE_KEYS of
+    its recipe compared, when given), or under none recorded, raise ResumeRefused naming --fresh. EXTRA is stored
+    beside the identity.
     """
     output_dir = Path(output_dir)
-    record_path = output_dir / record_name
-    identity = json.loads(json.dumps(identity, sort_keys=True, default=str))  # as it reads back from the record
     if fresh:
         remove_all(output_dir)
     existing = complete_checkpoints(output_dir, log)
-    previous = read_record(record_path)
+    previous = read_record(output_dir / RUN_RECORD)
     if existing:
-        if previous is None or "identity" not in previous:
+        if previous is None or not isinstance(previous.get("identity"), dict):
             raise ResumeRefused(f"output_dir {output_dir} holds checkpoints with no record of the run that made them "
-                                f"({record_name}); set another output_dir (--set output_dir=...) or use --fresh")
-        difference = identity_difference(previous["identity"], identity)
+                                f"({RUN_RECORD}); set another output_dir (--set output_dir=...) or use --fresh")
+        difference = identity_difference(previous["identity"], identity, recipe_keys)
         if difference:
             raise ResumeRefused(f"output_dir {output_dir} holds checkpoints of another run ({difference}); set "
                                 f"another output_dir (--set output_dir=...) or use --fresh")
-    record = {"identity": identity, **(extra or {})}
-    if previous != json.loads(json.dumps(record, default=str)):  # every rank may get here: write only a change
-        write_text_atomic(record_path, json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_record(output_dir / RUN_RECORD, identity, done=False, **extra)
     return existing
+
+
+def mark_finished(output_dir: str | Path) -> None:
+    """The run in OUTPUT_DIR trained to the end: its record says done (prep.digests.why_not_current then passes)."""
+    record = read_record(Path(output_dir) / RUN_RECORD)
+    if record is None or not isinstance(record.get("identity"), dict):
+        raise RuntimeError(f"{output_dir}: no run record to mark finished ({RUN_RECORD})")
+    extra = {key: value for key, value in record.items() if key not in ("identity", "done")}
+    write_record(Path(output_dir) / RUN_RECORD, record["identity"], done=True, **extra)

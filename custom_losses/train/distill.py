@@ -12,16 +12,16 @@ composed recipe, other soft labels or another starting model (--fresh starts ove
 """
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from custom_losses.train.checkpoints import claim_output_dir, complete_checkpoints, read_record
-from custom_losses.train.merge import STAMP_NAME, base_folder, copy_full_model, merge_adapter
+from custom_losses.train.checkpoints import claim_output_dir, complete_checkpoints, mark_finished
+from custom_losses.train.merge import base_folder, copy_full_model, merge_adapter
 from prep import config as recipe_config
 from prep.config import RecipeError, read_yaml
+from prep.digests import DigestCache, default_digest_cache, model_digest, sha256_json
 from prep.jsonio import InputError
 from prep.paths import resolve_path
 from prep.testing.tiny_model import resolve_model
@@ -29,8 +29,6 @@ from prep.testing.tiny_model import resolve_model
 # Recipe keys naming local files or folders: resolved like every recipe path (prep.paths.resolve_path).
 PATH_KEYS = ("dataset_path", "output_dir", "init_adapter_path", "tokenizer_path", "lexicon_path", "deepspeed")
 REQUIRED_KEYS = ("model_name_or_path", "dataset_path", "output_dir")
-# OUTPUT_DIR/RUN_RECORD: what the checkpoints there were trained from (custom_losses.train.checkpoints.claim_output_dir).
-RUN_RECORD = "medkd-distill-run.json"
 # Recipe keys left out of a run's identity, since they do not change the weights trained: where the run
 # lives (output_dir; the data's content is in the identity as its own digest, so its path is not), what is
 # logged, saved or tracked, and what is done after training (the merge is redone from the adapter each time).
@@ -149,48 +147,34 @@ def softlabel_folder(path: str) -> Path:
     return folder
 
 
-def dataset_digest(folder: Path, known: dict | None = None) -> tuple[str, dict]:
-    """A digest of a saved dataset's content (DATA_PATTERNS files) and the files' (size, mtime) signature.
-
-    KNOWN ({"digest", "files"} from an earlier call) is reused when no file's size or mtime moved, so a
-    dataset of many GB is read once per change, not on every launch and resume.
-    """
+def dataset_digest(folder: Path) -> str:
+    """A digest of a saved dataset's content (DATA_PATTERNS files), each file read once per change
+    (prep.digests.DigestCache: a dataset of many GB costs a stat per file on every launch and resume)."""
     paths = sorted(path for pattern in DATA_PATTERNS for path in folder.rglob(pattern) if path.is_file())
-    files = {str(path.relative_to(folder)): [path.stat().st_size, path.stat().st_mtime_ns] for path in paths}
-    if known and known.get("files") == files and known.get("digest"):
-        return known["digest"], files
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(f"{path.relative_to(folder)}\0".encode())
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16], files
+    cache = DigestCache(default_digest_cache())
+    digest = sha256_json([(str(path.relative_to(folder)), cache.file(path)) for path in paths])[:16]
+    cache.save()
+    return digest
 
 
 def starting_model(model_name_or_path: str) -> str:
-    """What the student starts from: a merged model's stamp (its trained weights' digest) when it has one,
-    else the model's name or path, which the recipe already holds."""
-    stamp = read_record(Path(model_name_or_path) / STAMP_NAME)
-    if stamp is None:
-        return model_name_or_path
-    return f"{stamp.get('kind')} {stamp.get('dtype')} weights {stamp.get('weights_sha256')}"
+    """What the student starts from: a local model folder's content digest (a model retrained in place is
+    another start), else the model's hub name, which the recipe already holds."""
+    folder = Path(model_name_or_path)
+    return f"model {model_digest(folder)}" if folder.is_dir() else model_name_or_path
 
 
 def claim_run(recipe: str | Path, overlays: Sequence[str | Path], overrides: Sequence[str], fresh: bool = False,
               log: Callable[[str], None] = lambda m: print(m, flush=True)) -> list[Path]:
     """Before the model loads: the checkpoints this run may resume from. Its identity (the composed recipe but
-    RESULT_NEUTRAL_KEYS, the soft labels' content digest, the starting model) is recorded in
-    output_dir/RUN_RECORD; checkpoints of another identity raise ResumeRefused, which names --fresh."""
+    RESULT_NEUTRAL_KEYS, the soft labels' content digest, the starting model's) is recorded in output_dir's run
+    record (prep.digests.RUN_RECORD); checkpoints of another identity raise ResumeRefused, which names --fresh."""
     data = composed_recipe(recipe, overlays, overrides)
-    output_dir = Path(data["output_dir"])
-    previous = read_record(output_dir / RUN_RECORD) or {}
-    digest, files = dataset_digest(softlabel_folder(data["dataset_path"]), previous.get("data_files"))
     identity = {"recipe": {key: value for key, value in data.items() if key not in RESULT_NEUTRAL_KEYS},
-                "soft-label data": digest, "starting model": starting_model(str(data["model_name_or_path"]))}
-    return claim_output_dir(output_dir, identity, RUN_RECORD, fresh, lambda message: log(f"[distill] {message}"),
-                            extra={"data_files": {"digest": digest, "files": files},
-                                   "dataset_path": str(data["dataset_path"])})
+                "soft-label data": dataset_digest(softlabel_folder(data["dataset_path"])),
+                "starting model": starting_model(str(data["model_name_or_path"]))}
+    return claim_output_dir(Path(data["output_dir"]), identity, fresh, lambda message: log(f"[distill] {message}"),
+                            dataset_path=str(data["dataset_path"]))
 
 
 def load_softlabel_dataset(path: str):
@@ -328,4 +312,6 @@ def train(script_args, training_args, model_args, log: Callable[[str], None] = l
             base = base_folder(script_args.tokenizer_path or model_args.model_name_or_path)
             merged = copy_full_model(saved, base, output_dir / "merged", lambda message: log(message))
         log(f"[distill] wrote {saved} and {merged}")
+    if trainer.accelerator.is_main_process:
+        mark_finished(output_dir)
     return output_dir

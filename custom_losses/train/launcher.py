@@ -350,7 +350,7 @@ def train_axolotl(plan: Plan) -> int:
     code = run_logged(launch_argv("axolotl.cli.train", [config], plan.gpus), log, REPO_ROOT)
     if code != 0:
         return code
-    mark_done(plan.config_path)
+    mark_done(plan.output_dir)
     note(f"[sft] {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} finished: adapter/model in {plan.output_dir} "
          f"(merge: python -m launch.merge {plan.output_dir})", log)
     return 0

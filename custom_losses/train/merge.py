@@ -10,14 +10,14 @@ The adapter is merged into the base weights loaded in the precision the student 
 `--dtype` of recipes/serve/qwen2.5-7b-student-1gpu.yaml, unless the caller names one), never into
 4-bit ones: a QLoRA adapter is served the same way. The tokenizer files, chat template included, are
 copied byte for byte from the base model folder, so the merged model renders prompts exactly as
-training did. The folder is written beside its place and swapped in, with a medkd-merge.json stamp;
-a re-run with the same adapter, base and dtype does nothing.
+training did. The folder is written beside its place and swapped in, with its run record (prep.digests,
+the record every producer keeps: the trained weights' digest, base, dtype, kind); a re-run with the same
+adapter, base and dtype does nothing.
 
 The adapter stays servable on its own: vLLM `--enable-lora --max-lora-rank R` with R >= its r.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -25,17 +25,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from custom_losses.train.memory import PreflightError
 from custom_losses.train.sft_config import COMPOSED_NAME
 from custom_losses.train.sft_preflight import local_model_folder
 from prep.api.serving import vllm_flag
 from prep.config import read_yaml
-from prep.jsonio import write_dir_atomic, write_text_atomic
+from prep.digests import RUN_RECORD, DigestCache, default_digest_cache, sha256_json, why_not_current, write_record
+from prep.jsonio import write_dir_atomic
 from prep.paths import RECIPES_DIR
 
-STAMP_NAME = "medkd-merge.json"
 # Everything a tokenizer folder may hold; copied from the base model when present.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json", "generation_config.json")
@@ -48,12 +46,12 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+def weights_digest(paths: list[Path]) -> str:
+    """The trained weights' content (every shard), each file read once per change (prep.digests.DigestCache)."""
+    cache = DigestCache(default_digest_cache())
+    digest = sha256_json([(path.name, cache.file(path)) for path in sorted(paths)])[:16]
+    cache.save()
+    return digest
 
 
 def served_dtype() -> str:
@@ -81,9 +79,8 @@ def copy_tokenizer_files(source: Path, out: Path) -> list[str]:
     return copied
 
 
-def _already(out: Path, stamp: dict[str, Any], log: Log) -> bool:
-    previous = out / STAMP_NAME
-    if previous.is_file() and json.loads(previous.read_text()) == stamp:
+def _already(out: Path, identity: dict[str, Any], log: Log) -> bool:
+    if why_not_current(out, identity) is None:
         log(f"[merge] {out} is already this merge: nothing to do")
         return True
     return False
@@ -104,9 +101,9 @@ def merge_adapter(adapter_dir: str | Path, base_model: str, out: str | Path, dty
     weights = adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
         raise PreflightError(f"{adapter_dir}: no {weights.name}; has training finished?")
-    stamp = {"source": str(adapter_dir.resolve()), "weights_sha256": file_digest(weights),
-             "base_model": str(base), "dtype": dtype, "kind": "lora-merged"}
-    if _already(out, stamp, log):
+    identity = {"source": str(adapter_dir.resolve()), "trained weights": weights_digest([weights]),
+                "base_model": str(base), "dtype": dtype, "kind": "lora-merged"}
+    if _already(out, identity, log):
         return out
     rank = int(json.loads((adapter_dir / "adapter_config.json").read_text()).get("r") or 0)
     if rank > max_serving_rank():
@@ -123,7 +120,7 @@ def merge_adapter(adapter_dir: str | Path, base_model: str, out: str | Path, dty
         model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
         model.save_pretrained(staging, safe_serialization=True, max_shard_size="5GB")
         copied = copy_tokenizer_files(Path(tokenizer_dir) if tokenizer_dir else base, staging)
-        write_text_atomic(staging / STAMP_NAME, json.dumps(stamp, indent=2) + "\n")
+        write_record(staging / RUN_RECORD, identity, done=True)
         log(f"[merge] tokenizer files from {tokenizer_dir or base}: {', '.join(copied)}")
 
     write_dir_atomic(out, write)
@@ -132,13 +129,13 @@ def merge_adapter(adapter_dir: str | Path, base_model: str, out: str | Path, dty
 
 
 def copy_full_model(output_dir: Path, base: Path, out: Path, log: Log = _stderr) -> Path:
-    """A full fine-tune's output is already a model: copy it with the base's tokenizer files and a stamp."""
+    """A full fine-tune's output is already a model: copy it with the base's tokenizer files and a record."""
     weights = sorted(output_dir.glob("model*.safetensors"))
     if not weights:
         raise PreflightError(f"{output_dir}: no model.safetensors; has training finished?")
-    stamp = {"source": str(output_dir.resolve()), "weights_sha256": file_digest(weights[0]),
-             "base_model": str(base), "dtype": "as trained", "kind": "full"}
-    if _already(out, stamp, log):
+    identity = {"source": str(output_dir.resolve()), "trained weights": weights_digest(weights),
+                "base_model": str(base), "dtype": "as trained", "kind": "full"}
+    if _already(out, identity, log):
         return out
     log(f"[merge] {output_dir} is a full fine-tune: copying it")
 
@@ -149,7 +146,7 @@ def copy_full_model(output_dir: Path, base: Path, out: Path, log: Log = _stderr)
             if path.is_file() and path.suffix in (".safetensors", ".json") and not ours:
                 shutil.copy2(path, staging / path.name)
         copy_tokenizer_files(base, staging)
-        write_text_atomic(staging / STAMP_NAME, json.dumps(stamp, indent=2) + "\n")
+        write_record(staging / RUN_RECORD, identity, done=True)
 
     write_dir_atomic(out, write)
     log(f"[merge] wrote {out}")
@@ -159,7 +156,7 @@ def copy_full_model(output_dir: Path, base: Path, out: Path, log: Log = _stderr)
 def run_config(output_dir: Path) -> dict[str, Any]:
     composed = output_dir / COMPOSED_NAME
     if composed.is_file():
-        return yaml.safe_load(composed.read_text(encoding="utf-8"))
+        return read_yaml(composed)
     adapter = output_dir / "adapter_config.json"
     if adapter.is_file():  # trained without launch.sft: the adapter names its base
         return {"base_model": json.loads(adapter.read_text())["base_model_name_or_path"], "adapter": "lora"}

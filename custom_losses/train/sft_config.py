@@ -10,8 +10,6 @@ is always on disk.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -86,10 +84,6 @@ def validate_recipe(path: str | Path, overlays: Sequence[str | Path] = (), overr
     config = compose(path, overlays, overrides)
     check_required(config, path)
     return check_fits(config, str(path), require_gpu=require_gpu)
-
-
-def config_hash(config: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def dump(config: dict[str, Any]) -> str:

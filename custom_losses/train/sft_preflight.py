@@ -23,20 +23,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from custom_losses.train.checkpoints import complete_checkpoints, remove_all
+from custom_losses.train.checkpoints import ResumeRefused, claim_output_dir, mark_finished
 from custom_losses.train.memory import GIB, PreflightError, check_fits, gpu_memories_gib, shape_for
-from custom_losses.train.sft_config import COMPOSED_NAME, check_required, compose, config_hash, write_composed
-from prep.jsonio import InputError, iter_json_lines, parse_object_line, write_text_atomic
+from custom_losses.train.sft_config import COMPOSED_NAME, check_required, compose, write_composed
+from prep.digests import DigestCache, default_digest_cache, why_not_current
+from prep.jsonio import InputError, iter_json_lines, parse_object_line
 from prep.tokenizer import CHAT_TEMPLATE_PATH
 
 __all__ = ["PreflightError", "Plan", "preflight", "mark_done", "chat_template_of", "local_model_folder"]
 
-DONE_NAME = "medkd-sft.done"
 ROLES = {"system", "user", "assistant", "tool"}
 # Keys whose change makes old checkpoints in output_dir belong to another model.
-IDENTITY_KEYS = ("base_model", "adapter", "lora_r", "lora_alpha", "lora_target_linear", "lora_target_modules",
+RESUME_KEYS = ("base_model", "adapter", "lora_r", "lora_alpha", "lora_target_linear", "lora_target_modules",
                  "load_in_4bit", "load_in_8bit", "deepspeed")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
@@ -201,46 +199,44 @@ def check_disk(config: dict[str, Any], log: Log) -> None:
 # ---- resume / done -------------------------------------------------------------------------------
 
 def run_identity(config: dict[str, Any]) -> dict[str, Any]:
-    return {key: config.get(key) for key in IDENTITY_KEYS}
+    """What an SFT run's result is made of, as prep.digests records it: the composed config and the content of
+    every local dataset file it names (a file rewritten in place is another run)."""
+    cache = DigestCache(default_digest_cache())
+    identity: dict[str, Any] = {"recipe": config}
+    for _, dataset in dataset_paths(config):
+        path = dataset.get("path")
+        if isinstance(path, str) and Path(path).is_file():
+            identity[f"file:{path}"] = cache.file(Path(path))
+    cache.save()
+    return identity
 
 
-def previous_config(output_dir: Path) -> dict[str, Any] | None:
-    path = output_dir / COMPOSED_NAME
-    return yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+def is_done(config: dict[str, Any], identity: dict[str, Any] | None = None) -> bool:
+    """The run record in output_dir says this very run trained to the end."""
+    return why_not_current(Path(config["output_dir"]), identity or run_identity(config)) is None
 
 
-def is_done(config: dict[str, Any]) -> bool:
-    marker = Path(config["output_dir"]) / DONE_NAME
-    return marker.is_file() and json.loads(marker.read_text()).get("config_hash") == config_hash(config)
+def mark_done(output_dir: str | Path) -> None:
+    """Record that the run in OUTPUT_DIR trained to the end."""
+    mark_finished(output_dir)
 
 
-def mark_done(config_path: str | Path) -> Path:
-    """Record that the composed config at CONFIG_PATH trained to the end."""
-    config = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
-    marker = Path(config["output_dir"]) / DONE_NAME
-    write_text_atomic(marker, json.dumps({"config_hash": config_hash(config)}) + "\n")
-    return marker
-
-
-def resumable_checkpoints(config: dict[str, Any], fresh: bool, log: Log = _stderr) -> list[Path]:
-    """The complete checkpoints this run may resume from; --fresh deletes them, another setup's refuse."""
+def resumable_checkpoints(config: dict[str, Any], identity: dict[str, Any], fresh: bool,
+                          log: Log = _stderr) -> list[Path]:
+    """The complete checkpoints this run may resume from (its identity recorded, not done); --fresh deletes them
+    and the last run's model files, checkpoints of another setup (RESUME_KEYS, or other data) refuse."""
     output_dir = Path(config["output_dir"])
-    if fresh:
-        remove_all(output_dir)
+    if fresh and output_dir.is_dir():
         # The last run's model files too (an adapter left beside a full fine-tune's weights would be served as
         # the model); folders (Axolotl's dataset cache, TensorBoard's runs/) stay.
         for path in output_dir.glob("*"):
             if path.is_file():
                 path.unlink()
-        return []
-    existing = complete_checkpoints(output_dir, lambda message: log(f"[preflight] {message}"))
-    previous = previous_config(output_dir)
-    if previous is not None and existing and run_identity(previous) != run_identity(config):
-        changed = next(key for key in IDENTITY_KEYS if previous.get(key) != config.get(key))
-        raise PreflightError(f"output_dir {output_dir} holds checkpoints of another setup (key '{changed}': "
-                             f"{previous.get(changed)!r} -> {config.get(changed)!r}); set another output_dir "
-                             f"(--set output_dir=...) or use --fresh")
-    return existing
+    try:
+        return claim_output_dir(output_dir, identity, fresh, lambda message: log(f"[preflight] {message}"),
+                                recipe_keys=RESUME_KEYS)
+    except ResumeRefused as err:
+        raise PreflightError(str(err)) from None
 
 
 # ---- the whole check -----------------------------------------------------------------------------
@@ -279,9 +275,10 @@ def preflight(recipe: str | Path, overlays: Sequence[str | Path] = (), overrides
     gpus = gpu_memories_gib()
     log(f"[preflight] {check_fits(config, str(recipe), force=force, gpus=gpus)}")
     check_disk(config, log)
-    existing = resumable_checkpoints(config, fresh, log)
-    if not fresh and is_done(config):
+    identity = run_identity(config)
+    if not fresh and is_done(config, identity):
         return Plan(output_dir / COMPOSED_NAME, output_dir, len(gpus), "done")
+    existing = resumable_checkpoints(config, identity, fresh, log)
     sources = " + ".join(str(item) for item in (recipe, *overlays)) + "".join(f" --set {o}" for o in overrides)
     config_path = write_composed(config, f"# Composed by python -m launch.sft from {sources}\n")
     status = "resume" if existing and config.get("auto_resume_from_checkpoints") else "train"
