@@ -213,3 +213,72 @@ def test_the_recipe_starts_its_own_server_for_a_lora_adapter(vllm_server, tmp_pa
     assert predict.main(base_args + ["--input", str(SAMPLE_CASES), "--limit", "3", "--out", str(base_out)]) == 0
     base_answers = [json.loads(line) for line in (base_out / "submission.jsonl").read_text(encoding="utf-8").splitlines()]
     assert lora_answers != base_answers
+
+
+# ---- a model's identity is its content (no answers from an earlier model) ------------------------------
+
+def _copy_model(source, folder):
+    import shutil
+
+    shutil.copytree(source, folder)
+    return folder
+
+
+def _retrain_in_place(folder, seed: int = 1) -> None:
+    """New weights in the same folder under the same file names, as a retrain into the same output_dir writes."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    tensors = load_file(str(path))
+    generator = torch.Generator().manual_seed(seed)
+    save_file({name: tensor + 0.5 * torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype)
+               if tensor.is_floating_point() else tensor for name, tensor in tensors.items()}, str(path),
+              metadata={"format": "pt"})
+
+
+def test_a_model_folder_retrained_in_place_is_another_identity(tmp_path, tiny_model_dir):
+    model = _copy_model(tiny_model_dir, tmp_path / "merged")
+    recipe = load_recipe(PredictRecipe, TINY)
+    first = resolve_target(recipe, str(model))
+    assert first.identity == resolve_target(recipe, str(model)).identity          # stable while unchanged
+    assert first.known_by.startswith("content")
+    _retrain_in_place(model)
+    assert resolve_target(recipe, str(model)).identity != first.identity
+
+
+def test_rows_of_another_model_are_set_aside_not_mixed_in(tmp_path):
+    from prep.api.cache import load_cache
+    from prep.jsonio import read_appended
+    from prep.stages.api_stage import set_aside_stale
+
+    cache = tmp_path / "cache.jsonl"
+    cache.write_text("".join(json.dumps({"key": str(i), "model": model}) + "\n"
+                             for i, model in enumerate(["m@new", "m@old", "m@old", "m@new"])), encoding="utf-8")
+    assert set_aside_stale(cache, "m@new") == 2
+    assert sorted(load_cache(cache)) == ["0", "3"]
+    assert [row["key"] for row in read_appended(tmp_path / "cache.stale.jsonl")] == ["1", "2"]   # kept, not deleted
+    assert set_aside_stale(cache, "m@new") == 0
+
+
+@pytest.mark.vllm
+def test_predict_into_one_out_after_the_model_is_retrained_in_place_asks_every_case_again(tmp_path, tiny_model_dir):
+    """The same command and --out, the model folder's weights replaced in place between the runs: the second run
+    answers from the new weights only (every case asked again, the old answers counted and set aside); a third,
+    unchanged run asks nothing."""
+    model = _copy_model(tiny_model_dir, tmp_path / "merged")
+    out = tmp_path / "out"
+    args = ["--config", str(TINY), "--model", str(model), "--input", str(SAMPLE_CASES), "--limit", "12",
+            "--out", str(out), "--no-progress"]
+    assert predict.main(args) == 0
+    first, first_rows = summary_of(out), len(load_cache(out / "cache.jsonl"))
+    assert first["asked"] >= 12 and first["stale_cache_rows"] == 0 and first_rows >= 12
+    _retrain_in_place(model)
+    assert predict.main(args) == 0
+    second = summary_of(out)
+    assert second["stale_cache_rows"] == first_rows and second["cache_rows_before"] == 0
+    assert second["asked"] >= 12, "every case was asked of the retrained model"
+    assert second["model_identity"]["identity"] != first["model_identity"]["identity"]
+    assert {row["model"] for row in load_cache(out / "cache.jsonl").values()} == {second["model_identity"]["identity"]}
+    assert predict.main(args) == 0
+    assert summary_of(out)["asked"] == 0 and summary_of(out)["stale_cache_rows"] == 0

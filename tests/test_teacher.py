@@ -388,6 +388,7 @@ def _files_holding(folder: Path, secret: str) -> list[str]:
     return [str(path) for path in folder.rglob("*") if path.is_file() and secret.encode() in path.read_bytes()]
 
 
+@pytest.mark.integration
 def test_a_known_fake_key_appears_in_no_file_log_or_message(tmp_path):
     with FaultServer(api_key=FAKE_KEY) as server:
         server.push("429", "500", {"answer": "not json"})
@@ -410,6 +411,12 @@ def test_a_known_fake_key_appears_in_no_file_log_or_message(tmp_path):
 
 # ---- kill -9 and resume -----------------------------------------------------------------------------------
 
+def _cache_lines(path: Path) -> int:
+    """Whole rows in a cache file being appended to (a row not yet ended by its newline is not counted)."""
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+@pytest.mark.integration
 def test_sigkill_at_random_moments_then_resume_asks_each_case_once(tmp_path):
     cases, concurrency, kills = write_cases(tmp_path / "cases.jsonl", 48, first_id=5000), 4, 3
     out = tmp_path / "teacher"
@@ -420,10 +427,14 @@ def test_sigkill_at_random_moments_then_resume_asks_each_case_once(tmp_path):
         for _ in range(kills):
             received_before = server.received
             process = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            assert server.wait_until(lambda counts, before=received_before: counts["received"] > before, 60), "it never asked"
+            # The moment varies by how many answers this run has written when it dies: 0 (requests paid for,
+            # none recorded) up to 8 (a few in flight beside them).
+            target = _cache_lines(out / "cache.jsonl") + rng.randint(0, 8)
             deadline = time.monotonic() + 60
-            while server.received == received_before and time.monotonic() < deadline:   # wait until it is paying
+            while _cache_lines(out / "cache.jsonl") < target:
+                assert process.poll() is None and time.monotonic() < deadline, f"no {target} cache rows before it ended"
                 time.sleep(0.01)
-            time.sleep(rng.uniform(0.0, 0.8))
             process.send_signal(signal.SIGKILL)
             process.wait(10)
             recorded = len({row["key"] for row in rows(out / "cache.jsonl")}) if (out / "cache.jsonl").exists() else 0
@@ -437,3 +448,30 @@ def test_sigkill_at_random_moments_then_resume_asks_each_case_once(tmp_path):
         print("kill-and-resume: recorded after the last kill", recorded, "unrecorded per kill", unrecorded, "received", server.received)
     assert_exactly_once(out, list(range(5000, 5048)))
     assert summary(out)["answered"] == 48
+
+
+def test_a_self_hosted_teacher_is_known_by_its_checkpoint_not_its_served_name(tmp_path, tiny_model_dir):
+    """The serve recipe keeps served_model_name while its model folder is retrained in place: the teacher's
+    identity (in every cache key and row) changes with the weights, the name asked stays."""
+    import shutil
+
+    from prep.stages.teacher import TeacherStage
+    from tests.test_predict import _retrain_in_place
+
+    model = tmp_path / "teacher-model"
+    shutil.copytree(tiny_model_dir, model)
+    serve = tmp_path / "serve.yaml"
+    serve.write_text((REPO_ROOT / "recipes" / "serve" / "tiny-cpu.yaml").read_text(encoding="utf-8")
+                     .replace("model: medkd/tiny-qwen2.5", f"model: {model}"), encoding="utf-8")
+
+    def target():
+        return TeacherStage.from_files(RECIPE, SAMPLE_CASES, limit=2, overrides=[f"server={serve}"]).resolve()
+
+    before = target()
+    _retrain_in_place(model)
+    after = target()
+    assert before.settings.model == after.settings.model == "tiny-qwen2.5"
+    assert before.identity != after.identity and after.identity.startswith("tiny-qwen2.5@")
+    hosted = TeacherStage.from_files(RECIPE, SAMPLE_CASES, limit=2, overrides=[
+        "server=null", "client.base_url=http://127.0.0.1:9/v1"]).resolve()
+    assert hosted.identity == "tiny-qwen2.5" and "model name only" in hosted.known_by

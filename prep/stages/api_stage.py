@@ -36,10 +36,11 @@ from prep.api.cache import RunReport, archive_cache, load_cache, run_cached
 from prep.api.endpoint import estimate_prompt_tokens
 from prep.api.pool import ChatClient
 from prep.api.preflight import check_endpoint, check_endpoints
-from prep.api.serving import ServerSpec, load_server_spec, serving
+from prep.api.serving import ServerSpec, load_server_spec, model_to_load, serving
 from prep.api.settings import ClientError, ClientSettings, resolve_api_key
 from prep.config import RecipeError, add_recipe_arguments, load_recipe
-from prep.jsonio import InputError, dumps, write_text_atomic
+from prep.digests import model_digest
+from prep.jsonio import InputError, dumps, read_appended, write_jsonl_atomic, write_text_atomic
 from prep.paths import resolve_path
 from prep.prompts import PromptSet, load_prompts
 from prep.records import Case, read_cases
@@ -113,7 +114,32 @@ def check_recipe_files(recipe: ApiRecipe, path: str | Path) -> None:
 class Target:
     settings: ClientSettings       # model = the name to ask; base_url filled in once a started server is up
     spec: ServerSpec | None        # the server to start, or None for a running endpoint
-    identity: str                  # what produced the answers, for cache keys and summaries
+    identity: str                  # what produced the answers, for cache keys, cache rows and summaries
+    known_by: str = ""             # how much the identity knows of the model, in words, for the summary
+
+
+def served_identity(name: str, spec: ServerSpec) -> tuple[str, str]:
+    """What a self-hosted server answers with: NAME (the served name asked) plus the content digest of its model
+    folder and of each LoRA adapter it serves (prep.digests.model_digest: a model retrained in place in the same
+    folder is another identity); a hub id is known by its name only. The identity and how it is known."""
+    served = [("", spec.model), *((f"+lora:{lora}", path) for lora, path in sorted(spec.lora_modules.items()))]
+    parts, by_name = [], []
+    for label, model in served:
+        folder = Path(model_to_load(str(model)))
+        if folder.is_dir():
+            parts.append(f"{label}@{model_digest(folder)}")
+        else:
+            parts.append(f"{label}@{model}")
+            by_name.append(str(model))
+    known_by = ("content: the weights, config and tokenizer files of the served folders" if not by_name else
+                f"name: {', '.join(by_name)} is not a local folder, so its name is all that is known of it")
+    return name + "".join(parts), known_by
+
+
+def hosted_identity(client: ClientSettings) -> tuple[str, str]:
+    """A hosted endpoint is known by its model name only: what runs behind it may change unseen."""
+    urls = ", ".join(endpoint.base_url or "?" for endpoint in client.resolved())
+    return client.model, f"name: a running endpoint ({urls}) is known by its model name only"
 
 
 def endpoint_target(client: ClientSettings, server: str | dict[str, Any] | None, model_hint: str = "") -> Target:
@@ -134,7 +160,8 @@ def endpoint_target(client: ClientSettings, server: str | dict[str, Any] | None,
         client = dataclasses.replace(client, model=endpoints[0].model)
     if not client.model:
         raise ClientError(f"client.model is not set; name the model the endpoint serves{model_hint}")
-    return Target(client, spec, client.model)
+    identity, known_by = served_identity(client.model, spec) if spec is not None else hosted_identity(client)
+    return Target(client, spec, identity, known_by)
 
 
 class StageEndpoints:
@@ -261,6 +288,23 @@ class StageRun:
         return {**total, "retry_reasons": dict(total["retry_reasons"]), "endpoints": endpoints, **stopped}
 
 
+def set_aside_stale(cache: Path, identity: str) -> int:
+    """Move the rows of CACHE that another model made (their "model" is not IDENTITY) to CACHE.stale.jsonl: kept,
+    never mixed into this model's answers, and said on the terminal in one line. How many were moved."""
+    rows = read_appended(cache) if cache.is_file() else []
+    stale = [row for row in rows if row.get("model") not in (None, identity)]
+    if not stale:
+        return 0
+    aside = cache.with_name(cache.stem + ".stale.jsonl")
+    earlier = read_appended(aside) if aside.is_file() else []
+    write_jsonl_atomic(aside, [*earlier, *stale])
+    write_jsonl_atomic(cache, [row for row in rows if row.get("model") in (None, identity)])
+    models = sorted({str(row["model"]) for row in stale})
+    log.warning("%d cached answer(s) of another model (%s) moved aside to %s: every case is asked of %s",
+                len(stale), ", ".join(models[:2]) + (" ..." if len(models) > 2 else ""), aside, identity)
+    return len(stale)
+
+
 class ApiStage:
     """One API-driven stage. Subclasses say what differs (below `run`); `run` is the rest."""
 
@@ -296,6 +340,7 @@ class ApiStage:
         if fresh and (moved := archive_cache(cache)):
             log.info("moved the old cache to %s", moved)
         target = self.resolve()
+        stale = set_aside_stale(cache, target.identity)
         run = StageRun(target.settings, cached_before=len(load_cache(cache)), started=started)
         rounds = iter(self.rounds(cache))
         first = next(rounds, None)
@@ -320,6 +365,8 @@ class ApiStage:
                         break
             run.settings = endpoint.settings
         summary = self.finish(out, run)
+        summary["stale_cache_rows"] = summary.get("stale_cache_rows", 0) + stale
+        summary["model_identity"] = {"identity": target.identity, "known_by": target.known_by}
         write_text_atomic(out / "summary.json", json.dumps(summary, ensure_ascii=False, indent=1) + "\n")
         log.info("summary: %s", dumps(summary))
         return summary

@@ -38,7 +38,16 @@ from prep.paths import resolve_path
 from prep.prompts import PromptSet
 from prep.qwen import IM_END
 from prep.records import Case
-from prep.stages.api_stage import ApiRecipe, ApiStage, Sampling, StageRun, Target, check_recipe_files, endpoint_target
+from prep.stages.api_stage import (
+    ApiRecipe,
+    ApiStage,
+    Sampling,
+    StageRun,
+    Target,
+    check_recipe_files,
+    endpoint_target,
+    served_identity,
+)
 from prep.stages.teacher import validate_answer
 from prep.tokenizer import CHAT_TEMPLATE_PATH, chat_token_ids, load_tokenizer
 
@@ -133,17 +142,17 @@ def resolve_target(recipe: PredictRecipe, model: str | None) -> Target:
         spec.lora_modules = {recipe.lora_name: model}
         spec.max_lora_rank = lora_rank_for(max(spec.max_lora_rank, int(adapter.get("r") or 0)))
         name = recipe.lora_name
-        identity = f"{spec.model}+lora:{model}"
     else:
         if model:
             spec.model = model
             name = settings.model or spec.served_model_name or spec.model
-        identity = spec.model + "".join(f"+lora:{n}={p}" for n, p in sorted(spec.lora_modules.items()))
         if spec.lora_modules and not settings.model:
             name = next(iter(spec.lora_modules))   # a recipe serving one adapter means that adapter
     if "--chat-template" not in spec.extra_args:   # the training template, whatever the model folder carries
         spec.extra_args = [*spec.extra_args, "--chat-template", str(CHAT_TEMPLATE_PATH)]
-    return Target(dataclasses.replace(settings, model=name), spec, identity)
+    # The answers' identity is what is served, by content: a model retrained in the same folder is another one.
+    identity, known_by = served_identity(name, spec)
+    return Target(dataclasses.replace(settings, model=name), spec, identity, known_by)
 
 
 # ---- one case ---------------------------------------------------------------------------------------

@@ -317,15 +317,7 @@ def derive_outputs(labeller: Labeller, cases: list[Case], out: Path,
     for failure in failed or []:
         case_id, sample = failure["item"]
         rejects.append({"id": case_id, "sample": sample, "kind": "failed", "reason": failure["error"], "raw": None})
-
-    split = labeller.recipe.split
-    valid_ids = validation_ids([row["id"] for row in sft], split.valid_fraction, split.seed)
-    train = [row for row in sft if row["id"] not in valid_ids]
-    valid = [row for row in sft if row["id"] in valid_ids]
-    write_jsonl_atomic(out / "rejects.jsonl", rejects)
-    write_jsonl_atomic(out / "sft" / "train.jsonl", train)
-    write_jsonl_atomic(out / "sft" / "valid.jsonl", valid)
-    save_dataset(train, valid, out / "sft" / "dataset")
+    train, valid = write_sft_files(out, sft, rejects, recipe.split)
     agreements = [row["agreement"] for row in sft]
     return {"cases": len(cases), "answered": len(sft), "rejected": sum(kinds.values()),
             "rejected_reasons": dict(kinds),
@@ -334,6 +326,19 @@ def derive_outputs(labeller: Labeller, cases: list[Case], out: Path,
             "min_agreement": recipe.min_agreement, "diseases_vote": recipe.diseases_vote,
             "voted_cases": voted, "no_majority_cases": no_majority,
             "stale_cache_rows": len(cache) - len(used_keys)}
+
+
+def write_sft_files(out: Path, sft: list[dict], rejects: list[dict], split: Split) -> tuple[list[dict], list[dict]]:
+    """Split the SFT rows by id hash and write rejects.jsonl, sft/train.jsonl, sft/valid.jsonl and sft/dataset/
+    (each atomically); the train and validation rows."""
+    valid_ids = validation_ids([row["id"] for row in sft], split.valid_fraction, split.seed)
+    train = [row for row in sft if row["id"] not in valid_ids]
+    valid = [row for row in sft if row["id"] in valid_ids]
+    write_jsonl_atomic(out / "rejects.jsonl", rejects)
+    write_jsonl_atomic(out / "sft" / "train.jsonl", train)
+    write_jsonl_atomic(out / "sft" / "valid.jsonl", valid)
+    save_dataset(train, valid, out / "sft" / "dataset")
+    return train, valid
 
 
 def save_dataset(train: list[dict], valid: list[dict], folder: Path) -> None:
@@ -355,7 +360,7 @@ class TeacherStage(ApiStage):
 
     def resolve(self) -> Target:
         target = super().resolve()
-        self.labeller = Labeller(self.recipe, self.prompts, target.settings.model)
+        self.labeller = Labeller(self.recipe, self.prompts, target.identity)
         return target
 
     def items(self) -> list[tuple[Case, int]]:
