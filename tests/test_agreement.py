@@ -16,7 +16,7 @@ from launch.teacher import main as teacher_main
 from prep.answers import Answer, answer_json
 from prep.prompts import load_prompts
 from prep.records import read_cases
-from prep.stages.softlabels import read_answers
+from prep.stages.fixed_answers import read_answers
 from prep.stages.teacher import TeacherRecipe, select_by_agreement, vote_diseases
 from prep.testing.fault_server import FaultServer
 from tests.conftest import REPO_ROOT, SAMPLE_CASES
@@ -190,6 +190,7 @@ def _loss(trainer, batch):
         return trainer.compute_loss(trainer.model, batch, num_items_in_batch=normaliser)
 
 
+@pytest.mark.integration
 def test_case_weight_scales_each_cases_tokens_as_a_brute_force_reference_does(tiny_model_dir, qwen_tokenizer,
                                                                                tmp_path):
     agreements = [1.0, 0.5, 0.25]

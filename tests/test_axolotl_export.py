@@ -98,6 +98,7 @@ def relative_error(ours: dict, theirs: dict, scale: float = 1.0) -> float:
     return max(((theirs[name] * scale - ours[name]).norm() / ours[name].norm()).item() for name in ours)
 
 
+@pytest.mark.integration
 def test_axolotl_offline_kd_trains_each_position_toward_its_own_tokens_row(student, qwen_tokenizer):
     """Rows right-aligned to the tokens they describe (our dataset/ rows plus the old filler for the template's
     trailing newline), through Axolotl's chat-template KD strategy: its loss and gradients are exactly ours with
@@ -128,6 +129,7 @@ def test_axolotl_offline_kd_trains_each_position_toward_its_own_tokens_row(stude
     assert abs(axolotl_loss - right_loss) > 1e-3 and relative_error(right_grads, axolotl_grads) > 0.1
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("alpha", [1.0, 0.7])
 def test_the_export_gives_axolotls_loss_our_loss_and_gradients(student, qwen_tokenizer, tmp_path, alpha):
     """The export written to disk, loaded by Axolotl's own dataset loader (already tokenised: passed through),
@@ -151,6 +153,7 @@ def test_the_export_gives_axolotls_loss_our_loss_and_gradients(student, qwen_tok
     assert axolotl_loss == pytest.approx(loss, rel=1e-5) and relative_error(grads, axolotl_grads) < 1e-4
 
 
+@pytest.mark.integration
 def test_at_temperature_two_axolotls_gradient_lacks_t_squared(student, qwen_tokenizer):
     """Exported at kd_temperature 2 (the teacher re-tempered as Axolotl's strategy would): the loss Axolotl
     reports is ours (T^2 included), its gradient is ours / T^2."""

@@ -9,6 +9,8 @@ import pytest
 
 from prep.paths import REPO_ROOT
 
+pytestmark = pytest.mark.integration   # each runs a benchmark command as a subprocess
+
 
 def test_kd_loss_benchmark_prints_its_ratios_and_equal_losses():
     result = subprocess.run([sys.executable, "-m", "launch.bench_kd_loss", "--seqs", "64", "--vocab", "2048",

@@ -133,7 +133,10 @@ def test_a_429_holds_back_every_request_not_only_the_refused_one(fault_server):
     async def staggered():
         async with ChatClient(settings_for(fault_server, concurrency=4)) as client:
             first = asyncio.ensure_future(client.chat(MESSAGES))
-            await asyncio.sleep(0.2)                                 # the 429 has arrived by now
+            deadline = time.monotonic() + 10
+            while not client.stats.retry_reasons["429"]:            # until the client has taken the 429 in
+                assert time.monotonic() < deadline and not first.done(), "no 429 reached the client"
+                await asyncio.sleep(0.005)
             later = await asyncio.gather(*(client.chat(MESSAGES) for _ in range(3)))
             return [await first, *later]
 

@@ -147,7 +147,8 @@ def test_resume_only_into_its_own_run_and_tracking_and_curves(tmp_path, qwen_tok
                                                               capsys):
     """A real 2-step run (TensorBoard on, its events under output_dir; trainer_state.json there with a curve point
     per logged step); then another learning_rate or other soft labels are refused before the model loads, naming
-    --fresh; the same recipe (report_to aside: tracking is not part of a run's identity) resumes; --fresh clears."""
+    --fresh; the same recipe (report_to aside: tracking is not part of a run's identity) resumes; --fresh clears.
+    Long because each step reads the run record and checkpoints the step before it left: one real run, one story."""
     from custom_losses.train.distill import claim_run
     from launch.distill import main
     from prep.digests import RUN_RECORD

@@ -222,6 +222,7 @@ def test_num_processes_override_starts_accelerate_without_a_gpu(monkeypatch):
         launch_argv("launch.distill", [], 0)
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is what a machine without a GPU says")
 def test_gpu_recipe_is_refused_on_a_machine_without_gpu(softlabels, tmp_path):
     command = [sys.executable, "-m", "launch.distill", "--config", RECIPE, "--set", f"dataset_path={softlabels[0]}",

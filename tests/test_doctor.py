@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
-from custom_losses.checks.doctor import (
+from custom_losses.checks.doctor import check_teacher, passed, run_doctor
+from custom_losses.checks.machine import (
     SDPA_OVERLAY,
     Gpu,
     Machine,
@@ -22,10 +24,7 @@ from custom_losses.checks.doctor import (
     check_gpu_memory,
     check_model,
     check_precision,
-    check_teacher,
     check_vllm,
-    passed,
-    run_doctor,
 )
 from custom_losses.pipeline import catalogue
 from custom_losses.train.sft_config import compose
@@ -129,6 +128,7 @@ def test_bad_teacher_key_against_the_fault_server(monkeypatch):
         assert "DASHSCOPE_API_KEY is not set" in check_teacher("teacher", teacher).detail
 
 
+@pytest.mark.integration
 def test_allreduce_across_two_processes():
     """The NCCL check's machinery, on gloo: two real processes all-reduce and report a bandwidth."""
     result = check_allreduce(2, backend="gloo", timeout_s=120)
@@ -146,6 +146,7 @@ def test_gpu_pipeline_on_this_cpu_machine_fails_naming_the_missing_gpu(monkeypat
     assert {r.check for r in results if r.status == "skip"} >= {"gpu memory", "bf16/tf32"}
 
 
+@pytest.mark.integration
 def test_sdpa_overlay_validates_over_every_sft_recipe():
     """The attention fallback: Axolotl 0.19 accepts it over each SFT recipe on an Ampere GPU (sm_80, where its
     sdpa + packing + bf16 warning applies; Hopper only drops the warning), keeps bf16 and packing, and the
@@ -169,6 +170,7 @@ def test_sdpa_overlay_validates_over_every_sft_recipe():
         assert result["values"]["bf16"] is True and result["values"]["sample_packing"] is True
 
 
+@pytest.mark.integration
 def test_doctor_command_passes_the_tiny_cpu_pipeline():
     out = subprocess.run([sys.executable, "-m", "launch.doctor", "--config", "recipes/pipeline/tiny-cpu.yaml"],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)

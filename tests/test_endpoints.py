@@ -275,6 +275,7 @@ def test_two_vllm_servers_one_killed_mid_run(vllm_server, second_vllm_server, tm
     assert by_name["shared"]["succeeded"] + by_name["second"]["succeeded"] == result["requests"] - result["retries"]
 
 
+@pytest.mark.integration
 def test_the_teacher_benchmark_prints_its_line_with_the_two_endpoint_case():
     import re
     import subprocess

@@ -176,6 +176,7 @@ QLORA_DISTILL = "recipes/distill/qwen2.5-7b-instruct-qlora-1gpu.yaml"
 QWEN25 = "Qwen/Qwen2.5-7B-Instruct"
 
 
+@pytest.mark.integration
 def test_kd_loss_terms_match_the_losss_measured_cpu_peak():
     """The KD loss's own memory (chunk logits, answer-hidden gradient, head gradient), predicted and then
     measured: peak RSS of one forward + backward of weighted_topk_kd_loss in a fresh fp32 process."""

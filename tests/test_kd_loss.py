@@ -455,6 +455,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024.0) 
 """
 
 
+@pytest.mark.integration
 def test_peak_memory_is_far_below_full_logits() -> None:
     """Peak RSS growth of one forward + backward in a fresh process, over the RSS with the inputs allocated."""
     n, v, h, chunk = 4096, 32000, 64, 256

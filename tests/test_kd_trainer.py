@@ -77,6 +77,7 @@ def _one_sgd_step(model_dir, tokenizer, features, tmp_path, batch_size, accumula
     return {n: (p.detach() - before[n]) for n, p in model.named_parameters()}, trainer
 
 
+@pytest.mark.integration
 def test_two_micro_batches_of_two_equal_one_batch_of_four(tiny_model_dir, qwen_tokenizer, tmp_path):
     features = [build_kd_features(r, qwen_tokenizer, TokenWeightConfig()) for r in softlabel_rows(qwen_tokenizer, 4)]
     accumulated, trainer = _one_sgd_step(tiny_model_dir, qwen_tokenizer, features, tmp_path / "a", 2, 2)
@@ -119,6 +120,7 @@ def _peft_trainer(model_dir, tokenizer, features, tmp_path, **lora):
                              data_collator=KDDataCollator(tokenizer.pad_token_id, TOP_K), processing_class=tokenizer)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("head", ["lora", "modules_to_save"])
 def test_trained_lm_head_gets_the_kd_gradient(head, tiny_model_dir, qwen_tokenizer, tmp_path):
     """A LoRA on lm_head (or a trainable copy of it) gets exactly autograd's gradient of the dense loss."""
@@ -174,6 +176,7 @@ def _loss_and_grads(trainer, batch):
     return loss.detach(), dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
 
 
+@pytest.mark.integration
 def test_packed_batches_equal_unpacked_ones(tiny_model_dir, qwen_tokenizer, tmp_path):
     """The same 4 cases as 4 padded rows, as 2 packed rows and as one padding-free row: same loss, same gradient
     of every parameter (fp32, sdpa with the block-diagonal mask transformers builds from the position ids)."""

@@ -107,6 +107,7 @@ def test_each_machine_adds_accelerates_multinode_flags(monkeypatch):
         launch_argv("launch.distill", [], 0)
 
 
+@pytest.mark.integration
 def test_multinode_command_refuses_a_batch_that_does_not_split_before_starting_anything(tmp_path):
     # 2 machines x 3 processes = 6 rows a pass; the recipe's effective batch of 8 cannot be kept: exit 2, one sentence.
     command = [sys.executable, "-m", "launch.multinode", "--nodes", "2", "--node-rank", "0", "--main-address",
@@ -120,6 +121,7 @@ def test_multinode_command_refuses_a_batch_that_does_not_split_before_starting_a
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.integration
 def test_sbatch_template_runs_multinode_once_per_node_with_slurms_variables(tmp_path):
     """launch/slurm/train.sbatch as SLURM runs it, with stand-ins for the two SLURM programs it calls: `scontrol show
     hostnames` names the job's hosts, `srun` starts the command once per node with that node's SLURM_NODEID. The

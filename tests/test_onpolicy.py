@@ -7,8 +7,8 @@ import pytest
 
 from launch.onpolicy import main
 from prep.answers import Answer, answer_json
+from prep.stages.fixed_answers import read_answers
 from prep.stages.onpolicy import mix_answers, takes_student_answer
-from prep.stages.softlabels import read_answers
 
 TRAIN, VALID = list(range(100, 140)), [900, 901, 902]
 

@@ -18,6 +18,7 @@ import yaml
 from custom_losses.pipeline.plan import build_plan, plan_pipeline, validate_recipe
 from custom_losses.pipeline.steps import ProgressLine, progress_of
 from prep.answers import Answer, answer_json
+from prep.api.cache import load_cache
 from prep.digests import read_record
 from prep.eval.submission import check_submission
 from prep.jsonio import read_appended, read_jsonl
@@ -94,6 +95,7 @@ BAD = {
 }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", BAD)
 def test_bad_input_stops_before_any_step(tmp_path, name):
     edit, message = BAD[name]
@@ -193,6 +195,7 @@ def test_a_student_trained_on_reasoning_traces_is_asked_for_them_and_the_base_mo
     assert "--overlay" not in steps["predict-base"]
 
 
+@pytest.mark.integration
 def test_kept_answers_with_a_hosted_chat_api_stop_in_preflight(tmp_path):
     from prep.testing.fault_server import FaultServer
 
@@ -455,14 +458,23 @@ def test_an_in_place_recipe_edit_reruns_that_step_and_its_dependents_only(killed
     assert {name for name, (verdict, _) in plan.items() if verdict == "run"} == set(after)
     assert plan["distill"] == ("run", "recipe changed")
     assert plan["predict-stage2"] == ("run", "upstream distill changed")
-    rerun = run_pipeline(recipe, "--until", "distill", timeout=900)   # the steps after it: the plan's word
+    predicted = out / "stage2" / "predict"
+    earlier_rows = len(load_cache(predicted / "cache.jsonl"))
+    rerun = run_pipeline(recipe, "--until", "predict-stage2", timeout=900)   # the steps after: the plan's word
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert {name for name, status in statuses(out).items() if status == "ran"} == {"distill"}
+    assert {name for name, status in statuses(out).items() if status == "ran"} == {"distill", "predict-stage2"}
     last_command = (out / "logs" / "distill.log").read_text(errors="replace").split("\n=== ")[-1].splitlines()[0]
     assert last_command.endswith("--fresh"), "a changed key trains from the start, not from the old checkpoint"
+    # The new model in the same folder (stage2/distill/merged) is asked every case again: none of the old
+    # model's answers is reused, and they are counted and kept aside.
+    summary = json.loads((predicted / "summary.json").read_text(encoding="utf-8"))
+    assert earlier_rows > 0 and summary["stale_cache_rows"] == earlier_rows and summary["cache_rows_before"] == 0
+    assert summary["asked"] >= summary["cases"]
+    assert {row["model"] for row in load_cache(predicted / "cache.jsonl").values()} == \
+        {summary["model_identity"]["identity"]}
     plan = plan_lines(recipe)
-    assert {name for name, (verdict, _) in plan.items() if verdict == "run"} == set(after) - {"distill"}
-    assert plan["distill"] == ("skip", "up to date") and plan["predict-stage2"] == ("run", "upstream distill changed")
+    assert {name for name, (verdict, _) in plan.items() if verdict == "run"} == set(after) - {"distill", "predict-stage2"}
+    assert plan["distill"] == ("skip", "up to date") and plan["predict-stage2"] == ("skip", "up to date")
 
 
 @pytest.mark.slow

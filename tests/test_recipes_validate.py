@@ -105,6 +105,7 @@ def test_every_catalogue_entry_names_a_function():
         catalogue.validator("nope")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("recipe", SFT_RECIPES, ids=rel)
 def test_sft_recipe_passes_axolotl_validation(recipe: Path, axolotl_results):
     result = axolotl_results[rel(recipe)]
@@ -113,11 +114,13 @@ def test_sft_recipe_passes_axolotl_validation(recipe: Path, axolotl_results):
     assert unknown == [], f"{rel(recipe)}: keys Axolotl would silently ignore: {unknown}"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("overlay", SFT_OVERLAYS, ids=rel)
 def test_sft_overlay_keys_are_axolotls(overlay: Path, axolotl_results):
     assert axolotl_results[f"{rel(overlay)}:keys"]["unknown_keys"] == [], f"{rel(overlay)}: unknown Axolotl keys"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("overlay", SFT_CPU_OVERLAYS, ids=rel)
 def test_sft_cpu_overlay_passes_axolotl_validation_over_every_recipe(overlay: Path, axolotl_results):
     for recipe in SFT_RECIPES:
@@ -288,6 +291,7 @@ def test_lora_rank_fits_the_vllm_serve_recipe():
             assert config["lora_r"] <= serve["max_lora_rank"], f"{rel(recipe)}: vLLM's --max-lora-rank must be >= lora_r"
 
 
+@pytest.mark.integration
 def test_over_long_rows_stop_preprocessing_instead_of_vanishing(axolotl_results):
     # Axolotl's default drops a too-long row with nothing but a log line: one training case gone.
     assert axolotl_results["excess:drop"] == {"ok": True, "kept": 1}

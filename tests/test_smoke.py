@@ -8,7 +8,8 @@ import re
 import pytest
 
 from custom_losses.checks.gpu_bench import card_peak_tflops, final_line, mfu, step_flops
-from custom_losses.checks.smoke import StepResult, missing_modules, run_smoke
+from custom_losses.checks.smoke import StepResult, run_smoke
+from custom_losses.checks.smoke_steps import missing_modules
 from custom_losses.train.memory import QWEN25_7B
 from prep.paths import REPO_ROOT
 

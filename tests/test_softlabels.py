@@ -20,17 +20,9 @@ from prep.api.settings import ClientSettings
 from prep.config import RecipeError, load_recipe
 from prep.prompts import load_prompts
 from prep.records import read_cases
-from prep.stages.softlabels import (
-    ForeignTokenizer,
-    Position,
-    SoftLabelRecipe,
-    VocabIndex,
-    dataset_row,
-    positions_from_chat,
-    read_answers,
-    topk_row,
-    validate_recipe,
-)
+from prep.stages.fixed_answers import read_answers
+from prep.stages.softlabel_tokens import ForeignTokenizer, Position, VocabIndex, positions_from_chat, topk_row
+from prep.stages.softlabels import SoftLabelRecipe, dataset_row, validate_recipe
 from prep.testing.fault_server import FaultServer
 from tests.conftest import REPO_ROOT, SAMPLE_CASES
 from tests.test_axolotl_export import (

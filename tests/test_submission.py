@@ -135,6 +135,7 @@ def test_check_command_exit_codes_and_messages(good, capsys):
     assert err[-1] == f"{good}: INVALID (2 problems)"
 
 
+@pytest.mark.integration
 def test_check_command_runs_as_a_module(good, tmp_path):
     rewrite(good, good.read_text(encoding="utf-8").splitlines()[:-1])
     result = subprocess.run([sys.executable, "-m", "launch.submission", "check", str(SAMPLE_CASES), str(good)],

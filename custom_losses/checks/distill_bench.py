@@ -16,10 +16,10 @@ Both in a shuffled order (the recipe's seed), as the Trainer's sampler would. Re
 micro-batch: nothing to pad it to), the fill (real tokens over rows x max_length, what the rows could
 hold) and optimiser steps per epoch on the GPUs the recipe's header names.
 
-Answer lengths. The soft-label recipe caps the teacher's answer at `sampling.max_tokens` (1536 in
-recipes/softlabels/vllm-qwen2.5-72b-instruct.yaml). That is a cap against run-away generation, not a
+Answer lengths. The soft-label recipe caps the teacher's answer at `sampling.max_tokens`
+(recipes/softlabels/vllm-qwen2.5-72b-instruct.yaml). That is a cap against run-away generation, not a
 length: the competition's published example answers (example_output_early.jsonl beside the cases),
-in our answer format (prep.answers.answer_json) plus <|im_end|>, are 131-184 tokens. So the headline
+in our answer format (prep.answers.answer_json) plus <|im_end|>, are far shorter. So the headline
 uses those lengths (case i gets example i mod 3), capped at max_tokens; `answers="budget"` gives every
 answer the full max_tokens instead: the worst case, which the command prints too.
 """

@@ -1,4 +1,4 @@
-"""The GPU benchmark behind `python -m launch.bench_gpu`: real shapes, random weights, one card, ten minutes.
+"""The GPU benchmark behind `python -m launch.bench_gpu`: real shapes, random weights, one card, one short run.
 
   1. the loss: launch.bench_kd_loss's comparison at Qwen2.5-7B's hidden 3584 in bf16 (custom_losses.checks.loss_bench):
      our chunked top-k KD against TRL's chunked CE and Axolotl's fused top-k KD, same inputs, same run;
@@ -21,7 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from custom_losses.checks.smoke import OPTIONAL_MODULES, StepResult, missing_modules
+from custom_losses.checks.smoke import StepResult
+from custom_losses.checks.smoke_steps import OPTIONAL_MODULES, missing_modules
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, by a piece of
 # torch.cuda.get_device_name; the longest matching piece wins (an "H100 PCIe" is not an "H100" SXM).

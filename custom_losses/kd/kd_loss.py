@@ -462,6 +462,10 @@ def weighted_topk_kd_loss(
     requires grad; otherwise only the values are computed. Rho-1 selection costs one extra no-grad pass over
     the lm_head (it needs every token's student CE before choosing). Assumes a row's valid top-k ids are
     distinct, as a teacher's top-k always are.
+
+    Long because this docstring is the loss's public contract (every argument's shape, dtype and meaning);
+    the body is one straight sequence (inputs, Rho-1 selection, scales, the fused or no-grad pass, stats) of
+    under fifty lines sharing a dozen local tensors.
     """
     _check_inputs(hidden, lm_head_weight, target_ids, topk_ids, topk_logprobs, weights, teacher_temperature)
     compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32

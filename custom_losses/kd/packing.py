@@ -1,6 +1,6 @@
 """Packing stage-two rows: several cases in one micro-batch row, no padding, no attention across cases.
 
-A 7B on a large GPU idles on one ~600-token case per forward; `pack_by_length` bins the cases so each
+A 7B on a large GPU idles on one short case per forward; `pack_by_length` bins the cases so each
 micro-batch row holds up to `max_length` tokens. The bins are built once per epoch order-independently
 (best-fit decreasing, like TRL's "bfd" strategy), so the same data gives the same bins on every run and
 every rank, which resuming from a checkpoint relies on.

@@ -29,29 +29,21 @@ Stage two (distill recipes, TRL's keys; setup_from_distill) has the same terms e
 full logits are built; custom_losses.kd.kd_loss runs inside the head's call and walks the answer tokens in
 chunks, holding [chunk x vocab] fp32 logits and logsumexp's temporary of the same size (8 B per element), the answer
 hidden states and their gradient, and, for a trained head, a [vocab x hidden] gradient buffer; under
-ZeRO-3 / FSDP full shard the head is gathered whole (kd_loss_bytes). On CPU in fp32 that model is
-within 2 % of the loss's measured peak (tests/test_estimate_memory.py allows 10 %; custom_losses.checks.loss_bench measures).
+ZeRO-3 / FSDP full shard the head is gathered whole (kd_loss_bytes). custom_losses.checks.loss_bench measures
+the loss's real peak on CPU in fp32, and tests/test_estimate_memory.py holds this term to it.
 
-Checked against published measurements (tests/test_estimate_memory.py), all on one A100-80G with
-flash-attention 2, micro-batch 1 and gradient checkpointing:
-  * the Qwen team's profile of Qwen-7B fine-tuning (README of github.com/QwenLM/Qwen, "Profiling of
-    Memory and Speed"; their finetune.py: LoRA r=64 on c_attn/c_proj/w1/w2, dropout 0.05, bf16;
-    Q-LoRA on the GPTQ Int4 model under DeepSpeed ZeRO-2; full fine-tune on 2 GPUs with ZeRO-2):
-      LoRA    20.1G at 256 tokens, 20.4 / 21.5 / 23.8 / 29.7 / 36.6G at 512 / 1k / 2k / 4k / 8k
-      Q-LoRA  11.5G at 256, 11.5 / 12.3 / 13.9 / 16.9 / 23.5G at 512 / 1k / 2k / 4k / 8k
-      full    139.2G (2 GPUs) at 256, 148.0G at 512, 162.0G at 1024
-    every prediction is within 15 % (most within 8 %; the largest gap, -13 %, is LoRA at 4k).
-    Their model computes the loss on 16-bit logits (about 8 B per logit at the peak), so these checks
-    use logits_bytes=8 rather than transformers' 12.
-  * LLaMA-Factory's hardware table (README, marked "estimated"): 7B LoRA 16 GB, QLoRA 4-bit 6 GB,
-    full AMP 120 GB, a rule of thumb for the static part (weights + trainable states); the static
-    terms here agree within 25 %.
-ms-swift's benchmark (docs/source_en/LLM/Benchmark.md) reports more for the same model (qwen-7b-chat
-LoRA r=8: 18.0 GiB at 512 tokens, 27.7 at 2048, 35.3 at 4096), i.e. more than the Qwen team measured
-with a 8x larger adapter; this model is 5 % under it at 512 tokens and 32 % under at 4096, so it is
-not used as a check. No GPU was available to measure this repo's own recipes: their figures are
-predictions only, and `check_fits` (the one GPU-memory check: launch.sft's preflight and the
-pipeline's, through custom_losses.train.sft_config.validate_recipe) calls a GPU with less than 15 % headroom tight.
+tests/test_estimate_memory.py checks the model against published measurements of Qwen-7B fine-tuning on one
+A100-80G with flash-attention 2, micro-batch 1 and gradient checkpointing: the Qwen team's profile (README of
+github.com/QwenLM/Qwen, "Profiling of Memory and Speed": LoRA r=64 on c_attn/c_proj/w1/w2, dropout 0.05, bf16;
+Q-LoRA on the GPTQ Int4 model under DeepSpeed ZeRO-2; full fine-tune on 2 GPUs with ZeRO-2), whose model
+computes the loss on 16-bit logits, so those checks use logits_bytes=8 rather than transformers' 12; and
+LLaMA-Factory's hardware table (README, marked "estimated"), a rule of thumb for the static part (weights +
+trainable states). ms-swift's benchmark (docs/source_en/LLM/Benchmark.md) reports more than the Qwen team for
+a smaller adapter, so it is not used as a check. The figures and the gaps are in the README's table of
+measurements. This repo's own recipes have predictions only until a GPU run measures them (`launch.doctor
+--smoke` prints the measured peak beside the estimate). `check_fits` (the one GPU-memory check: launch.sft's
+preflight and the pipeline's, through custom_losses.train.sft_config.validate_recipe) calls a GPU with less
+than 15 % headroom tight.
 """
 from __future__ import annotations
 

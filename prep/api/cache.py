@@ -99,8 +99,9 @@ async def run_cached(
     new starts, what is in flight finishes and is cached, and the report says why (`stopped`). CLIENT, when
     given, is told how many items are not yet started (ChatClient.backlog), for its end-of-run routing.
 
-    One function on purpose: the task loop, the appender, the progress bar and the cancellation of
-    what is still running (in `finally`, on any way out) share their state.
+    Long because the task loop, the appender, the progress bar and the cancellation of what is still
+    running (in `finally`, on any way out) share their state: split apart, each piece would take and
+    return most of it.
     """
     from tqdm import tqdm
 

@@ -191,19 +191,8 @@ class ChatClient:
                 if not settled:          # failed or cancelled: its reservation goes back
                     self._release(endpoint, estimate)
                 self._wake()
+            self._count_failure(endpoint, failure, retries)
             reason, message = failure.reason, failure.message
-            endpoint.stats.errors[reason] += 1
-            if failure.refused is not None:
-                self.stats.failed += 1
-                self._raise_for_status(endpoint, failure.refused, message, retries)
-            if reason != "429":
-                endpoint.failures_in_row += 1
-                if len(self.endpoints) > 1 and endpoint.up and (reason == "connection" or endpoint.failures_in_row >= 3):
-                    self._mark_down(endpoint, f"{reason}: {message}")
-            if retries >= self.settings.max_retries:
-                self.stats.failed += 1
-                raise RequestFailed(f"gave up after {retries + 1} attempts; last: {reason} ({message})", reason,
-                                    retries)
             delay = self._delay(retries, failure.retry_after)
             if reason == "429":    # the endpoint pauses, longer with each 429 in a row it sends
                 endpoint.throttled += 1
@@ -218,6 +207,22 @@ class ChatClient:
             avoid = endpoint
             if other is None:
                 await asyncio.sleep(delay)
+
+    def _count_failure(self, endpoint: EndpointConnection, failure: Attempt, retries: int) -> None:
+        """A failed attempt's bookkeeping: the endpoint's error count, a refused request raised by its status,
+        a failing endpoint marked down (when others remain), RequestFailed once max_retries are spent."""
+        reason, message = failure.reason, failure.message
+        endpoint.stats.errors[reason] += 1
+        if failure.refused is not None:
+            self.stats.failed += 1
+            self._raise_for_status(endpoint, failure.refused, message, retries)
+        if reason != "429":
+            endpoint.failures_in_row += 1
+            if len(self.endpoints) > 1 and endpoint.up and (reason == "connection" or endpoint.failures_in_row >= 3):
+                self._mark_down(endpoint, f"{reason}: {message}")
+        if retries >= self.settings.max_retries:
+            self.stats.failed += 1
+            raise RequestFailed(f"gave up after {retries + 1} attempts; last: {reason} ({message})", reason, retries)
 
     # ---- the pool ----
 

