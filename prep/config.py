@@ -193,3 +193,20 @@ def load_recipe(schema: type[T], path: str | Path, overrides: list[str] | None =
     if hasattr(recipe, "recipe_path"):
         object.__setattr__(recipe, "recipe_path", str(path))
     return recipe
+
+
+# The keys of the trainers' recipe dialects that name local files or folders, resolved like every recipe path
+# (prep.paths.resolve_path) before a trainer sees them: Axolotl's (SFT, with its datasets' `path`s) and TRL's
+# (distill). One table for both; prep.digests.recipe_inputs walks every string instead, since any key (a prompt
+# file, a lexicon, a serve recipe) may name a file a step reads.
+PATH_KEYS = {"sft": ("output_dir", "dataset_prepared_path", "deepspeed", "lora_model_dir"),
+             "distill": ("dataset_path", "output_dir", "init_adapter_path", "tokenizer_path", "lexicon_path",
+                         "deepspeed")}
+
+
+def resolve_path_keys(data: dict[str, Any], dialect: str) -> dict[str, Any]:
+    """DATA with the DIALECT's path keys (PATH_KEYS) made absolute, in place; DATA."""
+    for key in PATH_KEYS[dialect]:
+        if isinstance(data.get(key), str) and data[key]:
+            data[key] = str(resolve_path(data[key]).absolute())
+    return data

@@ -6,6 +6,7 @@ exists there, else relative to the repository, so recipes run from any directory
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -24,3 +25,11 @@ def resolve_path(path: str | os.PathLike) -> Path:
 def cache_dir() -> Path:
     """Built artefacts that are not source: the BPE ranks, the tokenizer, the tiny fixture model."""
     return Path(os.environ.get("MEDKD_CACHE", REPO_ROOT / ".cache"))
+
+
+def free_gib(path: str | os.PathLike) -> float:
+    """GiB free on the disk that holds PATH (or its nearest existing parent: an output folder not made yet)."""
+    probe = Path(path).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free / 2**30

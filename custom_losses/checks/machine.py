@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from custom_losses.train.memory import GIB
-from prep.paths import REPO_ROOT, resolve_path
+from prep.paths import REPO_ROOT, free_gib, resolve_path
 
 # The module each attention implementation imports; sdpa and eager need only torch.
 ATTENTION_MODULES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
@@ -354,10 +354,11 @@ def check_allreduce(world: int, backend: str = "nccl", timeout_s: float = 90) ->
 
 
 def check_disk(folder: str | Path, min_free_gb: float) -> CheckResult:
+    """The run folder's disk has the recipe's min_free_disk_gb free."""
     path = Path(folder).absolute()
     while not path.exists():
         path = path.parent
-    free = shutil.disk_usage(path).free / 2**30
+    free = free_gib(path)
     if free < min_free_gb:
         return fail("disk", f"{free:.1f} GiB free at {path}, the recipe asks for min_free_disk_gb={min_free_gb:g}",
                     f"free {min_free_gb - free:.1f} GiB there, or point `out` at a bigger disk (--set out=/big/run)")

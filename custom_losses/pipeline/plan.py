@@ -24,7 +24,7 @@ from custom_losses.pipeline.steps import (
     DATA_KEY,
     Decision,
     PipelineError,
-    StageRun,
+    StageCommand,
     Step,
     command_argv,
     decide,
@@ -178,30 +178,30 @@ def stage_one_model(recipe: PipelineRecipe) -> Path:
     return where.stage1 / ("sft" if sft_is_full(recipe) else "merged")
 
 
-def stage_runs(recipe: PipelineRecipe) -> dict[str, StageRun]:
+def stage_runs(recipe: PipelineRecipe) -> dict[str, StageCommand]:
     """Every stage command of the run with the overrides that place its inputs and outputs in the run folder."""
     where, s1, s2 = layout_of(recipe), recipe.stage1, recipe.stage2
     trained = student_overlays(recipe)
     runs = {
-        "teacher": StageRun("teacher", absolute(s1.teacher), (), tuple(s1.teacher_set)),
-        "sft": StageRun("sft", absolute(s1.sft), tuple(map(absolute, s1.sft_overlays)),
+        "teacher": StageCommand("teacher", absolute(s1.teacher), (), tuple(s1.teacher_set)),
+        "sft": StageCommand("sft", absolute(s1.sft), tuple(map(absolute, s1.sft_overlays)),
                         (*s1.sft_set, *sft_paths(where))),
-        "predict-base": StageRun("predict", absolute(s1.predict), (), tuple(s1.predict_set)),
-        "predict-stage1": StageRun("predict", absolute(s1.predict), trained, tuple(s1.predict_set)),
-        "score": StageRun("score", absolute(recipe.score.config), (), tuple(recipe.score.set)),
+        "predict-base": StageCommand("predict", absolute(s1.predict), (), tuple(s1.predict_set)),
+        "predict-stage1": StageCommand("predict", absolute(s1.predict), trained, tuple(s1.predict_set)),
+        "score": StageCommand("score", absolute(recipe.score.config), (), tuple(recipe.score.set)),
     }
     if 2 in recipe.stages:
         runs.update({
-            "softlabels": StageRun("softlabels", absolute(s2.softlabels), (), tuple(s2.softlabels_set)),
+            "softlabels": StageCommand("softlabels", absolute(s2.softlabels), (), tuple(s2.softlabels_set)),
             "distill": distill_run(s2, (), where.stage2 / "softlabels", where.stage2 / "distill",
                                    stage_one_model(recipe)),
-            "predict-stage2": StageRun("predict", absolute(s2.predict), trained, tuple(s2.predict_set)),
+            "predict-stage2": StageCommand("predict", absolute(s2.predict), trained, tuple(s2.predict_set)),
         })
         if s2.on_policy_rounds:
             # A round's student answering the training cases: sampled as on_policy_set says, with no seed (one
             # request seed shared by every case would draw every case's tokens from the same random stream);
             # the step's cache keeps its answers for a re-run, and each round's model gives it a key of its own.
-            runs["student"] = StageRun("predict", absolute(s2.predict), trained, (*s2.predict_set, *s2.on_policy_set))
+            runs["student"] = StageCommand("predict", absolute(s2.predict), trained, (*s2.predict_set, *s2.on_policy_set))
         for index in range(1, s2.on_policy_rounds + 1):   # each round continues from the model before it
             runs[f"distill-{index}"] = distill_run(s2, s2.on_policy_distill_set, where.round(index) / "softlabels",
                                                    where.round(index) / "distill", round_start(where, index))
@@ -222,11 +222,11 @@ def student_overlays(recipe: PipelineRecipe) -> tuple[str, ...]:
     return (absolute(REASONING_PREDICT_OVERLAY),) if teacher.get("reasoning") == "target" else ()
 
 
-def distill_run(s2: StageTwo, extra: Sequence[str], dataset: Path, output: Path, model: Path) -> StageRun:
+def distill_run(s2: StageTwo, extra: Sequence[str], dataset: Path, output: Path, model: Path) -> StageCommand:
     """The distill command on DATASET from MODEL into OUTPUT: stage two's, or a round's with EXTRA overrides."""
     paths = (path_override("dataset_path", dataset), path_override("output_dir", output),
              path_override("model_name_or_path", model))
-    return StageRun("distill", absolute(s2.distill), tuple(map(absolute, s2.distill_overlays)),
+    return StageCommand("distill", absolute(s2.distill), tuple(map(absolute, s2.distill_overlays)),
                     (*s2.distill_set, *extra, *paths))
 
 
@@ -240,7 +240,7 @@ def sft_paths(where: Layout) -> tuple[str, ...]:
             path_override("test_datasets.0.path", where.valid_reference))
 
 
-def predict_step(name: str, run: StageRun, model: str | Path, where: Layout, out: Path,
+def predict_step(name: str, run: StageCommand, model: str | Path, where: Layout, out: Path,
                  deps: tuple[str, ...]) -> Step:
     """Answers for the test cases plus the held-out ones (whose ids come from the teacher's split)."""
     cases = where.predict_cases
@@ -251,7 +251,7 @@ def predict_step(name: str, run: StageRun, model: str | Path, where: Layout, out
                 inputs=(where.test_cases, where.train_cases), recipe=run)
 
 
-def stage_one_steps(recipe: PipelineRecipe, runs: dict[str, StageRun], where: Layout) -> list[Step]:
+def stage_one_steps(recipe: PipelineRecipe, runs: dict[str, StageCommand], where: Layout) -> list[Step]:
     train, sft = where.teacher / "sft" / "train.jsonl", where.stage1 / "sft"
     full = sft_is_full(recipe)
     steps = [
@@ -276,7 +276,7 @@ def stage_one_steps(recipe: PipelineRecipe, runs: dict[str, StageRun], where: La
     return steps
 
 
-def stage_two_steps(recipe: PipelineRecipe, runs: dict[str, StageRun], where: Layout) -> list[Step]:
+def stage_two_steps(recipe: PipelineRecipe, runs: dict[str, StageCommand], where: Layout) -> list[Step]:
     s2 = where.stage2
     kept = recipe.stage2.softlabel_answers == "kept"
     answers = ("--answers", str(where.teacher)) if kept else ()
@@ -296,7 +296,7 @@ def stage_two_steps(recipe: PipelineRecipe, runs: dict[str, StageRun], where: La
     return steps
 
 
-def round_steps(s2: StageTwo, runs: dict[str, StageRun], where: Layout, index: int) -> list[Step]:
+def round_steps(s2: StageTwo, runs: dict[str, StageCommand], where: Layout, index: int) -> list[Step]:
     """On-policy round INDEX, continuing from the model before it (round_start): the student answers the
     training cases, prep.stages.onpolicy mixes its answers with the teacher's, the soft-label teacher scores them,
     distill continues on them, and the round's model answers the predict cases for the score table."""

@@ -61,7 +61,7 @@ class PipelineError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class StageRun:
+class StageCommand:
     """One stage command as the pipeline runs it: the recipe, its overlays and its overrides."""
 
     folder: str                       # its recipes/<folder>/, which names its command and its validator
@@ -87,7 +87,7 @@ class Step:
     before: Callable[[], None] | None = None          # cheap local preparation (e.g. write an input file)
     deps: tuple[str, ...] = ()                        # upstream steps whose outputs it reads
     inputs: tuple[Path, ...] = ()                     # files outside the run folder it reads (case files)
-    recipe: StageRun | None = None                    # its stage recipe, composed into the key
+    recipe: StageCommand | None = None                    # its stage recipe, composed into the key
     # A training step's flag to discard checkpoints: passed when it last started under another key (an edited
     # recipe, new data), not when it resumes the same key after a crash.
     fresh_flag: str | None = None

@@ -26,8 +26,6 @@ from prep.jsonio import InputError
 from prep.paths import resolve_path
 from prep.testing.tiny_model import resolve_model
 
-# Recipe keys naming local files or folders: resolved like every recipe path (prep.paths.resolve_path).
-PATH_KEYS = ("dataset_path", "output_dir", "init_adapter_path", "tokenizer_path", "lexicon_path", "deepspeed")
 REQUIRED_KEYS = ("model_name_or_path", "dataset_path", "output_dir")
 # Recipe keys left out of a run's identity, since they do not change the weights trained: where the run
 # lives (output_dir; the data's content is in the identity as its own digest, so its path is not), what is
@@ -61,9 +59,7 @@ class DistillArguments:
 
 
 def _resolve_paths(data: dict[str, Any]) -> dict[str, Any]:
-    for key in PATH_KEYS:
-        if isinstance(data.get(key), str) and data[key]:
-            data[key] = str(resolve_path(data[key]).absolute())
+    recipe_config.resolve_path_keys(data, "distill")
     model = data.get("model_name_or_path")
     if isinstance(model, str) and model:
         resolved = resolve_model(model)

@@ -24,8 +24,6 @@ from prep.paths import resolve_path
 from prep.testing.tiny_model import resolve_model
 
 COMPOSED_NAME = "medkd-sft.yaml"  # inside output_dir
-# Keys holding file paths, made absolute so the composed config runs from anywhere.
-PATH_KEYS = ("output_dir", "dataset_prepared_path", "deepspeed", "lora_model_dir")
 DATASET_LISTS = ("datasets", "test_datasets")
 MODEL_KEYS = ("base_model", "tokenizer_config", "base_model_config")
 REQUIRED_KEYS = ("base_model", "output_dir", "datasets")
@@ -38,9 +36,7 @@ def _absolute(path: str) -> str:
 def resolve_paths(config: dict[str, Any]) -> dict[str, Any]:
     """Relative paths -> absolute (prep.paths.resolve_path); the tiny fixture's name -> its folder."""
     config = copy.deepcopy(config)
-    for key in PATH_KEYS:
-        if isinstance(config.get(key), str) and config[key]:
-            config[key] = _absolute(config[key])
+    recipe_config.resolve_path_keys(config, "sft")
     for list_key in DATASET_LISTS:
         for dataset in config.get(list_key) or []:
             if isinstance(dataset, dict) and isinstance(dataset.get("path"), str):

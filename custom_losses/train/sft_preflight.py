@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from custom_losses.train.memory import GIB, PreflightError, check_fits, gpu_memo
 from custom_losses.train.sft_config import COMPOSED_NAME, check_required, compose, write_composed
 from prep.digests import DigestCache, default_digest_cache, why_not_current
 from prep.jsonio import InputError, iter_json_lines, parse_object_line
+from prep.paths import free_gib
 from prep.tokenizer import CHAT_TEMPLATE_PATH
 
 __all__ = ["PreflightError", "Plan", "preflight", "mark_done", "chat_template_of", "local_model_folder"]
@@ -180,14 +180,8 @@ def disk_needed_gib(config: dict[str, Any], shape) -> float:
     return (keep * checkpoint + final + merged) / GIB * 1.1
 
 
-def free_gib(path: Path) -> float:
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    return shutil.disk_usage(probe).free / GIB
-
-
-def check_disk(config: dict[str, Any], log: Log) -> None:
+def check_checkpoint_disk(config: dict[str, Any], log: Log) -> None:
+    """Room on output_dir's disk for the checkpoints and the merged model the run will write."""
     output_dir = Path(config["output_dir"])
     needed, free = disk_needed_gib(config, shape_for(str(config["base_model"]))), free_gib(output_dir)
     if free < needed:
@@ -274,7 +268,7 @@ def preflight(recipe: str | Path, overlays: Sequence[str | Path] = (), overrides
     check_data_and_model(config, log)
     gpus = gpu_memories_gib()
     log(f"[preflight] {check_fits(config, str(recipe), force=force, gpus=gpus)}")
-    check_disk(config, log)
+    check_checkpoint_disk(config, log)
     identity = run_identity(config)
     if not fresh and is_done(config, identity):
         return Plan(output_dir / COMPOSED_NAME, output_dir, len(gpus), "done")
