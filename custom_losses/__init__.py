@@ -1,11 +1,9 @@
-"""medkd's training side: the weighted top-k distillation loss and what trains with it.
+"""medkd's training side: the distillation unit, what trains around it, the pipeline that runs every stage, checks.
 
-    kd_loss, token_weights, trainer   the loss, the token weights and TRL's trainer subclass (stage two)
-    sft_config, sft_preflight         compose and check an Axolotl run (stage one)
-    memory                            the GPU-memory estimator and the one fit check
-    launcher                          how trainers start (python, accelerate) and where their logs go
-    merge                             the one LoRA merge, for both stages
-    distill                           stage two's recipe parsing and training loop
+    kd/        the weighted top-k KD loss, token weights, packing and TRL's trainer subclass (stage two)
+    train/     SFT config and preflight (stage one), distill, merge, the memory model, the launcher, checkpoints
+    pipeline/  the pipeline's recipe, plan, steps and recipe catalogue; pipeline.run runs the doctor, then the steps
+    checks/    the doctor, the real-shape smoke steps and the GPU, loss and distill benchmarks
 
 The loss's names are importable from the package itself; they load torch on first use only, so the
 commands that only compose or check a recipe start quickly.

@@ -458,22 +458,26 @@ def test_an_in_place_recipe_edit_reruns_that_step_and_its_dependents_only(killed
     assert {name for name, (verdict, _) in plan.items() if verdict == "run"} == set(after)
     assert plan["distill"] == ("run", "recipe changed")
     assert plan["predict-stage2"] == ("run", "upstream distill changed")
-    predicted = out / "stage2" / "predict"
-    earlier_rows = len(load_cache(predicted / "cache.jsonl"))
-    rerun = run_pipeline(recipe, "--until", "predict-stage2", timeout=900)   # the steps after: the plan's word
+    predicted, sampled = out / "stage2" / "predict", out / "stage2" / "round-1" / "student"
+    earlier = {folder: len(load_cache(folder / "cache.jsonl")) for folder in (predicted, sampled)}
+    rerun = run_pipeline(recipe, "--until", "student-1", timeout=1200)   # the steps after: the plan's word
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert {name for name, status in statuses(out).items() if status == "ran"} == {"distill", "predict-stage2"}
+    assert {name for name, status in statuses(out).items() if status == "ran"} == {"distill", "predict-stage2",
+                                                                                   "student-1"}
     last_command = (out / "logs" / "distill.log").read_text(errors="replace").split("\n=== ")[-1].splitlines()[0]
     assert last_command.endswith("--fresh"), "a changed key trains from the start, not from the old checkpoint"
-    # The new model in the same folder (stage2/distill/merged) is asked every case again: none of the old
-    # model's answers is reused, and they are counted and kept aside.
-    summary = json.loads((predicted / "summary.json").read_text(encoding="utf-8"))
-    assert earlier_rows > 0 and summary["stale_cache_rows"] == earlier_rows and summary["cache_rows_before"] == 0
-    assert summary["asked"] >= summary["cases"]
-    assert {row["model"] for row in load_cache(predicted / "cache.jsonl").values()} == \
-        {summary["model_identity"]["identity"]}
+    # The new model in the same folder (stage2/distill/merged) is asked every case again, for the score table
+    # and for the on-policy round's samples: none of the old model's answers is reused; they are counted and
+    # kept aside.
+    for folder, rows in earlier.items():
+        summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+        assert rows > 0 and summary["stale_cache_rows"] == rows and summary["cache_rows_before"] == 0, folder
+        assert summary["asked"] >= summary["cases"], folder
+        assert {row["model"] for row in load_cache(folder / "cache.jsonl").values()} == \
+            {summary["model_identity"]["identity"]}, folder
     plan = plan_lines(recipe)
-    assert {name for name, (verdict, _) in plan.items() if verdict == "run"} == set(after) - {"distill", "predict-stage2"}
+    assert {name for name, (verdict, _) in plan.items() if verdict == "run"} == \
+        set(after) - {"distill", "predict-stage2", "student-1"}
     assert plan["distill"] == ("skip", "up to date") and plan["predict-stage2"] == ("skip", "up to date")
 
 
