@@ -6,11 +6,8 @@ Used by `python -m launch.bench_kd_loss`; see that command for what the variants
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import multiprocessing as mp
-import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 
@@ -18,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from custom_losses.kd.kd_loss import KDLossConfig, weighted_topk_kd_loss
+from prep.api.process import stderr_silenced
 
 QWEN25_7B_HIDDEN = 3584
 CPU_DEFAULT_HIDDEN = 256
@@ -68,24 +66,10 @@ def loss_kd_naive(x: dict[str, torch.Tensor], chunk: int) -> torch.Tensor:
     return ALPHA * kd + (1.0 - ALPHA) * ce
 
 
-@contextlib.contextmanager
-def _quiet_stderr():
-    """Silence fd 2: importing TRL prints a screenful of optional-kernel warnings (torchao, bitsandbytes)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 def _trl_chunked_ce() -> tuple[Callable, str]:
     """TRL's own chunked CE if importable, else a copy of its algorithm (checkpointed 256-token chunks)."""
     try:
-        with _quiet_stderr():
+        with stderr_silenced():
             from trl.trainer.sft_trainer import _chunked_cross_entropy_loss
 
         return _chunked_cross_entropy_loss, "trl.trainer.sft_trainer._chunked_cross_entropy_loss"
@@ -119,7 +103,7 @@ def loss_ce_naive(x: dict[str, torch.Tensor], chunk: int) -> torch.Tensor:
 
 
 def _axolotl_kd(compiled: bool) -> Callable:
-    with _quiet_stderr():
+    with stderr_silenced():
         from axolotl.integrations.kd.kernels.liger import LigerFusedLinearKLTopKLogprobLoss
 
     # kd_alpha ALPHA, kd_ce_alpha 1 - ALPHA, forward KL (beta 0), the student renormalised over the top-k (our

@@ -5,34 +5,14 @@ The plan itself (which steps, which keys) is custom_losses.pipeline.plan; each s
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 from custom_losses.checks.doctor import lines, passed, run_doctor
 from custom_losses.pipeline.plan import absolute, layout_of, plan_pipeline, validate_recipe
 from custom_losses.pipeline.steps import Decision, PipelineError, run_decision
+from prep.api.process import stderr_silenced
 from prep.jsonio import write_text_atomic
-
-
-@contextlib.contextmanager
-def libraries_quiet() -> Iterator[None]:
-    """The doctor imports torch, bitsandbytes and the trainers' libraries to check them; what they print to the
-    process's stderr at import (missing optional kernels, deprecations) is not the user's business here. A step
-    keeps such lines in its own log; the preflight, which has none yet, drops them."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, "wb") as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 def preflight(config: str | Path, overrides: list[str]) -> list[str]:
@@ -40,7 +20,7 @@ def preflight(config: str | Path, overrides: list[str]) -> list[str]:
     stage recipe, the teacher's split, CUDA, GPU memory against each step's estimate, precision, attention,
     bitsandbytes, vLLM, NCCL, disk, models and teacher endpoints, in seconds and before any GPU or API time.
     Its lines, for the log; PipelineError with its FAIL lines when the recipe cannot run here."""
-    with libraries_quiet():
+    with stderr_silenced():   # the doctor imports the trainers' libraries to check them
         results = run_doctor(absolute(config), overrides)
     if not passed(results):
         failed = [result.line() for result in results if result.failed]

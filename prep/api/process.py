@@ -1,10 +1,12 @@
 """Process helpers shared by everything that starts a child: a free local port, and a child that dies with us."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import sys
+from collections.abc import Iterator
 
 
 def free_port() -> int:
@@ -28,3 +30,19 @@ def new_session_dying_with_parent() -> None:
     """die_with_parent in a session of its own, so that stopping the child's group stops all it started."""
     os.setsid()
     die_with_parent()
+
+
+@contextlib.contextmanager
+def stderr_silenced() -> Iterator[None]:
+    """Silence this process's fd 2 while inside: importing torch, TRL or bitsandbytes prints a screenful of
+    optional-kernel and deprecation lines that are not the user's business (a step keeps them in its own log)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "wb") as sink:
+        os.dup2(sink.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
