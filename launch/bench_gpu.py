@@ -1,4 +1,4 @@
-"""Ten minutes on one GPU at real shapes with random weights: the loss, an SFT step, a distill step packed and not.
+"""Benchmark one GPU at real shapes with random weights: the loss, an SFT step, a distill step packed and not.
 
     python -m launch.bench_gpu [--cases FILE] [--steps N] [--no-qlora] [--cpu-tiny] [--import-name MODULE=NAME]...
 
@@ -23,8 +23,8 @@ On a rented or air-gapped box with Python 3.11/3.12, CUDA and torch already inst
      (the pins in constraints.txt), and for the distill steps trl==1.9.0 datasets==4.8.4 with datasets' needs
      (pyarrow, dill, multiprocess, xxhash, fsspec, pandas); bitsandbytes for the QLoRA steps;
   3. there: `pip install --no-index --no-deps wheels/*.whl`, then
-     `PYTHONPATH=. HF_HUB_OFFLINE=1 python -m launch.bench_gpu 2>&1 | tee bench_gpu.log` (not yet run on a GPU:
-     expected 6-8 minutes, most of it loading the 15 GB model for each step and compiling kernels).
+     `PYTHONPATH=. HF_HUB_OFFLINE=1 python -m launch.bench_gpu 2>&1 | tee bench_gpu.log` (not yet run on a GPU;
+     most of its time goes to loading the 15 GB model for each step and compiling kernels).
 """
 from __future__ import annotations
 

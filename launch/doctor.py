@@ -8,7 +8,9 @@ and serving step's estimate, bf16/tf32, each recipe's attention implementation, 
 or on the hub (HF_HUB_OFFLINE aware), each hosted teacher's endpoint and key. Each line is `ok`, `skip`
 or `FAIL <check>: <what is wrong>; fix: <the fix>`. --smoke then runs a few real-shape training steps and
 one vLLM request (custom_losses.checks.smoke). Exit 0 only when the recipe can run here; 1 otherwise.
-The checks live in custom_losses/checks/doctor.py.
+The checks live in custom_losses/checks/doctor.py (the recipe's: case files, split, teacher endpoints) and
+custom_losses/checks/machine.py (the machine's: GPUs, memory, precision, attention, bitsandbytes, vLLM, NCCL,
+disk, models).
 """
 from __future__ import annotations
 

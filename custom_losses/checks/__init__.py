@@ -1,1 +1,1 @@
-"""Checks and benchmarks on real shapes: the smoke steps and the GPU, loss and distill benchmarks."""
+"""Checks on this machine and real shapes: the doctor (doctor, machine), the smoke steps and the GPU, loss and distill benchmarks."""

@@ -1,1 +1,1 @@
-"""The orchestrator: the pipeline plan, its steps, the recipe catalogue and the doctor; it imports what it runs."""
+"""The orchestrator: the pipeline's recipe and plan, its steps and their one command table, the recipe catalogue; run.py runs the doctor, then the steps."""

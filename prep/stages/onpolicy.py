@@ -11,8 +11,8 @@ their soft-label loss stays comparable between rounds and the student never trai
 the cases the score table rates.
 
 The command is `python -m launch.onpolicy`; the pipeline runs it as the `mix-R` step of round R. Stage one's
-answers are read as the soft-label stage reads them (prep.stages.softlabels.read_answers). Output: one JSONL row per
-case, `{"id", "messages": [assistant turn], "agreement", "split", "source"}`, which prep.stages.softlabels reads
+answers are read as the soft-label stage reads them (prep.stages.fixed_answers.read_answers). Output: one JSONL row
+per case, `{"id", "messages": [assistant turn], "agreement", "split", "source"}`, which prep.stages.softlabels reads
 with `--answers FILE`.
 """
 from __future__ import annotations
