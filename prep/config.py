@@ -25,8 +25,43 @@ T = TypeVar("T")
 
 class RecipeError(ValueError):
     def __init__(self, path: str | Path, key: str | None, problem: str):
-        self.path, self.key = str(path), key
+        self.path, self.key, self.problem = str(path), key, problem
         super().__init__(f"{path}: key '{key}': {problem}" if key else f"{path}: {problem}")
+
+
+def _sets(data: Any, key: str) -> bool:
+    """Whether the mapping DATA sets the dotted KEY (or a section above or below it)."""
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
+def key_source(key: str | None, recipe: str | Path, overlays: list[str | Path] = (),
+               overrides: list[str] = ()) -> str:
+    """Where KEY's value came from, as a user would look for it: `--set KEY` (the last override naming it or a
+    section of it; its value is not repeated, it may be a secret), else the last overlay file that sets it, else
+    the recipe file."""
+    if key:
+        for item in reversed(list(overrides)):
+            name = item.split("=", 1)[0].strip()
+            if name == key or key.startswith(name + ".") or name.startswith(key + "."):
+                return f"--set {name}"
+        for overlay in reversed(list(overlays)):
+            try:
+                if _sets(read_yaml(overlay), key):
+                    return str(overlay)
+            except RecipeError:
+                continue
+    return str(recipe)
+
+
+def unknown_key(key: str, known: list[str], prefix: str = "") -> str:
+    """The problem text for an unknown KEY: the closest KNOWN name, or the known names when none is close."""
+    close = difflib.get_close_matches(str(key), list(known), n=1)
+    return f"unknown key (did you mean '{prefix}{close[0]}'?)" if close else \
+        f"unknown key (known keys: {', '.join(known)})"
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -161,9 +196,7 @@ def build(schema: type[T], data: dict[str, Any], path: str | Path, prefix: str =
     fields = {field.name: field for field in dataclasses.fields(schema) if field.init}
     for key in data:
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known keys: {', '.join(fields)})"
-            raise RecipeError(path, f"{prefix}{key}", f"unknown key{hint}")
+            raise RecipeError(path, f"{prefix}{key}", unknown_key(str(key), list(fields), prefix))
     values = {}
     for name, field in fields.items():
         annotation = hints[name]
@@ -189,7 +222,13 @@ def load_recipe(schema: type[T], path: str | Path, overrides: list[str] | None =
                 overlays: list[str | Path] = ()) -> T:
     """Compose, then validate a recipe; the result keeps `recipe_path` when the schema has it."""
     data = compose(path, overlays, overrides or [])
-    recipe = build(schema, data, path)
+    try:
+        recipe = build(schema, data, path)
+    except RecipeError as err:     # named where the user will look for it: a --set, an overlay or the file
+        source = key_source(err.key, path, list(overlays), overrides or [])
+        if source == str(path):
+            raise
+        raise RecipeError(source, err.key, err.problem) from None
     if hasattr(recipe, "recipe_path"):
         object.__setattr__(recipe, "recipe_path", str(path))
     return recipe

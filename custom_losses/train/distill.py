@@ -12,15 +12,16 @@ composed recipe, other soft labels or another starting model (--fresh starts ove
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from custom_losses.train.checkpoints import claim_output_dir, complete_checkpoints, mark_finished
 from custom_losses.train.merge import base_folder, copy_full_model, merge_adapter
 from prep import config as recipe_config
-from prep.config import RecipeError, read_yaml
+from prep.config import RecipeError, key_source, unknown_key
 from prep.digests import DigestCache, default_digest_cache, model_digest, sha256_json
 from prep.jsonio import InputError
 from prep.paths import resolve_path
@@ -68,14 +69,6 @@ def _resolve_paths(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def _origin(key: str, recipe: str | Path, overlays: Sequence[str | Path]) -> str:
-    """The last file that sets KEY (an overlay wins over the recipe), or --set."""
-    for source in [*reversed(overlays), recipe]:
-        if key in read_yaml(source):
-            return str(source)
-    return "--set"
-
-
 def composed_recipe(recipe: str | Path, overlays: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> dict:
     """The recipe with its overlays and overrides, local paths made absolute: what TRL's parser gets."""
     return _resolve_paths(recipe_config.compose(recipe, list(overlays), list(overrides)))
@@ -92,25 +85,37 @@ def parse_recipe(recipe: str | Path, overlays: Sequence[str | Path] = (), overri
         if not data.get(key):
             raise RecipeError(recipe, key, "missing (required)")
     parser = TrlParser((DistillArguments, KDConfig, ModelConfig))
-    unknown = parser.set_defaults_with_config(**data)
-    if unknown:
-        keys = unknown[::2]
-        raise RecipeError(_origin(keys[0].removeprefix("--"), recipe, overlays), None, f"unknown recipe keys {keys}")
+    known = sorted({action.dest for action in parser._actions if action.dest != "help"})
+    for key in data:
+        if key not in known:
+            raise RecipeError(key_source(key, recipe, list(overlays), list(overrides)), key, unknown_key(key, known))
+
+    def refuse(message: str) -> NoReturn:   # argparse's own error() prints the whole usage and exits
+        bad = re.search(r"argument --([\w]+)", message)
+        key = bad[1] if bad else None
+        problem = message.split(": ", 1)[1] if bad and ": " in message else message
+        raise RecipeError(key_source(key, recipe, list(overlays), list(overrides)), key, problem)
+
+    parser.error = refuse
+    parser.set_defaults_with_config(**data)
     try:
         script_args, training_args, model_args = parser.parse_args_into_dataclasses(args=[])
     except ValueError as err:  # the dataclasses' own range and consistency checks
+        if isinstance(err, RecipeError):
+            raise
         raise RecipeError(recipe, None, str(err).strip().splitlines()[0]) from None
-    _check_lm_head_lora(model_args, recipe, overlays)
+    _check_lm_head_lora(model_args, recipe, overlays, overrides)
     return script_args, training_args, model_args
 
 
-def _check_lm_head_lora(model_args, recipe: str | Path, overlays: Sequence[str | Path]) -> None:
+def _check_lm_head_lora(model_args, recipe: str | Path, overlays: Sequence[str | Path],
+                        overrides: Sequence[str] = ()) -> None:
     """The trainer's refusal (custom_losses.kd.trainer.kd_head_route), made before anything loads: a LoRA on lm_head
     trains through the KD loss only as one weight W + B @ A, which dropout on its input rules out."""
     targets = model_args.lora_target_modules or []
     targets = [targets] if isinstance(targets, str) else targets
     if model_args.use_peft and any(t.split(".")[-1] == "lm_head" for t in targets) and model_args.lora_dropout > 0:
-        raise RecipeError(_origin("lora_dropout", recipe, overlays), "lora_dropout",
+        raise RecipeError(key_source("lora_dropout", recipe, list(overlays), list(overrides)), "lora_dropout",
                           f"{model_args.lora_dropout} with lm_head in lora_target_modules: the KD loss trains a LoRA "
                           f"on lm_head only without dropout; set lora_dropout: 0 or leave lm_head out")
 

@@ -10,6 +10,8 @@ is always on disk.
 from __future__ import annotations
 
 import copy
+import importlib
+import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -52,9 +54,66 @@ def resolve_paths(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+# medkd's own keys in an SFT recipe (read by launch.multinode, dropped by nothing: Axolotl ignores them).
+MEDKD_KEYS = ("effective_batch_size",)
+
+
 def compose(recipe: str | Path, overlays: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """The recipe, each overlay merged over it in order, then each `key=value` override; paths resolved."""
-    return resolve_paths(recipe_config.compose(recipe, list(overlays), list(overrides)))
+    """The recipe, each overlay merged over it in order, then each `key=value` override; paths resolved; every
+    key and value checked against Axolotl's own config schema (check_axolotl_config)."""
+    config = resolve_paths(recipe_config.compose(recipe, list(overlays), list(overrides)))
+    check_axolotl_config(config, recipe, overlays, overrides)
+    return config
+
+
+def _axolotl_schemas(plugins: Sequence[str]) -> list[Any]:
+    """Axolotl's config model and the input-args models of PLUGINS (their keys are valid too)."""
+    from axolotl.utils.schemas.config import AxolotlInputConfig
+
+    schemas = [AxolotlInputConfig]
+    for plugin in plugins:
+        module_name, _, class_name = str(plugin).rpartition(".")
+        try:
+            args = getattr(importlib.import_module(module_name), class_name)().get_input_args()
+            args_module, _, args_class = str(args).rpartition(".")
+            schemas.append(getattr(importlib.import_module(args_module), args_class))
+        except (ImportError, AttributeError, TypeError, ValueError) as err:
+            raise RecipeError("plugins", None, f"Axolotl plugin {plugin} cannot be loaded ({err})") from None
+    return schemas
+
+
+def check_axolotl_config(config: dict[str, Any], recipe: str | Path, overlays: Sequence[str | Path] = (),
+                         overrides: Sequence[str] = ()) -> None:
+    """Every top-level key of the composed CONFIG is one of Axolotl's (its config schema at the pinned version,
+    its plugins' arguments) or medkd's, and every value has the type Axolotl's schema wants; RecipeError naming
+    the key, where it came from (--set, an overlay, the recipe file) and the closest known key, before anything
+    loads. Skipped where Axolotl is not installed (the vLLM-only environment)."""
+    if importlib.util.find_spec("axolotl") is None:
+        return
+    from pydantic import ValidationError
+
+    # A plugin's keys are known when any file of the recipe names it: an overlay that turns the plugin off
+    # (the CPU overlay's `plugins:`) leaves its keys in place, unused, as Axolotl does.
+    named = [*(config.get("plugins") or [])]
+    for source in [recipe, *overlays]:
+        named += recipe_config.read_yaml(source).get("plugins") or []
+    schemas = _axolotl_schemas(list(dict.fromkeys(named)))
+    known = sorted({name for schema in schemas for name, field in schema.model_fields.items()
+                    for name in (name, field.alias) if name} | set(MEDKD_KEYS))
+    for key in config:
+        if key not in known:
+            raise RecipeError(recipe_config.key_source(key, recipe, list(overlays), list(overrides)), key,
+                              recipe_config.unknown_key(key, known) + " (Axolotl's config schema)")
+    # Values against Axolotl's own schema (its plugins' argument models validate only inside it, merged by
+    # Axolotl at train time: their keys are checked by name above).
+    try:
+        schemas[0].model_validate({key: value for key, value in config.items() if key not in MEDKD_KEYS})
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(part) for part in first["loc"]) or None
+        top = str(first["loc"][0]) if first["loc"] else None
+        raise RecipeError(recipe_config.key_source(top, recipe, list(overlays), list(overrides)), key,
+                          first["msg"]) from None
 
 
 def check_required(config: dict[str, Any], recipe: str | Path) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from prep.api.process import free_port, new_session_dying_with_parent
-from prep.config import RecipeError, apply_overrides, build, compose
+from prep.config import RecipeError, apply_overrides, build, load_recipe
 from prep.paths import REPO_ROOT, resolve_path
 from prep.testing.tiny_model import resolve_model  # recipes may name the tiny fixture as their model
 
@@ -101,7 +101,7 @@ def max_logprobs_of(extra_args: list[str]) -> int | None:
 
 def validate_recipe(path: str | Path, overlays: list[str | Path] = (), overrides: list[str] = ()) -> ServerSpec:
     """A serve recipe, composed and checked, without building or downloading its model; RecipeError if bad."""
-    return build(ServerSpec, compose(path, overlays, overrides), path)
+    return load_recipe(ServerSpec, path, list(overrides), list(overlays))
 
 
 def load_server_spec(source: str | Path | dict[str, Any], overrides: list[str] | None = None,
