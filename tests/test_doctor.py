@@ -189,3 +189,22 @@ def test_a_recipe_that_does_not_validate_is_one_fail_line(tmp_path):
                                                                                     "min_free_disk_gbb: 2"))
     results = run_doctor(bad, machine=Machine(), vllm_python=None, offline=True)
     assert len(results) == 1 and results[0].line().startswith("FAIL recipes: ") and "min_free_disk_gbb" in results[0].line()
+
+
+def test_missing_competition_data_is_one_failure_naming_the_key_and_where_it_goes(tmp_path):
+    """A GPU pipeline recipe on a clean clone: the case files are the user's to put in data/competition/ (or to
+    name with --set); the doctor says so once, the split is skipped rather than failed, and --plan refuses in
+    one sentence instead of a raw [Errno 2]."""
+    from custom_losses.checks.doctor import check_case_files, check_split
+    from custom_losses.pipeline.plan import plan_pipeline, validate_recipe
+    from custom_losses.pipeline.steps import PipelineError
+
+    missing = tmp_path / "train.jsonl"
+    result = check_case_files({"train_cases": missing, "test_cases": missing})
+    assert result.failed and f"{missing} (the recipe's train_cases) not found" in result.line()
+    assert "data/competition/README.md" in result.line() and "--set train_cases=PATH" in result.line()
+    assert check_split(missing, None).status == "skip"
+    assert (REPO_ROOT / "data" / "competition" / "README.md").is_file()
+    recipe = validate_recipe(RECIPES / "pipeline" / "qwen2.5-7b-1gpu.yaml", overrides=[f"train_cases={missing}"])
+    with pytest.raises(PipelineError, match=r"\(the recipe's train_cases\) not found: put your cases there"):
+        plan_pipeline(recipe)

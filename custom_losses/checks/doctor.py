@@ -40,6 +40,7 @@ from custom_losses.checks.machine import (
     fail,
     ok,
     pinned_version,
+    skip,
     start_vllm_import,
 )
 from custom_losses.train.memory import (
@@ -51,6 +52,7 @@ from custom_losses.train.memory import (
     needs_gpu,
     shape_for,
 )
+from prep.api.process import stderr_silenced
 from prep.paths import resolve_path
 
 # vLLM's CUDA graphs, its profile run's activations and the CUDA context, on top of weights and KV cache:
@@ -114,12 +116,19 @@ def serve_estimate_gib(shape: ModelShape, max_model_len: int, tensor_parallel: i
 
 # --------------------------------------------------------------------------- the recipe's own checks
 
-def check_case_files(paths: Sequence[str | Path]) -> CheckResult:
+def check_case_files(paths: Sequence[str | Path] | dict[str, str | Path]) -> CheckResult:
+    """Each case file (PATHS: recipe key -> path, or paths) reads with no bad line; a missing one names its key."""
     from prep.jsonio import InputError
     from prep.records import read_cases
 
+    named = paths if isinstance(paths, dict) else {str(path): path for path in paths}
     counts = []
-    for path in paths:
+    for key, path in named.items():
+        if not resolve_path(path).is_file():
+            where = f"the recipe's {key}" if key != str(path) else "a case file"
+            return fail("case files", f"{path} ({where}) not found",
+                        f"put your cases there (data/competition/README.md says which file is which) or name yours: "
+                        f"--set {key if key != str(path) else 'train_cases'}=PATH")
         try:
             counts.append(f"{len(read_cases(resolve_path(path)).cases)} in {path}")
         except (InputError, OSError) as err:
@@ -133,6 +142,8 @@ def check_split(train_cases: str | Path, teacher: Any) -> CheckResult:
     from custom_losses.pipeline.steps import PipelineError
     from prep.jsonio import InputError
 
+    if not resolve_path(train_cases).is_file():   # said once, by the case-file check
+        return skip("split", "no training cases to split (see case files)")
     try:
         return ok("split", pipeline_check_split(resolve_path(train_cases), teacher.split))
     except (PipelineError, InputError) as err:
@@ -252,7 +263,7 @@ def _run(config: str | Path, overrides: Sequence[str], machine: Machine | None, 
         add(fail("recipes", str(err), "correct the named file and key (each recipe's header says what its keys do)"))
         return results, None
     pipe = recipe.pipeline
-    add(check_case_files([pipe.train_cases, pipe.test_cases]))
+    add(check_case_files({"train_cases": pipe.train_cases, "test_cases": pipe.test_cases}))
     notes = [f"{name}: {note}" for name, note in recipe.validated.items() if isinstance(note, str)]
     add(ok("recipes", f"{len(recipe.validated)} stage recipes validate" + (f" ({'; '.join(notes)})" if notes else "")))
     add(check_split(pipe.train_cases, recipe.validated["teacher"]))
@@ -278,7 +289,8 @@ def diagnose(config: str | Path, overrides: Sequence[str] = (), smoke: bool = Fa
              report: Callable[[str], None] = print) -> bool:
     """The `launch.doctor` command: every check's line to REPORT as it is made, then (with SMOKE, when every
     check passed) the real-shape smoke run; True when the recipe can run here."""
-    results, recipe = _run(config, overrides, None, "", None, lambda result: report(result.line()))
+    with stderr_silenced():   # torch, bitsandbytes and the trainers print import noise between the check lines
+        results, recipe = _run(config, overrides, None, "", None, lambda result: report(result.line()))
     if smoke and passed(results) and recipe is not None:
         tiny = not any(step.on_gpu for step in recipe.steps)
         result = run_smoke(config, overrides, tiny, report)

@@ -435,7 +435,17 @@ def check_teacher(role: str, teacher: ApiRecipe, scores_answers: bool = False) -
     return f"{role} endpoint(s) {', '.join(endpoint.base_url for endpoint in settings.resolved())} answer"
 
 
+def require_case_files(recipe: PipelineRecipe) -> None:
+    """The case files the keys of every step are made from exist: else one sentence naming the key and the fix."""
+    for key in ("train_cases", "test_cases"):
+        path = getattr(recipe, key)
+        if not resolve_path(path).is_file():
+            raise PipelineError(f"{path} (the recipe's {key}) not found: put your cases there "
+                                f"(data/competition/README.md says which file is which) or name yours: --set {key}=PATH")
+
+
 def plan_pipeline(recipe: PipelineRecipe) -> list[Decision]:
     """Every step of RECIPE with its key and whether it runs (and why); runs nothing."""
+    require_case_files(recipe)
     out = layout_of(recipe).out
     return decide(build_plan(recipe), out, out / "stamps")
