@@ -1,6 +1,18 @@
 """An OpenAI-compatible fault-injecting server on 127.0.0.1 (prep.testing.fault_server), for benchmarks and manual tests.
 
-    python -m launch.fault_server [--port N] [--latency S] [--capacity N] [--model NAME]   # prints "port N"
+    python -m launch.fault_server [--port N] [--latency S] [--capacity N] [--model NAME] [--api-key KEY]
+        [--fault KIND [ARG]]... [--fault-rate R] [--seed N]                           # prints "port N"
+
+With --fault (repeatable), each chat request gets one of the faults named (drawn with --seed) with
+probability --fault-rate (default 1: every request), else a valid answer. A fault is a script item of
+prep.testing.fault_server, its argument after a space:
+
+    hostile:  echo-key [OFFSET]  gzip-bomb [MIB]  endless  huge [MB] [chunked]  drip [SECONDS]
+              retry-after-huge  bad-usage  error-object  html  empty  reasoning-only  parts
+    classic:  ok  429 [retry-after=S]  any other status (500, 503, 400, ...)  slow SECONDS  reset  truncated  malformed
+    encoded:  gzip  deflate (a valid answer, compressed)
+
+    python -m launch.fault_server --fault gzip-bomb --fault "drip 1.5" --fault html --fault-rate 0.3 --seed 1
 """
 from __future__ import annotations
 
@@ -8,18 +20,60 @@ import argparse
 import asyncio
 import contextlib
 
-from prep.testing.fault_server import DEFAULT_MODEL, FaultServer
+from prep.testing.fault_server import DEFAULT_MODEL, FAULT_KINDS, FaultServer
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m launch.fault_server", description=__doc__.splitlines()[0])
+def fault(value: str) -> str:
+    """A --fault value: a known kind, with its argument if it takes one."""
+    value = " ".join(value.split())
+    kind, *args = value.split(" ")
+    if kind not in FAULT_KINDS and not (kind.isdigit() and len(kind) == 3):
+        raise argparse.ArgumentTypeError(f"unknown fault {kind!r}; one of: {', '.join(FAULT_KINDS)}")
+    numbers = [word for word in args if word != "chunked" and not word.startswith("retry-after=")]
+    for word in numbers + [word.split("=", 1)[1] for word in args if word.startswith("retry-after=")]:
+        try:
+            float(word)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"fault {value!r}: {word!r} is not a number") from None
+    return value
+
+
+def rate(value: str) -> float:
+    number = float(value)
+    if not 0 <= number <= 1:
+        raise argparse.ArgumentTypeError("must be between 0 and 1")
+    return number
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m launch.fault_server", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[4:]))
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds each request takes")
     parser.add_argument("--capacity", type=int, default=None, help="requests served at once; more wait in line")
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    args = parser.parse_args(argv)
-    server = FaultServer(model=args.model, latency_s=args.latency, capacity=args.capacity)
+    parser.add_argument("--api-key", default=None,
+                        help="the key clients must present (a wrong one gets 401 echoing it); default: none needed")
+    parser.add_argument("--fault", dest="faults", action="append", type=fault, default=[], metavar="KIND",
+                        help="a fault some requests get, e.g. gzip-bomb or 'drip 1.5' (repeatable)")
+    parser.add_argument("--fault-rate", type=rate, default=1.0,
+                        help="the share of chat requests that get one of the faults (default 1)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the draws (default: random)")
+    return parser
+
+
+def build(argv: list[str] | None = None) -> FaultServer:
+    """The server the command line describes, not started."""
+    args = parser().parse_args(argv)
+    server = FaultServer(model=args.model, latency_s=args.latency, capacity=args.capacity, api_key=args.api_key,
+                         faults=args.faults, fault_rate=args.fault_rate, seed=args.seed)
     server.port = args.port
+    return server
+
+
+def main(argv: list[str] | None = None) -> None:
+    server = build(argv)
 
     async def serve() -> None:
         await server.serve()

@@ -20,12 +20,27 @@ from prep.api.endpoint import (
     SpendCapReached,
     clean_text,
     estimate_prompt_tokens,
+    message_text,
     reasoning_text,
 )
 from prep.api.settings import ClientError, ClientSettings, RequestFailed, key_source, redact, resolve_api_key
 
 log = logging.getLogger("medkd.client")
 
+USAGE_FIELDS = ("prompt_tokens", "completion_tokens")
+MAX_USAGE_TOKENS = 100_000_000    # more in one answer is not a count but noise (1e30, a negative, "abc")
+
+
+def usage_count(value: Any) -> int | None:
+    """A usage field as a token count: absent is 0; a whole number in [0, MAX_USAGE_TOKENS] (int or integral
+    float) is itself; anything else (a string, a bool, a fraction, inf, 1e30, a negative) None."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not value.is_integer():
+        return None
+    return int(value) if 0 <= value <= MAX_USAGE_TOKENS else None
 
 
 class ChatClient:
@@ -116,22 +131,23 @@ class ChatClient:
         """One chat answer. REASONING_TOKENS: what a reasoning model's trace may add beyond max_tokens (not sent;
         counted in the request's token estimate against token_cap and tokens_per_minute)."""
         body = self._body({"messages": messages}, params)
-        data, retries = await self._post("/chat/completions", body, estimate_prompt_tokens(messages) + reasoning_tokens)
+        data, retries, usage = await self._post("/chat/completions", body,
+                                                estimate_prompt_tokens(messages) + reasoning_tokens)
         choice = data["choices"][0]
         message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
         logprobs = choice.get("logprobs")
         if isinstance(logprobs, dict) and "content" in logprobs:
             logprobs = logprobs["content"]
-        return ChatResult(clean_text(message.get("content")), choice.get("finish_reason"), self._usage(data),
-                          logprobs, retries, data, reasoning_text(message))
+        return ChatResult(message_text(message), choice.get("finish_reason"), usage, logprobs, retries, data,
+                          reasoning_text(message))
 
     async def completion(self, prompt: str | list[int], **params: Any) -> ChatResult:
         """/v1/completions (e.g. `prompt_logprobs` on vLLM); text and logprobs of the first choice."""
         body = self._body({"prompt": prompt}, params)
         estimate = estimate_prompt_tokens(prompt) if isinstance(prompt, str) else len(prompt)
-        data, retries = await self._post("/completions", body, estimate)
+        data, retries, usage = await self._post("/completions", body, estimate)
         choice = data["choices"][0]
-        return ChatResult(clean_text(choice.get("text")), choice.get("finish_reason"), self._usage(data),
+        return ChatResult(clean_text(choice.get("text")), choice.get("finish_reason"), usage,
                           choice.get("logprobs"), retries, data)
 
     def _body(self, payload: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
@@ -140,11 +156,25 @@ class ChatClient:
         body.update(extra)
         return body
 
-    @staticmethod
-    def _usage(data: dict[str, Any]) -> dict[str, int]:
-        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-        return {"prompt_tokens": int(usage.get("prompt_tokens") or 0),
-                "completion_tokens": int(usage.get("completion_tokens") or 0)}
+    def _usage(self, data: dict[str, Any], endpoint: EndpointConnection) -> tuple[dict[str, int], bool]:
+        """The answer's prompt and completion tokens, and whether its usage was unreadable: a field that is not a
+        count is taken as 0, counted in the endpoint's bad_usage and named in one warning per endpoint (the run
+        goes on; the caller charges the request's estimate against the token caps instead)."""
+        usage = data.get("usage")
+        fields = usage if isinstance(usage, dict) else {}
+        counts = {name: usage_count(fields.get(name)) for name in USAGE_FIELDS}
+        bad = [name for name, count in counts.items() if count is None]
+        if usage is not None and not isinstance(usage, dict):
+            bad = ["usage"]
+        if bad:
+            endpoint.stats.bad_usage += 1
+            if endpoint.stats.bad_usage == 1:
+                shown = usage if bad == ["usage"] else fields.get(bad[0])
+                log.warning("endpoint %s sent a usage field that is not a token count (%s: %s); ignored and "
+                            "counted in its bad_usage (this warning once), each such answer charged its estimate "
+                            "against the token caps", endpoint.name, "usage" if bad == ["usage"] else f"usage.{bad[0]}",
+                            self.redact(repr(shown))[:60])
+        return {name: count or 0 for name, count in counts.items()}, bool(bad)
 
     def _payloads(self, body: dict[str, Any]) -> dict[str, bytes]:
         """The request body per endpoint: the same JSON but for the model name each one serves."""
@@ -155,9 +185,10 @@ class ChatClient:
                 payloads[model] = json.dumps({**body, "model": model}, ensure_ascii=False).encode("utf-8")
         return payloads
 
-    async def _post(self, path: str, body: dict[str, Any], prompt_estimate: int) -> tuple[dict[str, Any], int]:
+    async def _post(self, path: str, body: dict[str, Any],
+                    prompt_estimate: int) -> tuple[dict[str, Any], int, dict[str, int]]:
         """Send until answered: a failed attempt is retried (on another endpoint at once when one is ready,
-        else after the backoff) up to max_retries; the body and the retries taken."""
+        else after the backoff) up to max_retries; the body, the retries taken and the usage (readable fields)."""
         completion = int(body.get("max_tokens") or body.get("max_completion_tokens") or 0) * int(body.get("n") or 1)
         estimate = prompt_estimate + completion
         payloads = self._payloads(body)
@@ -175,11 +206,14 @@ class ChatClient:
                     data = await sending
                 took = time.monotonic() - sent_at
                 endpoint.latency_s = took if endpoint.latency_s is None else 0.8 * endpoint.latency_s + 0.2 * took
-                self._settle(endpoint, estimate, self._usage(data))
+                usage, unreadable = self._usage(data, endpoint)
+                self._settle(endpoint, estimate, usage, unreadable)
                 settled = True
-                return data, retries
+                return data, retries, usage
             except Attempt as attempt:
-                failure = attempt
+                # Its traceback holds the frames that read the body: dropped, so a refused body goes back at once.
+                failure = attempt.with_traceback(None)
+                failure.__context__ = None
             except asyncio.CancelledError:
                 if sending is None or asyncio.current_task().cancelling():
                     raise                # the caller cancelled us, not the prober
@@ -210,7 +244,9 @@ class ChatClient:
 
     def _count_failure(self, endpoint: EndpointConnection, failure: Attempt, retries: int) -> None:
         """A failed attempt's bookkeeping: the endpoint's error count, a refused request raised by its status,
-        a failing endpoint marked down (when others remain), RequestFailed once max_retries are spent."""
+        a failing endpoint marked down (when others remain; one asking to wait past MAX_RETRY_AFTER_S at once),
+        RequestFailed at once for a final failure (or a down one when no other endpoint is up), else once
+        max_retries are spent."""
         reason, message = failure.reason, failure.message
         endpoint.stats.errors[reason] += 1
         if failure.refused is not None:
@@ -220,6 +256,15 @@ class ChatClient:
             endpoint.failures_in_row += 1
             if len(self.endpoints) > 1 and endpoint.up and (reason == "connection" or endpoint.failures_in_row >= 3):
                 self._mark_down(endpoint, f"{reason}: {message}")
+        if failure.down:        # asked to wait longer than a client waits: left out, the request goes elsewhere
+            if len(self.endpoints) > 1 and endpoint.up:
+                self._mark_down(endpoint, f"{reason}: {message}")
+            if not any(other.up for other in self.endpoints if other is not endpoint):
+                self.stats.failed += 1
+                raise RequestFailed(f"{message} (attempt {retries + 1}; no other endpoint is up)", reason, retries)
+        if failure.final:       # the same request would bring the same: not retried, not cached
+            self.stats.failed += 1
+            raise RequestFailed(f"{message} (attempt {retries + 1} at {endpoint.name})", reason, retries)
         if retries >= self.settings.max_retries:
             self.stats.failed += 1
             raise RequestFailed(f"gave up after {retries + 1} attempts; last: {reason} ({message})", reason, retries)
@@ -298,7 +343,8 @@ class ChatClient:
             return best, wake
         free = [e for e in ready if e.in_flight < e.concurrency]
         best = min(free, key=lambda e: (e is avoid, e.latency_s))
-        others = [(e.latency_s, e.concurrency) for e in ready if e is not best]
+        # Never wait for the endpoint a retry avoids: with a free slot there it would wait for itself, for ever.
+        others = [(e.latency_s, e.concurrency) for e in ready if e is not best and e is not avoid]
         if later_than_waiting(best.latency_s, others, self.backlog + self._acquiring):
             return None, min(wake, min(latency / slots for latency, slots in others))
         return best, wake
@@ -307,9 +353,13 @@ class ChatClient:
         endpoint.reserved -= estimate
         self.reserved -= estimate
 
-    def _settle(self, endpoint: EndpointConnection, estimate: int, usage: dict[str, int]) -> None:
+    def _settle(self, endpoint: EndpointConnection, estimate: int, usage: dict[str, int],
+                unreadable: bool = False) -> None:
         self._release(endpoint, estimate)
         used = usage["prompt_tokens"] + usage["completion_tokens"]
+        if unreadable and used < estimate:     # the caps count what the answer may have cost, not a guess of 0
+            endpoint.unreported += estimate - used
+            self.spent += estimate - used
         for stats in (self.stats, endpoint.stats):
             stats.succeeded += 1
             stats.prompt_tokens += usage["prompt_tokens"]

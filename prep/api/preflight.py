@@ -3,11 +3,12 @@ any paid request."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 
-from prep.api.endpoint import describe_cause, server_message
-from prep.api.settings import ClientError, ClientSettings, EndpointSettings, key_source, redact, resolve_api_key
+from prep.api.endpoint import Attempt, EndpointConnection, error_message, one_line
+from prep.api.settings import ClientError, ClientSettings, EndpointSettings, key_source, resolve_api_key
 
 log = logging.getLogger("medkd.client")
 
@@ -19,51 +20,55 @@ async def check_endpoint_async(settings: ClientSettings, api_key: str | None = N
     """GET /models once (one retry on a dropped connection): the models served, or None if the endpoint lists none.
 
     ENDPOINT: one of settings.resolved() (default: the only one). Raises ClientError naming the fix for
-    an unreachable endpoint (EndpointUnreachable), a refused key or an unlisted model.
+    an unreachable endpoint (EndpointUnreachable), a refused key or an unlisted model. The answer is read
+    as every answer is (EndpointConnection.exchange): one deadline, at most client.max_response_bytes.
     """
-    import httpx2
-    from openai import APIConnectionError, APIStatusError, AsyncOpenAI
-
     endpoint = endpoint or settings.resolved()[0]
     url, model = endpoint.base_url, endpoint.model
     secret = api_key if api_key is not None else resolve_api_key(endpoint)
     timeout = min(settings.request_timeout_s, 30.0)
-    client = AsyncOpenAI(base_url=url, api_key=secret, max_retries=0,
-                         timeout=httpx2.Timeout(timeout, connect=min(settings.connect_timeout_s, timeout)))
-    problem, response, unreachable = None, None, False
+    connection = EndpointConnection(endpoint, dataclasses.replace(
+        settings, request_timeout_s=timeout, connect_timeout_s=min(settings.connect_timeout_s, timeout)), secret)
+    problem, content, unreachable = None, None, False
     try:
         for attempt in range(attempts):
             try:
-                response = await client.get("/models", cast_to=httpx2.Response)
-                break
-            except APIStatusError as err:
-                status, message = err.status_code, server_message(err, secret)
+                status, _, body = await connection.get("/models", timeout)
+            except Attempt as failed:
+                if failed.reason in ("connection", "timeout"):
+                    problem, unreachable = (f"cannot reach {url} ({failed.message}); check client.base_url and "
+                                            f"that the server is running"), True
+                else:
+                    problem, unreachable = f"{url} sent an unusable answer to GET /models ({failed.message})", False
+                    break
+            else:
+                message = error_message(body, secret)
                 if status in (401, 403):
                     problem = (f"{url} refused the API key (HTTP {status}: {message}); "
                                f"check that {key_source(endpoint)} holds a valid key for this endpoint")
                     break
                 if status in (404, 405):
                     return None  # some providers do not list models; the first request will tell
+                if status < 400:
+                    content = body
+                    break
                 problem = (f"{url} answered HTTP {status} to GET /models ({message}); "
                            f"check client.base_url or try again later")
-            except APIConnectionError as err:
-                problem, unreachable = (f"cannot reach {url} ({redact(describe_cause(err), secret)}); "
-                                        f"check client.base_url and that the server is running"), True
             if attempt < attempts - 1:
                 await asyncio.sleep(1.0)
     finally:
-        await client.close()
-    if response is None:
-        # Raised outside the except clauses: no chained SDK error carries the server's raw words.
+        await connection.close()
+    if content is None:
+        # Raised outside the except clauses: no chained error carries the server's raw words.
         raise (EndpointUnreachable if unreachable else ClientError)(problem)
     try:
-        data = json.loads(response.content)
+        data = json.loads(content)
         served = [str(item["id"]) for item in data["data"]]
     except (ValueError, KeyError, TypeError):
         return None
     if served and model not in served:
-        raise ClientError(f"model '{model}' is not served at {url} (it serves: "
-                          f"{', '.join(served[:10])}); fix client.model")
+        shown = [one_line(name, secret, 80) for name in served[:10]]
+        raise ClientError(f"model '{model}' is not served at {url} (it serves: {', '.join(shown)}); fix client.model")
     return served
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +21,57 @@ def retryable_status(status: int) -> bool:
 
 MAX_RETRY_AFTER_S = 600.0     # a server asking for longer than this is treated as down
 PLACEHOLDER_KEY = "EMPTY"     # local servers without auth; the SDK refuses an empty key
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024   # one answer's body after decompression; a real one is a few KB
+
+
+# ---- secrets where a name or a URL belongs ---------------------------------------------------------
+
+_VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SECRET_QUERY = re.compile(r"key|token|secret|passw|signature|auth", re.IGNORECASE)
+
+
+def looks_like_key(value: str) -> bool:
+    """Whether VALUE looks like an API key rather than an environment variable's name: a provider's "sk-"
+    prefix, anything a shell variable cannot be called, or a random-looking token (random_token)."""
+    return value.lower().startswith(("sk-", "sk_")) or not _VARIABLE_NAME.fullmatch(value) or random_token(value)
+
+
+def random_token(value: str) -> bool:
+    """A long run (between underscores or dashes) of letters mixed with digits, or of mixed case, as random
+    tokens are, or 40 characters without a separator; names are words: DEEPSEEK_API_KEY, MEDKD_KEY_2, key.txt."""
+    for part in re.split(r"[_\-]", value):
+        if len(part) >= 16 and any(c.isalpha() for c in part) and any(c.isdigit() for c in part):
+            return True
+        if len(part) >= 20 and any(c.islower() for c in part) and any(c.isupper() for c in part):
+            return True
+    return len(value) >= 40 and not re.search(r"[_\-./]", value)
+
+
+def _secret_problems(settings: ClientSettings | EndpointSettings) -> list[tuple[str, bool, str]]:
+    """The checks that keep a key out of the recipe's values: each names the key and the fix, never the value."""
+    env, key_file, url = settings.api_key_env, settings.api_key_file, settings.base_url
+    # A path has a slash or a dot somewhere (key.txt, ~/.keys/deepseek); a bare token is a pasted key.
+    file_is_key = key_file is not None and (key_file.lower().startswith(("sk-", "sk_")) or (
+        "/" not in key_file and "." not in key_file and random_token(key_file)))
+    return [
+        ("api_key_env", env is None or not looks_like_key(env),
+         "must name an environment variable, not hold the key itself; export the key and name the variable"),
+        ("api_key_file", not file_is_key,
+         "must name a file holding the key, not hold the key itself; write the key to a file and name the file"),
+        ("base_url", url is None or not _url_has_credentials(url),
+         "must not hold credentials (user:password@, or a key in the query); export the key and name the "
+         "variable in api_key_env"),
+    ]
+
+
+def _url_has_credentials(url: str) -> bool:
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "@" in url
+    if "@" in parts.netloc:
+        return True
+    return any(_SECRET_QUERY.search(name) for name, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
 
 
 # ---- settings ------------------------------------------------------------------------------------
@@ -47,7 +100,8 @@ class EndpointSettings:
                    "must be positive or null"),
                   ("tokens_per_minute", self.tokens_per_minute is None or self.tokens_per_minute > 0,
                    "must be positive or null"),
-                  ("token_cap", self.token_cap is None or self.token_cap >= 1, "must be at least 1 or null")]
+                  ("token_cap", self.token_cap is None or self.token_cap >= 1, "must be at least 1 or null"),
+                  *_secret_problems(self)]
         for name, ok, problem in checks:
             if not ok:
                 raise ValueError(f"key '{name}': {problem}")
@@ -87,6 +141,10 @@ class ClientSettings:
     # probes in a row mark it down and send its in-flight requests to the others at once (a machine that
     # vanished sends no error, so they would wait out request_timeout_s). null = no probes.
     probe_s: float | None = 15.0
+    # The most bytes one response body may take, after decompression, counted while it is read: a bigger one
+    # (a gzip bomb, a body that never ends, a runaway answer) fails that request, "response over
+    # max_response_bytes", and is never cached. Soft labels with many log-probs need more (their recipes say).
+    max_response_bytes: int = MAX_RESPONSE_BYTES
 
     def __post_init__(self) -> None:
         checks = [("concurrency", self.concurrency >= 1, "must be at least 1"),
@@ -107,7 +165,9 @@ class ClientSettings:
                    "set client.base_url or client.endpoints, not both"),
                   ("token_cap", self.token_cap is None or self.token_cap >= 1, "must be at least 1 or null"),
                   ("health_check_s", self.health_check_s > 0, "must be positive"),
-                  ("probe_s", self.probe_s is None or self.probe_s > 0, "must be positive or null")]
+                  ("probe_s", self.probe_s is None or self.probe_s > 0, "must be positive or null"),
+                  ("max_response_bytes", self.max_response_bytes >= 1024, "must be at least 1024"),
+                  *_secret_problems(self)]
         for name, ok, problem in checks:
             if not ok:
                 raise ValueError(f"key 'client.{name}': {problem}")

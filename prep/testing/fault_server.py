@@ -14,6 +14,25 @@ takes the next item of a script, or the default behaviour when the script is emp
     {"answer": TEXT}      200 whose assistant content is TEXT (e.g. an invalid answer)
     {"answer": TEXT, "reasoning": TRACE}   ... with TRACE as the message's reasoning trace
 
+Hostile and odd bodies (HOSTILE_FAULTS; the number after a name is optional):
+
+    "echo-key 175"        500 whose error message echoes the presented API key 175 characters in
+    "gzip-bomb 1536"      200, Content-Encoding gzip: ~1.5 MB on the wire inflating to 1536 MiB of zeros
+    "endless"             200, chunked, a JSON answer whose content never ends (until the client hangs up)
+    "huge 60"             200, a valid answer of 60 MB (Content-Length announced); "huge 60 chunked": not announced
+    "drip 1"              200, a valid answer sent one byte per second
+    "retry-after-huge"    429 with Retry-After: 100000000 (three years)
+    "bad-usage"           200, a valid answer whose usage is {"prompt_tokens": "abc", "completion_tokens": 1e30}
+    "error-object"        200 whose body is {"error": {"message": ...}} and no choices
+    "html"                200, text/html: a proxy's error page
+    "empty"               200 with an empty body
+    "reasoning-only"      200, the answer only in the message's reasoning trace, content empty
+    "parts"               200, the answer as a list of two text content parts
+    "gzip", "deflate"     200, a valid answer compressed so (Content-Encoding), as real APIs may send
+
+Without a script item, a request gets one of `faults` (drawn with `seed`) with probability `fault_rate`,
+else "ok": `python -m launch.fault_server --fault gzip-bomb --fault html --fault-rate 0.3 --seed 1`.
+
 With `reasoning_fn` every answer also carries a trace beside its content, under `reasoning_field`
 (`reasoning_content`, as DeepSeek's API and older vLLM send it, or `reasoning`, newer vLLM's name), and
 the trace's characters count in usage.completion_tokens, as a reasoning model's tokens do.
@@ -32,19 +51,30 @@ Library code because both the tests and `launch.bench_teacher` stand on it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
+import random
 import socket
 import struct
 import threading
 import time
 import urllib.error
 import urllib.request
+import zlib
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 DEFAULT_MODEL = "fault-model"
+HOSTILE_FAULTS = ("echo-key", "gzip-bomb", "endless", "huge", "drip", "retry-after-huge", "bad-usage", "error-object",
+                  "html", "empty", "reasoning-only", "parts")
+CLASSIC_FAULTS = ("ok", "429", "500", "502", "503", "504", "400", "422", "501", "slow", "reset", "truncated",
+                  "malformed")
+ENCODED_ANSWERS = ("gzip", "deflate")      # a valid answer, compressed (what a real API may send)
+FAULT_KINDS = (*CLASSIC_FAULTS, *HOSTILE_FAULTS, *ENCODED_ANSWERS)
+HUGE_RETRY_AFTER = "100000000"
+_STREAM_CHUNK = 64 * 1024
 _DISEASES = ["急性扁桃体炎", "社区获得性肺炎", "2型糖尿病", "高血压病", "急性胃肠炎", "偏头痛"]
 
 
@@ -68,13 +98,32 @@ def default_answer(body: dict) -> str:
                       ensure_ascii=False, separators=(",", ":"))
 
 
+@functools.lru_cache(maxsize=4)
+def gzip_bomb(inflated_mib: int = 1536) -> bytes:
+    """A valid gzip stream of INFLATED_MIB MiB of zeros, about 1 KB per MiB: built from one compressed MiB
+    repeated (after a full flush deflate starts afresh, so the same input gives the same bytes), then an empty
+    final block and the true CRC and length."""
+    block = bytes(1 << 20)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    first = deflate.compress(block) + deflate.flush(zlib.Z_FULL_FLUSH)
+    segment = deflate.compress(block) + deflate.flush(zlib.Z_FULL_FLUSH)
+    crc = 0
+    for _ in range(inflated_mib):
+        crc = zlib.crc32(block, crc)
+    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff"
+    trailer = struct.pack("<II", crc, (inflated_mib << 20) & 0xFFFFFFFF)
+    return header + first + segment * (inflated_mib - 1) + b"\x03\x00" + trailer
+
+
 class FaultServer:
     def __init__(self, model: str = DEFAULT_MODEL, latency_s: float = 0.0, capacity: int | None = None,
                  api_key: str | None = None, upstream: str | None = None,
                  answer_fn: Callable[[dict], str] = default_answer, list_models: bool = True,
                  reasoning_fn: Callable[[dict], str | None] | None = None,
-                 reasoning_field: str = "reasoning_content"):
+                 reasoning_field: str = "reasoning_content", faults: list[str] | tuple[str, ...] = (),
+                 fault_rate: float = 1.0, seed: int | None = None):
         self.model, self.latency_s, self.capacity = model, latency_s, capacity
+        self.faults, self.fault_rate, self._random = list(faults), fault_rate, random.Random(seed)
         self.reasoning_fn, self.reasoning_field = reasoning_fn, reasoning_field
         self.api_key, self.upstream, self.answer_fn, self.list_models = api_key, upstream, answer_fn, list_models
         self.script: deque[Any] = deque()
@@ -192,10 +241,16 @@ class FaultServer:
             models = [{"id": self.model, "object": "model", "created": 0, "owned_by": "fault-server"}]
             return await self._send(writer, 200, {"object": "list", "data": models})
         if method == "POST" and path.endswith(("/chat/completions", "/completions")):
-            return await self._completion(path, body, writer)
+            return await self._completion(path, body, writer, headers)
         return await self._error(writer, 404, f"no route {method} {path}", "not_found")
 
-    async def _completion(self, path: str, raw: bytes, writer) -> bool:
+    def _draw(self) -> str:
+        """With no script item: one of `faults` with probability fault_rate, else "ok" (under the lock)."""
+        if self.faults and self._random.random() < self.fault_rate:
+            return self._random.choice(self.faults)
+        return "ok"
+
+    async def _completion(self, path: str, raw: bytes, writer, headers: dict | None = None) -> bool:
         request = json.loads(raw)
         with self._lock:
             self.received += 1
@@ -203,19 +258,19 @@ class FaultServer:
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
             self.requests.append(request)
             self.arrivals.append(time.monotonic())
-            item = self.script.popleft() if self.script else "ok"
+            item = self.script.popleft() if self.script else self._draw()
             self._changed.notify_all()
         try:
             if self._slots is not None:
                 async with self._slots:
-                    return await self._respond(item, path, request, raw, writer)
-            return await self._respond(item, path, request, raw, writer)
+                    return await self._respond(item, path, request, raw, writer, headers or {})
+            return await self._respond(item, path, request, raw, writer, headers or {})
         finally:
             with self._lock:
                 self.in_flight -= 1
                 self._changed.notify_all()
 
-    async def _respond(self, item: Any, path: str, request: dict, raw: bytes, writer) -> bool:
+    async def _respond(self, item: Any, path: str, request: dict, raw: bytes, writer, headers: dict) -> bool:
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
         await self._hold()
@@ -243,6 +298,14 @@ class FaultServer:
             return False
         if kind == "malformed":
             return await self._send(writer, 200, b'{"id": "x", "choices": [{"message": ', mark_done=True)
+        if kind in HOSTILE_FAULTS:
+            return await self._hostile(kind, arg, request, writer, headers)
+        if kind in ENCODED_ANSWERS:
+            plain = json.dumps(self._chat_body(request, self.answer_fn(request), self._reasoning(request)),
+                               ensure_ascii=False).encode("utf-8")
+            packer = zlib.compressobj(6, zlib.DEFLATED, 31 if kind == "gzip" else 15)
+            return await self._send(writer, 200, packer.compress(plain) + packer.flush(),
+                                    headers={"Content-Encoding": kind}, mark_done=True)
         if kind == "answer":
             body = self._chat_body(request, item["answer"], item.get("reasoning", self._reasoning(request)))
             return await self._send(writer, 200, body, mark_done=True)
@@ -251,6 +314,90 @@ class FaultServer:
             return await self._send(writer, status, payload, mark_done=status == 200)
         body = self._chat_body(request, self.answer_fn(request), self._reasoning(request))
         return await self._send(writer, 200, body, mark_done=True)
+
+    async def _hostile(self, kind: str, arg: str, request: dict, writer, headers: dict) -> bool:
+        """One of HOSTILE_FAULTS (see the module docstring); False when the connection is done with."""
+        answer = self.answer_fn(request)
+        if kind == "echo-key":
+            presented = headers.get("authorization", "").removeprefix("Bearer ")
+            offset = int(arg or 175)
+            filler = ("the upstream worker failed while serving a request; " * (offset // 50 + 1))[:offset]
+            return await self._error(writer, 500, f"{filler}{presented} (request id 42)", "server_error")
+        if kind == "retry-after-huge":
+            return await self._error(writer, 429, "rate limited; come back later", "rate_limit",
+                                     {"Retry-After": HUGE_RETRY_AFTER})
+        if kind == "gzip-bomb":
+            payload = await asyncio.to_thread(gzip_bomb, int(arg or 1536))
+            return await self._send(writer, 200, payload, headers={"Content-Encoding": "gzip"})
+        if kind in ("endless", "huge"):
+            words = arg.split()
+            megabytes = float(words[0]) if words and words[0] != "chunked" else 60.0
+            size = None if kind == "endless" else int(megabytes * 1_000_000)
+            return await self._stream_answer(request, writer, size, chunked=kind == "endless" or "chunked" in arg)
+        if kind == "drip":
+            return await self._drip(writer, self._chat_body(request, answer), float(arg or 1.0))
+        if kind == "bad-usage":
+            body = self._chat_body(request, answer)
+            body["usage"] = {"prompt_tokens": "abc", "completion_tokens": 1e30, "total_tokens": None}
+            return await self._send(writer, 200, body, mark_done=True)
+        if kind == "error-object":
+            body = {"error": {"message": "The engine is currently overloaded, please try again later",
+                              "type": "server_error", "code": "overloaded"}}
+            return await self._send(writer, 200, body)
+        if kind == "html":
+            page = (b"<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1>"
+                    b"</center><hr><center>nginx</center></body></html>")
+            return await self._send(writer, 200, page, content_type="text/html")
+        if kind == "empty":
+            return await self._send(writer, 200, b"")
+        if kind == "reasoning-only":
+            body = self._chat_body(request, "", f"先分析病例。{answer}")
+            return await self._send(writer, 200, body, mark_done=True)
+        # parts: the answer split in two text parts, as the array form of `content` carries it
+        body = self._chat_body(request, answer, self._reasoning(request))
+        half = len(answer) // 2
+        body["choices"][0]["message"]["content"] = [{"type": "text", "text": answer[:half]},
+                                                    {"type": "text", "text": answer[half:]}]
+        return await self._send(writer, 200, body, mark_done=True)
+
+    async def _stream_answer(self, request: dict, writer, size: int | None, chunked: bool) -> bool:
+        """A chat answer whose content is SIZE bytes of "a" (None: without end), written 64 KB at a time as the
+        client reads, never held whole; until the client hangs up."""
+        marker = "\u0000CONTENT\u0000"
+        head, tail = (part.encode() for part in json.dumps(self._chat_body(request, marker)).split(
+            json.dumps(marker)[1:-1], 1))
+        chunked = chunked or size is None
+        lines = ["HTTP/1.1 200 OK", "Content-Type: application/json",
+                 "Transfer-Encoding: chunked" if chunked else f"Content-Length: {len(head) + size + len(tail)}"]
+
+        def frame(data: bytes) -> bytes:
+            return f"{len(data):x}\r\n".encode() + data + b"\r\n" if chunked else data
+
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + frame(head))
+        block, sent = b"a" * _STREAM_CHUNK, 0
+        while size is None or sent < size:
+            if writer.is_closing():
+                return False
+            piece = block if size is None else block[: min(_STREAM_CHUNK, size - sent)]
+            sent += len(piece)
+            writer.write(frame(piece))
+            await writer.drain()
+        writer.write(frame(tail) + (b"0\r\n\r\n" if chunked else b""))
+        await writer.drain()
+        return True
+
+    async def _drip(self, writer, body: dict, every_s: float) -> bool:
+        """BODY announced in full (Content-Length), then sent one byte every EVERY_S seconds."""
+        payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+                     .encode("latin-1"))
+        for i in range(len(payload)):
+            if writer.is_closing():
+                return False
+            writer.write(payload[i:i + 1])
+            await writer.drain()
+            await asyncio.sleep(every_s)
+        return True
 
     def _proxy(self, path: str, raw: bytes) -> tuple[int, bytes]:
         url = self.upstream.rstrip("/") + path[path.index("/v1") + 3:] if "/v1" in path else self.upstream + path
@@ -283,9 +430,9 @@ class FaultServer:
         return await self._send(writer, status, body, headers=headers)
 
     async def _send(self, writer, status: int, body: Any, headers: dict | None = None,
-                    mark_done: bool = False) -> bool:
+                    mark_done: bool = False, content_type: str = "application/json") -> bool:
         payload = body if isinstance(body, bytes) else json.dumps(body, ensure_ascii=False).encode("utf-8")
-        lines = [f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}", "Content-Type: application/json",
+        lines = [f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}", f"Content-Type: {content_type}",
                  f"Content-Length: {len(payload)}"] + [f"{k}: {v}" for k, v in (headers or {}).items()]
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + payload)
         await writer.drain()
