@@ -12,7 +12,9 @@ its code) matches the stamp of its last run is skipped; after a crash, run the s
 --plan prints `STEP run (reason)` or `STEP skip (up to date)` for every step and runs nothing (make -n).
 Everything is checked first
 (recipes, case files, disk, GPUs, teacher endpoint, vLLM environment): bad input is one sentence and
-exit 2 before any step starts.
+exit 2 before any step starts; so is a run folder another pipeline is running in. A relative
+`--set out=...` (train_cases, test_cases) is relative to the working directory. Exit status: 0 done, 2
+bad input or a failed step (its log named), 3 the disk filled while the pipeline itself wrote.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ import sys
 from custom_losses.pipeline.run import run_pipeline
 from custom_losses.pipeline.steps import PipelineError
 from prep.config import RecipeError, add_recipe_arguments
-from prep.jsonio import InputError
+from prep.jsonio import InputError, disk_full_at, is_disk_full
+from prep.locks import FolderInUse
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,10 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     overrides = args.overrides + ([f"stages=[{args.stages}]"] if args.stages else [])
     try:
         out = run_pipeline(args.config, overrides, plan_only=args.plan, until=args.until)
-    except (RecipeError, InputError, PipelineError, FileNotFoundError) as err:
+    except (RecipeError, InputError, PipelineError, FileNotFoundError, FolderInUse) as err:
         print(f"[pipeline] error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # a stage validator's own error (ClientError, ValueError, ...): still one sentence
+        if is_disk_full(err):
+            print(f"[pipeline] error: {disk_full_at(err, 'the run folder')}", file=sys.stderr)
+            return 3
         print(f"[pipeline] error: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
     if args.plan or args.until:

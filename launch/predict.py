@@ -10,13 +10,17 @@ running one (client.base_url, --set server=null). Outputs under OUT: cache.jsonl
 (id, reason, diseases, raw_valid, filled), submission.jsonl (only when every case has an answer,
 after validation), summary.json, predict.log (and server.log). A case left without an answer stops
 the run with its id listed; `--set fill_missing.enabled=true` fills such cases by a retry at a higher
-temperature. Exit status: 0 submission written, 1 no submission, 2 bad input or an endpoint problem.
+temperature. Relative --input and --out are relative to the working directory (--model, which may
+also be a hub id or a served name, is looked for there, then in the repository). Exit status: 0
+submission written, 1 no submission, 2 bad input, an endpoint problem, OUT in use by another run or
+too little free disk, 3 the disk filled while writing (free space and run the same command again).
 """
 from __future__ import annotations
 
 import sys
 
-from prep.stages.api_stage import STAGE_ERRORS, fail, stage_parser
+from prep.jsonio import DiskFull
+from prep.stages.api_stage import STAGE_ERRORS, disk_full, fail, stage_parser
 from prep.stages.predict import PredictStage
 
 
@@ -33,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = stage.run(args.out, fresh=args.fresh, progress=not args.no_progress)
     except STAGE_ERRORS as err:
         return fail(err)
+    except DiskFull as err:
+        return disk_full(err)
     print(f"{summary['answered']}/{summary['cases']} cases answered ({summary['raw_valid']} valid JSON as generated, "
           f"{summary['filled']} filled, {summary['failed_requests']} failed requests); outputs in {args.out}",
           file=sys.stderr)

@@ -4,7 +4,8 @@
 
 Every bad line is printed to stderr as `path:line: field 'x': problem`; each file's summary (records,
 unique ids, duplicate texts, field presence, length percentiles in characters and Qwen2.5 tokens) is
-printed to stdout as JSON. Exit status 1 when any line or file is bad, else 0.
+printed to stdout as JSON. Relative paths are relative to the working directory (as for every command's
+data paths: prep.paths). Exit status 1 when any line or file is bad (an id outside int64 included), else 0.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import json
 import sys
 
 from prep.jsonio import InputError
+from prep.paths import cli_path
 from prep.records import read_cases, summarise
 
 
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = 0
     for path in args.paths:
         try:
-            result = read_cases(path, on_error="collect", rejects_path=args.rejects)
+            result = read_cases(cli_path(path), on_error="collect", rejects_path=args.rejects)
         except InputError as err:  # the file as a whole is unreadable
             print(err, file=sys.stderr)
             bad += 1

@@ -8,14 +8,18 @@ Without --answers the teacher generates each answer with its top-k log-probs; wi
 teacher stage's output folder, or a JSONL file of rows with messages, or reason and diseases) a
 self-hosted vLLM teacher scores those fixed answers. A teacher whose tokens are not Qwen2.5's is
 refused. Outputs under OUT: cache.jsonl, rejects.jsonl, dataset/ (train/validation), summary.json,
-softlabels.log (and server.log). Exit status: 0 done, 1 some requests failed after their retries
-(run the same command again), 2 bad input, an endpoint problem or a foreign tokenizer.
+softlabels.log (and server.log). Relative paths given here are relative to the working directory.
+Exit status: 0 done, 1 some requests failed after their retries or cases are incomplete (run the same
+command again), 2 bad input, an endpoint problem, a foreign tokenizer, OUT in use by another run or too
+little free disk, 3 the disk filled while writing (free space and run the same command again).
 """
 from __future__ import annotations
 
 import sys
 
-from prep.stages.api_stage import STAGE_ERRORS, fail, retry_status, stage_parser
+from prep.jsonio import DiskFull
+from prep.paths import cli_path
+from prep.stages.api_stage import STAGE_ERRORS, disk_full, fail, retry_status, stage_parser
 from prep.stages.softlabels import SoftLabelStage
 
 
@@ -26,11 +30,14 @@ def main(argv: list[str] | None = None) -> int:
                                           "output folder or a JSONL file (rows with messages, or reason and diseases)")
     args = parser.parse_args(argv)
     try:
-        stage = SoftLabelStage.from_files(args.config, args.input, answers=args.answers, limit=args.limit,
+        answers = cli_path(args.answers) if args.answers else None      # the working directory's, never the repo's
+        stage = SoftLabelStage.from_files(args.config, args.input, answers=answers, limit=args.limit,
                                           overlays=args.overlays, overrides=args.overrides)
         summary = stage.run(args.out, fresh=args.fresh, progress=not args.no_progress)
     except STAGE_ERRORS as err:
         return fail(err)
+    except DiskFull as err:
+        return disk_full(err)
     print(f"{summary['answered']}/{summary['cases']} cases have soft labels ({summary['rejected']} rejected, "
           f"{summary['failed']} failed, {summary['incomplete']} incomplete, {summary['without_answer']} without an "
           f"answer); {summary['bytes_per_answer_token']} bytes per answer token on disk; outputs in {args.out}",

@@ -8,14 +8,18 @@ The recipe names the endpoint (client.base_url, client.model, client.api_key_env
 to start (server:), the sampling, the answer constraint, the prompt files and the repair turns. A
 rerun (the default, --resume) asks only for what OUT/cache.jsonl lacks; --fresh moves the cache
 aside first. Outputs under OUT: cache.jsonl, rejects.jsonl, sft/train.jsonl, sft/valid.jsonl,
-sft/dataset/, summary.json, teacher.log (and server.log). Exit status: 0 done, 1 some requests
-failed after their retries (run the same command again), 2 bad input or an endpoint problem.
+sft/dataset/, summary.json, teacher.log (and server.log). Relative paths given here are relative to
+the working directory (prep.paths). Exit status: 0 done, 1 some requests failed after their retries or
+cases are incomplete (run the same command again), 2 bad input, an endpoint problem, OUT in use by
+another run or too little free disk for the run, 3 the disk filled while writing (free space and run
+the same command again: nothing answered is lost). See docs/RELIABILITY.md.
 """
 from __future__ import annotations
 
 import sys
 
-from prep.stages.api_stage import STAGE_ERRORS, fail, retry_status, stage_parser
+from prep.jsonio import DiskFull
+from prep.stages.api_stage import STAGE_ERRORS, disk_full, fail, retry_status, stage_parser
 from prep.stages.teacher import TeacherStage
 
 
@@ -30,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = stage.run(args.out, fresh=args.fresh, progress=not args.no_progress)
     except STAGE_ERRORS as err:
         return fail(err)
+    except DiskFull as err:
+        return disk_full(err)
     print(f"{summary['answered']}/{summary['cases']} cases answered ({summary['rejected']} rejected, "
           f"{summary['failed']} failed, {summary['incomplete']} incomplete); {summary['retries']} retries; "
           f"outputs in {args.out}", file=sys.stderr)

@@ -1,7 +1,15 @@
-"""Where medkd's files are: the one path resolver every command and recipe goes through.
+"""Where medkd's files are: the two rules for relative paths, and the folders medkd keeps its own files in.
 
-A path named in a recipe or on a command line is taken relative to the working directory when it
-exists there, else relative to the repository, so recipes run from any directory.
+- A path given on the command line as data (cases, --out, --answers, a model folder, a rejects file, a
+  pipeline's `--set out=...`) is relative to the caller's working directory, and only to it
+  (`cli_path`): from /tmp, `data/sample_cases.jsonl` is /tmp/data/sample_cases.jsonl, found or not, for
+  every command alike; an output lands under the directory the command was run from.
+- A path named inside a recipe (a serve recipe, prompt files, a lexicon, the pipeline's case files and
+  `out`), a recipe named with --config or --overlay, and a recipe value set with --set: the working
+  directory when it exists there, else the repository (`resolve_path`), so the shipped recipes, which
+  name the repository's files, run from any directory.
+
+The README's commands run from the repository root, where both rules name the same file.
 """
 from __future__ import annotations
 
@@ -20,6 +28,12 @@ def resolve_path(path: str | os.PathLike) -> Path:
     if path.is_absolute() or path.exists():
         return path
     return REPO_ROOT / path
+
+
+def cli_path(path: str | os.PathLike) -> Path:
+    """A data path from the command line, absolute: relative to the caller's working directory, never the
+    repository (so a message about it names the file that was looked at)."""
+    return Path(path).expanduser().absolute()
 
 
 def cache_dir() -> Path:

@@ -43,11 +43,20 @@ class ReadResult:
         return not self.problems
 
 
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+
+
 def case_id_of(path: str | Path, line_number: int, value: object) -> int:
-    """VALUE as a case id (an integer, never a bool or a numeric string), or InputError naming the line."""
+    """VALUE as a case id (an integer within int64, never a bool or a numeric string), or InputError naming the
+    line. The datasets every stage writes keep ids as int64, so a larger one would pass here, be paid for, then
+    fail at the first dataset write: it is refused here, before any request."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise InputError(path, line_number, f"must be an integer, got {json.dumps(value, ensure_ascii=False)}",
                          field="id")
+    if not INT64_MIN <= value <= INT64_MAX:
+        shown = str(value) if value.bit_length() < 256 else f"a number of about {int(value.bit_length() * 0.30103)} digits"
+        raise InputError(path, line_number, f"{shown} is outside the 64-bit integer range the datasets store "
+                                            f"({INT64_MIN} to {INT64_MAX}); renumber the case", field="id")
     return value
 
 

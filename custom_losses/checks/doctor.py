@@ -17,7 +17,7 @@ patching this code.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,9 +175,25 @@ class Recipe:
     pipeline: Any                                   # custom_losses.pipeline.plan.PipelineRecipe
     validated: dict[str, Any]                       # stage run name -> what its validator returned
     steps: list[StepNeeds]
+    needs: frozenset[str] | None = None             # what the steps that will run need (need_of); None: all
+
+    def needed(self, need: str) -> bool:
+        return self.needs is None or need in self.needs
 
 
-def load(config: str | Path, overrides: Sequence[str], gpus: int) -> Recipe:
+def need_of(step: str) -> str | None:
+    """The doctor's name for what a pipeline STEP needs of the machine (a training or serving need), or None for a
+    step that needs neither (merge, the on-policy mix, score, submission)."""
+    if step.startswith(("distill", "softlabels")):
+        return step.split("-")[0]
+    if step in ("predict-base", "predict-stage1"):
+        return "predict-stage1"
+    if step == "predict-stage2" or step.startswith(("predict-round", "student-")):
+        return "predict-stage2"
+    return step if step in ("teacher", "sft") else None
+
+
+def load(config: str | Path, overrides: Sequence[str], gpus: int, only: Collection[str] | None = None) -> Recipe:
     """Validate CONFIG as custom_losses.pipeline.plan.preflight does (every stage through custom_losses.pipeline.catalogue, no GPU demanded:
     the GPU checks say that), then read each training and serving step's needs."""
     from custom_losses.pipeline import catalogue
@@ -208,32 +224,41 @@ def load(config: str | Path, overrides: Sequence[str], gpus: int) -> Recipe:
         spec = load_server_spec(stage.server)
         model = recipe.base_model if name.startswith("predict") else spec.model
         steps.append(serve_step(name, spec, runs[name].recipe, model))
-    return Recipe(recipe, validated, steps)
+    if only is not None:    # the steps that will run (--until, --stages, what is up to date): what they need
+        needed = {need_of(step) for step in only}
+        steps = [step for step in steps if step.name in needed]
+    return Recipe(recipe, validated, steps, None if only is None else frozenset(need_of(s) for s in only) - {None})
 
 
 def models_of(recipe: Recipe) -> list[str]:
-    """The base model and each self-hosted teacher's model: what must be on disk or on the hub."""
+    """The base model and each self-hosted teacher's model that the steps to run need: what must be on disk or on
+    the hub."""
     from prep.api.serving import load_server_spec
 
-    names = [recipe.pipeline.base_model]
+    student = ("sft", "distill", "predict-stage1", "predict-stage2")
+    names = [recipe.pipeline.base_model] if any(recipe.needed(need) for need in student) else []
     for name in ("teacher", "softlabels"):
         stage = recipe.validated.get(name)
-        if stage is not None and stage.server is not None:
+        if stage is not None and stage.server is not None and recipe.needed(name):
             names.append(load_server_spec(stage.server).model)
     return list(dict.fromkeys(names))
 
 
 def run_doctor(config: str | Path, overrides: Sequence[str] = (), machine: Machine | None = None,
                vllm_python: str | None = "", offline: bool | None = None,
-               report: Callable[[CheckResult], None] | None = None) -> list[CheckResult]:
+               report: Callable[[CheckResult], None] | None = None,
+               only: Collection[str] | None = None) -> list[CheckResult]:
     """Every check of CONFIG (a pipeline recipe) with OVERRIDES against MACHINE (this one by default), in order;
     REPORT gets each result as it is made. VLLM_PYTHON "" means prep.api.serving.vllm_python(); OFFLINE None
-    means HF_HUB_OFFLINE from the environment. When the recipe does not validate that is the only line."""
-    return _run(config, overrides, machine, vllm_python, offline, report)[0]
+    means HF_HUB_OFFLINE from the environment. ONLY (pipeline step names) limits the machine's checks to what
+    those steps need (a teacher run on a CPU box before the GPU is rented); every stage recipe is validated
+    whatever ONLY says. When the recipe does not validate that is the only line."""
+    return _run(config, overrides, machine, vllm_python, offline, report, only)[0]
 
 
 def _run(config: str | Path, overrides: Sequence[str], machine: Machine | None, vllm_python: str | None,
-         offline: bool | None, report: Callable[[CheckResult], None] | None) -> tuple[list[CheckResult], Recipe | None]:
+         offline: bool | None, report: Callable[[CheckResult], None] | None,
+         only: Collection[str] | None = None) -> tuple[list[CheckResult], Recipe | None]:
     """run_doctor, also returning the loaded recipe. Long because it is the list of checks itself, one call each."""
     from prep.config import RecipeError
 
@@ -255,7 +280,7 @@ def _run(config: str | Path, overrides: Sequence[str], machine: Machine | None, 
     machine = Machine.here() if machine is None else machine
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false") if offline is None else offline
     try:
-        recipe = load(config, overrides, len(machine.gpus))
+        recipe = load(config, overrides, len(machine.gpus), only)
     except (RecipeError, ValueError, OSError, KeyError) as err:
         if vllm_import is not None:
             vllm_import.kill()
@@ -279,8 +304,9 @@ def _run(config: str | Path, overrides: Sequence[str], machine: Machine | None, 
     add(check_disk(resolve_path(pipe.out), pipe.min_free_disk_gb))
     for name in models_of(recipe):
         add(check_model(name, offline))
-    add(check_teacher("teacher", recipe.validated["teacher"]))
-    if "softlabels" in recipe.validated:
+    if recipe.needed("teacher"):
+        add(check_teacher("teacher", recipe.validated["teacher"]))
+    if "softlabels" in recipe.validated and recipe.needed("softlabels"):
         add(check_teacher("soft-label teacher", recipe.validated["softlabels"], pipe.stage2.scores_fixed_answers))
     return results, recipe
 

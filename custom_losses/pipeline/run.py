@@ -1,18 +1,40 @@
 """Running a pipeline: the preflight (the doctor, in process), the plan printed or carried out step by step.
 
 The plan itself (which steps, which keys) is custom_losses.pipeline.plan; each step is a process
-(custom_losses.pipeline.steps); this module sits above both and above the doctor.
+(custom_losses.pipeline.steps); this module sits above both and above the doctor. A run holds its run
+folder's lock (prep.locks) from after validation to its end: a second pipeline on the same folder is
+refused in one sentence.
 """
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from custom_losses.checks.doctor import lines, passed, run_doctor
 from custom_losses.pipeline.plan import absolute, layout_of, plan_pipeline, validate_recipe
 from custom_losses.pipeline.steps import Decision, PipelineError, run_decision
 from prep.api.process import stderr_silenced
+from prep.config import parse_override
 from prep.jsonio import write_text_atomic
+from prep.locks import folder_lock
+from prep.paths import cli_path
+
+# Pipeline keys that name data paths: given on the command line (--set), relative to the working directory.
+COMMAND_LINE_PATH_KEYS = ("out", "train_cases", "test_cases")
+
+
+def command_line_paths(overrides: list[str]) -> list[str]:
+    """OVERRIDES with the relative data paths among them (COMMAND_LINE_PATH_KEYS) made absolute against the working
+    directory, as every command's data paths are (prep.paths): `--set out=runs/x` run from /tmp is /tmp/runs/x.
+    The same keys inside the recipe file keep the recipe rule (the working directory when present, else the repo)."""
+    made = []
+    for item in overrides:
+        key, value = parse_override(item) if "=" in item and not item.startswith("-") else (None, None)
+        if key in COMMAND_LINE_PATH_KEYS and isinstance(value, str) and value and not os.path.isabs(value):
+            item = f"{key}={json.dumps(str(cli_path(value)))}"
+        made.append(item)
+    return made
 
 
 def preflight(config: str | Path, overrides: list[str]) -> list[str]:
@@ -51,21 +73,25 @@ def run_pipeline(config: str | Path, overrides: list[str] = (), *, plan_only: bo
     """Load the pipeline recipe CONFIG with OVERRIDES, check everything, run every step that is not up to date
     (up to the step UNTIL); the run folder. PLAN_ONLY prints each step's decision and runs nothing.
 
-    Raises RecipeError, InputError, PipelineError or a stage validator's own error (one sentence each)."""
+    Raises RecipeError, InputError, PipelineError, prep.locks.FolderInUse (another pipeline holds the run
+    folder) or a stage validator's own error (one sentence each). A relative out, train_cases or test_cases in
+    OVERRIDES is the working directory's (command_line_paths)."""
+    overrides = command_line_paths(list(overrides))
     recipe = validate_recipe(config, overrides=overrides)
     out = layout_of(recipe).out
     if plan_only:
         print_plan(steps_until(plan_pipeline(recipe), until))
         return out
-    logs, stamps = out / "logs", out / "stamps"
-    for line in preflight(config, list(overrides)):
-        print(f"[pipeline] preflight: {line}", flush=True)
-    logs.mkdir(parents=True, exist_ok=True)
-    stamps.mkdir(parents=True, exist_ok=True)
-    decisions = steps_until(plan_pipeline(recipe), until)
-    summary = [run_decision(decision, logs, stamps, recipe.step_timeout_s, recipe.progress_interval_s)
-               for decision in decisions]
-    write_text_atomic(out / "pipeline_summary.json", json.dumps(summary, indent=1))
+    with folder_lock(out, choose="another run folder (out in the recipe, or --set out=...)"):
+        logs, stamps = out / "logs", out / "stamps"
+        for line in preflight(config, overrides):
+            print(f"[pipeline] preflight: {line}", flush=True)
+        logs.mkdir(parents=True, exist_ok=True)
+        stamps.mkdir(parents=True, exist_ok=True)
+        decisions = steps_until(plan_pipeline(recipe), until)
+        summary = [run_decision(decision, logs, stamps, recipe.step_timeout_s, recipe.progress_interval_s)
+                   for decision in decisions]
+        write_text_atomic(out / "pipeline_summary.json", json.dumps(summary, indent=1))
     width = max(len(row["step"]) for row in summary)
     for row in summary:
         print(f"[pipeline] {row['step']:<{width}}  {row['status']:<7}  {row['seconds']:>7.0f} s")

@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass
@@ -31,7 +30,8 @@ def cache_key(**parts: Any) -> str:
 
 
 def load_cache(cache_path: str | Path) -> dict[str, dict[str, Any]]:
-    """key -> row of an append-only cache; a torn last line (killed writer) is dropped, the first row per key wins."""
+    """key -> row of an append-only cache; a torn last line (killed writer) is dropped, a corrupt line elsewhere is
+    set aside with a warning (prep.jsonio.read_appended: its item is asked again), the first row per key wins."""
     rows: dict[str, dict[str, Any]] = {}
     for row in read_appended(cache_path):
         rows.setdefault(row.get("key"), row)
@@ -39,7 +39,8 @@ def load_cache(cache_path: str | Path) -> dict[str, dict[str, Any]]:
 
 
 def archive_cache(cache_path: str | Path) -> Path | None:
-    """Move a cache aside (for --fresh): paid-for answers are never deleted."""
+    """Move a cache aside (for --fresh): paid-for answers are never deleted. The stage calls it holding its output
+    folder's lock (prep.locks), so no other run is appending to the cache it moves."""
     path = Path(cache_path)
     if not path.exists():
         return None
@@ -163,7 +164,7 @@ async def run_cached(
                 bar.set_postfix(failed=len(report.failed), retries=stats.retries, tok_in=stats.prompt_tokens,
                                 tok_out=stats.completion_tokens, refresh=False)
             if time.monotonic() - last_fsync > fsync_interval_s:
-                os.fsync(appender.handle.fileno())
+                appender.sync()
                 last_fsync = time.monotonic()
             launch()
     finally:
@@ -171,8 +172,10 @@ async def run_cached(
             task.cancel()
         if running:
             await asyncio.gather(*running, return_exceptions=True)
-        os.fsync(appender.handle.fileno())
-        appender.close()
+        try:
+            appender.sync()
+        finally:
+            appender.close()
         bar.close()
         report.wall_s = time.perf_counter() - started
     return report

@@ -9,9 +9,13 @@ is derived from the cache. `ApiStage.run` is everything else, once:
     GET /models, the stage's preflight) -> prep.api.cache.run_cached -> stop the server -> derive the
     outputs and the summary (the stage) -> OUT/summary.json, OUT/<stage>.log
 
+all of it holding OUT's lock (prep.locks: a second run into the same OUT is refused, exit 2), with a
+free-space check against the run's estimated output before the first request, and a full disk anywhere
+(prep.jsonio.DiskFull) as one sentence, logged, exit 3.
+
 The shared recipe sections (`client`, `sampling`, `structured_output`, `prompts`, `server`) and what
-the stage commands share (flags, bad input as one sentence and exit 2, failed requests as exit 1)
-live here too.
+the stage commands share (flags, bad input as one sentence and exit 2, failed requests as exit 1, a
+full disk as exit 3) live here too.
 """
 from __future__ import annotations
 
@@ -40,8 +44,18 @@ from prep.api.serving import ServerSpec, load_server_spec, model_to_load, servin
 from prep.api.settings import ClientError, ClientSettings, resolve_api_key
 from prep.config import RecipeError, add_recipe_arguments, load_recipe
 from prep.digests import model_digest
-from prep.jsonio import InputError, dumps, read_appended, write_jsonl_atomic, write_text_atomic
-from prep.paths import resolve_path
+from prep.jsonio import (
+    DiskFull,
+    InputError,
+    disk_full_at,
+    dumps,
+    is_disk_full,
+    read_appended,
+    write_jsonl_atomic,
+    write_text_atomic,
+)
+from prep.locks import folder_lock
+from prep.paths import cli_path, free_gib, resolve_path
 from prep.prompts import PromptSet, load_prompts
 from prep.records import Case, read_cases
 
@@ -49,7 +63,17 @@ log = logging.getLogger("medkd.stage")
 
 # Bad recipes, bad cases, endpoint problems and a vLLM server that would not start (RuntimeError,
 # whose message carries the server's log tail): one sentence and exit 2, never a traceback.
+# prep.locks.FolderInUse (another run holds OUT) and NotEnoughSpace are RuntimeErrors: exit 2 as well.
 STAGE_ERRORS = (RecipeError, InputError, ClientError, FileNotFoundError, ValueError, RuntimeError)
+EXIT_DISK_FULL = 3       # prep.jsonio.DiskFull: free space, run the same command again
+
+
+class NotEnoughSpace(RuntimeError):
+    """The free space at OUT is below the run's estimated output: said before the first request."""
+
+
+BYTES_PER_TOKEN = 4      # UTF-8 Chinese is 3 bytes a character, about one character a token; JSON escapes on top
+ITEM_OVERHEAD = 4096     # a cache row's keys, usage and ids, the prompt echoed into the outputs
 
 
 # ---- the recipe sections every API stage has ----------------------------------------------------------
@@ -319,19 +343,29 @@ class ApiStage:
                    overlays: list[str | Path] = (), overrides: list[str] = (), **extra: Any) -> ApiStage:
         """The stage for a recipe (with overlays and `key=value` overrides) and a cases file (its first LIMIT)."""
         recipe = load_recipe(cls.recipe_schema, config, list(overrides), list(overlays))
-        cases = read_cases(resolve_path(cases_path)).cases
+        cases = read_cases(cli_path(cases_path)).cases      # the caller's working directory, never the repository
         prompts = load_prompts(recipe.prompts.system, recipe.prompts.user)
         return cls(recipe, cases if limit is None else cases[:limit], prompts, **extra)
 
     def run(self, out: str | Path, *, fresh: bool = False, progress: bool = True) -> dict[str, Any]:
-        """Ask what the cache lacks, derive every output, write OUT/summary.json; the summary."""
+        """Ask what the cache lacks, derive every output, write OUT/summary.json; the summary.
+
+        Holds OUT's lock throughout (prep.locks.FolderInUse at once when another run holds it: nothing read,
+        archived or asked, nothing written to its log). A full disk anywhere below is DiskFull naming the file,
+        logged (when the log can still take a line)."""
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        with logging_to(out / f"{self.name}.log"):
+        with folder_lock(out), logging_to(out / f"{self.name}.log"):
             try:
                 return self._run(out, fresh, progress)
-            except STAGE_ERRORS as err:
-                log.error("%s", err)
+            except Exception as err:
+                if is_disk_full(err):
+                    full = disk_full_at(err, out)
+                    log.error("%s", full)
+                    if full is err:
+                        raise
+                    raise full from err
+                if isinstance(err, STAGE_ERRORS):
+                    log.error("%s", err)
                 raise
 
     def _run(self, out: Path, fresh: bool, progress: bool) -> dict[str, Any]:
@@ -346,7 +380,9 @@ class ApiStage:
         first = next(rounds, None)
         if first is not None:
             cached = load_cache(cache)
-            self.check_spend(target.settings, [item for item in first[1] if self.key(item) not in cached])
+            pending = [item for item in first[1] if self.key(item) not in cached]
+            self.check_spend(target.settings, pending)
+            self.check_space(out, pending)
         with StageEndpoints(target, out / "server.log", self.preflight) as endpoint:
             for desc, items in itertools.chain([first] if first else [], rounds):
                 cached = load_cache(cache)
@@ -396,6 +432,29 @@ class ApiStage:
             raise ClientError(f"the run may spend about {prompt + completion} tokens ({len(pending)} requests), "
                               f"over its spend cap of {cap}; raise client.token_cap (or the endpoints' token_cap), "
                               f"lower sampling.max_tokens, or ask fewer cases with --limit")
+
+    def check_space(self, out: Path, pending: list[Any]) -> None:
+        """NotEnoughSpace when the disk holding OUT has less free than the run's estimated output (estimate_bytes),
+        before anything is asked: a full disk found later costs the requests in flight when it fills."""
+        if not pending:
+            return
+        per_item, how = self.estimate_bytes()
+        need, free = per_item * len(pending), int(free_gib(out) * 2**30)
+        log.info("%s: about %.1f MB of output for %d requests (%s); %.1f MB free at %s", self.name, need / 2**20,
+                 len(pending), how, free / 2**20, out)
+        if free < need:
+            raise NotEnoughSpace(f"not enough disk space at {out}: {free / 2**20:.1f} MB free, and this run's outputs "
+                                 f"need about {need / 2**20:.1f} MB ({len(pending)} requests x about "
+                                 f"{per_item / 1024:.0f} KB each, a rough estimate: {how}); free space or choose "
+                                 f"another --out")
+
+    def estimate_bytes(self) -> tuple[int, str]:
+        """Rough bytes of output per request, and how that was reckoned, in words for the message: each answer
+        token (sampling.max_tokens + reasoning_tokens) kept three times (cache, output files, dataset)."""
+        tokens = self.recipe.sampling.max_tokens + self.recipe.sampling.reasoning_tokens
+        return (3 * BYTES_PER_TOKEN * tokens + ITEM_OVERHEAD,
+                f"{3 * BYTES_PER_TOKEN} bytes per sampling.max_tokens token plus {ITEM_OVERHEAD // 1024} KB per "
+                f"request")
 
     def estimate_tokens(self, items: list[Any]) -> tuple[int, int]:
         """(prompt tokens, completion tokens) for asking ITEMS once each: one token per prompt character
@@ -456,10 +515,20 @@ def stage_parser(prog: str, description: str, config_help: str, out_help: str,
     return parser
 
 
+class _StageLog(logging.FileHandler):
+    """A stage's log file: a line the full disk refuses is dropped quietly (the command says the disk is full in
+    one sentence), where logging would print a traceback of the refused line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if is_disk_full(sys.exc_info()[1] or Exception()):
+            return
+        super().handleError(record)
+
+
 @contextlib.contextmanager
 def logging_to(path: Path) -> Iterator[logging.Handler]:
     """The `medkd` loggers also write to PATH while the block runs."""
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = _StageLog(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger = logging.getLogger("medkd")
     logger.setLevel(logging.INFO)
@@ -472,19 +541,35 @@ def logging_to(path: Path) -> Iterator[logging.Handler]:
 
 
 def fail(err: BaseException) -> int:
-    """Bad input or an endpoint problem: one sentence on stderr, exit status 2."""
+    """Bad input, an endpoint problem, an output folder in use or too little disk: one sentence on stderr,
+    exit status 2."""
     print(f"error: {err}", file=sys.stderr)
     return 2
 
 
+def disk_full(err: DiskFull) -> int:
+    """The disk filled while the run wrote: its one sentence on stderr, exit status 3 (EXIT_DISK_FULL)."""
+    print(f"error: {err}", file=sys.stderr)
+    return EXIT_DISK_FULL
+
+
 def retry_status(summary: dict[str, Any], out: Path) -> int:
-    """Exit 1 when a spend cap stopped the run or requests failed after their retries (a re-run asks for
-    just those), else 0."""
+    """Exit 1 when a spend cap stopped the run, requests failed after their retries or cases are incomplete
+    (a re-run asks for just what is missing), else 0; the message says which of these it is."""
     if summary.get("stopped"):
         print(f"error: {summary['stopped']}", file=sys.stderr)
         return 1
-    if summary["failed"] or summary["incomplete"]:
-        print(f"error: {summary['failed']} requests failed after retries (see {out / 'summary.json'}); "
-              f"run the same command again to ask for them", file=sys.stderr)
-        return 1
-    return 0
+    failed, incomplete = summary["failed"], summary["incomplete"]
+    if not failed and not incomplete:
+        return 0
+    said = []
+    if failed:
+        said.append(f"{failed} requests failed after retries")
+    if incomplete:
+        said.append(f"{incomplete} of {summary.get('cases', '?')} cases are incomplete (answers they need are not in "
+                    f"{out / 'cache.jsonl'}" + ("" if failed else
+                                                 ", though no request failed: rows were set aside or removed while "
+                                                 "the run ran, see the warnings above") + ")")
+    print(f"error: {' and '.join(said)} (see {out / 'summary.json'}); run the same command again to ask for them",
+          file=sys.stderr)
+    return 1

@@ -486,6 +486,14 @@ class SoftLabelStage(ApiStage):
     def label(self, case: Case) -> int:
         return case.id
 
+    def estimate_bytes(self) -> tuple[int, str]:
+        """Per request: k alternatives at every answer token (the cache's JSON and the dataset's columns, about 40
+        bytes each), answers of sampling.max_tokens tokens, or as long as the longest fixed answer when scoring."""
+        k = self.recipe.softlabels.top_k
+        tokens = (self.recipe.sampling.max_tokens + self.recipe.sampling.reasoning_tokens if self.fixed is None
+                  else max((len(text) for text in self.fixed.texts.values()), default=1))
+        return tokens * (40 * k + 16) + 4096, f"40 bytes per alternative, {k} per answer token, {tokens} tokens"
+
     def preflight(self, settings: ClientSettings, api_key: str) -> None:
         """One probe request with k before the run asks every case: when scoring fixed answers (prompt_logprobs,
         which hosted chat APIs lack), or for more than 20 alternatives."""
