@@ -208,3 +208,19 @@ def test_missing_competition_data_is_one_failure_naming_the_key_and_where_it_goe
     recipe = validate_recipe(RECIPES / "pipeline" / "qwen2.5-7b-1gpu.yaml", overrides=[f"train_cases={missing}"])
     with pytest.raises(PipelineError, match=r"\(the recipe's train_cases\) not found: put your cases there"):
         plan_pipeline(recipe)
+
+
+def test_a_teacher_only_run_is_not_held_to_the_gpu_steps_needs(monkeypatch):
+    """ONLY (the pipeline's steps that will run): the GPU pipeline's teacher step on this CPU box needs no CUDA,
+    attention implementation or base model; the whole recipe run still does."""
+    monkeypatch.delenv("DASHSCOPE_API_KEY", raising=False)
+    args = dict(machine=Machine(torch_version="2.13.0+cpu"), vllm_python=None, offline=True)
+    overrides = [f"train_cases={REPO_ROOT / 'data' / 'sample_cases.jsonl'}",
+                 f"test_cases={REPO_ROOT / 'data' / 'sample_cases.jsonl'}"]
+    recipe = RECIPES / "pipeline" / "qwen2.5-7b-1gpu.yaml"
+    teacher_only = {r.check: r for r in run_doctor(recipe, overrides, only={"teacher"}, **args)}
+    assert not teacher_only["cuda"].failed and not teacher_only["attention"].failed
+    assert not any(check.startswith("model ") for check in teacher_only)
+    assert teacher_only["teacher endpoint"].failed        # the key it needs is still checked
+    whole = {r.check: r for r in run_doctor(recipe, overrides, **args)}
+    assert whole["cuda"].failed

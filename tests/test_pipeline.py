@@ -535,3 +535,22 @@ def test_a_steps_progress_is_read_from_its_log_and_printed_as_plain_lines_off_a_
     line.close()
     assert capsys.readouterr().out.splitlines() == ["[pipeline] sft: step 1/16 loss 11.91 (5 s)",
                                                     "[pipeline] sft: step 2/16 loss 9.7 (5 s)"]
+
+
+@pytest.mark.integration
+def test_the_preflight_checks_what_the_steps_that_run_need(tmp_path, monkeypatch):
+    """`--until teacher` with the 1-GPU recipe on this CPU box, its hosted teacher answered by the fault server:
+    the preflight checks the teacher's needs (cases, split, recipes, the endpoint and its key), not the GPU,
+    attention or base model the later steps need, and the teacher step runs."""
+    from custom_losses.pipeline.run import run_pipeline as run_in_process
+    from prep.testing.fault_server import FaultServer
+
+    monkeypatch.setenv("DASHSCOPE_API_KEY", "test-key-for-the-fault-server")
+    with FaultServer(model="qwen2.5-72b-instruct") as server:
+        overrides = [f"out={tmp_path / 'run'}", f"train_cases={SAMPLE_CASES}", f"test_cases={SAMPLE_CASES}",
+                     "min_free_disk_gb=1",
+                     f"stage1.teacher_set=[client.base_url={server.base_url},client.concurrency=4]"]
+        out = run_in_process(REPO_ROOT / "recipes" / "pipeline" / "qwen2.5-7b-1gpu.yaml", overrides, until="teacher")
+    summary = json.loads((out / "stage1" / "teacher" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["answered"] == summary["cases"] == 12
+    assert (out / "stage1" / "teacher" / "sft" / "train.jsonl").is_file()

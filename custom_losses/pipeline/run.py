@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Collection
 from pathlib import Path
 
 from custom_losses.checks.doctor import lines, passed, run_doctor
@@ -37,13 +38,15 @@ def command_line_paths(overrides: list[str]) -> list[str]:
     return made
 
 
-def preflight(config: str | Path, overrides: list[str]) -> list[str]:
+def preflight(config: str | Path, overrides: list[str], steps: Collection[str] | None = None) -> list[str]:
     """The doctor (custom_losses.checks.doctor, in this process) on this pipeline recipe: case files, every
     stage recipe, the teacher's split, CUDA, GPU memory against each step's estimate, precision, attention,
     bitsandbytes, vLLM, NCCL, disk, models and teacher endpoints, in seconds and before any GPU or API time.
-    Its lines, for the log; PipelineError with its FAIL lines when the recipe cannot run here."""
+    STEPS (the names of the steps that will run) limits the machine's checks to what they need: a teacher run
+    (`--until teacher`) passes on a CPU box. Its lines, for the log; PipelineError with its FAIL lines when the
+    recipe cannot run here."""
     with stderr_silenced():   # the doctor imports the trainers' libraries to check them
-        results = run_doctor(absolute(config), overrides)
+        results = run_doctor(absolute(config), overrides, only=steps)
     if not passed(results):
         failed = [result.line() for result in results if result.failed]
         raise PipelineError("this run cannot start here (the doctor, python -m launch.doctor):\n" + "\n".join(failed))
@@ -84,11 +87,12 @@ def run_pipeline(config: str | Path, overrides: list[str] = (), *, plan_only: bo
         return out
     with folder_lock(out, choose="another run folder (out in the recipe, or --set out=...)"):
         logs, stamps = out / "logs", out / "stamps"
-        for line in preflight(config, overrides):
+        decisions = steps_until(plan_pipeline(recipe), until)
+        running = [decision.step.name for decision in decisions if decision.runs]
+        for line in preflight(config, overrides, running):
             print(f"[pipeline] preflight: {line}", flush=True)
         logs.mkdir(parents=True, exist_ok=True)
         stamps.mkdir(parents=True, exist_ok=True)
-        decisions = steps_until(plan_pipeline(recipe), until)
         summary = [run_decision(decision, logs, stamps, recipe.step_timeout_s, recipe.progress_interval_s)
                    for decision in decisions]
         write_text_atomic(out / "pipeline_summary.json", json.dumps(summary, indent=1))
