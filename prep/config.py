@@ -207,7 +207,7 @@ def build(schema: type[T], data: dict[str, Any], path: str | Path, prefix: str =
         value = data[name]
         if not _type_ok(value, annotation):
             # A value under a key's name may be the key itself (pasted where the variable's name goes): not echoed.
-            shown = "" if any(word in name for word in ("key", "token", "secret")) else f" {value!r}"
+            shown = "" if any(word in name for word in ("api_key", "secret", "password")) else f" {value!r}"
             raise RecipeError(path, f"{prefix}{name}", f"expected {_describe(annotation)}, got {type(value).__name__}{shown}")
         nested = annotation if dataclasses.is_dataclass(annotation) else None
         if nested is None and typing.get_origin(annotation) in (typing.Union, types.UnionType):

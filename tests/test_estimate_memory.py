@@ -27,6 +27,7 @@ from custom_losses.train.memory import (
 )
 from custom_losses.train.sft_config import compose
 from launch.estimate_memory import main
+from prep.config import compose as recipe_compose
 from prep.paths import REPO_ROOT
 from prep.qwen import VOCAB_ROWS
 
@@ -199,7 +200,7 @@ def test_kd_loss_terms_match_the_losss_measured_cpu_peak():
 
 
 def test_distill_recipe_keys_reach_the_estimate():
-    qlora = setup_from_distill(compose(QLORA_DISTILL))
+    qlora = setup_from_distill(recipe_compose(QLORA_DISTILL))
     assert (qlora.method, qlora.weight_bits, qlora.double_quant, qlora.lora_rank, qlora.lora_targets) == \
         ("qlora", 4, True, 64, ())
     assert (qlora.seq_len, qlora.micro_batch, qlora.loss, qlora.kd_chunk_size) == (4096, 1, "topk_kd", 256)
@@ -209,12 +210,12 @@ def test_distill_recipe_keys_reach_the_estimate():
     # No [tokens x vocab] logits: one chunk of fp32 logits plus logsumexp's temporary of the same size.
     assert "logits + loss" not in terms
     assert terms["KD chunk logits"] == pytest.approx(256 * VOCAB_ROWS * 8 / GIB)
-    tail = estimate(QWEN25_7B, setup_from_distill(compose(QLORA_DISTILL, [], ["kd_support=tail", "kd_temperature=2.0"])))
+    tail = estimate(QWEN25_7B, setup_from_distill(recipe_compose(QLORA_DISTILL, [], ["kd_support=tail", "kd_temperature=2.0"])))
     assert tail.terms["KD chunk logits"] == pytest.approx(1.5 * terms["KD chunk logits"])
 
-    multi = setup_from_distill(compose("recipes/distill/qwen2.5-7b-instruct-lora-multi-gpu.yaml"))
+    multi = setup_from_distill(recipe_compose("recipes/distill/qwen2.5-7b-instruct-lora-multi-gpu.yaml"))
     assert (multi.method, multi.weight_bits, multi.adapter_bytes, multi.micro_batch) == ("lora", 16, 4, 1)
-    doubled = setup_from_distill(compose(QLORA_DISTILL, [], ["per_device_train_batch_size=2"]))
+    doubled = setup_from_distill(recipe_compose(QLORA_DISTILL, [], ["per_device_train_batch_size=2"]))
     assert estimate(QWEN25_7B, doubled).terms["activations"] == pytest.approx(2 * terms["activations"])
 
 
@@ -277,7 +278,7 @@ def test_distill_recipe_header_states_the_estimators_peak(recipe: Path):
     model = re.search(r"--model (\S+)", command.group(0))
     predictions = re.findall(r"^#\s+(\d+) GPUs?: ([0-9.]+) GiB", header, re.M)
     assert predictions, f"{rel}: the predicted peak, as '#   N GPU(s): X GiB'"
-    config = compose(recipe)
+    config = recipe_compose(recipe)
     for gpus, stated in predictions:
         predicted = estimate_distill(config, int(gpus), model.group(1) if model else None).total
         assert abs(predicted - float(stated)) <= 0.05 + 1e-9, \
