@@ -107,7 +107,9 @@ def check_axolotl_config(config: dict[str, Any], recipe: str | Path, overlays: S
     # Values against Axolotl's own schema (its plugins' argument models validate only inside it, merged by
     # Axolotl at train time: their keys are checked by name above).
     try:
-        schemas[0].model_validate({key: value for key, value in config.items() if key not in MEDKD_KEYS})
+        # A deep copy: Axolotl's validators rewrite nested values in place (a dataset's chat_template becomes
+        # an enum), and the composed config must stay plain YAML.
+        schemas[0].model_validate(copy.deepcopy({key: value for key, value in config.items() if key not in MEDKD_KEYS}))
     except ValidationError as err:
         first = err.errors()[0]
         key = ".".join(str(part) for part in first["loc"]) or None
