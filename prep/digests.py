@@ -312,3 +312,12 @@ def model_digest(folder: str | Path, cache: DigestCache | None = None) -> str:
 
 def default_digest_cache() -> Path:
     return cache_dir() / "digests.json"
+
+
+def files_digest(named: Iterable[tuple[str, Path]]) -> str:
+    """One short digest over NAMED (name, file) pairs' contents, each file read once per change and remembered in
+    the user-wide DigestCache: a trainer's data or weights of many GB cost a stat per file on every launch."""
+    cache = DigestCache(default_digest_cache())
+    digest = sha256_json([(name, cache.file(path)) for name, path in named])[:16]
+    cache.save()
+    return digest

@@ -22,7 +22,7 @@ from custom_losses.train.checkpoints import claim_output_dir, complete_checkpoin
 from custom_losses.train.merge import base_folder, copy_full_model, merge_adapter
 from prep import config as recipe_config
 from prep.config import RecipeError, key_source, unknown_key
-from prep.digests import DigestCache, default_digest_cache, model_digest, sha256_json
+from prep.digests import files_digest, model_digest
 from prep.jsonio import InputError
 from prep.paths import resolve_path
 from prep.testing.tiny_model import resolve_model
@@ -152,10 +152,7 @@ def dataset_digest(folder: Path) -> str:
     """A digest of a saved dataset's content (DATA_PATTERNS files), each file read once per change
     (prep.digests.DigestCache: a dataset of many GB costs a stat per file on every launch and resume)."""
     paths = sorted(path for pattern in DATA_PATTERNS for path in folder.rglob(pattern) if path.is_file())
-    cache = DigestCache(default_digest_cache())
-    digest = sha256_json([(str(path.relative_to(folder)), cache.file(path)) for path in paths])[:16]
-    cache.save()
-    return digest
+    return files_digest((str(path.relative_to(folder)), path) for path in paths)
 
 
 def starting_model(model_name_or_path: str) -> str:

@@ -30,7 +30,7 @@ from custom_losses.train.sft_config import COMPOSED_NAME
 from custom_losses.train.sft_preflight import local_model_folder
 from prep.api.serving import vllm_flag
 from prep.config import read_yaml
-from prep.digests import RUN_RECORD, DigestCache, default_digest_cache, sha256_json, why_not_current, write_record
+from prep.digests import RUN_RECORD, files_digest, why_not_current, write_record
 from prep.jsonio import write_dir_atomic
 from prep.paths import RECIPES_DIR
 
@@ -48,10 +48,7 @@ def _stderr(message: str) -> None:
 
 def weights_digest(paths: list[Path]) -> str:
     """The trained weights' content (every shard), each file read once per change (prep.digests.DigestCache)."""
-    cache = DigestCache(default_digest_cache())
-    digest = sha256_json([(path.name, cache.file(path)) for path in sorted(paths)])[:16]
-    cache.save()
-    return digest
+    return files_digest((path.name, path) for path in sorted(paths))
 
 
 def served_dtype() -> str:
