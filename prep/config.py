@@ -69,7 +69,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = resolve_path(path)
     is_json = path.suffix == ".json"
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")     # -sig: a leading byte-order mark is not JSON
         data = json.loads(text) if is_json else yaml.safe_load(text)
     except FileNotFoundError:
         raise RecipeError(path, None, "recipe file not found") from None

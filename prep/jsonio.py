@@ -81,8 +81,8 @@ def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
     except UnicodeDecodeError as err:
         line = text_line_of_byte(path.read_bytes(), err.start)
         raise InputError(path, line, f"not valid UTF-8 ({err.reason})") from None
-    stripped = text.lstrip("\ufeff \t\r\n")
-    if stripped.startswith("["):
+    text = text.removeprefix("\ufeff")     # a byte-order mark (Windows editors write one) is no part of the first line
+    if text.lstrip(" \t\r\n").startswith("["):
         yield from _iter_array_items(path, text)
         return
     for number, line in enumerate(text.splitlines(), start=1):
@@ -97,7 +97,7 @@ def text_line_of_byte(data: bytes, offset: int) -> int:
 def _iter_array_items(path: Path, text: str) -> Iterator[tuple[int, str]]:
     decoder = json.JSONDecoder()
     try:
-        items = decoder.decode(text.lstrip("\ufeff"))
+        items = decoder.decode(text)
     except json.JSONDecodeError as err:
         if "\x00" in text:
             line = text.count("\n", 0, text.index("\x00")) + 1

@@ -46,8 +46,9 @@ def load_prompts(system_path: str | Path | None = None, user_path: str | Path | 
     """Read the prompt files (default: data/prompts/system.txt and user.txt); relative paths are from the repo root."""
     system_path = _resolve(system_path or DEFAULT_PROMPT_DIR / "system.txt")
     user_path = _resolve(user_path or DEFAULT_PROMPT_DIR / "user.txt")
-    system = system_path.read_text(encoding="utf-8").strip()
-    user_template = user_path.read_text(encoding="utf-8").strip()
+    # utf-8-sig: a byte-order mark an editor wrote would otherwise open the prompt (str.strip keeps it)
+    system = system_path.read_text(encoding="utf-8-sig").strip()
+    user_template = user_path.read_text(encoding="utf-8-sig").strip()
     if PLACEHOLDER not in user_template:
         raise ValueError(f"{user_path}: the user template has no {PLACEHOLDER} placeholder")
     return PromptSet(system, user_template)

@@ -4,13 +4,14 @@ Each stage asks an OpenAI-compatible endpoint one request per item and keeps eve
 append-only cache, so the three differ only in what an item is, how it is asked and keyed, and what
 is derived from the cache. `ApiStage.run` is everything else, once:
 
-    archive the cache (--fresh) -> resolve whom to ask -> for each round: the items the cache lacks ->
+    check the API keys (for a new OUT) -> resolve whom to ask (a configuration mistake makes no OUT) ->
+    archive the cache (--fresh) -> for each round: the items the cache lacks ->
     open the endpoint on first need (API key, the recipe's vLLM server via prep.api.serving.serving,
     GET /models, the stage's preflight) -> prep.api.cache.run_cached -> stop the server -> derive the
     outputs and the summary (the stage) -> OUT/summary.json, OUT/<stage>.log
 
-all of it holding OUT's lock (prep.locks: a second run into the same OUT is refused, exit 2), with a
-free-space check against the run's estimated output before the first request, and a full disk anywhere
+everything from the archive on holding OUT's lock (prep.locks: a second run into the same OUT is refused, exit 2),
+with a free-space check against the run's estimated output before the first request, and a full disk anywhere
 (prep.jsonio.DiskFull) as one sentence, logged, exit 3.
 
 The shared recipe sections (`client`, `sampling`, `structured_output`, `prompts`, `server`) and what
@@ -350,13 +351,19 @@ class ApiStage:
     def run(self, out: str | Path, *, fresh: bool = False, progress: bool = True) -> dict[str, Any]:
         """Ask what the cache lacks, derive every output, write OUT/summary.json; the summary.
 
-        Holds OUT's lock throughout (prep.locks.FolderInUse at once when another run holds it: nothing read,
+        When OUT does not exist yet the API keys are checked first; then whom to ask is resolved (the recipe's
+        endpoints or server, the stage's keyed pieces): a configuration mistake leaves no OUT behind. Then it
+        holds OUT's lock throughout (prep.locks.FolderInUse at once when another run holds it: nothing read,
         archived or asked, nothing written to its log). A full disk anywhere below is DiskFull naming the file,
         logged (when the log can still take a line)."""
         out = Path(out)
+        if not out.exists():    # nothing cached, so every item is asked and every key is needed: check them now
+            for endpoint in self.recipe.client.resolved():
+                resolve_api_key(endpoint)
+        target = self.resolve()
         with folder_lock(out), logging_to(out / f"{self.name}.log"):
             try:
-                return self._run(out, fresh, progress)
+                return self._run(out, target, fresh, progress)
             except Exception as err:
                 if is_disk_full(err):
                     full = disk_full_at(err, out)
@@ -368,12 +375,11 @@ class ApiStage:
                     log.error("%s", err)
                 raise
 
-    def _run(self, out: Path, fresh: bool, progress: bool) -> dict[str, Any]:
+    def _run(self, out: Path, target: Target, fresh: bool, progress: bool) -> dict[str, Any]:
         started = time.perf_counter()
         cache = out / "cache.jsonl"
         if fresh and (moved := archive_cache(cache)):
             log.info("moved the old cache to %s", moved)
-        target = self.resolve()
         stale = set_aside_stale(cache, target.identity)
         run = StageRun(target.settings, cached_before=len(load_cache(cache)), started=started)
         rounds = iter(self.rounds(cache))
@@ -467,7 +473,7 @@ class ApiStage:
     # ---- what each stage supplies ----
 
     def resolve(self) -> Target:
-        """Whom to ask; called once, first, with the stage's log open (a stage builds its keyed pieces here)."""
+        """Whom to ask; called once, first, before OUT is made (a stage builds its keyed pieces here)."""
         return endpoint_target(self.recipe.client, self.recipe.server)
 
     def rounds(self, cache: Path) -> Iterable[tuple[str, list[Any]]]:

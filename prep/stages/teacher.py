@@ -94,7 +94,7 @@ def load_repair_prompt(path: str | Path) -> str:
     path = resolve_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: prompt file not found")
-    text = path.read_text(encoding="utf-8").strip()
+    text = path.read_text(encoding="utf-8-sig").strip()   # -sig: an editor's byte-order mark is no part of it
     if REPAIR_PLACEHOLDER not in text:
         raise ValueError(f"{path}: the repair prompt has no {REPAIR_PLACEHOLDER} placeholder")
     return text
