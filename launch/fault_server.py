@@ -1,7 +1,12 @@
-"""An OpenAI-compatible fault-injecting server on 127.0.0.1 (prep.testing.fault_server), for benchmarks and manual tests.
+"""Serve an OpenAI-compatible, fault-injecting endpoint on 127.0.0.1 (prep.testing.fault_server) until Ctrl-C, for
+benchmarks, manual tests and trying a recipe against a misbehaving teacher without spending anything.
 
-    python -m launch.fault_server [--port N] [--latency S] [--capacity N] [--model NAME] [--api-key KEY]
-        [--fault KIND [ARG]]... [--fault-rate R] [--seed N]                           # prints "port N"
+Reads: its flags only.
+Writes: `port N` on stdout once it listens; nothing on disk.
+
+Example:
+    python -m launch.fault_server --latency 0.3 --capacity 64
+    python -m launch.fault_server --fault gzip-bomb --fault "drip 1.5" --fault html --fault-rate 0.3 --seed 1
 
 With --fault (repeatable), each chat request gets one of the faults named (drawn with --seed) with
 probability --fault-rate (default 1: every request), else a valid answer. A fault is a script item of
@@ -12,7 +17,9 @@ prep.testing.fault_server, its argument after a space:
     classic:  ok  429 [retry-after=S]  any other status (500, 503, 400, ...)  slow SECONDS  reset  truncated  malformed
     encoded:  gzip  deflate (a valid answer, compressed)
 
-    python -m launch.fault_server --fault gzip-bomb --fault "drip 1.5" --fault html --fault-rate 0.3 --seed 1
+With --known-teacher it answers as prep.testing.known_teacher's teacher (model "known-teacher" unless --model
+says otherwise): answers drawn from a stated distribution per case (data/known_teacher/findings.json), with
+exact chat logprobs and /v1/completions prompt_logprobs under the Qwen2.5 tokenizer.
 """
 from __future__ import annotations
 
@@ -20,7 +27,10 @@ import argparse
 import asyncio
 import contextlib
 
+from prep.cli import command_parser
 from prep.testing.fault_server import DEFAULT_MODEL, FAULT_KINDS, FaultServer
+from prep.testing.known_teacher import DEFAULT_MODEL as KNOWN_TEACHER_MODEL
+from prep.testing.known_teacher import known_teacher_server
 
 
 def fault(value: str) -> str:
@@ -46,13 +56,14 @@ def rate(value: str) -> float:
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m launch.fault_server", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[4:]))
-    parser.add_argument("--port", type=int, default=0)
+    parser = command_parser("launch.fault_server", __doc__, "For launch.fault_server, 0 follows Ctrl-C.")
+    parser.add_argument("--port", type=int, default=0, help="the port to listen on (default 0: a free one, printed)")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds each request takes")
     parser.add_argument("--capacity", type=int, default=None, help="requests served at once; more wait in line")
-    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--model", default=None,
+                        help=f"the served model's name (default {DEFAULT_MODEL}, or {KNOWN_TEACHER_MODEL})")
+    parser.add_argument("--known-teacher", action="store_true",
+                        help="answer as the known teacher (prep.testing.known_teacher), exact log-probs included")
     parser.add_argument("--api-key", default=None,
                         help="the key clients must present (a wrong one gets 401 echoing it); default: none needed")
     parser.add_argument("--fault", dest="faults", action="append", type=fault, default=[], metavar="KIND",
@@ -66,8 +77,12 @@ def parser() -> argparse.ArgumentParser:
 def build(argv: list[str] | None = None) -> FaultServer:
     """The server the command line describes, not started."""
     args = parser().parse_args(argv)
-    server = FaultServer(model=args.model, latency_s=args.latency, capacity=args.capacity, api_key=args.api_key,
-                         faults=args.faults, fault_rate=args.fault_rate, seed=args.seed)
+    options = dict(latency_s=args.latency, capacity=args.capacity, api_key=args.api_key, faults=args.faults,
+                   fault_rate=args.fault_rate, seed=args.seed)
+    if args.known_teacher:
+        server = known_teacher_server(model=args.model or KNOWN_TEACHER_MODEL, **options)
+    else:
+        server = FaultServer(model=args.model or DEFAULT_MODEL, **options)
     server.port = args.port
     return server
 

@@ -37,6 +37,9 @@ With `reasoning_fn` every answer also carries a trace beside its content, under 
 (`reasoning_content`, as DeepSeek's API and older vLLM send it, or `reasoning`, newer vLLM's name), and
 the trace's characters count in usage.completion_tokens, as a reasoning model's tokens do.
 
+With `body_fn` the server answers "ok" requests (chat and completions) with the body that function builds:
+how prep.testing.known_teacher serves a teacher with known answers and exact log-probs on this server.
+
 Setting `frozen` makes it stop answering anything (GET /models included) without closing a
 connection, as a machine that vanished from the network would, until it is cleared.
 
@@ -121,11 +124,15 @@ class FaultServer:
                  answer_fn: Callable[[dict], str] = default_answer, list_models: bool = True,
                  reasoning_fn: Callable[[dict], str | None] | None = None,
                  reasoning_field: str = "reasoning_content", faults: list[str] | tuple[str, ...] = (),
-                 fault_rate: float = 1.0, seed: int | None = None):
+                 fault_rate: float = 1.0, seed: int | None = None,
+                 body_fn: Callable[[str, dict, int], dict] | None = None):
         self.model, self.latency_s, self.capacity = model, latency_s, capacity
         self.faults, self.fault_rate, self._random = list(faults), fault_rate, random.Random(seed)
         self.reasoning_fn, self.reasoning_field = reasoning_fn, reasoning_field
         self.api_key, self.upstream, self.answer_fn, self.list_models = api_key, upstream, answer_fn, list_models
+        # body_fn(path, request, received) -> the whole "ok" body (chat or completions): a server of its own, e.g.
+        # prep.testing.known_teacher's; a ValueError it raises is a 400.
+        self.body_fn = body_fn
         self.script: deque[Any] = deque()
         self.received = self.completed = self.in_flight = self.peak_in_flight = self.models_requests = 0
         self.requests: list[dict] = []          # chat request bodies, in arrival order
@@ -308,6 +315,12 @@ class FaultServer:
                                     headers={"Content-Encoding": kind}, mark_done=True)
         if kind == "answer":
             body = self._chat_body(request, item["answer"], item.get("reasoning", self._reasoning(request)))
+            return await self._send(writer, 200, body, mark_done=True)
+        if self.body_fn is not None:
+            try:
+                body = self.body_fn(path, request, self.received)
+            except ValueError as err:
+                return await self._error(writer, 400, str(err), "BadRequestError")
             return await self._send(writer, 200, body, mark_done=True)
         if self.upstream:
             status, payload = await asyncio.to_thread(self._proxy, path, raw)
