@@ -13,6 +13,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 from custom_losses.checks.doctor import lines, passed, run_doctor
+from custom_losses.pipeline.model_card import write_model_card
 from custom_losses.pipeline.plan import absolute, layout_of, plan_pipeline, validate_recipe
 from custom_losses.pipeline.steps import Decision, PipelineError, run_decision
 from prep.api.process import stderr_silenced
@@ -96,7 +97,10 @@ def run_pipeline(config: str | Path, overrides: list[str] = (), *, plan_only: bo
         summary = [run_decision(decision, logs, stamps, recipe.step_timeout_s, recipe.progress_interval_s)
                    for decision in decisions]
         write_text_atomic(out / "pipeline_summary.json", json.dumps(summary, indent=1))
+        card = write_model_card(recipe, decisions)    # None until the submission is up to date
     width = max(len(row["step"]) for row in summary)
     for row in summary:
         print(f"[pipeline] {row['step']:<{width}}  {row['status']:<7}  {row['seconds']:>7.0f} s")
+    if card is not None:
+        print(f"[pipeline] final model (it answered the submission; ship this folder): {card.parent} (card: {card})")
     return out
