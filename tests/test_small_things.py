@@ -81,6 +81,18 @@ def test_prompt_files_with_a_bom_are_the_same_prompts(tmp_path):
     assert load_repair_prompt(repair) == load_repair_prompt(folder / "repair.txt")
 
 
+def test_a_key_file_and_a_lexicon_with_a_bom_read_as_without(tmp_path):
+    """The mark is no part of an API key (it would be sent in the header) nor of the lexicon's first term."""
+    from custom_losses.kd.token_weights import load_lexicon
+    from prep.api.settings import ClientSettings, resolve_api_key
+
+    key = bom_file(tmp_path / "key.txt", "sk-test-123\n")
+    assert resolve_api_key(ClientSettings(base_url="http://127.0.0.1:9/v1", model="m", api_key_file=str(key))) \
+        == "sk-test-123"
+    lexicon = bom_file(tmp_path / "terms.txt", "发热\n咽痛\n")
+    assert set(load_lexicon(str(lexicon))) == {"发热", "咽痛"}
+
+
 # ---- a command that fails on its configuration leaves no --out behind ---------------------------------------------
 
 RECIPES = {"teacher": REPO_ROOT / "recipes" / "teacher" / "local-tiny-vllm.yaml",

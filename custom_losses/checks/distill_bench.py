@@ -278,7 +278,7 @@ def header_gpus(path: str | Path) -> int:
     """The GPUs a distill recipe is written for: the first '#   N GPU(s): X GiB' prediction of its header."""
     import re
 
-    for line in resolve_path(path).read_text(encoding="utf-8").splitlines():
+    for line in resolve_path(path).read_text(encoding="utf-8-sig").splitlines():
         match = re.match(r"#\s+(\d+) GPUs?: [0-9.]+ GiB", line)
         if match:
             return int(match.group(1))

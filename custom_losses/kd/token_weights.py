@@ -40,7 +40,7 @@ def load_lexicon(path: str | None) -> tuple[str, ...]:
     """Terms, longest first (so a longer term claims its characters before a shorter one inside it)."""
     if not path:
         return ()
-    terms = {line.strip() for line in resolve_path(path).read_text(encoding="utf-8").splitlines()}
+    terms = {line.strip() for line in resolve_path(path).read_text(encoding="utf-8-sig").splitlines()}
     return tuple(sorted((t for t in terms if t and not t.startswith("#")), key=lambda t: (-len(t), t)))
 
 

@@ -280,7 +280,7 @@ def resolve_api_key(settings: ClientSettings | EndpointSettings) -> str:
     if settings.api_key_file:
         path = Path(settings.api_key_file).expanduser()
         try:
-            value = path.read_text(encoding="utf-8").strip()
+            value = path.read_text(encoding="utf-8-sig").strip()
         except OSError as err:
             raise ClientError(f"cannot read the API key file {path} ({err.strerror}); fix client.api_key_file") \
                 from None
