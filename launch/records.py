@@ -4,8 +4,10 @@
 
 Every bad line is printed to stderr as `path:line: field 'x': problem`; each file's summary (records,
 unique ids, duplicate texts, field presence, length percentiles in characters and Qwen2.5 tokens) is
-printed to stdout as JSON. Relative paths are relative to the working directory (as for every command's
-data paths: prep.paths). Exit status 1 when any line or file is bad (an id outside int64 included), else 0.
+printed to stdout as JSON, with its exact and near-duplicate groups (prep.near_duplicates). With `--against
+TRAIN.jsonl` each file is also checked as a test file: its exact and near copies of TRAIN's cases, by id, with
+their share, go into its summary, and the last line on stdout is `exact_copies=N near_copies=M test_cases=T`.
+Relative paths are relative to the working directory (as for every command's data paths: prep.paths). Exit status 1 when any line or file is bad (an id outside int64 included), else 0.
 """
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ import json
 import sys
 
 from prep.jsonio import InputError
+from prep.near_duplicates import contamination_line
 from prep.paths import cli_path
-from prep.records import read_cases, summarise
+from prep.records import contamination_of, read_cases, summarise
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -25,6 +28,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", help="model folder whose tokenizer counts tokens "
                                             "(default: the Qwen2.5 tokenizer built from its BPE ranks)")
     parser.add_argument("--no-tokens", action="store_true", help="skip the token-length percentiles")
+    parser.add_argument("--against", metavar="TRAIN.jsonl",
+                        help="training cases: report which cases of each file are exact or near copies of them")
     return parser.parse_args(argv)
 
 
@@ -36,7 +41,13 @@ def main(argv: list[str] | None = None) -> int:
 
         tokenizer = load_tokenizer(args.tokenizer)
         count_tokens = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
-    bad = 0
+    bad, train = 0, None
+    if args.against:
+        try:
+            train = read_cases(cli_path(args.against))
+        except InputError as err:  # a bad training line: the report would be against part of the file
+            print(f"{err} (--against)", file=sys.stderr)
+            return 1
     for path in args.paths:
         try:
             result = read_cases(cli_path(path), on_error="collect", rejects_path=args.rejects)
@@ -48,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
             print(problem, file=sys.stderr)
         bad += len(result.problems)
         summary = {"path": str(path), "bad_lines": len(result.problems), **summarise(result.cases, count_tokens)}
+        if train is not None:
+            summary["contamination"] = {"against": str(args.against), **contamination_of(train.cases, result.cases)}
         print(json.dumps(summary, ensure_ascii=False, indent=1))
+        if train is not None:
+            print(contamination_line(summary["contamination"]))
     return 1 if bad else 0
 
 

@@ -2,7 +2,7 @@
 
     python -m launch.score REF.jsonl PRED.jsonl [PRED2.jsonl ...] --out DIR [--names a b]
                            [--config recipes/score/default.yaml] [--set fuzzy_threshold=0.6 ...]
-                           [--curves NAME=PATH ...]
+                           [--curves NAME=PATH ...] [--contamination REPORT.json]
 
 REF is JSONL of {id, reason, diseases} or prep.stages.teacher's sft/valid.jsonl ({id, messages}); each PRED
 is a submission or predict's predictions.jsonl. Writes DIR/scores.md, scores.csv, scores.json,
@@ -19,7 +19,7 @@ import sys
 
 from prep.config import RecipeError, add_recipe_arguments
 from prep.eval.curves import curve_path, parse_curve_specs
-from prep.eval.score import DEFAULT_RECIPE, console_report, score_files, validate_recipe
+from prep.eval.score import DEFAULT_RECIPE, console_report, read_contamination, score_files, validate_recipe
 from prep.jsonio import InputError
 
 
@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--curves", nargs="+", default=[], metavar="NAME=PATH",
                         help="training curves to plot: NAME=a trainer_state.json or a training output folder "
                              "(e.g. sft=runs/stage1/sft distill=runs/stage2/distill) -> DIR/curves-NAME.png")
+    parser.add_argument("--contamination", metavar="REPORT.json",
+                        help="a contamination report (the pipeline's scores/contamination.json) to add to scores.md")
     add_recipe_arguments(parser, f"score recipe (default {DEFAULT_RECIPE})", default=DEFAULT_RECIPE, overlays=False)
     return parser.parse_args(argv)
 
@@ -41,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = validate_recipe(args.config, overrides=args.overrides)
         curves = parse_curve_specs(args.curves)
-        runs = score_files(args.reference, args.predictions, args.names, settings, args.out, curves)
+        contamination = read_contamination(args.contamination) if args.contamination else None
+        runs = score_files(args.reference, args.predictions, args.names, settings, args.out, curves, contamination)
     except (InputError, RecipeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

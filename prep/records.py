@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from prep.jsonio import InputError, iter_json_lines, parse_object_line, write_jsonl_atomic
+from prep.near_duplicates import NearDuplicates, contamination, group_summary
 
 CASE_KEYS = ("id", "feature_content")
 # Fields every case carries (values may be empty) and those that appear only sometimes.
@@ -135,7 +136,8 @@ def percentiles(values: list[int], points: tuple[int, ...] = (50, 90, 99, 100)) 
 
 
 def summarise(cases: list[Case], count_tokens: Callable[[str], int] | None = None) -> dict:
-    """Records, unique ids, duplicate texts, field presence (non-empty share) and length percentiles."""
+    """Records, unique ids, duplicate texts, exact and near-duplicate groups (prep.near_duplicates at its default
+    n-gram and threshold, the split's), field presence (non-empty share) and length percentiles."""
     texts = Counter(case.feature_content for case in cases)
     presence = Counter()
     for case in cases:
@@ -145,9 +147,17 @@ def summarise(cases: list[Case], count_tokens: Callable[[str], int] | None = Non
         "records": len(cases),
         "unique_ids": len({case.id for case in cases}),
         "duplicate_texts": sum(n - 1 for n in texts.values() if n > 1),
+        "duplicate_groups": group_summary([case.id for case in cases], [case.feature_content for case in cases],
+                                          NearDuplicates()),
         "field_non_empty": {name: presence[name] for name in ALWAYS_FIELDS + OPTIONAL_FIELDS},
         "chars": percentiles([len(case.feature_content) for case in cases]),
     }
     if count_tokens is not None:
         summary["qwen_tokens"] = percentiles([count_tokens(case.feature_content) for case in cases])
     return summary
+
+
+def contamination_of(train: list[Case], test: list[Case], settings: NearDuplicates = NearDuplicates()) -> dict:
+    """Which TEST cases are exact or near copies of TRAIN cases (prep.near_duplicates.contamination), by id."""
+    return contamination([case.id for case in train], [case.feature_content for case in train],
+                         [case.id for case in test], [case.feature_content for case in test], settings)

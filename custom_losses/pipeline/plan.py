@@ -34,14 +34,15 @@ from prep.api.settings import ClientError, resolve_api_key
 from prep.config import RecipeError, compose, load_recipe
 from prep.eval.score import DEFAULT_RECIPE as DEFAULT_SCORE_RECIPE
 from prep.eval.submission import check_submission
-from prep.jsonio import read_jsonl, write_jsonl_atomic
+from prep.jsonio import read_jsonl, write_jsonl_atomic, write_text_atomic
 from prep.paths import resolve_path
-from prep.records import read_cases
+from prep.records import contamination_of, read_cases
 from prep.stages.api_stage import ApiRecipe, endpoint_target
-from prep.stages.teacher import Split, validation_ids
+from prep.stages.teacher import Split, split_ids
 
 # The predict overlay for a student trained on reasoning traces (student_overlays).
 REASONING_PREDICT_OVERLAY = "recipes/predict/overrides/reasoning.yaml"
+CONTAMINATION_FILE = "contamination.json"   # under scores/: the test cases that copy training cases
 
 
 @dataclass
@@ -336,10 +337,16 @@ def build_plan(recipe: PipelineRecipe) -> list[Step]:
                  if step.name.startswith("predict-")}   # base, stage1, stage2: the score table's rows
     scores = where.out / "scores"
     curves = curve_sources(recipe)
+    # Test cases that copy training cases, in the report (not when the test file is the training file: the demo).
+    copied = scores / CONTAMINATION_FILE if where.train_cases.resolve() != where.test_cases.resolve() else None
     steps.append(Step("score", runs["score"].argv(str(where.valid_reference), *map(str, predicted.values()),
                                                   "--curves", *(f"{name}={path}" for name, path in curves.items()),
-                                                  "--out", str(scores), "--names", *predicted),
-                      [scores / "scores.md", scores / "scores.png", *curve_files(recipe).values()],
+                                                  "--out", str(scores), "--names", *predicted,
+                                                  *(("--contamination", str(copied)) if copied else ())),
+                      [scores / "scores.md", scores / "scores.png", *curve_files(recipe).values(),
+                       *((copied,) if copied else ())],
+                      before=(lambda: write_contamination(where, copied)) if copied else None,
+                      inputs=(where.train_cases, where.test_cases) if copied else (),
                       deps=("teacher", *curves, *(f"predict-{name}" for name in predicted)), recipe=runs["score"]))
     final = list(predicted)[-1]
     submission = where.out / "submission.jsonl"
@@ -348,6 +355,23 @@ def build_plan(recipe: PipelineRecipe) -> list[Step]:
                       [submission], validate=lambda: require_valid_submission(where.test_cases, submission),
                       deps=(f"predict-{final}",), inputs=(where.test_cases,)))
     return steps
+
+
+def write_contamination(where: Layout, path: Path) -> None:
+    """Which test cases are exact or near copies of training cases (prep.near_duplicates at its defaults), for the
+    score report and the pipeline's summary: a copied case's score says little about the unseen ones."""
+    report = contamination_of(read_cases(where.train_cases).cases, read_cases(where.test_cases).cases)
+    write_text_atomic(path, json.dumps(report, ensure_ascii=False, indent=1) + "\n")
+
+
+def contamination_figures(recipe: PipelineRecipe) -> dict | None:
+    """The score step's contamination counts and shares, for the pipeline's summary; None when not checked."""
+    where = layout_of(recipe)
+    path = where.out / "scores" / CONTAMINATION_FILE
+    if where.train_cases.resolve() == where.test_cases.resolve() or not path.is_file():
+        return None
+    report = json.loads(path.read_text(encoding="utf-8"))
+    return {key: value for key, value in report.items() if key != "copies"}
 
 
 def curve_sources(recipe: PipelineRecipe) -> dict[str, Path]:
@@ -405,8 +429,9 @@ def validate_recipe(path: str | Path, overlays: list[str | Path] = (), overrides
 
 def check_split(train_cases: Path, split: Split) -> str:
     """The teacher's split must leave training rows (a case it rejects later only makes fewer)."""
-    ids = [case.id for case in read_cases(train_cases).cases]
-    valid = validation_ids(ids, split.valid_fraction, split.seed)
+    cases = read_cases(train_cases).cases
+    ids = [case.id for case in cases]
+    valid = split_ids(cases, ids, split)
     if len(valid) == len(ids):
         raise PipelineError(f"{train_cases}: the teacher's split (valid_fraction={split.valid_fraction}) holds out "
                             f"all {len(ids)} case(s), leaving no training rows; add cases or lower valid_fraction")

@@ -14,12 +14,13 @@ from pathlib import Path
 
 from custom_losses.checks.doctor import lines, passed, run_doctor
 from custom_losses.pipeline.model_card import write_model_card
-from custom_losses.pipeline.plan import absolute, layout_of, plan_pipeline, validate_recipe
+from custom_losses.pipeline.plan import absolute, contamination_figures, layout_of, plan_pipeline, validate_recipe
 from custom_losses.pipeline.steps import Decision, PipelineError, run_decision
 from prep.api.process import stderr_silenced
 from prep.config import parse_override
 from prep.jsonio import write_text_atomic
 from prep.locks import folder_lock
+from prep.near_duplicates import contamination_line
 from prep.paths import cli_path
 
 # Pipeline keys that name data paths: given on the command line (--set), relative to the working directory.
@@ -96,11 +97,17 @@ def run_pipeline(config: str | Path, overrides: list[str] = (), *, plan_only: bo
         stamps.mkdir(parents=True, exist_ok=True)
         summary = [run_decision(decision, logs, stamps, recipe.step_timeout_s, recipe.progress_interval_s)
                    for decision in decisions]
+        copied = contamination_figures(recipe) if any(row["step"] == "score" for row in summary) else None
+        for row in summary:   # on the score row, whose step wrote them (scores.md has the same section)
+            if row["step"] == "score" and copied:
+                row["contamination"] = copied
         write_text_atomic(out / "pipeline_summary.json", json.dumps(summary, indent=1))
         card = write_model_card(recipe, decisions)    # None until the submission is up to date
     width = max(len(row["step"]) for row in summary)
     for row in summary:
         print(f"[pipeline] {row['step']:<{width}}  {row['status']:<7}  {row['seconds']:>7.0f} s")
+    if copied:
+        print(f"[pipeline] test_cases copying train_cases: {contamination_line(copied)}")
     if card is not None:
         print(f"[pipeline] final model (it answered the submission; ship this folder): {card.parent} (card: {card})")
     return out

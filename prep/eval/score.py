@@ -270,6 +270,33 @@ def report_markdown(runs: list[RunScore], reference: AnswerFile, settings: Score
     return "\n".join(parts)
 
 
+def read_contamination(path: str | Path) -> dict:
+    """A contamination report (prep.near_duplicates.contamination, as the pipeline writes it) for scores.md."""
+    try:
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"--contamination {path}: cannot read it as JSON ({err})") from None
+    keys = ("test_cases", "exact_copies", "near_copies", "ngram", "threshold", "copies")
+    if not isinstance(report, dict) or any(key not in report for key in keys):
+        raise ValueError(f"--contamination {path}: not a contamination report (needs {', '.join(keys)})")
+    return report
+
+
+def contamination_markdown(report: dict) -> str:
+    """The report's section: how many test cases copy a training case, and which."""
+    test = report["test_cases"]
+    share = (lambda count: f"{count / test:.1%}" if test else "0%")
+    copies = report["copies"]
+    listed = ", ".join(f"{row['test_id']} ~ {row['train_id']} ({'exact' if row['exact'] else row['jaccard']})"
+                       for row in copies[:50])
+    return (f"\n## Contamination: test cases that copy training cases\n"
+            f"Of {test} test cases, {report['exact_copies']} ({share(report['exact_copies'])}) are exact copies of a "
+            f"training case (same text once trimmed) and {report['near_copies']} ({share(report['near_copies'])}) "
+            f"near copies (character {report['ngram']}-gram Jaccard >= {report['threshold']}): the model has "
+            f"seen their answers, so its score on them overstates the unseen ones.\n"
+            + (f"\ntest id ~ training id (Jaccard): {listed}{' ...' if len(copies) > 50 else ''}\n" if copies else ""))
+
+
 def bar_chart(runs: list[RunScore], path: Path) -> Path:
     import matplotlib
 
@@ -316,9 +343,10 @@ def run_names(paths: list[str], names: list[str] | None) -> list[str]:
 
 def score_files(reference_path: str | Path, prediction_paths: list[str], names: list[str] | None,
                 settings: ScoreSettings, out_dir: str | Path | None,
-                curves: dict[str, Path] | None = None) -> list[RunScore]:
+                curves: dict[str, Path] | None = None, contamination: dict | None = None) -> list[RunScore]:
     """Score every prediction file; with OUT_DIR write scores.md/.csv/.png and per_case.jsonl there, and
-    prep.eval.curves.curve_path(OUT_DIR, NAME) for each CURVES name: trainer_state.json or training folder."""
+    prep.eval.curves.curve_path(OUT_DIR, NAME) for each CURVES name: trainer_state.json or training folder.
+    CONTAMINATION (read_contamination) adds its section to scores.md and its figures to scores.json."""
     labels = run_names(prediction_paths, names)
     reference = load_answers(reference_path, strict=True)
     predictions = [load_answers(path, strict=False) for path in prediction_paths]  # read all before scoring any
@@ -330,13 +358,16 @@ def score_files(reference_path: str | Path, prediction_paths: list[str], names: 
         written = write_curves(histories, out_dir)
         curve_links = "".join(f"\n![{name} training]({path.name})\n" for name, path in written.items())
         curve_section = f"\n## Training curves\n{curve_links}" if written else ""
-        write_text_atomic(out_dir / "scores.md", report_markdown(runs, reference, settings) + curve_section)
+        copied = contamination_markdown(contamination) if contamination else ""
+        write_text_atomic(out_dir / "scores.md", report_markdown(runs, reference, settings) + copied + curve_section)
         write_text_atomic(out_dir / "scores.csv", csv_text(rows))
         write_jsonl_atomic(out_dir / "per_case.jsonl",
                            ({"run": run.name, **case} for run in runs for case in run.per_case))
         write_text_atomic(out_dir / "scores.json", json.dumps(
             {"reference": str(reference_path), "settings": asdict(settings), "table": rows,
-             "missing_ids": {run.name: run.missing_ids for run in runs}}, ensure_ascii=False, indent=1) + "\n")
+             "missing_ids": {run.name: run.missing_ids for run in runs},
+             **({"contamination": {key: value for key, value in contamination.items() if key != "copies"}}
+                if contamination else {})}, ensure_ascii=False, indent=1) + "\n")
         bar_chart(runs, out_dir / "scores.png")
     return runs
 

@@ -6,7 +6,9 @@ training cases itself (prep.stages.predict, sampled, under the same JSON constra
 teacher score those answers token by token (prep.stages.softlabels with fixed answers) and continues distilling
 on them. `mix` is GKD's lmbda: the share of training cases whose answer is the student's in a round; the
 others keep the teacher's answer. The choice is a hash of (seed, round, id), so a re-run picks the same
-cases and different rounds pick different ones. The cases stage one held out keep the teacher's answer:
+cases and different rounds pick different ones. Cases the teacher's split grouped as exact or near duplicates
+(its sft/groups.json, split.near_duplicates) are drawn together, by the group's smallest id. The cases stage one
+held out keep the teacher's answer:
 their soft-label loss stays comparable between rounds and the student never trains on its own answers to
 the cases the score table rates.
 
@@ -18,6 +20,7 @@ with `--answers FILE`.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -26,12 +29,29 @@ from prep.answers import Answer, answer_json
 from prep.jsonio import InputError, read_jsonl, write_jsonl_atomic
 from prep.paths import resolve_path
 from prep.stages.fixed_answers import read_answers
+from prep.stages.teacher import GROUPS_FILE
 
 
 def takes_student_answer(case_id: int, mix: float, seed: int, round_index: int) -> bool:
     """Whether case CASE_ID uses the student's answer in round ROUND_INDEX: a fraction MIX of the cases, by hash."""
     digest = hashlib.sha256(f"{seed}:{round_index}:{case_id}".encode()).hexdigest()[:13]
     return int(digest, 16) / 16 ** 13 < mix
+
+
+def teacher_groups(teacher: Path) -> dict[int, int]:
+    """The duplicate groups the teacher's split kept together (id -> the group's smallest id); empty for a teacher
+    folder written before groups.json, or for an answers file."""
+    path = teacher / "sft" / GROUPS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        groups = json.loads(path.read_text(encoding="utf-8")).get("groups")
+    except (json.JSONDecodeError, AttributeError):
+        raise ValueError(f"{path}: not a JSON object; rerun the teacher step to rewrite it") from None
+    if not isinstance(groups, list) or not all(isinstance(group, list) and group and
+                                               all(isinstance(i, int) for i in group) for group in groups):
+        raise ValueError(f"{path}: 'groups' must be a list of lists of case ids")
+    return {case_id: min(group) for group in groups for case_id in group}
 
 
 def student_answers(predictions: Path) -> dict[int, str]:
@@ -62,10 +82,10 @@ def mix_answers(teacher: str | Path, predictions: str | Path, out: str | Path, m
     if missing:
         raise ValueError(f"{predictions}: no student answer for training case(s) {missing[:10]}"
                          f"{' ...' if len(missing) > 10 else ''}")
-    rows, sources = [], Counter()
+    rows, sources, groups = [], Counter(), teacher_groups(resolve_path(teacher))
     for case_id, text in kept.texts.items():
         split = "valid" if case_id in kept.valid_ids else "train"
-        own = split == "train" and takes_student_answer(case_id, mix, seed, round_index)
+        own = split == "train" and takes_student_answer(groups.get(case_id, case_id), mix, seed, round_index)
         source = "student" if own else "teacher"
         sources[f"{split}_{source}"] += 1
         rows.append({"id": case_id, "messages": [{"role": "assistant", "content": student[case_id] if own else text}],

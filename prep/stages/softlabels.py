@@ -75,7 +75,7 @@ from prep.stages.api_stage import ApiRecipe, ApiStage, StageRun, Target, check_r
 from prep.stages.axolotl_export import save_axolotl_dataset
 from prep.stages.fixed_answers import FixedAnswers, read_answers
 from prep.stages.softlabel_tokens import ForeignTokenizer, Position, VocabIndex, positions_from_chat, topk_row
-from prep.stages.teacher import Split, validate_answer, validation_ids
+from prep.stages.teacher import Split, split_ids, validate_answer
 from prep.tokenizer import chat_token_ids, load_tokenizer
 
 log = logging.getLogger("medkd.softlabels")
@@ -395,7 +395,7 @@ def derive_outputs(labeller: SoftLabeller, cases: list[Case], out: Path,
         rejects.append({"id": failure["item"], "kind": "failed", "reason": failure["error"], "raw": None})
     split = labeller.recipe.split
     if labeller.fixed is None or labeller.fixed.valid_ids is None:
-        valid_ids = validation_ids([row["id"] for row in rows], split.valid_fraction, split.seed)
+        valid_ids = split_ids(cases, [row["id"] for row in rows], split)   # duplicate groups kept together
     else:
         valid_ids = labeller.fixed.valid_ids
     train = [row for row in rows if row["id"] not in valid_ids]

@@ -11,6 +11,7 @@ teacher.log (and server.log when the recipe starts its own vLLM server).
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,7 +29,8 @@ from prep.answers import (
 from prep.api.cache import cache_key, load_cache
 from prep.api.pool import ChatClient
 from prep.config import RecipeError, load_recipe
-from prep.jsonio import save_splits, write_jsonl_atomic
+from prep.jsonio import save_splits, write_jsonl_atomic, write_text_atomic
+from prep.near_duplicates import NearDuplicates, group_of
 from prep.paths import resolve_path
 from prep.prompts import PromptSet
 from prep.records import Case
@@ -44,6 +46,7 @@ from prep.stages.api_stage import (
 )
 
 REPAIR_PLACEHOLDER = "{error}"
+GROUPS_FILE = "groups.json"    # under sft/: the duplicate groups the split kept together
 REASONING_MODES = ("drop", "target")
 DISEASES_VOTES = ("best", "majority")
 
@@ -57,6 +60,10 @@ class TeacherPrompts(PromptFiles):
 class Split:
     valid_fraction: float = 0.05
     seed: int = 2025
+    # Exact and near-duplicate cases (prep.near_duplicates: character n-grams whose Jaccard reaches the threshold,
+    # e.g. {ngram: 5, threshold: 0.8}) fall on one side together, drawn by their group's smallest id, so no held-out
+    # case has a copy in training. null, the default, draws case by case, as runs before this key did.
+    near_duplicates: NearDuplicates | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.valid_fraction < 1:
@@ -261,15 +268,34 @@ def vote_diseases(answers: list[Answer | None]) -> tuple[int | None, Answer | No
     return source, replace(answers[source], diseases=format_diseases(list(spellings.values())))
 
 
-def validation_ids(ids: list[int], valid_fraction: float, seed: int) -> set[int]:
-    """A case's split depends only on its id and the seed, so it never moves as more cases are labelled."""
+def validation_ids(ids: list[int], valid_fraction: float, seed: int, groups: dict[int, int] | None = None) -> set[int]:
+    """A case's split depends only on its id and the seed, so it never moves as more cases are labelled. GROUPS
+    (case_groups: id -> its duplicate group's smallest id) draws a group's cases together, by that id."""
+    groups = groups or {}
+
     def score(case_id: int) -> float:
-        return int(hashlib.sha256(f"{seed}:{case_id}".encode()).hexdigest()[:13], 16) / 16 ** 13
+        drawn = groups.get(case_id, case_id)
+        return int(hashlib.sha256(f"{seed}:{drawn}".encode()).hexdigest()[:13], 16) / 16 ** 13
 
     valid = {case_id for case_id in ids if score(case_id) < valid_fraction}
     if valid_fraction > 0 and not valid and len(ids) >= 2:
-        valid = {min(ids, key=score)}
+        first = min(ids, key=score)
+        valid = {case_id for case_id in ids if groups.get(case_id, case_id) == groups.get(first, first)}
+        valid = set() if len(valid) == len(ids) else valid   # one group holds every case: it stays in training
     return valid
+
+
+def case_groups(cases: list[Case], split: Split) -> dict[int, int]:
+    """The split's duplicate groups over CASES (id -> the group's smallest id); empty when the split draws case by
+    case (split.near_duplicates: null)."""
+    if split.near_duplicates is None:
+        return {}
+    return group_of([case.id for case in cases], [case.feature_content for case in cases], split.near_duplicates)
+
+
+def split_ids(cases: list[Case], ids: list[int], split: Split) -> set[int]:
+    """The ids among IDS (the cases answered, a subset of CASES) that SPLIT holds out, groups drawn over all CASES."""
+    return validation_ids(ids, split.valid_fraction, split.seed, case_groups(cases, split))
 
 
 def derive_outputs(labeller: Labeller, cases: list[Case], out: Path,
@@ -317,7 +343,7 @@ def derive_outputs(labeller: Labeller, cases: list[Case], out: Path,
     for failure in failed or []:
         case_id, sample = failure["item"]
         rejects.append({"id": case_id, "sample": sample, "kind": "failed", "reason": failure["error"], "raw": None})
-    train, valid = write_sft_files(out, sft, rejects, recipe.split)
+    train, valid = write_sft_files(out, sft, rejects, recipe.split, case_groups(cases, recipe.split))
     agreements = [row["agreement"] for row in sft]
     return {"cases": len(cases), "answered": len(sft), "rejected": sum(kinds.values()),
             "rejected_reasons": dict(kinds),
@@ -328,15 +354,26 @@ def derive_outputs(labeller: Labeller, cases: list[Case], out: Path,
             "stale_cache_rows": len(cache) - len(used_keys)}
 
 
-def write_sft_files(out: Path, sft: list[dict], rejects: list[dict], split: Split) -> tuple[list[dict], list[dict]]:
-    """Split the SFT rows by id hash and write rejects.jsonl, sft/train.jsonl, sft/valid.jsonl and sft/dataset/
-    (each atomically); the train and validation rows."""
-    valid_ids = validation_ids([row["id"] for row in sft], split.valid_fraction, split.seed)
+def write_sft_files(out: Path, sft: list[dict], rejects: list[dict], split: Split,
+                    groups: dict[int, int] | None = None) -> tuple[list[dict], list[dict]]:
+    """Split the SFT rows by id hash (GROUPS: case_groups, drawn together) and write rejects.jsonl,
+    sft/train.jsonl, sft/valid.jsonl, sft/groups.json and sft/dataset/ (each atomically); the train and
+    validation rows. sft/groups.json lists the groups, so later draws over these cases (the on-policy mix,
+    prep.stages.onpolicy) keep a group together too."""
+    groups = groups or {}
+    valid_ids = validation_ids([row["id"] for row in sft], split.valid_fraction, split.seed, groups)
     train = [row for row in sft if row["id"] not in valid_ids]
     valid = [row for row in sft if row["id"] in valid_ids]
     write_jsonl_atomic(out / "rejects.jsonl", rejects)
     write_jsonl_atomic(out / "sft" / "train.jsonl", train)
     write_jsonl_atomic(out / "sft" / "valid.jsonl", valid)
+    members: dict[int, list[int]] = {}
+    for case_id, first in sorted(groups.items()):
+        members.setdefault(first, []).append(case_id)
+    settings = split.near_duplicates and {"ngram": split.near_duplicates.ngram,
+                                          "threshold": split.near_duplicates.threshold}
+    write_text_atomic(out / "sft" / GROUPS_FILE, json.dumps({"near_duplicates": settings,
+                                                              "groups": list(members.values())}) + "\n")
     save_dataset(train, valid, out / "sft" / "dataset")
     return train, valid
 
