@@ -1,7 +1,13 @@
-"""Stage two's batches on the real step-one cases, packed versus unpacked, and the CPU speed of each.
+"""Measure stage two's batches on the real step-one cases, packed versus unpacked, and the CPU speed of each. It
+answers whether packing whole cases into rows of max_length pays: how much padding it removes and how much faster
+a training step goes.
 
-    python -m launch.bench_distill [--cases FILE] [--limit N] [--recipe R]... [--softlabels RECIPE]
-                                   [--cpu-cases N] [--cpu-recipe R] [--cpu-overlay FILE]...
+Reads: the step-one cases (--cases, from ../shared), the published example answers (--examples), the distill
+recipes (--recipe, default every recipes/distill/*.yaml) and the soft-label recipe, the tiny model.
+Writes: the tables on stdout; nothing on disk.
+
+Example:
+    python -m launch.bench_distill --limit 200 --cpu-cases 16
 
 Part one (no model): each case rendered as the distill data is (the soft-label recipe's prompts, Qwen2.5's
 chat template) plus an answer; for each distill recipe (default: every recipes/distill/*.yaml) the
@@ -18,10 +24,10 @@ Without the competition data (../shared) it says so and exits 0.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 from custom_losses.checks.distill_bench import CASES_PATH, EXAMPLES_PATH, SOFTLABEL_RECIPE, run
+from prep.cli import command_parser
 from prep.config import RecipeError
 from prep.jsonio import InputError
 from prep.paths import RECIPES_DIR
@@ -31,10 +37,10 @@ CPU_OVERLAY = "recipes/distill/overrides/cpu-tiny.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.bench_distill", description=__doc__.splitlines()[0])
+    parser = command_parser("launch.bench_distill", __doc__)
     parser.add_argument("--cases", default=str(CASES_PATH), help="step-one cases (JSONL)")
     parser.add_argument("--examples", default=str(EXAMPLES_PATH), help="published example answers (JSONL, bingli_json)")
-    parser.add_argument("--limit", type=int, help="only the first N cases (part one)")
+    parser.add_argument("--limit", type=int, metavar="N", help="only the first N cases (part one)")
     parser.add_argument("--recipe", dest="recipes", action="append", help="distill recipe (repeatable; default: all)")
     parser.add_argument("--softlabels", default=SOFTLABEL_RECIPE, help="the soft-label recipe (prompts, max_tokens, top_k)")
     parser.add_argument("--cpu-cases", type=int, default=48, help="cases in the CPU part (0: skip it)")

@@ -1,6 +1,13 @@
-"""Benchmark one GPU at real shapes with random weights: the loss, an SFT step, a distill step packed and not.
+"""Benchmark one GPU at real shapes with random weights: the loss, an SFT step, and a distill step packed and not.
+Each part prints its tokens per second, model-FLOPs utilisation and peak memory against the memory model's
+prediction; the last line is `key=value` for the headline figures.
 
-    python -m launch.bench_gpu [--cases FILE] [--steps N] [--no-qlora] [--cpu-tiny] [--import-name MODULE=NAME]...
+Reads: the cases whose lengths the steps use (--cases), the SFT and distill recipes named below,
+data/models/qwen2.5-7b-instruct.json.
+Writes: a random-weight Qwen2.5-7B-Instruct into .cache/ (built once, 15 GB); the results on stdout.
+
+Example:
+    python -m launch.bench_gpu --cpu-tiny
 
 On one H100/H200 (custom_losses.checks.gpu_bench says what is measured and how the FLOPs are counted):
   * bench_kd_loss at hidden 3584 in bf16, 2048 and 4096 answer tokens: our chunked top-k KD loss, full-logits KD,
@@ -14,7 +21,7 @@ On one H100/H200 (custom_losses.checks.gpu_bench says what is measured and how t
 Each missing optional module (vllm, bitsandbytes, flash_attn, liger_kernel, axolotl, deepspeed, trl) is one
 `skip` line saying what is left out. `--cpu-tiny` runs the same code at tiny shapes on a CPU (the tiny Qwen2
 config, the recipes' cpu-tiny overlays, hidden 64 and vocabulary 4096 in the loss): what the test suite runs.
-The last line is `key=value` for the headline figures (nan where a part was skipped); exit 1 if a step failed.
+The last line is `key=value` for the headline figures (nan where a part was skipped).
 
 On a rented or air-gapped box with Python 3.11/3.12, CUDA and torch already installed:
   1. here: `python -m launch.tiny_model` (builds the tokenizer into .cache/), then copy the repo with .cache/;
@@ -28,11 +35,11 @@ On a rented or air-gapped box with Python 3.11/3.12, CUDA and torch already inst
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 from custom_losses.checks.gpu_bench import BenchPlan, LossSettings, run_bench
 from custom_losses.checks.loss_bench import QWEN25_7B_HIDDEN, TRL_CHUNK
+from prep.cli import command_parser
 from prep.config import RecipeError
 from prep.jsonio import InputError
 from prep.paths import REPO_ROOT
@@ -43,7 +50,7 @@ SAMPLE_CASES = REPO_ROOT / "data" / "sample_cases.jsonl"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.bench_gpu", description=__doc__.splitlines()[0])
+    parser = command_parser("launch.bench_gpu", __doc__, "For launch.bench_gpu, 1 means a step failed (its line says which).")
     parser.add_argument("--cases", help="cases whose lengths the training steps use (default: the competition's "
                                         "step-one cases if present and not --cpu-tiny, else data/sample_cases.jsonl)")
     parser.add_argument("--steps", type=int, help="optimiser steps per training part, the first a warm-up "

@@ -1,13 +1,14 @@
-"""Benchmark the teacher client against a local server of known latency and capacity.
+"""Benchmark the teacher client against a local server of known latency and capacity. The server
+(launch/fault_server.py) runs in its own process, answering every chat request after a fixed latency with at most
+CAPACITY requests served at once, so the best possible rate is CAPACITY / LATENCY. The client side is the real
+teacher path (prompt building, ChatClient limits and retries, answer parsing, the exactly-once cache runner writing
+a cache) in this process, whose CPU time per request is reported.
 
-The server (launch/fault_server.py) runs in its own process, answering every chat request after a
-fixed latency with at most CAPACITY requests served at once, so the best possible rate is
-CAPACITY / LATENCY. The client side is the real teacher path (prompt building, ChatClient limits
-and retries, answer parsing, the exactly-once cache runner writing a cache) in this process, whose
-CPU time per request is reported.
+Reads: the teacher recipe (prompts, sampling, constraint), the bundled sample cases.
+Writes: its caches in a temporary folder (removed); the figures on stdout.
 
-    python -m launch.bench_teacher [--requests 1280] [--latency 0.3] [--capacity 64] \
-        [--config recipes/teacher/local-tiny-vllm.yaml] [--set KEY=VALUE]...
+Example:
+    python -m launch.bench_teacher --requests 256 --latency 0.1 --capacity 16
 
 The recipe gives the prompts, sampling and constraint; its endpoint is replaced by the fault server.
 The two-endpoint case then asks two such servers at once as one recipe's `client.endpoints`: one
@@ -19,7 +20,6 @@ Last line: `capacity_fraction=F speedup_vs_sequential=S client_cpu_ms=C capacity
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import json
@@ -33,7 +33,7 @@ from pathlib import Path
 from prep.api.cache import run_cached
 from prep.api.pool import ChatClient
 from prep.api.settings import ClientSettings, EndpointSettings
-from prep.config import add_recipe_arguments
+from prep.cli import command_parser, parse_command, print_config, recipe_arguments
 from prep.paths import REPO_ROOT, resolve_path
 from prep.prompts import load_prompts
 from prep.records import Case, read_cases
@@ -117,17 +117,18 @@ def two_endpoints(labeller: Labeller, base: ClientSettings, capacity: int, laten
             process.wait(10)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m launch.bench_teacher", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = command_parser("launch.bench_teacher", __doc__)
     parser.add_argument("--requests", type=int, default=1280, help="requests in the concurrent run")
-    parser.add_argument("--sequential-requests", type=int, default=20)
-    parser.add_argument("--latency", type=float, default=0.3)
-    parser.add_argument("--capacity", type=int, default=64)
+    parser.add_argument("--sequential-requests", type=int, default=20, help="requests in the one-at-a-time run")
+    parser.add_argument("--latency", type=float, default=0.3, help="seconds the server takes per request")
+    parser.add_argument("--capacity", type=int, default=64, help="requests the server serves at once")
     parser.add_argument("--concurrency", type=int, default=None, help="client concurrency (default: the capacity)")
-    add_recipe_arguments(parser, "teacher recipe", default="recipes/teacher/local-tiny-vllm.yaml", overlays=False)
-    args = parser.parse_args(argv)
-
-    recipe = validate_recipe(args.config, overrides=[*args.overrides, "server=null"])
+    recipe_arguments(parser, "teacher recipe", default="recipes/teacher/local-tiny-vllm.yaml")
+    args = parse_command(parser, argv)
+    if args.print_config:
+        return print_config(args.config, args.overlays, args.overrides)
+    recipe = validate_recipe(args.config, args.overlays, overrides=[*args.overrides, "server=null"])
     server, base_url = start_server(args.latency, args.capacity)
     try:
         labeller = Labeller(recipe, load_prompts(recipe.prompts.system, recipe.prompts.user), DEFAULT_MODEL)
@@ -172,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
           f"the client its backlog ({n0 / wall0:.1f} requests/s = {n0 / wall0 / capacity_2ep:.3f} of capacity)")
     print(f"capacity_fraction={rate / capacity_rate:.3f} speedup_vs_sequential={rate / sequential_rate:.1f} "
           f"client_cpu_ms={cpu / n * 1000:.2f} capacity_fraction_2ep={rate_2ep / capacity_2ep:.3f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,24 +1,27 @@
-"""Predict the peak GPU memory of an SFT or distill recipe before any GPU time is spent.
+"""Predict the peak GPU memory of an SFT or distill recipe per GPU, term by term, before any GPU time is spent.
+RECIPE is an Axolotl recipe (recipes/sft/*.yaml) or a TRL distill recipe (recipes/distill/*.yaml). --model names the
+model's shape when the recipe's model is a folder that does not exist yet (a distill recipe's runs/stage1/merged:
+pass the model stage one starts from, e.g. Qwen/Qwen2.5-7B-Instruct). The model and the measurements it is checked
+against: custom_losses/train/memory.py.
 
-    python -m launch.estimate_memory --config RECIPE [--overlay FILE]... [--set key=value]...
-                                     [--gpus N] [--model ID] [--gpu-mem GiB] [--strict] [--json]
+Reads: the recipe and its overlays, the model's config (a local folder, the hub, or data/models/).
+Writes: the breakdown to stdout (a table, or JSON with --json); nothing on disk.
 
-RECIPE is an Axolotl recipe (recipes/sft/*.yaml) or a TRL distill recipe (recipes/distill/*.yaml).
---model names the model's shape when the recipe's model is a folder that does not exist yet (a distill
-recipe's runs/stage1/merged: pass the model stage one starts from, e.g. Qwen/Qwen2.5-7B-Instruct).
-The model, term by term, and the measurements it is checked against: custom_losses/train/memory.py.
-Exit 0 with the breakdown; 1 with --strict when it does not fit --gpu-mem; 2 on a bad recipe.
+Example:
+    python -m launch.estimate_memory --config recipes/sft/qwen2.5-7b-instruct-qlora-1gpu.yaml --gpu-mem 80 --strict
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import asdict
 
 from custom_losses.train.memory import Estimate, estimate_recipe
 from custom_losses.train.sft_config import resolve_paths
-from prep.config import RecipeError, add_recipe_arguments, compose
+from prep.cli import command_parser, parse_command, print_config, recipe_arguments
+from prep.config import RecipeError, compose
+
+NOTES = "For launch.estimate_memory, 1 means (with --strict) that the prediction does not fit --gpu-mem."
 
 
 def summary(recipe: str, result: Estimate, gpus: int) -> str:
@@ -33,14 +36,16 @@ def summary(recipe: str, result: Estimate, gpus: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.estimate_memory", description=__doc__.splitlines()[0])
-    add_recipe_arguments(parser, "recipes/sft/*.yaml or recipes/distill/*.yaml")
+    parser = command_parser("launch.estimate_memory", __doc__, NOTES)
+    recipe_arguments(parser, "recipes/sft/*.yaml or recipes/distill/*.yaml")
     parser.add_argument("--gpus", type=int, default=1, help="GPUs the run shards over (default 1)")
     parser.add_argument("--model", help="the model's shape (hub id or folder) instead of the recipe's model")
     parser.add_argument("--gpu-mem", type=float, help="GiB per GPU; warn when the prediction does not fit")
     parser.add_argument("--strict", action="store_true", help="exit 1 when it does not fit")
     parser.add_argument("--json", action="store_true", help="print the breakdown as JSON")
-    args = parser.parse_args(argv)
+    args = parse_command(parser, argv)
+    if args.print_config:
+        return print_config(args.config, args.overlays, args.overrides)
     try:
         config = compose(args.config, args.overlays, args.overrides)
         result = estimate_recipe(resolve_paths(config) if "base_model" in config else config, args.gpus, args.model)

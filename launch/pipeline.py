@@ -1,56 +1,75 @@
-"""The whole pipeline in one command: stage one (teacher -> SFT -> merge -> predict) and stage two (soft
-labels -> distill -> predict), then the score table and the validated submission; make-like.
+"""Run the whole pipeline, make-like: stage one (teacher -> SFT -> merge -> predict), stage two (soft labels ->
+distill -> predict, then any on-policy rounds), the score table and the validated submission. Each step runs one
+stage command (launch.teacher, launch.sft, launch.merge, launch.predict, launch.softlabels, launch.distill,
+launch.onpolicy, launch.score, launch.submission) with its own log. A step whose content key (its composed
+recipe, the content of its inputs, its upstream steps' keys and its code) matches the stamp of its last run is
+skipped, so after a crash the same command resumes. Everything is checked first by the doctor (recipes, case
+files, disk, GPUs, teacher endpoints, the vLLM environment), before any step starts.
 
-    python -m launch.pipeline --config recipes/pipeline/<one>.yaml [--stages 1,2] [--set key=value ...]
-        [--plan] [--until STEP]
-    (or: bash launch/run.sh RECIPE ...)
+Reads: the pipeline recipe (recipes/pipeline/*.yaml) and the stage recipes it names, its train_cases and
+test_cases. A relative `--set out=...` (train_cases, test_cases) is relative to the working directory.
+Writes: the run folder OUT (the recipe's `out`): stage1/, stage2/, base/, scores/scores.md and scores.png,
+submission.jsonl, logs/ (one log per step), stamps/ (each step's content key), pipeline_summary.json.
 
-Each step runs one stage command (launch.teacher, launch.sft, launch.merge, launch.predict,
-launch.softlabels, launch.distill, launch.score, launch.submission) with its own log under OUT/logs/.
-A step whose content key (its composed recipe, the content of its inputs, its upstream steps' keys and
-its code) matches the stamp of its last run is skipped; after a crash, run the same command again.
+Example:
+    python -m launch.pipeline --config recipes/pipeline/tiny-cpu.yaml --plan
+    python -m launch.pipeline --config recipes/pipeline/tiny-cpu.yaml --limit 4 --set out=runs/trial
+    python -m launch.pipeline --config recipes/pipeline/qwen2.5-7b-1gpu.yaml --stages 1 --until sft
+    (or: bash launch/run.sh RECIPE [these flags])
+
 --plan prints `STEP run (reason)` or `STEP skip (up to date)` for every step and runs nothing (make -n).
-Everything is checked first
-(recipes, case files, disk, GPUs, teacher endpoint, vLLM environment): bad input is one sentence and
-exit 2 before any step starts; so is a run folder another pipeline is running in. A relative
-`--set out=...` (train_cases, test_cases) is relative to the working directory. Exit status: 0 done, 2
-bad input or a failed step (its log named), 3 the disk filled while the pipeline itself wrote.
+--limit N is a trial on the first N training cases and the first N test cases through every stage; the limit is
+part of each step's content key, so a limited run and a full run never take each other's outputs as up to date
+(give the trial its own --set out=... to keep both).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 from custom_losses.pipeline.run import run_pipeline
 from custom_losses.pipeline.steps import PipelineError
-from prep.config import RecipeError, add_recipe_arguments
+from prep.cli import (
+    EXIT_BAD_INPUT,
+    EXIT_DISK_FULL,
+    command_parser,
+    parse_command,
+    pipeline_arguments,
+    print_config,
+    recipe_arguments,
+    stages_overrides,
+)
+from prep.config import RecipeError
 from prep.jsonio import InputError, disk_full_at, is_disk_full
 from prep.locks import FolderInUse
 
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m launch.pipeline", description=__doc__.splitlines()[0])
-    add_recipe_arguments(parser, "pipeline recipe (recipes/pipeline/*.yaml)", overlays=False)
-    parser.add_argument("--stages", help="comma list overriding the recipe's stages, e.g. 1")
-    parser.add_argument("--plan", action="store_true", help="print which steps would run and why; run nothing")
-    parser.add_argument("--until", metavar="STEP", help="stop after this step (e.g. teacher, sft)")
-    return parser.parse_args(argv)
+NOTES = "For launch.pipeline, 2 also means a step failed (its log is named); 3: the disk filled while the " \
+        "pipeline itself wrote (a step's own status is in its log)."
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    overrides = args.overrides + ([f"stages=[{args.stages}]"] if args.stages else [])
+    parser = command_parser("launch.pipeline", __doc__, NOTES)
+    recipe_arguments(parser, "pipeline recipe (recipes/pipeline/*.yaml)")
+    pipeline_arguments(parser)
+    parser.add_argument("--plan", action="store_true", help="print which steps would run and why; run nothing")
+    parser.add_argument("--until", metavar="STEP", help="stop after this step (e.g. teacher, sft)")
+    parser.add_argument("--limit", type=int, metavar="N",
+                        help="a trial on the first N training and test cases through every stage")
+    args = parse_command(parser, argv)
+    overrides = args.overrides + stages_overrides(args.stages)
+    if args.print_config:
+        return print_config(args.config, args.overlays, overrides)
     try:
-        out = run_pipeline(args.config, overrides, plan_only=args.plan, until=args.until)
+        out = run_pipeline(args.config, overrides, overlays=args.overlays, plan_only=args.plan, until=args.until,
+                           limit=args.limit)
     except (RecipeError, InputError, PipelineError, FileNotFoundError, FolderInUse) as err:
         print(f"[pipeline] error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except Exception as err:  # a stage validator's own error (ClientError, ValueError, ...): still one sentence
         if is_disk_full(err):
             print(f"[pipeline] error: {disk_full_at(err, 'the run folder')}", file=sys.stderr)
-            return 3
+            return EXIT_DISK_FULL
         print(f"[pipeline] error: {type(err).__name__}: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     if args.plan or args.until:
         return 0
     print(f"[pipeline] scores: {out / 'scores' / 'scores.md'} and {out / 'scores' / 'scores.png'}")

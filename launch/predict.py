@@ -1,24 +1,25 @@
-"""The student answers every case through vLLM, then a validated submission is written.
+"""Let the student answer every case through vLLM, then write a validated submission. The model (--model) is a
+merged model folder or hub id, or a PEFT adapter folder served on its base model with --enable-lora. The recipe
+either starts the vLLM server (its server: section) or names a running one (client.base_url, --set server=null).
+A case left without an answer stops the run with its id listed; `--set fill_missing.enabled=true` fills such cases
+by a retry at a higher temperature.
 
-    python -m launch.predict --config recipes/predict/tiny-cpu.yaml --input data/sample_cases.jsonl \
-        --out runs/predict-tiny [--model MODEL_OR_ADAPTER] [--limit N] [--resume | --fresh] [--overlay FILE]... \
-        [--set KEY=VALUE]... [--no-progress]
+Reads: the predict recipe (recipes/predict/*.yaml), the cases (--input), the model (--model).
+Writes: under OUT: cache.jsonl, predictions.jsonl (id, reason, diseases, raw_valid, filled), submission.jsonl (only
+when every case has an answer, after validation), summary.json, predict.log (and server.log).
 
-MODEL_OR_ADAPTER is a merged model folder (or hub id), or a PEFT adapter folder, served on its base
-model with --enable-lora. The recipe either starts the vLLM server (its server: section) or names a
-running one (client.base_url, --set server=null). Outputs under OUT: cache.jsonl, predictions.jsonl
-(id, reason, diseases, raw_valid, filled), submission.jsonl (only when every case has an answer,
-after validation), summary.json, predict.log (and server.log). A case left without an answer stops
-the run with its id listed; `--set fill_missing.enabled=true` fills such cases by a retry at a higher
-temperature. Relative --input and --out are relative to the working directory (--model, which may
-also be a hub id or a served name, is looked for there, then in the repository). Exit status: 0
-submission written, 1 no submission, 2 bad input, an endpoint problem, OUT in use by another run or
-too little free disk, 3 the disk filled while writing (free space and run the same command again).
+Example:
+    python -m launch.predict --config recipes/predict/tiny-cpu.yaml --input data/sample_cases.jsonl \\
+        --out runs/predict-tiny --model runs/demo/stage1/merged
+
+Relative --input and --out are relative to the working directory (--model, which may also be a hub id or a served
+name, is looked for there, then in the repository).
 """
 from __future__ import annotations
 
 import sys
 
+from prep.cli import parse_command, print_config
 from prep.jsonio import DiskFull
 from prep.stages.api_stage import STAGE_ERRORS, disk_full, fail, stage_parser
 from prep.stages.predict import PredictStage
@@ -27,10 +28,13 @@ from prep.stages.predict import PredictStage
 def main(argv: list[str] | None = None) -> int:
     parser = stage_parser("python -m launch.predict", __doc__, "predict recipe (recipes/predict/*.yaml)",
                           "output folder (cache, predictions, submission, summary, log)",
-                          "answer only the first N cases")
+                          "answer only the first N cases",
+                          "For launch.predict, 1 means no submission was written (the message says why).")
     parser.add_argument("--model", help="merged model folder or hub id, or a LoRA adapter folder (default: the "
                                         "recipe's server.model; with server=null, the served model name to ask)")
-    args = parser.parse_args(argv)
+    args = parse_command(parser, argv)
+    if args.print_config:
+        return print_config(args.config, args.overlays, args.overrides)
     try:
         stage = PredictStage.from_files(args.config, args.input, model=args.model, limit=args.limit,
                                         overlays=args.overlays, overrides=args.overrides)

@@ -1,13 +1,19 @@
-"""Validate competition case files and summarise them.
+"""Validate competition case files and summarise them. Each bad line is named by file, line and field, and each
+file's records, unique ids, duplicate texts, field presence and lengths are summed up, before any stage reads them.
 
-    python -m launch.records CASES.jsonl [MORE.jsonl ...] [--rejects REJECTS.jsonl] [--tokenizer DIR] [--no-tokens]
+Reads: the case files (JSONL or a JSON array), the Qwen2.5 tokenizer (or --tokenizer), --against's training cases.
+Writes: the summaries to stdout (JSON), the bad lines to stderr, and with --rejects the bad lines with their
+reasons to that JSONL file.
+
+Example:
+    python -m launch.records data/sample_cases.jsonl --no-tokens
 
 Every bad line is printed to stderr as `path:line: field 'x': problem`; each file's summary (records,
 unique ids, duplicate texts, field presence, length percentiles in characters and Qwen2.5 tokens) is
 printed to stdout as JSON, with its exact and near-duplicate groups (prep.near_duplicates). With `--against
 TRAIN.jsonl` each file is also checked as a test file: its exact and near copies of TRAIN's cases, by id, with
 their share, go into its summary, and the last line on stdout is `exact_copies=N near_copies=M test_cases=T`.
-Relative paths are relative to the working directory (as for every command's data paths: prep.paths). Exit status 1 when any line or file is bad (an id outside int64 included), else 0.
+Relative paths are relative to the working directory (as for every command's data paths: prep.paths).
 """
 from __future__ import annotations
 
@@ -15,14 +21,17 @@ import argparse
 import json
 import sys
 
+from prep.cli import command_parser
 from prep.jsonio import InputError
 from prep.near_duplicates import contamination_line
 from prep.paths import cli_path
 from prep.records import contamination_of, read_cases, summarise
 
+NOTES = "For launch.records, 1 means a line or a file is bad (an id outside int64 included); each is named."
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m launch.records", description=__doc__.splitlines()[0])
+    parser = command_parser("launch.records", __doc__, NOTES)
     parser.add_argument("paths", nargs="+", help="case files (JSONL or a JSON array)")
     parser.add_argument("--rejects", help="write bad lines with their reasons to this JSONL file")
     parser.add_argument("--tokenizer", help="model folder whose tokenizer counts tokens "

@@ -1,31 +1,33 @@
-"""Serve a serve recipe with vLLM in the foreground until Ctrl-C (demos, or a teacher other machines ask).
+"""Serve a serve recipe with vLLM in the foreground until Ctrl-C, for demos or a teacher other machines ask. The
+stage commands start and stop the server their recipe names by themselves; this command is for a server that
+outlives one command: point a stage at it with `--set server=null --set client.base_url=URL`. A recipe's port 0
+picks a free port (`--set port=8000` to fix one); the URL is printed once the server is healthy.
 
-    python -m launch.serve --config recipes/serve/tiny-cpu.yaml [--overlay FILE]... [--set KEY=VALUE]... \
-        [--log runs/serve/server.log]
+Reads: the serve recipe (recipes/serve/*.yaml) and the model it names.
+Writes: the server's log (--log, default runs/serve/server.log).
 
-The stage commands start and stop the server their recipe names by themselves; this command is for
-a server that outlives one command: point a stage at it with `--set server=null --set
-client.base_url=URL`. A recipe's port 0 picks a free port (`--set port=8000` to fix one); the URL
-is printed once the server is healthy. Exit status: 0 after Ctrl-C, 1 when the server dies, 2 when
-the recipe is bad or the server cannot start (with the last lines of its log).
+Example:
+    python -m launch.serve --config recipes/serve/tiny-cpu.yaml --set port=8000
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from prep.api.serving import VLLMServer, load_server_spec
-from prep.config import add_recipe_arguments
+from prep.cli import command_parser, parse_command, print_config, recipe_arguments
 from prep.stages.api_stage import STAGE_ERRORS, fail
+
+NOTES = "For launch.serve, 0 follows Ctrl-C and 1 means the server died (the cause line of its log follows)."
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.serve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_recipe_arguments(parser, "serve recipe (recipes/serve/*.yaml)")
+    parser = command_parser("launch.serve", __doc__, NOTES)
+    recipe_arguments(parser, "serve recipe (recipes/serve/*.yaml)")
     parser.add_argument("--log", type=Path, default=Path("runs/serve/server.log"), help="the server's log file")
-    args = parser.parse_args(argv)
+    args = parse_command(parser, argv)
+    if args.print_config:
+        return print_config(args.config, args.overlays, args.overrides)
     try:
         server = VLLMServer(load_server_spec(args.config, args.overrides, args.overlays), args.log).start()
     except STAGE_ERRORS as err:
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         server.stop()
-    print(f"error: the vLLM server exited with status {status}; last lines of {args.log}:\n{server.log_tail()}",
+    print(f"error: the vLLM server exited with status {status}: {server.cause()} (its log: {args.log})",
           file=sys.stderr)
     return 1
 

@@ -1,22 +1,24 @@
-"""Stage two data: the teacher's top-k log-probabilities at every answer token, in the student's token ids.
+"""Record the teacher's top-k log-probabilities at every answer token, in the student's token ids: stage two's
+data. Without --answers the teacher generates each answer with its top-k log-probs; with --answers (the teacher
+stage's output folder, or a JSONL file of rows with messages, or reason and diseases) a self-hosted vLLM teacher
+scores those fixed answers. A teacher whose tokens are not Qwen2.5's is refused (exit 2).
 
-    python -m launch.softlabels --config recipes/softlabels/local-tiny-vllm.yaml --input data/sample_cases.jsonl \
-        --out runs/softlabels-tiny [--answers DIR_OR_JSONL] [--limit N] [--resume | --fresh] [--overlay FILE]... \
-        [--set KEY=VALUE]... [--no-progress]
+Reads: the soft-label recipe (recipes/softlabels/*.yaml), the cases (--input), the fixed answers (--answers),
+the prompt files, the API key from the variable client.api_key_env names.
+Writes: under OUT: cache.jsonl, rejects.jsonl, dataset/ (train/validation), summary.json, softlabels.log (and
+server.log).
 
-Without --answers the teacher generates each answer with its top-k log-probs; with --answers (the
-teacher stage's output folder, or a JSONL file of rows with messages, or reason and diseases) a
-self-hosted vLLM teacher scores those fixed answers. A teacher whose tokens are not Qwen2.5's is
-refused. Outputs under OUT: cache.jsonl, rejects.jsonl, dataset/ (train/validation), summary.json,
-softlabels.log (and server.log). Relative paths given here are relative to the working directory.
-Exit status: 0 done, 1 some requests failed after their retries or cases are incomplete (run the same
-command again), 2 bad input, an endpoint problem, a foreign tokenizer, OUT in use by another run or too
-little free disk, 3 the disk filled while writing (free space and run the same command again).
+Example:
+    python -m launch.softlabels --config recipes/softlabels/local-tiny-vllm.yaml --input data/sample_cases.jsonl \\
+        --answers runs/teacher-tiny --out runs/softlabels-tiny
+
+Relative paths given here are relative to the working directory. See docs/RELIABILITY.md.
 """
 from __future__ import annotations
 
 import sys
 
+from prep.cli import parse_command, print_config
 from prep.jsonio import DiskFull
 from prep.paths import cli_path
 from prep.stages.api_stage import STAGE_ERRORS, disk_full, fail, retry_status, stage_parser
@@ -28,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
                           "output folder (cache, rejects, dataset/, summary.json, softlabels.log)")
     parser.add_argument("--answers", help="score these fixed answers instead of generating: the teacher stage's "
                                           "output folder or a JSONL file (rows with messages, or reason and diseases)")
-    args = parser.parse_args(argv)
+    args = parse_command(parser, argv)
+    if args.print_config:
+        return print_config(args.config, args.overlays, args.overrides)
     try:
         answers = cli_path(args.answers) if args.answers else None      # the working directory's, never the repo's
         stage = SoftLabelStage.from_files(args.config, args.input, answers=answers, limit=args.limit,

@@ -1,28 +1,35 @@
-"""Check a competition submission, or write one from predictions.
+"""Check a competition submission against its case file, or write one from predictions. `check` validates
+SUBMISSION against the input CASES (every input id once, in input order, non-empty string fields, valid JSON) and
+prints each problem as `path:line: problem`. `write` takes the answers for exactly the cases of CASES from
+PREDICTIONS (predict's `predictions.jsonl`, which may cover more cases) and writes OUT atomically, only when it
+validates; a case without an answer stops it with the ids listed.
 
-    python -m launch.submission check CASES SUBMISSION [--max-problems N]
-    python -m launch.submission write CASES PREDICTIONS OUT
+Reads: the case file CASES, and SUBMISSION (check) or PREDICTIONS (write).
+Writes: check: nothing (its verdict on stdout, problems on stderr); write: the submission file OUT.
 
-`check` validates SUBMISSION against the input CASES (every input id once, in input order, non-empty
-string fields, valid JSON): each problem is printed as `path:line: problem`, exit 1 when any
-(exit 2 when the case file itself cannot be read).
-`write` takes the answers for exactly the cases of CASES from PREDICTIONS (predict's
-`predictions.jsonl`, which may cover more cases) and writes OUT atomically, only when it validates;
-a case without an answer stops it with the ids listed (exit 1), unreadable input exits 2.
+Example:
+    python -m launch.submission check data/sample_cases.jsonl runs/demo/submission.jsonl
+    python -m launch.submission write data/sample_cases.jsonl runs/demo/stage1/predict/predictions.jsonl \\
+        runs/submission.jsonl
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
+from prep.cli import command_parser
 from prep.eval.submission import SubmissionError, check_submission, write_submission_from_predictions
 from prep.jsonio import InputError
 from prep.records import read_cases
 
+NOTES = ("For launch.submission, 1 means the submission is invalid (check) or a case has no answer (write); 2 that "
+         "the case file cannot be read.")
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m launch.submission", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = command_parser("launch.submission", __doc__, NOTES)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{check,write}",
+                                     help="check a submission, or write one from predictions")
     check = commands.add_parser("check", help="validate SUBMISSION against CASES; path:line: problem lines, exit 1")
     check.add_argument("cases", help="the input case file (JSONL of id, feature_content)")
     check.add_argument("submission", help="the submission JSONL to check")

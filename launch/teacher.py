@@ -1,23 +1,25 @@
-"""Stage one data: teacher answers for every case, from any OpenAI-compatible endpoint, into an SFT dataset.
+"""Ask the teacher for an answer to every case, from any OpenAI-compatible endpoint or a vLLM server the recipe
+starts, and turn the answers into the SFT dataset of stage one. The recipe names the endpoint (client.base_url,
+client.model, client.api_key_env) or the server to start (server:), the sampling, the answer constraint, the
+prompt files and the repair turns. A rerun (the default, --resume) asks only for what OUT/cache.jsonl lacks;
+--fresh moves the cache aside first.
 
-    python -m launch.teacher --config recipes/teacher/local-tiny-vllm.yaml --input data/sample_cases.jsonl \
-        --out runs/teacher-tiny [--limit N] [--resume | --fresh] [--overlay FILE]... [--set KEY=VALUE]... \
-        [--no-progress]
+Reads: the teacher recipe (recipes/teacher/*.yaml), the cases (--input), the prompt files it names, the API key
+from the environment variable client.api_key_env names (never from the recipe).
+Writes: under OUT: cache.jsonl, rejects.jsonl, sft/train.jsonl, sft/valid.jsonl, sft/dataset/, summary.json,
+teacher.log (and server.log).
 
-The recipe names the endpoint (client.base_url, client.model, client.api_key_env) or the vLLM server
-to start (server:), the sampling, the answer constraint, the prompt files and the repair turns. A
-rerun (the default, --resume) asks only for what OUT/cache.jsonl lacks; --fresh moves the cache
-aside first. Outputs under OUT: cache.jsonl, rejects.jsonl, sft/train.jsonl, sft/valid.jsonl,
-sft/dataset/, summary.json, teacher.log (and server.log). Relative paths given here are relative to
-the working directory (prep.paths). Exit status: 0 done, 1 some requests failed after their retries or
-cases are incomplete (run the same command again), 2 bad input, an endpoint problem, OUT in use by
-another run or too little free disk for the run, 3 the disk filled while writing (free space and run
-the same command again: nothing answered is lost). See docs/RELIABILITY.md.
+Example:
+    python -m launch.teacher --config recipes/teacher/local-tiny-vllm.yaml --input data/sample_cases.jsonl \\
+        --out runs/teacher-tiny --limit 4
+
+Relative paths given here are relative to the working directory (prep.paths). See docs/RELIABILITY.md.
 """
 from __future__ import annotations
 
 import sys
 
+from prep.cli import parse_command, print_config
 from prep.jsonio import DiskFull
 from prep.stages.api_stage import STAGE_ERRORS, disk_full, fail, retry_status, stage_parser
 from prep.stages.teacher import TeacherStage
@@ -27,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = stage_parser("python -m launch.teacher", __doc__, "teacher recipe (recipes/teacher/*.yaml)",
                           "output folder (cache, rejects, sft/, summary.json, teacher.log)",
                           "label only the first N cases")
-    args = parser.parse_args(argv)
+    args = parse_command(parser, argv)
+    if args.print_config:
+        return print_config(args.config, args.overlays, args.overrides)
     try:
         stage = TeacherStage.from_files(args.config, args.input, limit=args.limit, overlays=args.overlays,
                                         overrides=args.overrides)

@@ -18,7 +18,7 @@ from prep.paths import REPO_ROOT
 PACKAGES = ("prep", "custom_losses", "launch", "tests")
 # The lowest layer: the record schema, answers, prompts, tokenizer, I/O, paths, constants, recipe loading, digests.
 BASE = ("prep.paths", "prep.qwen", "prep.jsonio", "prep.locks", "prep.records", "prep.answers", "prep.prompts",
-        "prep.tokenizer", "prep.config", "prep.digests", "prep.near_duplicates", "prep")
+        "prep.tokenizer", "prep.config", "prep.digests", "prep.cli", "prep.near_duplicates", "prep")
 # What each room may depend on (its own room is always allowed). A room is a sub-package, "base", or a top package.
 ALLOWED = {
     "base": set(),

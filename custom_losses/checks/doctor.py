@@ -193,7 +193,8 @@ def need_of(step: str) -> str | None:
     return step if step in ("teacher", "sft") else None
 
 
-def load(config: str | Path, overrides: Sequence[str], gpus: int, only: Collection[str] | None = None) -> Recipe:
+def load(config: str | Path, overrides: Sequence[str], gpus: int, only: Collection[str] | None = None,
+         overlays: Sequence[str | Path] = ()) -> Recipe:
     """Validate CONFIG as custom_losses.pipeline.plan.preflight does (every stage through custom_losses.pipeline.catalogue, no GPU demanded:
     the GPU checks say that), then read each training and serving step's needs."""
     from custom_losses.pipeline import catalogue
@@ -202,7 +203,7 @@ def load(config: str | Path, overrides: Sequence[str], gpus: int, only: Collecti
     from prep.api.serving import load_server_spec
     from prep.config import compose
 
-    recipe = pipeline.validate_recipe(config, overrides=list(overrides))
+    recipe = pipeline.validate_recipe(config, list(overlays), list(overrides))
     runs = pipeline.stage_runs(recipe)
     validated = {}
     for name, run in runs.items():
@@ -247,18 +248,20 @@ def models_of(recipe: Recipe) -> list[str]:
 def run_doctor(config: str | Path, overrides: Sequence[str] = (), machine: Machine | None = None,
                vllm_python: str | None = "", offline: bool | None = None,
                report: Callable[[CheckResult], None] | None = None,
-               only: Collection[str] | None = None) -> list[CheckResult]:
-    """Every check of CONFIG (a pipeline recipe) with OVERRIDES against MACHINE (this one by default), in order;
+               only: Collection[str] | None = None, overlays: Sequence[str | Path] = ()) -> list[CheckResult]:
+    """Every check of CONFIG (a pipeline recipe, OVERLAYS merged over it) with OVERRIDES against MACHINE (this one
+    by default), in order;
     REPORT gets each result as it is made. VLLM_PYTHON "" means prep.api.serving.vllm_python(); OFFLINE None
     means HF_HUB_OFFLINE from the environment. ONLY (pipeline step names) limits the machine's checks to what
     those steps need (a teacher run on a CPU box before the GPU is rented); every stage recipe is validated
     whatever ONLY says. When the recipe does not validate that is the only line."""
-    return _run(config, overrides, machine, vllm_python, offline, report, only)[0]
+    return _run(config, overrides, machine, vllm_python, offline, report, only, overlays)[0]
 
 
 def _run(config: str | Path, overrides: Sequence[str], machine: Machine | None, vllm_python: str | None,
          offline: bool | None, report: Callable[[CheckResult], None] | None,
-         only: Collection[str] | None = None) -> tuple[list[CheckResult], Recipe | None]:
+         only: Collection[str] | None = None,
+         overlays: Sequence[str | Path] = ()) -> tuple[list[CheckResult], Recipe | None]:
     """run_doctor, also returning the loaded recipe. Long because it is the list of checks itself, one call each."""
     from prep.config import RecipeError
 
@@ -280,7 +283,7 @@ def _run(config: str | Path, overrides: Sequence[str], machine: Machine | None, 
     machine = Machine.here() if machine is None else machine
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false") if offline is None else offline
     try:
-        recipe = load(config, overrides, len(machine.gpus), only)
+        recipe = load(config, overrides, len(machine.gpus), only, overlays)
     except (RecipeError, ValueError, OSError, KeyError) as err:
         if vllm_import is not None:
             vllm_import.kill()
@@ -312,14 +315,16 @@ def _run(config: str | Path, overrides: Sequence[str], machine: Machine | None, 
 
 
 def diagnose(config: str | Path, overrides: Sequence[str] = (), smoke: bool = False,
-             report: Callable[[str], None] = print) -> bool:
+             report: Callable[[str], None] = print, overlays: Sequence[str | Path] = ()) -> bool:
     """The `launch.doctor` command: every check's line to REPORT as it is made, then (with SMOKE, when every
-    check passed) the real-shape smoke run; True when the recipe can run here."""
+    check passed) the real-shape smoke run; True when the recipe can run here. OVERLAYS: YAML files merged over
+    CONFIG before OVERRIDES, as every command composes a recipe (prep.config.compose)."""
     with stderr_silenced():   # torch, bitsandbytes and the trainers print import noise between the check lines
-        results, recipe = _run(config, overrides, None, "", None, lambda result: report(result.line()))
+        results, recipe = _run(config, overrides, None, "", None, lambda result: report(result.line()),
+                               overlays=overlays)
     if smoke and passed(results) and recipe is not None:
         tiny = not any(step.on_gpu for step in recipe.steps)
-        result = run_smoke(config, overrides, tiny, report)
+        result = run_smoke(config, [*overlay_overrides(overlays), *overrides], tiny, report)
         report(result.line())
         results.append(result)
     return passed(results)
@@ -341,6 +346,24 @@ def run_smoke(config: str | Path, overrides: Sequence[str], tiny: bool,
         return fail("smoke", f"{len(failed)} of {len(smoke_lines)} smoke steps failed (lines above)",
                     "fix what the FAIL lines above name before paying for the run")
     return ok("smoke", f"{len(smoke_lines)} smoke steps ran ({'tiny CPU shapes' if tiny else 'real shapes'})")
+
+
+def overlay_overrides(overlays: Sequence[str | Path]) -> list[str]:
+    """OVERLAYS as the `key=value` items that compose to the same recipe (each leaf set in order; mappings merge
+    key by key, anything else is replaced, as prep.config.deep_merge does): for the smoke run, which takes
+    overrides only."""
+    import json
+
+    from prep.config import read_yaml
+
+    def leaves(data: dict, prefix: str) -> list[str]:
+        items = []
+        for key, value in data.items():
+            items += leaves(value, f"{prefix}{key}.") if isinstance(value, dict) and value else \
+                [f"{prefix}{key}={json.dumps(value, ensure_ascii=False)}"]
+        return items
+
+    return [item for overlay in overlays for item in leaves(read_yaml(overlay), "")]
 
 
 def lines(results: Sequence[CheckResult]) -> list[str]:

@@ -113,8 +113,8 @@ def build_kd_features(row: dict[str, Any], tokenizer, weights: TokenWeightConfig
         agreement = row.get("agreement")
         if agreement is None:
             raise ValueError(f"case {row.get('id')}: case_weight: agreement needs the soft-label rows' 'agreement' "
-                             f"column, which this dataset lacks (prep.stages.softlabels writes it; make the soft labels "
-                             f"again, or set case_weight: none)")
+                             f"column, which this dataset lacks (python -m launch.softlabels writes it; make the soft "
+                             f"labels again, or set case_weight: none)")
         if not 0 <= agreement <= 1:
             raise ValueError(f"case {row.get('id')}: agreement {agreement} is outside [0, 1]")
         case_weight = float(agreement)

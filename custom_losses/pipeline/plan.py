@@ -15,6 +15,7 @@ environment and any hosted teacher's endpoint.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,8 +34,8 @@ from prep.api.preflight import check_endpoint
 from prep.api.settings import ClientError, resolve_api_key
 from prep.config import RecipeError, compose, load_recipe
 from prep.eval.score import DEFAULT_RECIPE as DEFAULT_SCORE_RECIPE
-from prep.eval.submission import check_submission
-from prep.jsonio import read_jsonl, write_jsonl_atomic, write_text_atomic
+from prep.eval.submission import check_submission, read_submission_lines, validate_lines
+from prep.jsonio import InputError, read_jsonl, write_jsonl_atomic, write_text_atomic
 from prep.paths import resolve_path
 from prep.records import contamination_of, read_cases
 from prep.stages.api_stage import ApiRecipe, endpoint_target
@@ -132,6 +133,16 @@ class Layout:
     out: Path
     train_cases: Path
     test_cases: Path
+    limit: int | None = None        # --limit N: a trial on the first N training and test cases
+
+    @property
+    def limit_flag(self) -> tuple[str, ...]:
+        """`--limit N` for the stage commands that read the case files (none in a full run)."""
+        return ("--limit", str(self.limit)) if self.limit else ()
+
+    @property
+    def submission_cases(self) -> Path:     # the cases the submission answers: the first N of a trial's
+        return self.out / f"test_cases.first{self.limit}.jsonl" if self.limit else self.test_cases
 
     @property
     def stage1(self) -> Path:
@@ -256,7 +267,8 @@ def stage_one_steps(recipe: PipelineRecipe, runs: dict[str, StageCommand], where
     train, sft = where.teacher / "sft" / "train.jsonl", where.stage1 / "sft"
     full = sft_is_full(recipe)
     steps = [
-        Step("teacher", runs["teacher"].argv("--input", str(where.train_cases), "--out", str(where.teacher)),
+        Step("teacher", runs["teacher"].argv("--input", str(where.train_cases), *where.limit_flag,
+                                             "--out", str(where.teacher)),
              [where.teacher / "summary.json", train, where.valid_reference],
              validate=lambda: (require_unique_ids(train), require_unique_ids(where.valid_reference)),
              inputs=(where.train_cases,), recipe=runs["teacher"]),
@@ -282,7 +294,7 @@ def stage_two_steps(recipe: PipelineRecipe, runs: dict[str, StageCommand], where
     kept = recipe.stage2.softlabel_answers == "kept"
     answers = ("--answers", str(where.teacher)) if kept else ()
     steps = [
-        Step("softlabels", runs["softlabels"].argv("--input", str(where.train_cases), *answers,
+        Step("softlabels", runs["softlabels"].argv("--input", str(where.train_cases), *answers, *where.limit_flag,
                                                    "--out", str(s2 / "softlabels")),
              [s2 / "softlabels" / "dataset" / "dataset_dict.json"], inputs=(where.train_cases,),
              deps=("teacher",) if kept else (), recipe=runs["softlabels"]),
@@ -307,9 +319,10 @@ def round_steps(s2: StageTwo, runs: dict[str, StageCommand], where: Layout, inde
                                          folder / "distill")
     sampler, trainer = runs["student"], runs[f"distill-{index}"]
     return [
-        Step(f"student-{index}", sampler.argv("--model", str(model), "--input", str(train), "--out", str(student)),
+        Step(f"student-{index}", sampler.argv("--model", str(model), "--input", str(train), *where.limit_flag,
+                                              "--out", str(student)),
              [student / "predictions.jsonl", student / "submission.jsonl"],
-             validate=lambda: require_valid_submission(train, student / "submission.jsonl"),
+             validate=lambda: require_valid_submission(train, student / "submission.jsonl", where.limit),
              deps=(model_step,), inputs=(train,), recipe=sampler),
         Step(f"mix-{index}", command_argv("onpolicy", "--teacher", str(where.teacher), "--student",
                               str(student / "predictions.jsonl"), "--mix", str(s2.on_policy_mix),
@@ -317,7 +330,7 @@ def round_steps(s2: StageTwo, runs: dict[str, StageCommand], where: Layout, inde
                               "--round", str(index), "--out", str(answers)),
              [answers], deps=("teacher", f"student-{index}")),
         Step(f"softlabels-{index}", runs["softlabels"].argv("--input", str(train), "--answers", str(answers),
-                                                            "--out", str(labels)),
+                                                            *where.limit_flag, "--out", str(labels)),
              [labels / "dataset" / "dataset_dict.json"], inputs=(train,), deps=(f"mix-{index}",),
              recipe=runs["softlabels"]),
         Step(f"distill-{index}", trainer.argv(), [distill / "merged" / "config.json"],
@@ -327,9 +340,11 @@ def round_steps(s2: StageTwo, runs: dict[str, StageCommand], where: Layout, inde
     ]
 
 
-def build_plan(recipe: PipelineRecipe) -> list[Step]:
-    """Every step in order: stage one, stage two when asked, the score table, the submission."""
-    where, runs = layout_of(recipe), stage_runs(recipe)
+def build_plan(recipe: PipelineRecipe, limit: int | None = None) -> list[Step]:
+    """Every step in order: stage one, stage two when asked, the score table, the submission. LIMIT: a trial on
+    the first LIMIT training and test cases (the steps that read the case files are told, the predict cases and
+    the submission's cases are cut to it)."""
+    where, runs = dataclasses.replace(layout_of(recipe), limit=limit), stage_runs(recipe)
     steps = stage_one_steps(recipe, runs, where)
     if 2 in recipe.stages:
         steps += stage_two_steps(recipe, runs, where)
@@ -349,10 +364,11 @@ def build_plan(recipe: PipelineRecipe) -> list[Step]:
                       inputs=(where.train_cases, where.test_cases) if copied else (),
                       deps=("teacher", *curves, *(f"predict-{name}" for name in predicted)), recipe=runs["score"]))
     final = list(predicted)[-1]
-    submission = where.out / "submission.jsonl"
-    steps.append(Step("submission", command_argv("submission", "write", str(where.test_cases),
-                                     str(predicted[final]), str(submission)),
-                      [submission], validate=lambda: require_valid_submission(where.test_cases, submission),
+    submission, cases = where.out / "submission.jsonl", where.submission_cases
+    steps.append(Step("submission", command_argv("submission", "write", str(cases), str(predicted[final]),
+                                                 str(submission)),
+                      [submission], validate=lambda: require_valid_submission(where.test_cases, submission, limit),
+                      before=lambda: write_first_cases(where.test_cases, cases, limit),
                       deps=(f"predict-{final}",), inputs=(where.test_cases,)))
     return steps
 
@@ -391,16 +407,30 @@ def curve_files(recipe: PipelineRecipe) -> dict[str, Path]:
 
 
 def write_predict_cases(where: Layout) -> None:
-    """Test cases, then the validation cases not already among them (ids from the teacher's split)."""
-    tests = read_cases(where.test_cases).cases
+    """Test cases (a trial's first N), then the validation cases not already among them (ids from the teacher's
+    split)."""
+    tests = read_cases(where.test_cases).cases[:where.limit]
     valid_ids = {row["id"] for row in read_jsonl(where.valid_reference)}
     seen = {case.id for case in tests}
     extra = [case for case in read_cases(where.train_cases).cases if case.id in valid_ids and case.id not in seen]
     write_jsonl_atomic(where.predict_cases, [case.to_json() for case in tests + extra])
 
 
-def require_valid_submission(cases: Path, submission: Path) -> None:
-    problems = check_submission(cases, submission)
+def write_first_cases(cases: Path, out: Path, limit: int | None) -> None:
+    """A trial's case file: the first LIMIT cases of CASES (nothing to write in a full run)."""
+    if limit:
+        write_jsonl_atomic(out, [case.to_json() for case in read_cases(cases).cases[:limit]])
+
+
+def require_valid_submission(cases: Path, submission: Path, limit: int | None = None) -> None:
+    """SUBMISSION answers the cases of CASES (its first LIMIT in a trial), each once, in order."""
+    if limit is None:
+        problems = check_submission(cases, submission)
+    else:
+        try:
+            problems = validate_lines(read_cases(cases).cases[:limit], read_submission_lines(submission), submission)
+        except InputError as err:
+            problems = [err]
     if problems:
         raise PipelineError(f"{submission}: {problems[0]}")
 
@@ -469,8 +499,11 @@ def require_case_files(recipe: PipelineRecipe) -> None:
                                 f"(data/competition/README.md says which file is which) or name yours: --set {key}=PATH")
 
 
-def plan_pipeline(recipe: PipelineRecipe) -> list[Decision]:
-    """Every step of RECIPE with its key and whether it runs (and why); runs nothing."""
+def plan_pipeline(recipe: PipelineRecipe, limit: int | None = None) -> list[Decision]:
+    """Every step of RECIPE with its key and whether it runs (and why); runs nothing. LIMIT (--limit N) is part of
+    every step's key: a trial and a full run never take each other's outputs as up to date."""
     require_case_files(recipe)
+    if limit is not None and limit < 1:
+        raise PipelineError(f"--limit {limit}: give a number of cases, 1 or more")
     out = layout_of(recipe).out
-    return decide(build_plan(recipe), out, out / "stamps")
+    return decide(build_plan(recipe, limit), out, out / "stamps", limit)

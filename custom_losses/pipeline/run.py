@@ -40,7 +40,8 @@ def command_line_paths(overrides: list[str]) -> list[str]:
     return made
 
 
-def preflight(config: str | Path, overrides: list[str], steps: Collection[str] | None = None) -> list[str]:
+def preflight(config: str | Path, overrides: list[str], steps: Collection[str] | None = None,
+              overlays: list[str] = ()) -> list[str]:
     """The doctor (custom_losses.checks.doctor, in this process) on this pipeline recipe: case files, every
     stage recipe, the teacher's split, CUDA, GPU memory against each step's estimate, precision, attention,
     bitsandbytes, vLLM, NCCL, disk, models and teacher endpoints, in seconds and before any GPU or API time.
@@ -48,7 +49,7 @@ def preflight(config: str | Path, overrides: list[str], steps: Collection[str] |
     (`--until teacher`) passes on a CPU box. Its lines, for the log; PipelineError with its FAIL lines when the
     recipe cannot run here."""
     with stderr_silenced():   # the doctor imports the trainers' libraries to check them
-        results = run_doctor(absolute(config), overrides, only=steps)
+        results = run_doctor(absolute(config), overrides, only=steps, overlays=overlays)
     if not passed(results):
         failed = [result.line() for result in results if result.failed]
         raise PipelineError("this run cannot start here (the doctor, python -m launch.doctor):\n" + "\n".join(failed))
@@ -57,7 +58,11 @@ def preflight(config: str | Path, overrides: list[str], steps: Collection[str] |
 
 # --------------------------------------------------------------------------- running
 
-def print_plan(decisions: list[Decision]) -> None:
+def print_plan(decisions: list[Decision], limit: int | None = None) -> None:
+    if limit:
+        print(f"--limit {limit}: a trial on the first {limit} training and test cases; the limit is part of every "
+              f"step's key, so a full run's outputs are not taken as up to date here (nor this trial's by a full run)",
+              flush=True)
     width = max(len(decision.step.name) for decision in decisions)
     for decision in decisions:
         print(decision.line(width), flush=True)
@@ -73,25 +78,26 @@ def steps_until(decisions: list[Decision], until: str | None) -> list[Decision]:
     return decisions[:names.index(until) + 1]
 
 
-def run_pipeline(config: str | Path, overrides: list[str] = (), *, plan_only: bool = False,
-                 until: str | None = None) -> Path:
+def run_pipeline(config: str | Path, overrides: list[str] = (), *, overlays: list[str] = (), plan_only: bool = False,
+                 until: str | None = None, limit: int | None = None) -> Path:
     """Load the pipeline recipe CONFIG with OVERRIDES, check everything, run every step that is not up to date
-    (up to the step UNTIL); the run folder. PLAN_ONLY prints each step's decision and runs nothing.
+    (up to the step UNTIL); the run folder. PLAN_ONLY prints each step's decision and runs nothing. OVERLAYS are
+    YAML files merged over CONFIG before OVERRIDES (prep.config.compose); LIMIT: a trial on the first LIMIT cases.
 
     Raises RecipeError, InputError, PipelineError, prep.locks.FolderInUse (another pipeline holds the run
     folder) or a stage validator's own error (one sentence each). A relative out, train_cases or test_cases in
     OVERRIDES is the working directory's (command_line_paths)."""
     overrides = command_line_paths(list(overrides))
-    recipe = validate_recipe(config, overrides=overrides)
+    recipe = validate_recipe(config, overlays, overrides)
     out = layout_of(recipe).out
     if plan_only:
-        print_plan(steps_until(plan_pipeline(recipe), until))
+        print_plan(steps_until(plan_pipeline(recipe, limit), until), limit)
         return out
     with folder_lock(out, choose="another run folder (out in the recipe, or --set out=...)"):
         logs, stamps = out / "logs", out / "stamps"
-        decisions = steps_until(plan_pipeline(recipe), until)
+        decisions = steps_until(plan_pipeline(recipe, limit), until)
         running = [decision.step.name for decision in decisions if decision.runs]
-        for line in preflight(config, overrides, running):
+        for line in preflight(config, overrides, running, overlays):
             print(f"[pipeline] preflight: {line}", flush=True)
         logs.mkdir(parents=True, exist_ok=True)
         stamps.mkdir(parents=True, exist_ok=True)

@@ -120,9 +120,14 @@ def label(path: Path) -> str:
     return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
 
 
-def step_parts(step: Step, keys: dict[str, str], out: Path, cache: DigestCache) -> dict[str, str]:
-    """Everything STEP's output depends on, digest by digest; fills in its command's DATA_KEY."""
+def step_parts(step: Step, keys: dict[str, str], out: Path, cache: DigestCache,
+               limit: int | None = None) -> dict[str, str]:
+    """Everything STEP's output depends on, digest by digest; fills in its command's DATA_KEY. LIMIT (a trial's
+    --limit N) is a part of every step's, those that read no case file too: a trial's merged model or score table
+    is not a full run's."""
     parts = {f"dep:{name}": keys[name] for name in step.deps}
+    if limit:
+        parts["limit"] = str(limit)
     files = [*step.inputs, CHAT_TEMPLATE_PATH]
     composed = step.recipe.composed() if step.recipe else None
     if composed is not None:
@@ -158,14 +163,15 @@ def run_reason(step: Step, key: str, parts: dict[str, str], stamps: Path, runnin
     return None
 
 
-def decide(steps: list[Step], out: Path, stamps: Path) -> list[Decision]:
-    """Each step's key and whether it runs, in order (a step after one that runs, and reads from it, runs too)."""
+def decide(steps: list[Step], out: Path, stamps: Path, limit: int | None = None) -> list[Decision]:
+    """Each step's key and whether it runs, in order (a step after one that runs, and reads from it, runs too);
+    LIMIT: a trial's --limit, part of every key."""
     cache = DigestCache(stamps / "digests.json")
     keys: dict[str, str] = {}
     running: set[str] = set()
     decisions = []
     for step in steps:
-        parts = step_parts(step, keys, out, cache)
+        parts = step_parts(step, keys, out, cache, limit)
         keys[step.name] = sha256_json(parts)[:16]
         reason = run_reason(step, keys[step.name], parts, stamps, running)
         if reason is not None:

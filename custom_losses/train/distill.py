@@ -144,7 +144,7 @@ def softlabel_folder(path: str) -> Path:
     if (folder / "dataset").is_dir():
         folder = folder / "dataset"
     if not folder.is_dir():
-        raise InputError(path, None, "soft-label dataset folder not found (run prep.stages.softlabels first)")
+        raise InputError(path, None, "soft-label dataset folder not found (run python -m launch.softlabels first)")
     return folder
 
 

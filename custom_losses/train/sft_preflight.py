@@ -60,7 +60,7 @@ def read_chat_rows(path: str | Path, field_messages: str = "messages") -> list[t
     """(line, row) for each row of a chat JSONL in prep.stages.teacher's layout; InputError on the first bad one."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(path, None, "dataset file not found (run prep.stages.teacher first, or point the recipe at it)")
+        raise InputError(path, None, "dataset file not found (run python -m launch.teacher first, or point the recipe at it)")
     rows = []
     for line, text in iter_json_lines(path):
         row = parse_object_line(path, line, text)

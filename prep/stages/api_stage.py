@@ -43,7 +43,8 @@ from prep.api.pool import ChatClient
 from prep.api.preflight import check_endpoint, check_endpoints
 from prep.api.serving import ServerSpec, load_server_spec, model_to_load, serving
 from prep.api.settings import ClientError, ClientSettings, resolve_api_key
-from prep.config import RecipeError, add_recipe_arguments, load_recipe
+from prep.cli import EXIT_BAD_INPUT, EXIT_DISK_FULL, command_parser, recipe_arguments
+from prep.config import RecipeError, load_recipe
 from prep.digests import model_digest
 from prep.jsonio import (
     DiskFull,
@@ -66,7 +67,6 @@ log = logging.getLogger("medkd.stage")
 # whose message carries the server's log tail): one sentence and exit 2, never a traceback.
 # prep.locks.FolderInUse (another run holds OUT) and NotEnoughSpace are RuntimeErrors: exit 2 as well.
 STAGE_ERRORS = (RecipeError, InputError, ClientError, FileNotFoundError, ValueError, RuntimeError)
-EXIT_DISK_FULL = 3       # prep.jsonio.DiskFull: free space, run the same command again
 
 
 class NotEnoughSpace(RuntimeError):
@@ -504,14 +504,14 @@ class ApiStage:
 # ---- what the stage commands share ---------------------------------------------------------------------
 
 def stage_parser(prog: str, description: str, config_help: str, out_help: str,
-                 limit_help: str = "only the first N cases") -> argparse.ArgumentParser:
-    """--config --input --out --limit --resume/--fresh --overlay --set --no-progress."""
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_recipe_arguments(parser, config_help)
+                 limit_help: str = "only the first N cases", notes: str = "") -> argparse.ArgumentParser:
+    """--config --overlay --set --print-config --input --out --limit --resume/--fresh --no-progress, with the
+    shared help layout and exit-code table (prep.cli; NOTES: what the statuses mean for this command beyond it)."""
+    parser = command_parser(prog.removeprefix("python -m "), description, notes)
+    recipe_arguments(parser, config_help)
     parser.add_argument("--input", required=True, help="cases JSONL ({id, feature_content})")
     parser.add_argument("--out", required=True, type=Path, help=out_help)
-    parser.add_argument("--limit", type=int, help=limit_help)
+    parser.add_argument("--limit", type=int, metavar="N", help=limit_help)
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--resume", dest="fresh", action="store_false", help="reuse the cache (default)")
     group.add_argument("--fresh", dest="fresh", action="store_true",
@@ -550,7 +550,7 @@ def fail(err: BaseException) -> int:
     """Bad input, an endpoint problem, an output folder in use or too little disk: one sentence on stderr,
     exit status 2."""
     print(f"error: {err}", file=sys.stderr)
-    return 2
+    return EXIT_BAD_INPUT
 
 
 def disk_full(err: DiskFull) -> int:

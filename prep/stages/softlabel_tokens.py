@@ -25,7 +25,7 @@ class ForeignTokenizer(ClientError):
 
     def __init__(self, problem: str):
         super().__init__(f"{problem}; soft labels need a teacher that shares the student's Qwen2.5 tokenizer, so the "
-                         f"run stops (prep.stages.teacher takes text-only labels from any teacher)")
+                         f"run stops (python -m launch.teacher takes text-only labels from any teacher)")
 
 
 
