@@ -27,6 +27,8 @@ from custom_losses.train.checkpoints import ResumeRefused
 from custom_losses.train.distill import claim_run, parse_recipe, train
 from custom_losses.train.launcher import is_worker, launch_argv, note, run_logged, visible_gpus
 from custom_losses.train.memory import PreflightError
+from custom_losses.train.needs import check_training_machine
+from prep.api.preconditions import Unmet, user_error
 from prep.cli import command_parser, parse_command, print_config, recipe_arguments
 from prep.config import RecipeError
 from prep.jsonio import InputError
@@ -47,14 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         return print_config(args.config, args.overlays, args.overrides)
     try:
+        check_training_machine("distill", args.config, args.overlays, args.overrides)   # before TRL imports
         script_args, training_args, model_args = parse_recipe(args.config, args.overlays, args.overrides)
         claim_run(args.config, args.overlays, args.overrides, fresh=args.fresh)  # before the model loads
         if is_worker():
             train(script_args, training_args, model_args)
             return 0
-    except (RecipeError, InputError, PreflightError, ResumeRefused) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (RecipeError, InputError, PreflightError, ResumeRefused, Unmet) as err:
+        return user_error(err)
     log = Path(training_args.output_dir) / "distill.log"
     # --fresh has deleted the checkpoints here, once: the trainer processes (one per GPU) must not race to again.
     command = launch_argv("launch.distill", [arg for arg in argv if arg != "--fresh"], visible_gpus())

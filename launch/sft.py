@@ -24,7 +24,9 @@ import argparse
 import sys
 
 from custom_losses.train.launcher import train_axolotl
+from custom_losses.train.needs import check_training_machine
 from custom_losses.train.sft_preflight import PreflightError, preflight
+from prep.api.preconditions import Unmet, user_error
 from prep.cli import command_parser, parse_command, print_config, recipe_arguments
 from prep.config import RecipeError
 from prep.jsonio import InputError
@@ -47,10 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         return print_config(args.config, args.overlays, args.overrides)
     try:
+        check_training_machine("sft", args.config, args.overlays, args.overrides)   # before Axolotl imports
         plan = preflight(args.config, args.overlays, args.overrides, fresh=args.fresh, force=args.force)
-    except (PreflightError, RecipeError, InputError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (PreflightError, RecipeError, InputError, ValueError, Unmet) as err:
+        return user_error(err)
     if plan.status == "done":
         print(f"[sft] {plan.output_dir} already holds this run, trained to the end: nothing to do "
               f"(--fresh to train again)", file=sys.stderr)

@@ -231,6 +231,7 @@ def test_gpu_recipe_is_refused_on_a_machine_without_gpu(softlabels, tmp_path):
                             env={key: value for key, value in os.environ.items() if key != PROCESSES_ENV})
     assert result.returncode == 2, result.stderr[-3000:]
     error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert error == [f"error: {RECIPE}: Your setup doesn't support bf16/gpu. You need to assign use_cpu if you want "
-                     f"to train the model on CPU."], result.stderr[-3000:]
+    assert error == [f"error: {RECIPE} (bf16/fp16) needs a CUDA GPU and none is visible (no NVIDIA driver, or "
+                     f"CUDA_VISIBLE_DEVICES hides them); fix: run it on a machine with an NVIDIA GPU; on a CPU, add "
+                     f"--overlay recipes/distill/overrides/cpu-tiny.yaml (the tiny model in fp32)"], result.stderr[-3000:]
     assert not (tmp_path / "out").exists(), "nothing starts"

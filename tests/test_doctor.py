@@ -88,9 +88,12 @@ def test_missing_bitsandbytes_fails_for_a_4bit_step():
 
 def test_vllm_missing_environment_or_module():
     assert check_vllm("/nonexistent/.venv-vllm/bin/python", "0.32.0").line().startswith(
-        "FAIL vllm: /nonexistent/.venv-vllm/bin/python: the vLLM environment is missing; fix: bash launch/setup.sh")
+        "FAIL vllm: /nonexistent/.venv-vllm/bin/python: the vLLM environment is missing; fix: bash launch/setup.sh "
+        "without MEDKD_SKIP_VLLM=1")
     result = check_vllm(sys.executable, "0.32.0")   # the training environment has no vLLM
     assert result.failed and "`import vllm` fails in" in result.detail and "No module named 'vllm'" in result.detail
+    # setup.sh leaves an environment whose stamp matches as it is: a broken one must go first
+    assert result.fix.startswith("rm -rf .venv-vllm && bash launch/setup.sh")
 
 
 def test_too_little_disk(tmp_path):
@@ -100,15 +103,47 @@ def test_too_little_disk(tmp_path):
     assert not check_disk(tmp_path, 0.001).failed
 
 
-def test_model_offline_and_not_cached_fails(tmp_path):
+def test_model_offline_and_not_cached_fails_naming_hf_download(tmp_path, monkeypatch):
     from prep.testing.tiny_model import TINY_MODEL_NAME
 
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
     name = "medkd-test/not-a-cached-model"
-    result = check_model(name, offline=True)
-    assert result.line().startswith(f"FAIL model {name}: not in the local HF cache, and HF_HUB_OFFLINE=1 forbids the hub")
-    assert "HF_HUB_OFFLINE=0" in result.fix
+    result = check_model(name, offline=True, key="base_model in the pipeline recipe")
+    assert result.line().startswith(f"FAIL model {name}: {name} (base_model in the pipeline recipe) is neither a local "
+                                    f"folder nor in the Hugging Face cache")
+    assert "HF_HUB_OFFLINE=1 keeps the hub out" in result.detail
+    assert result.fix.startswith(f"download it once: `HF_HUB_OFFLINE=0 .venv/bin/hf download {name}`")
     assert check_model(TINY_MODEL_NAME, offline=True).status == "ok"
-    assert check_model(str(tmp_path), offline=True).failed       # a folder without config.json or weights
+
+
+def test_a_missing_model_folder_is_no_such_folder_not_hf_download(tmp_path):
+    """An absolute (or relative) path that is not there: the fix is the key, never `hf download /models/...`."""
+    missing = tmp_path / "models" / "nope"
+    result = check_model(str(missing), offline=True, key="base_model in the pipeline recipe")
+    assert result.failed and f"(base_model in the pipeline recipe): no such folder ({missing})" in result.detail
+    assert "hf download" not in result.line() and result.fix.startswith("correct base_model in the pipeline recipe")
+    incomplete = tmp_path / "incomplete"
+    incomplete.mkdir()
+    assert "has no config.json" in check_model(str(incomplete), offline=True).detail
+    (incomplete / "config.json").write_text("{}")
+    no_weights = check_model(str(incomplete), offline=True)
+    assert "has no weights" in no_weights.detail and "launch.merge" in no_weights.fix
+    (incomplete / "model.safetensors").write_bytes(b"\0")
+    assert check_model(str(incomplete), offline=True).line() == f"ok   model {incomplete}: local folder {incomplete}"
+
+
+def test_attention_fix_says_how_flash_attn_is_built_and_when_it_cannot_be():
+    """setup.sh builds flash-attn only with MEDKD_FLASH_ATTN=1, and only against a CUDA torch: a CPU build gets the
+    sdpa fallback, not a build "matching torch 2.13.0+cpu"."""
+    missing = {"flash_attention_2": "medkd_no_such_flash_attn"}
+    cpu = check_attention({"sft": "flash_attention_2"}, missing, Machine(torch_version="2.13.0+cpu"))
+    assert cpu.failed and "torch 2.13.0+cpu here is a CPU build" in cpu.detail
+    assert "flash attention runs on NVIDIA GPUs only" in cpu.fix and "+cpu" not in cpu.fix
+    assert "MEDKD_FLASH_ATTN=1 bash launch/setup.sh" in cpu.fix and SDPA_OVERLAY in cpu.fix
+    gpu = check_attention({"sft": "flash_attention_2"}, missing,
+                          Machine((H100,), "550.54", torch_version="2.13.0+cu128", torch_cuda="12.8"))
+    assert gpu.fix.startswith("`MEDKD_FLASH_ATTN=1 bash launch/setup.sh` builds flash-attn against torch 2.13.0+cu128 "
+                              "(CUDA 12.8); or run without it")
 
 
 def test_bad_teacher_key_against_the_fault_server(monkeypatch):
@@ -120,12 +155,27 @@ def test_bad_teacher_key_against_the_fault_server(monkeypatch):
         monkeypatch.setenv("DASHSCOPE_API_KEY", "sk-wrong-key-1234")
         result = check_teacher("teacher", teacher)
         assert result.failed and "refused the API key (HTTP 401" in result.detail
+        assert result.fix == "check that environment variable DASHSCOPE_API_KEY holds a valid key for this endpoint"
         assert "sk-wrong-key-1234" not in result.line()
         monkeypatch.setenv("DASHSCOPE_API_KEY", "the-right-key")
         good = check_teacher("teacher", teacher).line()
         assert good.startswith("ok   teacher endpoint: ") and server.base_url in good, good
         monkeypatch.delenv("DASHSCOPE_API_KEY")
-        assert "DASHSCOPE_API_KEY is not set" in check_teacher("teacher", teacher).detail
+        unset = check_teacher("teacher", teacher)
+        assert "DASHSCOPE_API_KEY is not set" in unset.detail and unset.fix.startswith("export the API key")
+
+
+def test_an_unreachable_teacher_with_its_key_set_is_not_told_to_set_the_key(monkeypatch):
+    from prep.api.process import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/v1"           # nothing listens there
+    recipe = RECIPES / "teacher" / "dashscope-qwen2.5-72b-instruct.yaml"
+    teacher = catalogue.validate("teacher", recipe, overrides=[f"client.base_url={url}", "client.model=m"])
+    monkeypatch.setenv("DASHSCOPE_API_KEY", "sk-a-good-key")
+    result = check_teacher("teacher", teacher)
+    assert result.failed and result.detail.startswith(f"cannot reach {url}")
+    assert "environment variable" not in result.fix and "the key is not what failed" in result.fix
+    assert result.fix.startswith("start the server behind it, or correct client.base_url in ")
 
 
 @pytest.mark.integration

@@ -70,11 +70,13 @@ def test_max_logprobs_is_read_from_the_serve_recipes_arguments():
         validate_recipe(REPO_ROOT / "recipes" / "serve" / "tiny-cpu.yaml", overrides=["extra_args=[--max-logprobs, many]"])
 
 
-@pytest.mark.vllm
-def test_server_that_cannot_start_says_why(tmp_path):
+def test_server_that_cannot_start_says_why_before_starting(tmp_path):
+    """A missing model folder is refused before vLLM starts (prep.api.preconditions); a server that dies while
+    starting: tests/test_early_failures.py."""
     spec = ServerSpec(model=str(tmp_path / "no-such-model"), startup_timeout_s=120)
-    with pytest.raises(RuntimeError, match="exited with status"):
+    with pytest.raises(RuntimeError, match="no-such-model .*: no such folder"):
         VLLMServer(spec, tmp_path / "server.log").start()
+    assert not (tmp_path / "server.log").exists()
 
 
 def test_serving_without_a_spec_starts_nothing(tmp_path):

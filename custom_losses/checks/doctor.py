@@ -49,9 +49,9 @@ from custom_losses.train.memory import (
     PreflightError,
     estimate_distill,
     estimate_recipe,
-    needs_gpu,
     shape_for,
 )
+from custom_losses.train.needs import train_gpu_reasons
 from prep.api.process import stderr_silenced
 from prep.paths import resolve_path
 
@@ -65,12 +65,7 @@ SERVE_OVERHEAD_GIB = 2.0
 def train_step(name: str, kind_of_recipe: str, config: dict[str, Any], recipe: str, gpus: int,
                base_model: str) -> StepNeeds:
     """An SFT (Axolotl keys) or distill (TRL keys) step from its composed config."""
-    reasons = list(needs_gpu(config))
-    if kind_of_recipe == "distill":
-        if config.get("use_cpu"):
-            reasons = []
-        else:
-            reasons += ["4-bit bitsandbytes"] * bool(config.get("load_in_4bit")) + ["FSDP"] * bool(config.get("fsdp"))
+    reasons = train_gpu_reasons(kind_of_recipe, config)    # what launch.sft/launch.distill weigh too
     four_bit = bool(config.get("load_in_4bit") or config.get("adapter") == "qlora")
     step = StepNeeds(name, "train", recipe, reasons, max(gpus, 1), bf16=config.get("bf16") is True,
                      tf32=config.get("tf32") is True, attention=str(config.get("attn_implementation") or ""),
@@ -156,14 +151,19 @@ def check_teacher(role: str, teacher: Any, scores_answers: bool = False) -> Chec
     must also return prompt_logprobs); a self-hosted one starts with its step."""
     from custom_losses.pipeline.plan import check_teacher as pipeline_check_teacher
     from custom_losses.pipeline.steps import PipelineError
+    from prep.api.preflight import EndpointUnreachable
 
     try:
         return ok(f"{role} endpoint", pipeline_check_teacher(role, teacher, scores_answers))
     except PipelineError as err:   # a hosted API that cannot score given answers
         return fail(f"{role} endpoint", str(err), "host the soft-label teacher on vLLM or sample fresh answers")
-    except Exception as err:  # ClientError: one sentence naming the key, the status or the model
-        return fail(f"{role} endpoint", str(err), "set the key's environment variable (never on the command line) or "
-                    "correct client.base_url/client.model in the teacher recipe")
+    except Exception as err:  # ClientError: "what is wrong; its fix" (a missing or refused key, a model not served)
+        recipe = getattr(teacher, "recipe_path", "") or "the teacher recipe"
+        detail, _, fix = str(err).partition("; ")
+        if isinstance(err, EndpointUnreachable) or detail.startswith("no endpoint answers"):
+            fix = (f"start the server behind it, or correct client.base_url in {recipe} (the pipeline's "
+                   f"stage1.teacher_set / stage2.softlabels_set); the key is not what failed")
+        return fail(f"{role} endpoint", detail, fix or f"correct client.base_url/client.model in {recipe}")
 
 
 # --------------------------------------------------------------------------- the whole recipe
@@ -298,7 +298,7 @@ def _run(config: str | Path, overrides: Sequence[str], machine: Machine | None, 
     add(check_cuda(recipe.steps, machine))
     add(check_gpu_memory(recipe.steps, machine.gpus))
     add(check_precision(recipe.steps, machine.gpus))
-    add(check_attention({step.name: step.attention for step in recipe.steps if step.kind == "train"}))
+    add(check_attention({step.name: step.attention for step in recipe.steps if step.kind == "train"}, machine=machine))
     add(check_bitsandbytes(recipe.steps, machine.gpus))
     add(check_vllm(vllm_python, pinned_version("vllm"), started=vllm_import))
     multi = any(step.on_gpu and step.gpus > 1 for step in recipe.steps)
@@ -306,7 +306,8 @@ def _run(config: str | Path, overrides: Sequence[str], machine: Machine | None, 
         ok("nccl", "no step spans several GPUs here" if machine.gpus else "no GPU: not needed"))
     add(check_disk(resolve_path(pipe.out), pipe.min_free_disk_gb))
     for name in models_of(recipe):
-        add(check_model(name, offline))
+        add(check_model(name, offline, key="base_model in the pipeline recipe" if name == pipe.base_model else
+                        "model in the teacher's serve recipe"))
     if recipe.needed("teacher"):
         add(check_teacher("teacher", recipe.validated["teacher"]))
     if "softlabels" in recipe.validated and recipe.needed("softlabels"):

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from custom_losses.train.memory import GIB
+from prep.api.preconditions import cached_snapshot, model_problem
 from prep.paths import REPO_ROOT, free_gib, resolve_path
 
 # The module each attention implementation imports; sdpa and eager need only torch.
@@ -200,9 +201,14 @@ def module_problem(module: str) -> str | None:
     return None
 
 
-def check_attention(attention: dict[str, str], modules: dict[str, str] = ATTENTION_MODULES) -> CheckResult:
-    """ATTENTION: step -> attn_implementation its recipe names. MODULES: implementation -> module it imports."""
+def check_attention(attention: dict[str, str], modules: dict[str, str] = ATTENTION_MODULES,
+                    machine: Machine | None = None) -> CheckResult:
+    """ATTENTION: step -> attn_implementation its recipe names. MODULES: implementation -> module it imports.
+    MACHINE (this one by default) says whether flash-attn can be built here: only against a CUDA build of torch."""
     import torch
+
+    torch_version, torch_cuda = (torch.__version__, torch.version.cuda) if machine is None else \
+        (machine.torch_version, machine.torch_cuda)
 
     named = {step: impl for step, impl in attention.items() if impl}
     if not named:
@@ -220,11 +226,16 @@ def check_attention(attention: dict[str, str], modules: dict[str, str] = ATTENTI
         if problem:
             problems.append(f"{step} names {impl} but `import {module}` fails ({problem})")
     if problems:
+        without = (f"run without it: --set 'stage1.sft_overlays=[{SDPA_OVERLAY}]' (SFT, packing via sdpa varlen) and "
+                   f"--set 'stage2.distill_set=[attn_implementation=sdpa]'")
+        if not torch_cuda:   # flash-attn compiles CUDA kernels: nothing to build against a CPU torch
+            return fail("attention", "; ".join(problems) + f"; torch {torch_version} here is a CPU build",
+                        f"flash attention runs on NVIDIA GPUs only: on the GPU machine `MEDKD_FLASH_ATTN=1 bash "
+                        f"launch/setup.sh` builds it; here, {without}")
         return fail("attention", "; ".join(problems),
-                    f"bash launch/setup.sh on the GPU machine installs a flash-attn build matching torch "
-                    f"{torch.__version__}; or run without it: --set 'stage1.sft_overlays=[{SDPA_OVERLAY}]' "
-                    f"(SFT, packing via sdpa varlen) and --set 'stage2.distill_set=[attn_implementation=sdpa]'")
-    return ok("attention", ", ".join(f"{step} {impl}" for step, impl in named.items()) + f" (torch {torch.__version__})")
+                    f"`MEDKD_FLASH_ATTN=1 bash launch/setup.sh` builds flash-attn against torch {torch_version} "
+                    f"(CUDA {torch_cuda}); or {without}")
+    return ok("attention", ", ".join(f"{step} {impl}" for step, impl in named.items()) + f" (torch {torch_version})")
 
 
 def check_bitsandbytes(steps: Sequence[StepNeeds], gpus: Sequence[Gpu], module: str = "bitsandbytes") -> CheckResult:
@@ -272,10 +283,12 @@ def check_vllm(python: str | None, pinned: str | None, timeout_s: float = 120,
                started: subprocess.Popen | None = None) -> CheckResult:
     """PYTHON (the vLLM environment's interpreter; None when prep.api.serving.vllm_python found none) imports vllm
     at the PINNED version (STARTED: that import, already running)."""
-    fix = "bash launch/setup.sh (it builds .venv-vllm with the pinned vLLM)"
+    # setup.sh leaves an environment whose stamp matches alone, so a broken or other vLLM needs the folder gone first.
+    fix = "rm -rf .venv-vllm && bash launch/setup.sh (it builds .venv-vllm with the pinned vLLM)"
     process = started or start_vllm_import(python)
     if process is None:
-        return fail("vllm", f"{python or '.venv-vllm/bin/python'}: the vLLM environment is missing", fix)
+        return fail("vllm", f"{python or '.venv-vllm/bin/python'}: the vLLM environment is missing",
+                    "bash launch/setup.sh without MEDKD_SKIP_VLLM=1 (it builds .venv-vllm with the pinned vLLM)")
     try:
         stdout, stderr = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -365,25 +378,24 @@ def check_disk(folder: str | Path, min_free_gb: float) -> CheckResult:
     return ok("disk", f"{free:.1f} GiB free at {path} (the recipe asks for {min_free_gb:g})")
 
 
-def check_model(name: str, offline: bool, hub_timeout_s: float = 20) -> CheckResult:
-    """NAME is a local folder, the tiny fixture, in the HF cache, or (when not OFFLINE) on the hub."""
+def check_model(name: str, offline: bool, hub_timeout_s: float = 20, key: str = "the recipe's model") -> CheckResult:
+    """NAME (the recipe's KEY) is the tiny fixture, a complete local folder, in the HF cache, or (when not OFFLINE) on
+    the hub: prep.api.preconditions.model_problem, the check the commands make before they start, then (online) one
+    hub lookup."""
     from prep.testing.tiny_model import TINY_MODEL_NAME
 
     label = f"model {name}"
     if name == TINY_MODEL_NAME:
         return ok(label, "the tiny fixture (built locally by prep.testing.tiny_model)")
+    problem = model_problem(name, key, offline)
+    if problem:
+        return fail(label, problem.detail, problem.fix)
     local = resolve_path(name)
     if local.is_dir():
-        if (local / "config.json").exists() and any(local.glob("*.safetensors")):
-            return ok(label, f"local folder {local}")
-        return fail(label, f"{local} has no config.json or *.safetensors", "point the recipe at a complete model folder")
-    cached = _cached_snapshot(name)
+        return ok(label, f"local folder {local}")
+    cached = cached_snapshot(name)
     if cached:
         return ok(label, f"in the HF cache ({cached})")
-    if offline:
-        return fail(label, "not in the local HF cache, and HF_HUB_OFFLINE=1 forbids the hub",
-                    f"HF_HUB_OFFLINE=0 bash launch/run.sh ... (downloads it on first use), or "
-                    f"`HF_HUB_OFFLINE=0 .venv/bin/hf download {name}` first")
     try:
         from huggingface_hub import HfApi
 
@@ -393,17 +405,3 @@ def check_model(name: str, offline: bool, hub_timeout_s: float = 20) -> CheckRes
         return fail(label, f"not local and the hub lookup failed: {type(err).__name__}: {str(err).splitlines()[0]}",
                     "check the id, the network and HF_TOKEN (gated models need an accepted licence)")
     return ok(label, f"on the hub, not cached: {size / 1e9:.1f} GB downloads on first use (HF_HUB_OFFLINE=0)")
-
-
-def _cached_snapshot(name: str) -> str | None:
-    """The HF cache's snapshot folder of NAME when it holds config.json and weights; else None."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        config = try_to_load_from_cache(name, "config.json")
-    except Exception:  # an id that is not a repo name
-        return None
-    if not isinstance(config, str):
-        return None
-    folder = Path(config).parent
-    return str(folder) if any(folder.glob("*.safetensors")) else None

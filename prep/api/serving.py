@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prep.api.preconditions import Problem, require, serve_problems, server_cause, vllm_flag
 from prep.api.process import free_port, new_session_dying_with_parent
 from prep.config import RecipeError, apply_overrides, build, load_recipe
 from prep.paths import REPO_ROOT, resolve_path
@@ -51,6 +52,7 @@ class ServerSpec:
     # tensor x pipeline x data parallel sizes); nothing here is passed to vLLM.
     nodes: int = 1
     gpus_per_node: int | None = None
+    recipe_path: str = field(default="", init=False)   # the serve recipe, named in what a failed start says
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -68,21 +70,6 @@ class ServerSpec:
     def max_logprobs(self) -> int | None:
         """The most top log-probs one position may ask for (None: no cap)."""
         return max_logprobs_of(self.extra_args)
-
-
-def vllm_flag(extra_args: list, name: str) -> str | None:
-    """The value vLLM takes for flag NAME (e.g. "--dtype") from these server arguments: the last
-    `NAME VALUE` or `NAME=VALUE`, as argparse does; None when absent. ValueError when NAME ends the list."""
-    args = [str(arg) for arg in extra_args]
-    value = None
-    for index, arg in enumerate(args):
-        if arg == name:
-            if index + 1 == len(args):
-                raise ValueError(f"key 'extra_args': {name} needs a value")
-            value = args[index + 1]
-        elif arg.startswith(f"{name}="):
-            value = arg.split("=", 1)[1]
-    return value
 
 
 def max_logprobs_of(extra_args: list[str]) -> int | None:
@@ -110,6 +97,7 @@ def load_server_spec(source: str | Path | dict[str, Any], overrides: list[str] |
     tiny fixture built when named, and a local model folder made absolute (whatever directory vLLM runs in)."""
     if isinstance(source, (str, Path)):
         spec = validate_recipe(source, overlays, overrides or ())
+        spec.recipe_path = str(source)
     else:
         try:
             data = apply_overrides(dict(source), overrides)
@@ -154,6 +142,7 @@ class VLLMServer:
         self.spec, self.log_path = spec, Path(log_path)
         self.port = spec.port or free_port()
         self.process: subprocess.Popen | None = None
+        self.log_start = 0
 
     @property
     def base_url(self) -> str:
@@ -166,12 +155,19 @@ class VLLMServer:
             return "(no log)"
 
     def start(self) -> VLLMServer:
+        """Start the server and wait until it is healthy. Before it starts, prep.api.preconditions' checks (the model
+        is here, the GPUs and memory the settings need) raise Unmet in one sentence; a server that dies while
+        starting is a RuntimeError naming the cause line of its log."""
+        recipe = self.spec.recipe_path or "the server: section"
+        require(serve_problems(self.spec.model, self.spec.extra_args, self.spec.env, self.spec.gpus_per_node, recipe),
+                *(adapter_problem(name, path, recipe) for name, path in self.spec.lora_modules.items()))
         env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", **self.spec.env}
         if self.spec.api_key_env:
             if not os.environ.get(self.spec.api_key_env):
                 raise RuntimeError(f"environment variable {self.spec.api_key_env} (the server's API key) is not set")
             env["VLLM_API_KEY"] = os.environ[self.spec.api_key_env]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_start = self.log_path.stat().st_size if self.log_path.exists() else 0   # the log is appended to
         # Own process group, so stop() also ends vLLM's engine workers; and the server dies with its
         # parent, so a SIGKILLed run leaves no orphan server holding memory and a port.
         with open(self.log_path, "ab") as server_log:
@@ -186,8 +182,8 @@ class VLLMServer:
         health = f"http://{self.spec.host}:{self.port}/health"
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"vLLM server exited with status {self.process.returncode} while starting; "
-                                   f"last lines of {self.log_path}:\n{self.log_tail()}")
+                raise RuntimeError(f"the vLLM server exited with status {self.process.returncode} while starting: "
+                                   f"{self.cause()} (its log: {self.log_path})")
             try:
                 with urllib.request.urlopen(health, timeout=2) as response:
                     if response.status == 200:
@@ -196,8 +192,21 @@ class VLLMServer:
                 pass
             time.sleep(1)
         self.stop()
-        raise RuntimeError(f"vLLM server not healthy after {self.spec.startup_timeout_s:.0f} s; "
-                           f"last lines of {self.log_path}:\n{self.log_tail()}")
+        raise RuntimeError(f"the vLLM server was not healthy after {self.spec.startup_timeout_s:.0f} s (last log line: "
+                           f"{self.cause()}); raise startup_timeout_s in the serve recipe if it was still loading "
+                           f"(its log: {self.log_path})")
+
+    def cause(self) -> str:
+        """What this start wrote to the log that says why it failed: the cause line (prep.api.preconditions.
+        server_cause), else its last line."""
+        try:
+            with open(self.log_path, "rb") as handle:
+                handle.seek(self.log_start)
+                text = handle.read().decode(errors="replace")
+        except OSError:
+            return "(no log)"
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        return server_cause(text) or (lines[-1][-300:] if lines else "(the log is empty)")
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -218,6 +227,16 @@ class VLLMServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def adapter_problem(name: str, path: str, recipe: str) -> Problem | None:
+    """A LoRA module vLLM would load: its folder with adapter_config.json."""
+    folder = resolve_path(path)
+    if (folder / "adapter_config.json").is_file():
+        return None
+    what = "not an adapter folder (no adapter_config.json)" if folder.is_dir() else "no such folder"
+    return Problem(f"LoRA module {name}: {path} ({recipe}) is {what}",
+                   f"correct lora_modules.{name} in {recipe}, or train the adapter first")
 
 
 @contextlib.contextmanager

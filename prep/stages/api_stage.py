@@ -40,6 +40,7 @@ from prep.answers import StructuredOutput
 from prep.api.cache import RunReport, archive_cache, load_cache, run_cached
 from prep.api.endpoint import estimate_prompt_tokens
 from prep.api.pool import ChatClient
+from prep.api.preconditions import user_error
 from prep.api.preflight import check_endpoint, check_endpoints
 from prep.api.serving import ServerSpec, load_server_spec, model_to_load, serving
 from prep.api.settings import ClientError, ClientSettings, resolve_api_key
@@ -547,10 +548,9 @@ def logging_to(path: Path) -> Iterator[logging.Handler]:
 
 
 def fail(err: BaseException) -> int:
-    """Bad input, an endpoint problem, an output folder in use or too little disk: one sentence on stderr,
-    exit status 2."""
-    print(f"error: {err}", file=sys.stderr)
-    return EXIT_BAD_INPUT
+    """Bad input, an endpoint problem, an output folder in use or too little disk: one sentence on stderr (its
+    traceback too with MEDKD_DEBUG=1), exit status 2."""
+    return user_error(err, EXIT_BAD_INPUT)
 
 
 def disk_full(err: DiskFull) -> int:
