@@ -3,7 +3,8 @@
 Supported, besides medkd's own commands (`python -m launch.sft`, `python -m launch.distill`, which pick the
 launcher themselves):
 - `axolotl train OUT/medkd-sft.yaml`: the composed Axolotl config launch.sft writes into its output folder
-  (`--preflight-only` writes it and stops). Its paths are absolute, so it runs from any folder.
+  (`--preflight-only` writes it and stops). Its paths are absolute, so it runs from any folder; launch.merge
+  then folds the adapter as it does after launch.sft.
 - `accelerate launch [--config_file recipes/accelerate/X.yaml] -m launch.distill --config ...`: under
   accelerate, launch.distill is the trainer itself (it starts no accelerate of its own).
 Not supported, and said so in the README's "Launch forms": `axolotl train recipes/sft/X.yaml` (a recipe is
@@ -55,6 +56,11 @@ def test_axolotl_train_runs_the_composed_config_from_any_folder(tmp_path, tiny_m
     assert len(logged_losses(result.stdout)) == 2, result.stdout[-3000:]
     assert (run / "sft" / "adapter_model.safetensors").is_file()
     assert (run / "sft" / "checkpoint-2" / "trainer_state.json").is_file()
+
+    from launch.merge import main as merge  # what follows a hand-run SFT, as after launch.sft's own
+
+    assert merge([str(run / "sft")]) == 0
+    assert (run / "merged" / "config.json").is_file() and list((run / "merged").glob("*.safetensors"))
 
 
 @pytest.mark.integration
