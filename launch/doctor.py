@@ -23,8 +23,8 @@ import sys
 
 from custom_losses.checks.doctor import diagnose
 from prep.cli import (
+    EXIT_BAD_INPUT,
     EXIT_DONE,
-    EXIT_INCOMPLETE,
     command_parser,
     parse_command,
     pipeline_arguments,
@@ -33,7 +33,8 @@ from prep.cli import (
     stages_overrides,
 )
 
-NOTES = "For launch.doctor, 1 means a check failed (its FAIL line says what to fix); a bad recipe is a FAIL line too."
+NOTES = "For launch.doctor, 2 means a check failed (its FAIL line says what to fix), as the pipeline's preflight " \
+        "exits 2 for the same failure; a bad recipe is a FAIL line too."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return print_config(args.config, args.overlays, overrides)
     ok = diagnose(args.config, overrides, smoke=args.smoke, report=lambda line: print(line, flush=True),
                   overlays=args.overlays)
-    return EXIT_DONE if ok else EXIT_INCOMPLETE
+    return EXIT_DONE if ok else EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

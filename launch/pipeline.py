@@ -42,8 +42,9 @@ from prep.config import RecipeError
 from prep.jsonio import InputError, disk_full_at, is_disk_full
 from prep.locks import FolderInUse
 
-NOTES = "For launch.pipeline, 2 also means a step failed (its log is named); 3: the disk filled while the " \
-        "pipeline itself wrote (a step's own status is in its log)."
+NOTES = "For launch.pipeline, a step that fails gives the step's own code (1 run the same command again, 2 fix " \
+        "what it names, 3 free disk; a crashed step is 1, its log is named); 3 also when the pipeline's own " \
+        "writes fill the disk."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = run_pipeline(args.config, overrides, overlays=args.overlays, plan_only=args.plan, until=args.until,
                            limit=args.limit)
-    except (RecipeError, InputError, PipelineError, FileNotFoundError, FolderInUse) as err:
+    except PipelineError as err:
+        print(f"[pipeline] error: {err}", file=sys.stderr)
+        return err.exit_code
+    except (RecipeError, InputError, FileNotFoundError, FolderInUse) as err:
         print(f"[pipeline] error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as err:  # a stage validator's own error (ClientError, ValueError, ...): still one sentence

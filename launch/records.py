@@ -21,13 +21,13 @@ import argparse
 import json
 import sys
 
-from prep.cli import command_parser
+from prep.cli import EXIT_BAD_INPUT, EXIT_DONE, command_parser
 from prep.jsonio import InputError
 from prep.near_duplicates import contamination_line
 from prep.paths import cli_path
 from prep.records import contamination_of, read_cases, summarise
 
-NOTES = "For launch.records, 1 means a line or a file is bad (an id outside int64 included); each is named."
+NOTES = "For launch.records, 2 means a line or a file is bad (an id outside int64 included); each is named."
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             train = read_cases(cli_path(args.against))
         except InputError as err:  # a bad training line: the report would be against part of the file
             print(f"{err} (--against)", file=sys.stderr)
-            return 1
+            return EXIT_BAD_INPUT
     for path in args.paths:
         try:
             result = read_cases(cli_path(path), on_error="collect", rejects_path=args.rejects)
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary, ensure_ascii=False, indent=1))
         if train is not None:
             print(contamination_line(summary["contamination"]))
-    return 1 if bad else 0
+    return EXIT_BAD_INPUT if bad else EXIT_DONE
 
 
 if __name__ == "__main__":

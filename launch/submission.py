@@ -22,15 +22,15 @@ from prep.eval.submission import SubmissionError, check_submission, write_submis
 from prep.jsonio import InputError
 from prep.records import read_cases
 
-NOTES = ("For launch.submission, 1 means the submission is invalid (check) or a case has no answer (write); 2 that "
-         "the case file cannot be read.")
+NOTES = ("For launch.submission, 2 means the submission is invalid or a file cannot be read (check); 1 that a case "
+         "has no answer (write: predict again).")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = command_parser("launch.submission", __doc__, NOTES)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{check,write}",
                                      help="check a submission, or write one from predictions")
-    check = commands.add_parser("check", help="validate SUBMISSION against CASES; path:line: problem lines, exit 1")
+    check = commands.add_parser("check", help="validate SUBMISSION against CASES; path:line: problem lines, exit 2")
     check.add_argument("cases", help="the input case file (JSONL of id, feature_content)")
     check.add_argument("submission", help="the submission JSONL to check")
     check.add_argument("--max-problems", type=int, default=50, help="print at most this many problems (default 50)")
@@ -53,7 +53,7 @@ def check(cases: str, submission: str, max_problems: int) -> int:
         print(f"... and {len(problems) - max_problems} more problems", file=sys.stderr)
     if problems:
         print(f"{submission}: INVALID ({len(problems)} problems)", file=sys.stderr)
-        return 1
+        return 2
     print(f"{submission}: ok ({len(read_cases(cases).cases)} lines, one per case of {cases}, in input order)")
     return 0
 

@@ -23,12 +23,11 @@ EXIT_DONE, EXIT_INCOMPLETE, EXIT_BAD_INPUT, EXIT_DISK_FULL = 0, 1, 2, 3
 EXIT_CODES: tuple[tuple[int, str, str], ...] = (
     (EXIT_DONE, "done", "nothing"),
     (EXIT_INCOMPLETE, "not everything finished: some items failed after their retries, cases are incomplete, a spend "
-                      "cap stopped the run, a check failed (launch.doctor) or lines are bad (launch.records, "
-                      "launch.submission); the message says which",
+                      "cap stopped the run, a step crashed; the message says which",
      "run the same command again (after fixing what it names): only what is missing is done"),
-    (EXIT_BAD_INPUT, "stopped before the work: bad input, recipe, config or environment, an endpoint problem, the "
-                     "output folder in use by another run, or too little free disk (launch.pipeline: also a failed "
-                     "step, its log named)",
+    (EXIT_BAD_INPUT, "stopped before the work: bad input (bad lines in a case, answer or submission file, a missing "
+                     "file), recipe, config or environment (a doctor check failed), an endpoint problem, the "
+                     "output folder in use by another run, or too little free disk",
      "fix what the one sentence names"),
     (EXIT_DISK_FULL, "the disk filled while writing",
      "free space and run the same command again: nothing finished is lost"),

@@ -310,7 +310,7 @@ def test_an_id_outside_int64_is_refused_by_the_reader_and_before_any_request(cas
     cases = tmp_path / "cases.jsonl"
     cases.write_text(f'{{"id": 1, "feature_content": "性别: 女"}}\n{{"id": {case_id}, "feature_content": "性别: 男"}}\n',
                      encoding="utf-8")
-    assert records_main([str(cases), "--no-tokens"]) == 1
+    assert records_main([str(cases), "--no-tokens"]) == 2
     expected = f"{cases}:2: field 'id': {case_id} is outside the 64-bit integer range the datasets store"
     assert capsys.readouterr().err.startswith(expected)
     assert teacher_main(teacher_args(tmp_path / "out", fault_server.base_url, fault_server.model, cases=cases)) == 2
@@ -381,14 +381,14 @@ def test_raw_nul_bytes_in_a_cases_file_are_named_as_such(tmp_path, capsys):
     cases = tmp_path / "cases.jsonl"
     second = '{"id": 2, "feature_content": "性别: 男"}'
     cases.write_bytes(f'{{"id": 1, "feature_content": "性别: 女"}}\n{second}\x00\x00\x00\n\x00\x00\n'.encode())
-    assert records_main([str(cases), "--no-tokens"]) == 1
+    assert records_main([str(cases), "--no-tokens"]) == 2
     err = capsys.readouterr().err
     assert f"{cases}:2: holds 3 raw NUL byte(s), the first at column {len(second) + 1}" in err, err
     assert f"{cases}:3: holds 2 raw NUL byte(s), the first at column 1" in err
     assert "Extra data" not in err
     array = tmp_path / "cases.json"
     array.write_bytes(b'[{"id": 1, "feature_content": "a"},\n\x00{"id": 2, "feature_content": "b"}]')
-    assert records_main([str(array), "--no-tokens"]) == 1
+    assert records_main([str(array), "--no-tokens"]) == 2
     assert f"{array}:2: holds 1 raw NUL byte(s), the first at column 1" in capsys.readouterr().err
 
 
@@ -403,7 +403,7 @@ def test_a_submission_line_with_a_key_twice_is_refused_naming_key_and_line(tmp_p
     lines[2] = lines[2][:-1] + ', "diseases": "胃炎"}'                  # the last value wins in json.loads
     submission.write_text("\n".join(lines) + "\n", encoding="utf-8")
     capsys.readouterr()
-    assert submission_main(["check", str(SAMPLE_CASES), str(submission)]) == 1
+    assert submission_main(["check", str(SAMPLE_CASES), str(submission)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"{submission}:3: field 'diseases': appears twice in one object"), err
     third = read_cases(SAMPLE_CASES).cases[2].id                        # a refused line answers no case
@@ -411,7 +411,7 @@ def test_a_submission_line_with_a_key_twice_is_refused_naming_key_and_line(tmp_p
 
     cases = tmp_path / "cases.jsonl"                                    # a case file is read the same way
     cases.write_text('{"id": 1, "feature_content": "性别: 女", "id": 2}\n', encoding="utf-8")
-    assert records_main([str(cases), "--no-tokens"]) == 1
+    assert records_main([str(cases), "--no-tokens"]) == 2
     assert capsys.readouterr().err.startswith(f"{cases}:1: field 'id': appears twice in one object")
 
 
@@ -420,7 +420,7 @@ def test_a_submission_line_with_a_key_twice_is_refused_naming_key_and_line(tmp_p
 def test_a_relative_input_is_the_callers_for_records_and_teacher_alike(fault_server, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)                       # data/sample_cases.jsonl exists in the repo, not here
     missing = tmp_path / "data" / "sample_cases.jsonl"
-    assert records_main(["data/sample_cases.jsonl", "--no-tokens"]) == 1
+    assert records_main(["data/sample_cases.jsonl", "--no-tokens"]) == 2
     assert capsys.readouterr().err == f"{missing}: file not found\n"
     args = teacher_args("out", fault_server.base_url, fault_server.model, cases="data/sample_cases.jsonl")
     assert teacher_main(args) == 2

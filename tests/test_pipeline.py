@@ -407,6 +407,14 @@ def test_sigkill_inside_each_kind_of_step_then_rerun_gives_every_case_exactly_on
         ids = ids_in(out / model / "predict" / "predictions.jsonl")
         assert len(ids) == len(set(ids)) and set(cases) <= set(ids), model
     assert check_submission(SAMPLE_CASES, out / "submission.jsonl") == []
+    # The model that answered the submission is named last and carries a card saying where it came from.
+    model = out / "stage2" / "round-1" / "distill" / "merged"
+    assert f"[pipeline] final model (it answered the submission; ship this folder): {model} " \
+           f"(card: {model / 'README.md'})" in final.stdout + final.stderr
+    card = (model / "README.md").read_text(encoding="utf-8")
+    key = {name: read_record(out / "stamps" / f"{name}.json")["key"] for name in ("distill-1", "submission")}
+    assert f"- Final model: `{key['distill-1']}`" in card and f"- Submission: `{key['submission']}`" in card
+    assert "| round1 |" in card and f"| `{killed_run['cases']}` | train_cases | {len(cases)} |" in card
     scores = (out / "scores" / "scores.md").read_text(encoding="utf-8")
     assert all(f"| {name} " in scores for name in ("base", "stage1", "stage2", "round1")), scores
     assert (out / "scores" / "scores.png").exists() and (out / "scores" / "curves-distill-1.png").exists()
@@ -555,3 +563,16 @@ def test_the_preflight_checks_what_the_steps_that_run_need(tmp_path, monkeypatch
     summary = json.loads((out / "stage1" / "teacher" / "summary.json").read_text(encoding="utf-8"))
     assert summary["answered"] == summary["cases"] == 12
     assert (out / "stage1" / "teacher" / "sft" / "train.jsonl").is_file()
+
+
+@pytest.mark.parametrize("code, expected", [(1, 1), (2, 2), (3, 3), (-9, 1), (70, 1)])
+def test_a_failed_step_gives_the_pipeline_its_own_exit_code(tmp_path, code, expected):
+    """One failure, one code (prep.cli's table): a step that says 'run again' (1), 'fix the input' (2) or 'the disk
+    filled' (3) makes the pipeline say the same; a crash or a signal is 1, since a rerun resumes it."""
+    from custom_losses.pipeline.steps import PipelineError, Step, run_step
+
+    body = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)" if code < 0 else f"raise SystemExit({code})"
+    step = Step("failing", [sys.executable, "-c", body], outputs=[])
+    with pytest.raises(PipelineError) as failed:
+        run_step(step, tmp_path, timeout_s=60, progress_interval_s=60)
+    assert failed.value.exit_code == expected and "step failing failed" in str(failed.value)

@@ -99,7 +99,7 @@ def test_cli_exit_status_and_messages(tmp_path, capsys):
     assert summary["records"] == 1 and summary["bad_lines"] == 0
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(GOOD) + "\n{\"id\": 1, \"feature_content\": \"x\"}\n", encoding="utf-8")
-    assert main([str(good), str(bad), "--no-tokens"]) == 1
+    assert main([str(good), str(bad), "--no-tokens"]) == 2
     assert f"{bad}:2: field 'id': duplicate id 1" in capsys.readouterr().err
 
 

@@ -128,7 +128,7 @@ def test_check_command_exit_codes_and_messages(good, capsys):
     assert "ok (12 lines" in capsys.readouterr().out
     lines = good.read_text(encoding="utf-8").splitlines()
     rewrite(good, lines[1:] + [lines[1]])
-    assert main(["check", str(SAMPLE_CASES), str(good)]) == 1
+    assert main(["check", str(SAMPLE_CASES), str(good)]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err[0] == f"{good}:12: field 'id': duplicate id {CASES[1].id} (first on line 1)"
     assert err[1] == f"{good}: 1 input ids have no line: {CASES[0].id}"
@@ -140,7 +140,7 @@ def test_check_command_runs_as_a_module(good, tmp_path):
     rewrite(good, good.read_text(encoding="utf-8").splitlines()[:-1])
     result = subprocess.run([sys.executable, "-m", "launch.submission", "check", str(SAMPLE_CASES), str(good)],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert f"{good}: 1 input ids have no line: {CASES[-1].id}" in result.stderr
     missing = subprocess.run([sys.executable, "-m", "launch.submission", "check", str(tmp_path / "nope.jsonl"), str(good)],
                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)

@@ -57,7 +57,17 @@ DATA_KEY = "{data_key}"
 
 
 class PipelineError(RuntimeError):
-    pass
+    """A run that cannot go on; exit_code is the project's code for it (prep.cli): 2 unless a step said otherwise."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def step_exit_code(returncode: int) -> int:
+    """The pipeline's exit code for a step that exited RETURNCODE: the step's own code where it is one of the
+    table's (1 run again, 2 fix the input, 3 free disk); a crash or a signal is 1, since a rerun resumes."""
+    return returncode if returncode in (1, 2, 3) else 1
 
 
 @dataclass(frozen=True)
@@ -259,14 +269,15 @@ def run_step(step: Step, logs: Path, timeout_s: float, progress_interval_s: floa
                 if elapsed > timeout_s:
                     os.killpg(process.pid, signal.SIGTERM)
                     process.wait(timeout=60)
-                    raise PipelineError(f"step {step.name} ran past {timeout_s:.0f} s; see {log_path}")
+                    raise PipelineError(f"step {step.name} ran past {timeout_s:.0f} s; see {log_path}", 1)
                 line.update(progress_of(tail(log_path, start)), elapsed)
                 time.sleep(1.0)
         finally:
             line.close()
     if process.returncode != 0:
         last = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
-        raise PipelineError(f"step {step.name} failed (exit {process.returncode}); see {log_path}; last lines:\n{last}")
+        raise PipelineError(f"step {step.name} failed (exit {process.returncode}); see {log_path}; last lines:\n{last}",
+                            step_exit_code(process.returncode))
     return time.monotonic() - started
 
 
