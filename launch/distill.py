@@ -28,8 +28,8 @@ from custom_losses.train.distill import claim_run, parse_recipe, train
 from custom_losses.train.launcher import is_worker, launch_argv, note, run_logged, visible_gpus
 from custom_losses.train.memory import PreflightError
 from custom_losses.train.needs import check_training_machine
-from prep.api.preconditions import Unmet, user_error
-from prep.cli import command_parser, parse_command, print_config, recipe_arguments
+from prep.api.preconditions import Unmet
+from prep.cli import command_parser, parse_command, print_config, recipe_arguments, user_error
 from prep.config import RecipeError
 from prep.jsonio import InputError
 

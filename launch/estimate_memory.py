@@ -18,7 +18,7 @@ from dataclasses import asdict
 
 from custom_losses.train.memory import Estimate, estimate_recipe
 from custom_losses.train.sft_config import resolve_paths
-from prep.cli import command_parser, parse_command, print_config, recipe_arguments
+from prep.cli import command_parser, parse_command, print_config, recipe_arguments, user_error
 from prep.config import RecipeError, compose
 
 NOTES = "For launch.estimate_memory, 1 means (with --strict) that the prediction does not fit --gpu-mem."
@@ -50,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         config = compose(args.config, args.overlays, args.overrides)
         result = estimate_recipe(resolve_paths(config) if "base_model" in config else config, args.gpus, args.model)
     except (RecipeError, ValueError, OSError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return user_error(err)
     if args.json:
         print(json.dumps({"model": result.shape, "setup": asdict(result.setup), "terms_gib": result.terms,
                           "total_gib": result.total,

@@ -19,7 +19,7 @@ import sys
 
 from custom_losses.train.memory import PreflightError
 from custom_losses.train.merge import DTYPES, merge
-from prep.cli import command_parser
+from prep.cli import command_parser, user_error
 from prep.config import RecipeError
 
 
@@ -32,8 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(merge(args.output_dir, args.out, args.dtype))
     except (PreflightError, RecipeError, OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return user_error(err)
     return 0
 
 

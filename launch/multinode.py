@@ -24,7 +24,7 @@ import os
 import sys
 
 from custom_losses.train.launcher import STAGES, resolve_cluster, run_multinode
-from prep.cli import command_parser
+from prep.cli import command_parser, user_error
 from prep.config import RecipeError
 
 NOTES = ("For launch.multinode, the status is the stage's; 2 also when this machine's place or the batch cannot be "
@@ -49,8 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster = resolve_cluster(os.environ, args.nodes, args.node_rank, args.main_address, args.main_port)
         return run_multinode(args.stage, f"launch.{args.stage}", args.stage_args, cluster, args.gpus_per_node)
     except (RecipeError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return user_error(err)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import sys
 
-from prep.cli import command_parser
+from prep.cli import command_parser, user_error
 from prep.jsonio import InputError
 from prep.stages.onpolicy import mix_answers
 
@@ -35,8 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = mix_answers(args.teacher, args.student, args.out, args.mix, args.seed, args.round)
     except (InputError, OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return user_error(err)
     print(json.dumps(summary, ensure_ascii=False))
     return 0
 

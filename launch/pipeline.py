@@ -37,6 +37,7 @@ from prep.cli import (
     print_config,
     recipe_arguments,
     stages_overrides,
+    user_error,
 )
 from prep.config import RecipeError
 from prep.jsonio import InputError, disk_full_at, is_disk_full
@@ -45,6 +46,8 @@ from prep.locks import FolderInUse
 NOTES = "For launch.pipeline, a step that fails gives the step's own code (1 run the same command again, 2 fix " \
         "what it names, 3 free disk; a crashed step is 1, its log is named); 3 also when the pipeline's own " \
         "writes fill the disk."
+
+PREFIX = "[pipeline] error"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,17 +66,13 @@ def main(argv: list[str] | None = None) -> int:
         out = run_pipeline(args.config, overrides, overlays=args.overlays, plan_only=args.plan, until=args.until,
                            limit=args.limit)
     except PipelineError as err:
-        print(f"[pipeline] error: {err}", file=sys.stderr)
-        return err.exit_code
+        return user_error(err, err.exit_code, PREFIX)
     except (RecipeError, InputError, FileNotFoundError, FolderInUse) as err:
-        print(f"[pipeline] error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return user_error(err, EXIT_BAD_INPUT, PREFIX)
     except Exception as err:  # a stage validator's own error (ClientError, ValueError, ...): still one sentence
         if is_disk_full(err):
-            print(f"[pipeline] error: {disk_full_at(err, 'the run folder')}", file=sys.stderr)
-            return EXIT_DISK_FULL
-        print(f"[pipeline] error: {type(err).__name__}: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+            return user_error(disk_full_at(err, "the run folder"), EXIT_DISK_FULL, PREFIX)
+        return user_error(err, EXIT_BAD_INPUT, f"{PREFIX}: {type(err).__name__}")
     if args.plan or args.until:
         return 0
     print(f"[pipeline] scores: {out / 'scores' / 'scores.md'} and {out / 'scores' / 'scores.png'}")

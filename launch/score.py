@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from prep.cli import command_parser, parse_command, print_config, recipe_arguments
+from prep.cli import command_parser, parse_command, print_config, recipe_arguments, user_error
 from prep.config import RecipeError
 from prep.eval.curves import curve_path, parse_curve_specs
 from prep.eval.score import DEFAULT_RECIPE, console_report, read_contamination, score_files, validate_recipe
@@ -50,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         contamination = read_contamination(args.contamination) if args.contamination else None
         runs = score_files(args.reference, args.predictions, args.names, settings, args.out, curves, contamination)
     except (InputError, RecipeError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return user_error(err)
     print(console_report(runs), end="")
     print(f"wrote {args.out}/scores.md, scores.csv, scores.json, scores.png, per_case.jsonl")
     for name in curves:

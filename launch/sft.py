@@ -26,8 +26,8 @@ import sys
 from custom_losses.train.launcher import train_axolotl
 from custom_losses.train.needs import check_training_machine
 from custom_losses.train.sft_preflight import PreflightError, preflight
-from prep.api.preconditions import Unmet, user_error
-from prep.cli import command_parser, parse_command, print_config, recipe_arguments
+from prep.api.preconditions import Unmet
+from prep.cli import command_parser, parse_command, print_config, recipe_arguments, user_error
 from prep.config import RecipeError
 from prep.jsonio import InputError
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from prep.cli import command_parser
+from prep.cli import command_parser, user_error
 from prep.eval.submission import SubmissionError, check_submission, write_submission_from_predictions
 from prep.jsonio import InputError
 from prep.records import read_cases
@@ -45,8 +45,7 @@ def check(cases: str, submission: str, max_problems: int) -> int:
     try:
         problems = check_submission(cases, submission)
     except InputError as err:
-        print(f"cannot read the cases: {err}", file=sys.stderr)
-        return 2
+        return user_error(err, 2, "cannot read the cases")
     for problem in problems[:max_problems]:
         print(problem, file=sys.stderr)
     if len(problems) > max_problems:
@@ -62,11 +61,9 @@ def write(cases: str, predictions: str, out: str) -> int:
     try:
         path = write_submission_from_predictions(cases, predictions, out)
     except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return user_error(err, 2)
     except SubmissionError as err:
-        print(f"error: {out}: {err}", file=sys.stderr)
-        return 1
+        return user_error(err, 1, f"error: {out}")
     print(f"{path}: written and valid")
     return 0
 

@@ -9,8 +9,10 @@ both to it), so no command words its exit statuses its own way.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -99,3 +101,20 @@ def pipeline_arguments(parser: argparse.ArgumentParser) -> None:
 def stages_overrides(stages: str | None) -> list[str]:
     """--stages as the `--set` item it stands for (none when not given)."""
     return [f"stages=[{stages}]"] if stages else []
+
+
+DEBUG_ENV = "MEDKD_DEBUG"
+
+
+def debugging() -> bool:
+    """MEDKD_DEBUG is set: refusals show their traceback (for a bug report), not only their sentence."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def user_error(err: BaseException, status: int = EXIT_BAD_INPUT, prefix: str = "error") -> int:
+    """A user's mistake or an unmet precondition: `PREFIX: <its sentence>` on stderr (its traceback first only with
+    MEDKD_DEBUG=1), and STATUS, the command's exit status. Every command refuses through here."""
+    if debugging():
+        traceback.print_exception(err, file=sys.stderr)
+    print(f"{prefix}: {err}", file=sys.stderr)
+    return status

@@ -261,3 +261,27 @@ def test_run_sh_plan_skips_setup_when_the_environment_exists(shell_copy):
     done = run_shell(shell_copy, "run.sh", TINY_PIPELINE, "--plan")
     assert done.returncode == 0 and done.stdout.strip() == f"pipeline -m launch.pipeline --config {TINY_PIPELINE} --plan"
     assert not (shell_copy / "setup-ran").exists()
+
+
+REFUSALS = {   # a command and arguments it refuses in one sentence, before any work
+    "onpolicy": lambda tmp: ["--teacher", str(tmp / "none"), "--student", str(tmp / "none.jsonl"), "--mix", "0.5",
+                             "--seed", "1", "--round", "1", "--out", str(tmp / "answers.jsonl")],
+    "merge": lambda tmp: [str(tmp / "no-run"), "--out", str(tmp / "merged")],
+    "estimate_memory": lambda tmp: ["--config", str(tmp / "no-recipe.yaml")],
+    "score": lambda tmp: [str(tmp / "none.jsonl"), str(tmp / "none.jsonl"), "--out", str(tmp / "scores")],
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSALS))
+def test_every_refusal_is_one_sentence_and_medkd_debug_adds_its_traceback(name, tmp_path, capsys, monkeypatch):
+    """prep.cli.user_error is the one way a command refuses: `error: ...` and exit 2; MEDKD_DEBUG=1 (README's
+    environment table) puts the traceback above the same sentence, for a bug report."""
+    main = importlib.import_module(f"launch.{name}").main
+    monkeypatch.delenv("MEDKD_DEBUG", raising=False)
+    assert main(REFUSALS[name](tmp_path)) == 2
+    plain = capsys.readouterr().err
+    assert plain.startswith("error: ") and plain.count("\n") == 1 and "Traceback" not in plain, plain
+    monkeypatch.setenv("MEDKD_DEBUG", "1")
+    assert main(REFUSALS[name](tmp_path)) == 2
+    debug = capsys.readouterr().err
+    assert debug.startswith("Traceback (most recent call last)") and debug.endswith(plain), debug

@@ -19,9 +19,9 @@ from prep.api.preconditions import (
     model_problem,
     serve_problems,
     server_cause,
-    user_error,
     visible_gpus,
 )
+from prep.cli import user_error
 from prep.paths import REPO_ROOT
 
 SERVE_1GPU = "recipes/serve/qwen2.5-7b-student-1gpu.yaml"

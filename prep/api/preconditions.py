@@ -14,8 +14,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
-import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +22,6 @@ from prep.paths import resolve_path
 from prep.testing.tiny_model import TINY_MODEL_NAME
 
 GIB = 2**30
-DEBUG_ENV = "MEDKD_DEBUG"
 CPU_SERVE_RECIPE = "recipes/serve/tiny-cpu.yaml"
 # A hub repo id: `name` or `namespace/name` (huggingface_hub.utils.validate_repo_id's alphabet).
 REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
@@ -54,19 +51,6 @@ def require(*problems: Problem | None) -> None:
     for problem in problems:
         if problem is not None:
             raise Unmet(problem)
-
-
-def debugging() -> bool:
-    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
-
-
-def user_error(err: BaseException, status: int = 2) -> int:
-    """A user's mistake or an unmet precondition: `error: <its sentence>` on stderr (its traceback first only with
-    MEDKD_DEBUG=1), and STATUS, the command's exit status."""
-    if debugging():
-        traceback.print_exception(err, file=sys.stderr)
-    print(f"error: {err}", file=sys.stderr)
-    return status
 
 
 # --------------------------------------------------------------------------- models

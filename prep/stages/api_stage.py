@@ -40,11 +40,10 @@ from prep.answers import StructuredOutput
 from prep.api.cache import RunReport, archive_cache, load_cache, run_cached
 from prep.api.endpoint import estimate_prompt_tokens
 from prep.api.pool import ChatClient
-from prep.api.preconditions import user_error
 from prep.api.preflight import check_endpoint, check_endpoints
 from prep.api.serving import ServerSpec, load_server_spec, model_to_load, serving
 from prep.api.settings import ClientError, ClientSettings, resolve_api_key
-from prep.cli import EXIT_BAD_INPUT, EXIT_DISK_FULL, command_parser, recipe_arguments
+from prep.cli import EXIT_BAD_INPUT, EXIT_DISK_FULL, command_parser, recipe_arguments, user_error
 from prep.config import RecipeError, load_recipe
 from prep.digests import model_digest
 from prep.jsonio import (
