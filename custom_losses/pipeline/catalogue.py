@@ -132,7 +132,7 @@ def validate_serve(path: str | Path, overlays: Sequence[str | Path] = (), overri
     """A serve recipe (prep.api.serving's ServerSpec), and the machines it states against the GPUs vLLM will ask for:
     tensor x pipeline x data parallel sizes must equal nodes x gpus_per_node when the recipe states them (and must
     over several machines), and a server over several machines runs on a Ray cluster (`--distributed-executor-backend
-    ray`; the README's `ray start` commands). Returns the ServerSpec."""
+    ray`; docs/SCALING.md's `ray start` commands). Returns the ServerSpec."""
     from prep.api.serving import validate_recipe, vllm_flag
 
     spec = validate_recipe(path, list(overlays), list(overrides))

@@ -39,8 +39,8 @@ Q-LoRA on the GPTQ Int4 model under DeepSpeed ZeRO-2; full fine-tune on 2 GPUs w
 computes the loss on 16-bit logits, so those checks use logits_bytes=8 rather than transformers' 12; and
 LLaMA-Factory's hardware table (README, marked "estimated"), a rule of thumb for the static part (weights +
 trainable states). ms-swift's benchmark (docs/source_en/LLM/Benchmark.md) reports more than the Qwen team for
-a smaller adapter, so it is not used as a check. The figures and the gaps are in the README's table of
-measurements. This repo's own recipes have predictions only until a GPU run measures them (`launch.doctor
+a smaller adapter, so it is not used as a check. The figures and the gaps are in docs/MEASUREMENTS.md's
+table. This repo's own recipes have predictions only until a GPU run measures them (`launch.doctor
 --smoke` prints the measured peak beside the estimate). `check_fits` (the one GPU-memory check: launch.sft's
 preflight and the pipeline's, through custom_losses.train.sft_config.validate_recipe) calls a GPU with less
 than 15 % headroom tight.
