@@ -185,3 +185,22 @@ def test_the_fault_server_command_serves_it(tokenizer):
     server = build(["--known-teacher", "--latency", "0"])
     assert server.model == "known-teacher" and server.teacher.table.rules
     assert build(["--model", "x"]).model == "x" and build([]).body_fn is None
+
+
+def test_the_learning_benchmark_keeps_matched_cases_cut_to_the_chief_complaint(tmp_path: Path):
+    from custom_losses.checks.learning_bench import CHIEF_COMPLAINT_CHARS, report, short_cases
+
+    cases = tmp_path / "cases.jsonl"
+    rows = [{"id": c.id, "feature_content": c.feature_content} for c in HAND_CASES]
+    rows.append({"id": 4, "feature_content": "主诉: " + "无特殊" * 30 + "咳嗽"})     # its term lies past the cut
+    cases.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    kept = short_cases(cases, FindingsTable())
+    assert [(c.id, c.feature_content) for c in kept] == [(90001, "主诉: 咳嗽3天"), (90002, "主诉: 发现血糖升高5年")]
+    assert all(len(c.feature_content) <= CHIEF_COMPLAINT_CHARS + 4 for c in kept)
+    figures = {"cases": 2, "held_out": 1, "majority_class": 1.0, "stage_two_steps": 5, "wall_s": 1.0, "seeds": 3,
+               "accuracy": {"base": [0.0], "stage1": [0.5], "sft_more": [0.5, 0.7, 0.6], "kd": [0.6, 0.8, 0.7],
+                            "kd_tail": [0.7], "kd_weighted": [0.6]},
+               "mean": {"base": 0.0, "stage1": 0.5, "sft_more": 0.6, "kd": 0.7, "kd_tail": 0.7, "kd_weighted": 0.6},
+               "spread": {"base": 0.0, "stage1": 0.0, "sft_more": 0.2, "kd": 0.2, "kd_tail": 0.0, "kd_weighted": 0.0}}
+    assert report(figures)[-1] == ("acc_base=0.000 acc_stage1=0.500 acc_sft_more=0.600 acc_kd=0.700 acc_kd_tail=0.700 "
+                                   "acc_kd_weighted=0.600 seeds=3")
