@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import sys
 
+from custom_losses.pipeline.cost_report import final_lines
 from custom_losses.pipeline.run import run_pipeline
 from custom_losses.pipeline.steps import PipelineError
 from prep.cli import (
@@ -79,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     curves = sorted((out / "scores").glob("curves-*.png"))   # the score step wrote them (custom_losses.pipeline.plan.curve_files)
     print(f"[pipeline] training curves: {' and '.join(map(str, curves))}")
     print(f"[pipeline] submission (validated): {out / 'submission.jsonl'}")
+    for line in final_lines(out):   # the cost totals, estimated and actual, and the server/wall line
+        print(f"[pipeline] {line}")
     return 0
 
 

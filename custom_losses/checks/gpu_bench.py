@@ -209,6 +209,19 @@ def final_line(figures: dict[str, float]) -> str:
     return " ".join(f"{key}={figures.get(key, float('nan')):.4g}" for key in keys)
 
 
+def keep_measured(figures: dict[str, float], device: str, say: Callable[[str], None]) -> None:
+    """The bf16 LoRA steps' per-GPU tokens/s and MFU into the cost estimate's measured file."""
+    from custom_losses.pipeline.cost import model_config, model_params, write_measured
+
+    config, _ = model_config("Qwen/Qwen2.5-7B-Instruct")   # the shape the bench builds (data/models/)
+    kept = {"sft_tokens_per_s": figures.get("sft_tokens_per_s"), "sft_mfu": figures.get("sft_mfu"),
+            "distill_tokens_per_s": figures.get("distill_packed_tokens_per_s"),
+            "distill_mfu": figures.get("distill_packed_mfu")}
+    path = write_measured({k: v for k, v in kept.items() if v is not None}, "the GPU benchmark (bench_gpu)", device,
+                          model_params(config)[0], 1)
+    say(f"measured figures kept in {path}: the cost estimate of --plan prefers them")
+
+
 def run_bench(plan: BenchPlan, loss: LossSettings, device: str, out: Callable[[str], None] = print) -> int:
     """The whole benchmark; prints its lines and, last, final_line; returns the exit code (1 if a step failed)."""
     import time
@@ -231,6 +244,8 @@ def run_bench(plan: BenchPlan, loss: LossSettings, device: str, out: Callable[[s
     figures = loss_comparison(loss, device, "axolotl" not in missing, say)
     plan.qlora = plan.qlora and "bitsandbytes" not in missing
     figures.update(training_steps(plan, peak, say))
+    if device == "cuda" and not plan.tiny:   # this card's figures, for the cost estimate (custom_losses.pipeline.cost)
+        keep_measured(figures, name, say)
     say(f"bench finished in {time.perf_counter() - start:.0f} s")
     out(final_line(figures))
     return 1 if failed else 0

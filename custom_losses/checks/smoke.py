@@ -350,6 +350,23 @@ def vllm_part(ctx: SmokeContext, say: Callable[[str], None], base_url: str | Non
     say(f"ok vLLM ({base_url}): one request, {tokens} tokens in {seconds:.2f} s ({tokens / seconds:,.0f} tokens/s)")
 
 
+def keep_measured(ctx: SmokeContext, results: dict[str, Any], say: Callable[[str], None]) -> None:
+    """The measured per-GPU training tokens/s, into custom_losses.pipeline.cost's measured file."""
+    import torch
+
+    from custom_losses.pipeline.cost import model_params, write_measured
+
+    figures = {f"{part}_tokens_per_s": result.tokens_per_s for part, result in results.items()
+               if part in ("sft", "distill") and isinstance(result, StepResult)}
+    if not figures:
+        return
+    config = json.loads((ctx.model_dir / "config.json").read_text(encoding="utf-8"))
+    path = write_measured(figures, "the doctor's smoke check (--smoke)", torch.cuda.get_device_name(0), model_params(config)[0],
+                          ctx.gpus)
+    say(f"ok measured figures: {path} ({', '.join(f'{k} {v:,.0f}' for k, v in figures.items())}); the cost "
+        f"estimate of --plan prefers them")
+
+
 def smoke_context(recipe: Any, tiny: bool, steps: int, import_names: dict[str, str] | None = None,
                   rows_of_tokens: int = 2) -> SmokeContext:
     """RECIPE (a custom_losses.pipeline.plan.PipelineRecipe) on this machine; RuntimeError when the real shapes need a GPU
@@ -392,11 +409,14 @@ def run_smoke(config: str | Path, overrides: Sequence[str] = (), *, tiny: bool,
         return lines
     runners = {"sft": lambda: sft_part(ctx, say), "distill": lambda: distill_part(ctx, say),
                "vllm": lambda: vllm_part(ctx, say, vllm_base_url)}
+    results = {}
     for part in parts:
         try:
-            runners[part]()
+            results[part] = runners[part]()
         except Exception as err:  # one part's failure is its line; the other parts still run
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             say(f"FAIL {part}: {type(err).__name__}: {first}")
+    if not tiny:   # real shapes on this GPU: the figures the cost estimate prefers (the tiny model's would mislead it)
+        keep_measured(ctx, results, say)
     say(f"ok smoke finished in {time.perf_counter() - start:.0f} s")
     return lines

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from custom_losses.pipeline.cost import Budget, EstimateSettings, Prices
 from custom_losses.pipeline.steps import (
     DATA_KEY,
     Decision,
@@ -111,6 +112,11 @@ class PipelineRecipe:
     step_timeout_s: float = 48 * 3600
     score_baseline: bool = True
     progress_interval_s: float = 30.0     # a plain progress line at most this often when not on a terminal
+    # What a run costs before it starts (custom_losses.pipeline.cost, docs/COST.md): the estimate's assumptions,
+    # the prices, and a budget a run's estimate must stay under.
+    estimate: EstimateSettings = field(default_factory=EstimateSettings)
+    prices: Prices = field(default_factory=Prices)
+    budget: Budget = field(default_factory=Budget)
 
     def __post_init__(self) -> None:
         if not set(self.stages) <= {1, 2} or not self.stages:

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Collection
 from pathlib import Path
 
 from custom_losses.checks.doctor import lines, passed, run_doctor
+from custom_losses.pipeline.cost import estimate_run
+from custom_losses.pipeline.cost_report import check_budget, estimate_lines, record_actuals, write_report
 from custom_losses.pipeline.model_card import write_model_card
 from custom_losses.pipeline.plan import absolute, contamination_figures, layout_of, plan_pipeline, validate_recipe
 from custom_losses.pipeline.steps import Decision, PipelineError, run_decision
@@ -68,6 +71,21 @@ def print_plan(decisions: list[Decision], limit: int | None = None) -> None:
         print(decision.line(width), flush=True)
 
 
+def print_estimate(recipe, decisions: list[Decision], limit: int | None, config: str | Path, refuse: bool):
+    """The cost estimate of the steps that run (custom_losses.pipeline.cost), printed; REFUSE: PipelineError (exit 2)
+    when it passes the recipe's budget, else a line saying it would. The estimate."""
+    estimate = estimate_run(recipe, decisions, limit, str(config))
+    for line in estimate_lines(estimate):
+        print(f"[pipeline] estimate: {line}", flush=True)
+    try:
+        check_budget(recipe.budget, estimate)
+    except PipelineError as err:
+        if refuse:
+            raise
+        print(f"[pipeline] estimate: a run would be refused: {err}", flush=True)
+    return estimate
+
+
 def steps_until(decisions: list[Decision], until: str | None) -> list[Decision]:
     """The decisions up to and including the step named UNTIL (all of them when None)."""
     if until is None:
@@ -87,16 +105,20 @@ def run_pipeline(config: str | Path, overrides: list[str] = (), *, overlays: lis
     Raises RecipeError, InputError, PipelineError, prep.locks.FolderInUse (another pipeline holds the run
     folder) or a stage validator's own error (one sentence each). A relative out, train_cases or test_cases in
     OVERRIDES is the working directory's (command_line_paths)."""
+    began = time.monotonic()
     overrides = command_line_paths(list(overrides))
     recipe = validate_recipe(config, overlays, overrides)
     out = layout_of(recipe).out
     if plan_only:
-        print_plan(steps_until(plan_pipeline(recipe, limit), until), limit)
+        decisions = steps_until(plan_pipeline(recipe, limit), until)
+        print_plan(decisions, limit)
+        print_estimate(recipe, decisions, limit, config, refuse=False)
         return out
     with folder_lock(out, choose="another run folder (out in the recipe, or --set out=...)"):
         logs, stamps = out / "logs", out / "stamps"
         decisions = steps_until(plan_pipeline(recipe, limit), until)
         running = [decision.step.name for decision in decisions if decision.runs]
+        estimate = print_estimate(recipe, decisions, limit, config, refuse=True)   # before the first paid step
         for line in preflight(config, overrides, running, overlays):
             print(f"[pipeline] preflight: {line}", flush=True)
         logs.mkdir(parents=True, exist_ok=True)
@@ -108,6 +130,8 @@ def run_pipeline(config: str | Path, overrides: list[str] = (), *, overlays: lis
             if row["step"] == "score" and copied:
                 row["contamination"] = copied
         write_text_atomic(out / "pipeline_summary.json", json.dumps(summary, indent=1))
+        write_report(out, estimate, record_actuals(recipe, decisions, summary, stamps, limit), summary,
+                     time.monotonic() - began)
         card = write_model_card(recipe, decisions)    # None until the submission is up to date
     width = max(len(row["step"]) for row in summary)
     for row in summary:

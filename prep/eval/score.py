@@ -372,6 +372,23 @@ def score_files(reference_path: str | Path, prediction_paths: list[str], names: 
     return runs
 
 
+def replace_section(report: str | Path, heading: str, body: str) -> None:
+    """REPORT (a scores.md) with its `## HEADING` section set to BODY: replaced where it is (up to the next `## `),
+    else added at the end. The pipeline adds its cost table this way after its last step, so a re-run that skips
+    the score step still gets this run's figures."""
+    path = Path(report)
+    text = path.read_text(encoding="utf-8")
+    title = f"## {heading}\n"
+    start = text.find(title)
+    section = f"{title}\n{body.rstrip()}\n"
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + len(title))
+        text = text[:start] + section + (text[end:] if end >= 0 else "")
+    write_text_atomic(path, text)
+
+
 def console_report(runs: list[RunScore]) -> str:
     """The table, then one line per missing set of cases and per unreadable row, for a terminal."""
     lines = [markdown_table(table_rows(runs)).rstrip("\n")]
