@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stage = PredictStage.from_files(args.config, args.input, model=args.model, limit=args.limit,
                                         overlays=args.overlays, overrides=args.overrides)
-        summary = stage.run(args.out, fresh=args.fresh, progress=not args.no_progress)
+        summary = stage.run(args.out, fresh=args.fresh, progress=not args.no_progress,
+                                server_url=args.server_url)
     except STAGE_ERRORS as err:
         return fail(err)
     except DiskFull as err:

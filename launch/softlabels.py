@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         answers = cli_path(args.answers) if args.answers else None      # the working directory's, never the repo's
         stage = SoftLabelStage.from_files(args.config, args.input, answers=answers, limit=args.limit,
                                           overlays=args.overlays, overrides=args.overrides)
-        summary = stage.run(args.out, fresh=args.fresh, progress=not args.no_progress)
+        summary = stage.run(args.out, fresh=args.fresh, progress=not args.no_progress,
+                                server_url=args.server_url)
     except STAGE_ERRORS as err:
         return fail(err)
     except DiskFull as err:

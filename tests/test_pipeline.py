@@ -115,7 +115,8 @@ def test_plan_passes_every_setting_as_the_stage_commands_own_flags(tmp_path):
     recipe = write_recipe(tmp_path, lambda r: r["score"].update(set=["fuzzy_threshold=0.6"]))
     plan = {step.name: step.argv for step in build_plan(validate_recipe(recipe))}
     out = tmp_path / "run"
-    assert list(plan) == ["teacher", "sft", "merge", "predict-base", "predict-stage1", "softlabels", "distill",
+    # Soft labels and the base model's predictions run behind the teacher, on its server when it serves them alike.
+    assert list(plan) == ["teacher", "softlabels", "predict-base", "sft", "merge", "predict-stage1", "distill",
                           "predict-stage2", *ROUND_ONE, "score", "submission"]
     # Recipe and case paths are absolute: the steps run in the repository wherever the pipeline started.
     assert plan["teacher"][1:5] == ["-m", "launch.teacher", "--config", f"{RECIPES}/teacher/local-tiny-vllm.yaml"]
@@ -305,7 +306,7 @@ def _kill_tree(process: subprocess.Popen) -> None:
     process.wait()
 
 
-STEPS = ["teacher", "sft", "merge", "predict-base", "predict-stage1", "softlabels", "distill", "predict-stage2",
+STEPS = ["teacher", "softlabels", "predict-base", "sft", "merge", "predict-stage1", "distill", "predict-stage2",
          *(f"{kind}1" for kind in ("student-", "mix-", "softlabels-", "distill-", "predict-round"))]
 # One kill per kind of resume (the API cache, Axolotl's checkpoints, TRL's checkpoints), the last two inside the
 # on-policy round, which continues from stage two's model exactly as every later round continues from the one

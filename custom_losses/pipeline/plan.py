@@ -376,7 +376,31 @@ def build_plan(recipe: PipelineRecipe, limit: int | None = None) -> list[Step]:
                       [submission], validate=lambda: require_valid_submission(where.test_cases, submission, limit),
                       before=lambda: write_first_cases(where.test_cases, cases, limit),
                       deps=(f"predict-{final}",), inputs=(where.test_cases,)))
-    return steps
+    return run_order(steps)
+
+
+# Steps brought forward to right after the teacher's, in this order, so that a server can serve them in a row
+# (custom_losses.pipeline.servers): the soft-label teacher, usually the teacher itself, scores the kept answers
+# before SFT needs the machine; the base model, which the teacher's server serves when it is the same model.
+# (Stage two's predictions and the first on-policy round's student answers, one model, are adjacent already.)
+AFTER_TEACHER = ("softlabels", "predict-base")
+
+
+def run_order(steps: list[Step]) -> list[Step]:
+    """STEPS (in the stages' own order, which each step keeps as its rank for --until) in the order they run:
+    AFTER_TEACHER moved up behind the teacher. Every step still follows the steps it reads from."""
+    for rank, step in enumerate(steps):
+        step.rank = rank
+    moved = [step for name in AFTER_TEACHER for step in steps if step.name == name]
+    order = [step for step in steps if step.name not in AFTER_TEACHER]
+    at = next(i for i, step in enumerate(order) if step.name == "teacher") + 1
+    order[at:at] = moved
+    seen: set[str] = set()
+    for step in order:
+        if not set(step.deps) <= seen:      # a dependency after its reader would make decide() wrong
+            raise AssertionError(f"run order puts {step.name} before {sorted(set(step.deps) - seen)}")
+        seen.add(step.name)
+    return order
 
 
 def write_contamination(where: Layout, path: Path) -> None:

@@ -18,6 +18,7 @@ from custom_losses.pipeline.cost import estimate_run
 from custom_losses.pipeline.cost_report import check_budget, estimate_lines, record_actuals, write_report
 from custom_losses.pipeline.model_card import write_model_card
 from custom_losses.pipeline.plan import absolute, contamination_figures, layout_of, plan_pipeline, validate_recipe
+from custom_losses.pipeline.servers import SharedServer, add_starts, step_starts
 from custom_losses.pipeline.steps import Decision, PipelineError, run_decision
 from prep.api.process import stderr_silenced
 from prep.config import parse_override
@@ -87,13 +88,30 @@ def print_estimate(recipe, decisions: list[Decision], limit: int | None, config:
 
 
 def steps_until(decisions: list[Decision], until: str | None) -> list[Decision]:
-    """The decisions up to and including the step named UNTIL (all of them when None)."""
+    """The decisions up to and including the step named UNTIL (all of them when None), counted in the stages' own
+    order (a step's rank), so that a step the run order brings forward to share a server (soft labels after the
+    teacher) is not run by `--until sft`; in the run order."""
     if until is None:
         return decisions
     names = [decision.step.name for decision in decisions]
     if until not in names:
         raise PipelineError(f"--until {until}: no such step; the steps are {', '.join(names)}")
-    return decisions[:names.index(until) + 1]
+    last = decisions[names.index(until)].step.rank
+    return [decision for decision in decisions if decision.step.rank <= last]
+
+
+def run_steps(decisions: list[Decision], logs: Path, stamps: Path, timeout_s: float,
+              progress_interval_s: float) -> list[dict]:
+    """Run every decision in order, each API step on the server it shares with its neighbours when they serve the
+    same model alike (custom_losses.pipeline.servers); the summary rows, each with its server_starts and
+    server_start_s (the pipeline's starts for the step and the step's own)."""
+    summary = []
+    with SharedServer(logs) as shared:    # stopped when the run ends, a step fails or the run is interrupted
+        for index, decision in enumerate(decisions):
+            url, started = shared.before(decisions, index)
+            row = run_decision(decision, logs, stamps, timeout_s, progress_interval_s, url)
+            summary.append(add_starts(row, started, step_starts(decision.step, row["status"])))
+    return summary
 
 
 def run_pipeline(config: str | Path, overrides: list[str] = (), *, overlays: list[str] = (), plan_only: bool = False,
@@ -123,8 +141,7 @@ def run_pipeline(config: str | Path, overrides: list[str] = (), *, overlays: lis
             print(f"[pipeline] preflight: {line}", flush=True)
         logs.mkdir(parents=True, exist_ok=True)
         stamps.mkdir(parents=True, exist_ok=True)
-        summary = [run_decision(decision, logs, stamps, recipe.step_timeout_s, recipe.progress_interval_s)
-                   for decision in decisions]
+        summary = run_steps(decisions, logs, stamps, recipe.step_timeout_s, recipe.progress_interval_s)
         copied = contamination_figures(recipe) if any(row["step"] == "score" for row in summary) else None
         for row in summary:   # on the score row, whose step wrote them (scores.md has the same section)
             if row["step"] == "score" and copied:

@@ -101,6 +101,9 @@ class Step:
     # A training step's flag to discard checkpoints: passed when it last started under another key (an edited
     # recipe, new data), not when it resumes the same key after a crash.
     fresh_flag: str | None = None
+    # Its place in the stages' own order (stage one, then stage two), which `--until` counts in; the run order
+    # (custom_losses.pipeline.plan.run_order) may bring a step forward to share a server.
+    rank: int = 0
 
     @property
     def module(self) -> str:
@@ -281,8 +284,10 @@ def run_step(step: Step, logs: Path, timeout_s: float, progress_interval_s: floa
     return time.monotonic() - started
 
 
-def run_decision(decision: Decision, logs: Path, stamps: Path, timeout_s: float, progress_interval_s: float) -> dict:
-    """Run a step that must run (and stamp it), or say it is skipped; its summary row."""
+def run_decision(decision: Decision, logs: Path, stamps: Path, timeout_s: float, progress_interval_s: float,
+                 server_url: str | None = None) -> dict:
+    """Run a step that must run (and stamp it), or say it is skipped; its summary row. SERVER_URL: the step's
+    server is already running there (custom_losses.pipeline.servers), passed as --server-url, in no key."""
     step = decision.step
     if not decision.runs:
         print(f"[pipeline] {step.name}: up to date, skipped", flush=True)
@@ -295,6 +300,8 @@ def run_decision(decision: Decision, logs: Path, stamps: Path, timeout_s: float,
     last = read_record(record)
     if step.fresh_flag and last is not None and last.get("identity") != as_recorded(decision.parts):
         step.argv = [*step.argv, step.fresh_flag]
+    if server_url:
+        step.argv = [*step.argv, "--server-url", server_url]
     write_record(record, decision.parts, done=False, key=decision.key)
     print(f"[pipeline] {step.name}: running ({decision.reason}; log {logs / (step.name + '.log')})", flush=True)
     seconds = run_step(step, logs, timeout_s, progress_interval_s)

@@ -8,6 +8,7 @@ duration of a block". Serve recipes (recipes/serve/*.yaml) are `ServerSpec`s.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -143,6 +144,7 @@ class VLLMServer:
         self.port = spec.port or free_port()
         self.process: subprocess.Popen | None = None
         self.log_start = 0
+        self.start_s = 0.0          # seconds from the start to healthy, for the summaries (server_start_s)
 
     @property
     def base_url(self) -> str:
@@ -167,6 +169,7 @@ class VLLMServer:
                 raise RuntimeError(f"environment variable {self.spec.api_key_env} (the server's API key) is not set")
             env["VLLM_API_KEY"] = os.environ[self.spec.api_key_env]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
         self.log_start = self.log_path.stat().st_size if self.log_path.exists() else 0   # the log is appended to
         # Own process group, so stop() also ends vLLM's engine workers; and the server dies with its
         # parent, so a SIGKILLed run leaves no orphan server holding memory and a port.
@@ -175,6 +178,7 @@ class VLLMServer:
                                             stderr=subprocess.STDOUT, env=env,
                                             preexec_fn=new_session_dying_with_parent)
         self.wait_healthy()
+        self.start_s = round(time.monotonic() - started, 1)
         return self
 
     def wait_healthy(self) -> None:
@@ -239,12 +243,67 @@ def adapter_problem(name: str, path: str, recipe: str) -> Problem | None:
                    f"correct lora_modules.{name} in {recipe}, or train the adapter first")
 
 
+@dataclass
+class AttachedServer:
+    """SPEC's server started by someone else (the pipeline, for adjacent steps that serve the same model with the
+    same settings), reached at BASE_URL: neither started nor stopped here, so it cost this command no start."""
+
+    spec: ServerSpec
+    base_url: str
+    start_s: float = 0.0
+
+
+def served_models(base_url: str, spec: ServerSpec, timeout_s: float = 30.0) -> dict[str, dict[str, Any]]:
+    """GET BASE_URL/models: {model id: its card} (vLLM's cards carry `root`, the folder it loaded)."""
+    request = urllib.request.Request(base_url.rstrip("/") + "/models")
+    if spec.api_key_env and os.environ.get(spec.api_key_env):
+        request.add_header("Authorization", f"Bearer {os.environ[spec.api_key_env]}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            cards = json.loads(response.read(4 * 2**20)).get("data") or []
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError, ValueError, AttributeError) as err:
+        raise RuntimeError(f"--server-url {base_url}: no vLLM server answers GET /models there ({err}); start it "
+                           f"(python -m launch.serve) or leave --server-url out to start the recipe's own") from None
+    return {str(card.get("id")): card for card in cards if isinstance(card, dict)}
+
+
+def attach(spec: ServerSpec, base_url: str) -> AttachedServer:
+    """The running server at BASE_URL, checked to serve what SPEC would start: each served name (the model's,
+    each LoRA adapter's) listed with the folder it was loaded from, and the context length when SPEC sets one.
+    The answers keep SPEC's identity (content keys, caches), so a server serving anything else is refused
+    (RuntimeError, one sentence) rather than asked."""
+    cards = served_models(base_url, spec)
+    wanted = {spec.served_model_name or spec.model: spec.model, **spec.lora_modules}
+    for name, folder in wanted.items():
+        card = cards.get(name)
+        if card is None or str(card.get("root")) != str(folder):
+            found = ", ".join(f"{key} ({value.get('root')})" for key, value in cards.items()) or "nothing"
+            raise RuntimeError(f"--server-url {base_url} does not serve {name} from {folder}, which the recipe's "
+                               f"server: section serves; it serves {found}")
+    length = vllm_flag([str(arg) for arg in spec.extra_args], "--max-model-len")
+    served = cards[spec.served_model_name or spec.model].get("max_model_len")
+    if length is not None and served is not None and str(served) != str(length):
+        raise RuntimeError(f"--server-url {base_url} serves a context of {served} tokens, the recipe's server: "
+                           f"section {length}")
+    return AttachedServer(spec, base_url.rstrip("/"))
+
+
 @contextlib.contextmanager
-def serving(spec: ServerSpec | None, log_path: str | Path) -> Iterator[VLLMServer | None]:
+def serving(spec: ServerSpec | None, log_path: str | Path,
+            attach_url: str | None = None) -> Iterator[VLLMServer | AttachedServer | None]:
     """SPEC's server, up and healthy for the duration of the block and stopped after it; None without a spec
-    (the recipe names a running endpoint instead)."""
+    (the recipe names a running endpoint instead). ATTACH_URL: SPEC's server is already running there (started
+    by the pipeline for the steps that share it, which stops it): checked (attach) and used, never stopped."""
     if spec is None:
+        if attach_url:
+            raise RuntimeError("--server-url names a running server for the recipe's server: section, and this "
+                               "recipe has none (it asks client.base_url)")
         yield None
+        return
+    if attach_url:
+        server = attach(spec, attach_url)
+        log.info("using the running vLLM server at %s for %s (not started here)", server.base_url, spec.model)
+        yield server
         return
     log.info("starting the vLLM server for %s", spec.model)
     server = VLLMServer(spec, log_path).start()

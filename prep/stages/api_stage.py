@@ -41,7 +41,7 @@ from prep.api.cache import RunReport, archive_cache, load_cache, run_cached
 from prep.api.endpoint import estimate_prompt_tokens
 from prep.api.pool import ChatClient
 from prep.api.preflight import check_endpoint, check_endpoints
-from prep.api.serving import ServerSpec, load_server_spec, model_to_load, serving
+from prep.api.serving import AttachedServer, ServerSpec, load_server_spec, model_to_load, serving
 from prep.api.settings import ClientError, ClientSettings, resolve_api_key
 from prep.cli import EXIT_BAD_INPUT, EXIT_DISK_FULL, command_parser, recipe_arguments, user_error
 from prep.config import RecipeError, load_recipe
@@ -197,18 +197,23 @@ class StageEndpoints:
     answers; a refused key or a missing model stops the run as with one.
     """
 
-    def __init__(self, target: Target, server_log: Path, preflight: Callable[[ClientSettings, str], None]):
+    def __init__(self, target: Target, server_log: Path, preflight: Callable[[ClientSettings, str], None],
+                 server_url: str | None = None):
         self.target, self.server_log, self.preflight = target, server_log, preflight
+        self.server_url = server_url      # the recipe's server, already running there (--server-url)
         self.settings, self.api_keys, self.down = target.settings, None, []
+        self.server: dict[str, Any] = {"server_started": False, "server_start_s": 0.0}   # for the summary
         self._stack = contextlib.ExitStack()
 
     def open(self) -> tuple[ClientSettings, dict[str, str]]:
         if self.api_keys is None:
             for endpoint in self.settings.resolved():
                 resolve_api_key(endpoint)                 # a missing key stops us before a server start
-            server = self._stack.enter_context(serving(self.target.spec, self.server_log))
+            server = self._stack.enter_context(serving(self.target.spec, self.server_log, self.server_url))
             if server is not None:
                 self.settings = self.settings.with_server(server.base_url)
+                started = not isinstance(server, AttachedServer)     # an attached one cost this run no start
+                self.server = {"server_started": started, "server_start_s": server.start_s}
             endpoints = self.settings.resolved()          # named by their URLs, the started server's included
             api_keys = {e.name: resolve_api_key(e) for e in endpoints}
             if len(endpoints) == 1:
@@ -348,8 +353,11 @@ class ApiStage:
         prompts = load_prompts(recipe.prompts.system, recipe.prompts.user)
         return cls(recipe, cases if limit is None else cases[:limit], prompts, **extra)
 
-    def run(self, out: str | Path, *, fresh: bool = False, progress: bool = True) -> dict[str, Any]:
-        """Ask what the cache lacks, derive every output, write OUT/summary.json; the summary.
+    def run(self, out: str | Path, *, fresh: bool = False, progress: bool = True,
+            server_url: str | None = None) -> dict[str, Any]:
+        """Ask what the cache lacks, derive every output, write OUT/summary.json; the summary. SERVER_URL: the
+        recipe's server is already running there (prep.api.serving.attach checks it); it is used, neither started
+        nor stopped, and the answers keep the recipe's identity (the URL is in no key).
 
         When OUT does not exist yet the API keys are checked first; then whom to ask is resolved (the recipe's
         endpoints or server, the stage's keyed pieces): a configuration mistake leaves no OUT behind. Then it
@@ -363,7 +371,7 @@ class ApiStage:
         target = self.resolve()
         with folder_lock(out), logging_to(out / f"{self.name}.log"):
             try:
-                return self._run(out, target, fresh, progress)
+                return self._run(out, target, fresh, progress, server_url)
             except Exception as err:
                 if is_disk_full(err):
                     full = disk_full_at(err, out)
@@ -375,7 +383,7 @@ class ApiStage:
                     log.error("%s", err)
                 raise
 
-    def _run(self, out: Path, target: Target, fresh: bool, progress: bool) -> dict[str, Any]:
+    def _run(self, out: Path, target: Target, fresh: bool, progress: bool, server_url: str | None) -> dict[str, Any]:
         started = time.perf_counter()
         cache = out / "cache.jsonl"
         if fresh and (moved := archive_cache(cache)):
@@ -389,7 +397,7 @@ class ApiStage:
             pending = [item for item in first[1] if self.key(item) not in cached]
             self.check_spend(target.settings, pending)
             self.check_space(out, pending)
-        with StageEndpoints(target, out / "server.log", self.preflight) as endpoint:
+        with StageEndpoints(target, out / "server.log", self.preflight, server_url) as endpoint:
             for desc, items in itertools.chain([first] if first else [], rounds):
                 cached = load_cache(cache)
                 pending = [item for item in items if self.key(item) not in cached]
@@ -409,6 +417,7 @@ class ApiStage:
         summary = self.finish(out, run)
         summary["stale_cache_rows"] = summary.get("stale_cache_rows", 0) + stale
         summary["model_identity"] = {"identity": target.identity, "known_by": target.known_by}
+        summary.update(endpoint.server)     # whether this run started a server, and its seconds to healthy
         write_text_atomic(out / "summary.json", json.dumps(summary, ensure_ascii=False, indent=1) + "\n")
         log.info("summary: %s", dumps(summary))
         return summary
@@ -518,6 +527,9 @@ def stage_parser(prog: str, description: str, config_help: str, out_help: str,
                        help="move the cache aside and ask everything again")
     parser.set_defaults(fresh=False)  # two actions share the dest; without this --resume's default (True) wins
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--server-url", metavar="URL", help="the recipe's server: is already running at URL (e.g. "
+                        "http://127.0.0.1:8000/v1, started by the pipeline or launch.serve with the same serve "
+                        "recipe): checked to serve that model, used, not started or stopped")
     return parser
 
 
