@@ -431,6 +431,8 @@ def plan_lines(recipe: Path, *extra: str) -> dict[str, tuple[str, str]]:
     assert result.returncode == 0, result.stdout + result.stderr
     verdicts = {}
     for line in result.stdout.splitlines():
+        if line.startswith(("--limit ", "[pipeline] ")):   # the trial's note above the steps, the estimate below
+            continue
         name, verdict, reason = line.split(None, 2)
         verdicts[name] = (verdict, reason.strip("()"))
     return verdicts
@@ -524,11 +526,16 @@ def test_a_changed_prompt_reruns_the_teacher_and_everything_that_reads_it(killed
     assert plan["teacher"] == ("run", f"{killed_run['user_prompt']} changed")
     assert plan["softlabels"] == ("run", "upstream teacher changed")   # stage two scores what the teacher kept
     assert {name for name, (verdict, _) in plan.items() if verdict == "skip"} == set()
-    rerun = run_pipeline(recipe, "--until", "teacher", timeout=600)
+    # A trial on the first 5 cases (--limit, through every stage) asks for those only, and is a run of its own:
+    # neither it nor the full run takes the other's outputs as up to date.
+    rerun = run_pipeline(recipe, "--until", "teacher", "--limit", "5", timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert statuses(out) == {"teacher": "ran"}
-    plan = plan_lines(recipe)
-    assert plan["teacher"] == ("skip", "up to date") and plan["sft"] == ("run", "upstream teacher changed")
+    summary = json.loads((out / "stage1" / "teacher" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["cases"] == 5, summary
+    trial = plan_lines(recipe, "--limit", "5")
+    assert trial["teacher"] == ("skip", "up to date") and trial["sft"][0] == "run"
+    assert plan_lines(recipe)["teacher"][0] == "run"
 
 
 def test_a_steps_progress_is_read_from_its_log_and_printed_as_plain_lines_off_a_terminal(capsys):
