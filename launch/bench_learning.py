@@ -6,7 +6,9 @@ overlays, the real step-one cases it names (../shared), data/known_teacher/.
 Writes: OUT (the recipe's `out`, default runs/bench-learning): cases.jsonl, the teacher's and soft labels' folders,
 each trained model, logs/, bench.json; the table on stdout, last line
 `acc_base=A0 acc_stage1=A1 acc_sft_more=A2 acc_kd=A3 acc_kd_tail=A4 acc_kd_weighted=A5 seeds=3`.
-About 35 minutes on a 2-core CPU. Without the competition data it says so and exits 0.
+Measured on the shared 2-core CPU under a load of 4-7 (other work): 56 minutes with 300 stage-one steps (Axolotl
+~2-4 s a step there, the distill trainer ~0.5-2 s); about 25 minutes is the estimate on a quiet machine.
+Without the competition data it says so and exits 0.
 
 Example (the full run; a quick look: --limit 300 --sft-set max_steps=40 --distill-set max_steps=20 --seeds 1):
     python -m launch.bench_learning
