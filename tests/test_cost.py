@@ -146,6 +146,9 @@ def test_actuals_in_the_stamp_and_the_report(tmp_path):
     assert "| step | estimated | actual |" in text and f"| teacher | {duration(estimate.steps[0].wall_s)}," in text
     assert "| 60 s, 0.00 GPU-h, 4,300 API tokens, $0.00 |" in text      # the actual: 60.5 s, 4000 + 300 tokens
     lines = final_lines(out)
+    assert lines[0] == "| step | estimated | actual |" and lines[-2].startswith("cost: estimated ")   # the table
+    assert [line for line in lines if line.startswith("| total |")] == [line for line in text.splitlines()
+                                                                       if line.startswith("| total |")]
     assert lines[-1].startswith("server_starts=1 server_start_s=26.5 wall_s=100 estimated_wall_s=")
     assert float(lines[-1].split("estimated_wall_s=")[1]) == pytest.approx(recipe.estimate.preflight_s
                                                                              + estimate.steps[0].wall_s, abs=0.1)

@@ -159,8 +159,8 @@ def cell(cost: StepCost | None, trains: bool = False) -> str:
     return f"{duration(cost.wall_s)}, {cost.gpu_hours:.2f} GPU-h, {', '.join(tokens)}, ${cost.usd:,.2f}"
 
 
-def cost_table(estimate: RunEstimate, actuals: list[StepCost]) -> str:
-    """Markdown: step | estimated | actual, for the steps that ran, then the totals."""
+def cost_rows(estimate: RunEstimate, actuals: list[StepCost]) -> list[str]:
+    """Markdown rows: step | estimated | actual, for the steps that ran, then the totals."""
     actual = {cost.step: cost for cost in actuals}
     rows = ["| step | estimated | actual |", "|---|---|---|"]
     ran = [step for step in estimate.running if step.step in actual]
@@ -169,8 +169,13 @@ def cost_table(estimate: RunEstimate, actuals: list[StepCost]) -> str:
         rows.append(f"| {step.step} | {cell(step, trains)} | {cell(actual[step.step], trains)} |")
     est = sum_costs("total", ran)
     rows.append(f"| total | {cell(est, True)} | {cell(sum_costs('total', list(actual.values())), True)} |")
+    return rows
+
+
+def cost_table(estimate: RunEstimate, actuals: list[StepCost]) -> str:
+    """The scores.md section: cost_rows and where the estimate's figures came from."""
     said = "; ".join(line.removeprefix("assumptions: ") for line in estimate.assumptions)
-    return "\n".join(rows) + (f"\n\nEstimated before the run (custom_losses.pipeline.cost; docs/COST.md), from {said}. "
+    return "\n".join(cost_rows(estimate, actuals)) + (f"\n\nEstimated before the run (custom_losses.pipeline.cost; docs/COST.md), from {said}. "
                               "A step's time includes the server the pipeline started for it; the preflight is left "
                               "out. Trainers count their tokens only when their recipe asks them to "
                               "(include_num_input_tokens_seen).\n")
@@ -197,6 +202,7 @@ def write_report(out: Path, estimate: RunEstimate, actuals: list[StepCost], summ
                                                                    if s.step in ran), 1)}
     actual_total = sum_costs("total", actuals)
     report = {"estimate": estimate.as_json(), "actual": [cost.as_json() for cost in actuals],
+              "table": cost_rows(estimate, actuals),
               "actual_total": {**actual_total.as_json(), "gpu_hours": round(actual_total.gpu_hours, 4)}, **totals}
     write_text_atomic(out / COST_FILE, json.dumps(report, indent=1) + "\n")
     scores = out / "scores" / "scores.md"
@@ -206,8 +212,8 @@ def write_report(out: Path, estimate: RunEstimate, actuals: list[StepCost], summ
 
 
 def final_lines(out: Path) -> list[str]:
-    """The run's last lines on cost: estimated and actual totals, then server_starts=N server_start_s=S wall_s=T
-    estimated_wall_s=E (from OUT/cost.json; none when it is absent)."""
+    """The run's last lines on cost: the step | estimated | actual table, the totals in words, then
+    server_starts=N server_start_s=S wall_s=T estimated_wall_s=E (from OUT/cost.json; none when it is absent)."""
     try:
         report = json.loads((out / COST_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -218,6 +224,7 @@ def final_lines(out: Path) -> list[str]:
         tokens = total["prompt_tokens"] + total["completion_tokens"] + total["train_tokens"]
         return f"{duration(total['wall_s'])}, {total['gpu_hours']:.2f} GPU-h, {count(tokens)} tokens, ${total['usd']:,.2f}"
 
-    return [f"cost: estimated {words(est)}; actual {words(act)} (the steps that ran; {out / COST_FILE})",
+    return [*report.get("table", []),
+            f"cost: estimated {words(est)}; actual {words(act)} (the steps that ran; {out / COST_FILE})",
             f"server_starts={report['server_starts']} server_start_s={report['server_start_s']:g} "
             f"wall_s={report['wall_s']:g} estimated_wall_s={report['estimated_wall_s']:g}"]
