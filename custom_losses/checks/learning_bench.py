@@ -29,14 +29,13 @@ Writes OUT/bench.json (every figure, each run's last logged loss terms and wall 
 last line is `acc_base=A0 acc_stage1=A1 acc_sft_more=A2 acc_kd=A3 acc_kd_tail=A4 acc_kd_weighted=A5 seeds=N`
 (A2 and A3: the mean over seeds; the table gives each seed and the spread).
 
-First full run (300 stage-one steps, 150 stage-two steps, 168 held-out cases, majority class 0.196): base 0.000,
-stage one 0.417, sft_more 0.639 (0.702/0.649/0.565), kd 0.665 (0.708/0.696/0.589), kd_tail 0.720, kd_weighted
-0.637; stage one alone at 450 steps (the recipe's now) 0.631. Why renormalised top-k KD is no better than SFT here:
-its KD term is 0.001-0.02 nats from the first steps (the student's ranking within the teacher's top 20, whose
-alternatives past the two or three real candidates are zero-probability fillers, is already right), so its
-gradient is the CE term's scaled by 0.3, which Adam undoes (its CE curve matches sft_more's step for step). The
-tail bucket's KD term stays at the CE's size (0.19 -> 0.08): it also pulls the student's mass off everything
-outside the top k, toward the teacher's full distribution.
+The run of record (450 stage-one steps, 150 stage-two steps, 168 held-out cases, majority class 0.196, 878 s on
+the quiet 2-core box): base 0.000, stage one 0.631, sft_more 0.653 (0.601/0.667/0.690), kd 0.716
+(0.714/0.732/0.702), kd_tail 0.786, kd_weighted 0.744 (docs/MEASUREMENTS.md). Renormalised top-k KD's own term is
+0.001-0.02 nats from the first steps (the teacher's top 20 past its two or three real candidates is zero-probability
+filler the student soon ranks right), so most of its gradient is the CE term's; the tail bucket's KD term stays at
+the CE's size (0.19 -> 0.08): it also pulls the student's mass off everything outside the top k, toward the
+teacher's full distribution.
 """
 from __future__ import annotations
 
