@@ -146,15 +146,15 @@ def check_split(train_cases: str | Path, teacher: Any) -> CheckResult:
                     "recipe (stage1.teacher_set)")
 
 
-def check_teacher(role: str, teacher: Any, scores_answers: bool = False) -> CheckResult:
+def check_teacher(role: str, teacher: Any, scores_answers: bool = False, generates: bool = False) -> CheckResult:
     """A hosted teacher answers now with the key it is given (custom_losses.pipeline.plan.check_teacher; with SCORES_ANSWERS it
-    must also return prompt_logprobs); a self-hosted one starts with its step."""
+    must also return prompt_logprobs, with GENERATES top_k chat log-probs); a self-hosted one starts with its step."""
     from custom_losses.pipeline.plan import check_teacher as pipeline_check_teacher
     from custom_losses.pipeline.steps import PipelineError
     from prep.api.preflight import EndpointUnreachable
 
     try:
-        return ok(f"{role} endpoint", pipeline_check_teacher(role, teacher, scores_answers))
+        return ok(f"{role} endpoint", pipeline_check_teacher(role, teacher, scores_answers, generates))
     except PipelineError as err:   # a hosted API that cannot score given answers
         return fail(f"{role} endpoint", str(err), "host the soft-label teacher on vLLM or sample fresh answers")
     except Exception as err:  # ClientError: "what is wrong; its fix" (a missing or refused key, a model not served)
@@ -311,7 +311,9 @@ def _run(config: str | Path, overrides: Sequence[str], machine: Machine | None, 
     if recipe.needed("teacher"):
         add(check_teacher("teacher", recipe.validated["teacher"]))
     if "softlabels" in recipe.validated and recipe.needed("softlabels"):
-        add(check_teacher("soft-label teacher", recipe.validated["softlabels"], pipe.stage2.scores_fixed_answers))
+        # Fresh samples: one request asks for top_k chat log-probs (a hosted API that gives fewer, or none, fails here).
+        scores = pipe.stage2.scores_fixed_answers
+        add(check_teacher("soft-label teacher", recipe.validated["softlabels"], scores, generates=not scores))
     return results, recipe
 
 

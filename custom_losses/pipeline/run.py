@@ -17,7 +17,14 @@ from custom_losses.checks.doctor import lines, passed, run_doctor
 from custom_losses.pipeline.cost import estimate_run
 from custom_losses.pipeline.cost_report import check_budget, estimate_lines, record_actuals, write_report
 from custom_losses.pipeline.model_card import write_model_card
-from custom_losses.pipeline.plan import absolute, contamination_figures, layout_of, plan_pipeline, validate_recipe
+from custom_losses.pipeline.plan import (
+    absolute,
+    contamination_figures,
+    layout_of,
+    plan_pipeline,
+    stage_lines,
+    validate_recipe,
+)
 from custom_losses.pipeline.servers import SharedServer, add_starts, step_starts
 from custom_losses.pipeline.steps import Decision, PipelineError, run_decision
 from prep.api.process import stderr_silenced
@@ -70,6 +77,13 @@ def print_plan(decisions: list[Decision], limit: int | None = None) -> None:
     width = max(len(decision.step.name) for decision in decisions)
     for decision in decisions:
         print(decision.line(width), flush=True)
+
+
+def print_stages(recipe) -> None:
+    """Whom each stage asks and what stage two can do with that teacher (custom_losses.pipeline.plan.stage_lines), under
+    the step lines: which teacher is hosted, where stage two's answers come from, the tokenizer, on-policy rounds."""
+    for line in stage_lines(recipe):
+        print(f"[pipeline] {line}", flush=True)
 
 
 def print_estimate(recipe, decisions: list[Decision], limit: int | None, config: str | Path, refuse: bool):
@@ -130,12 +144,14 @@ def run_pipeline(config: str | Path, overrides: list[str] = (), *, overlays: lis
     if plan_only:
         decisions = steps_until(plan_pipeline(recipe, limit), until)
         print_plan(decisions, limit)
+        print_stages(recipe)
         print_estimate(recipe, decisions, limit, config, refuse=False)
         return out
     with folder_lock(out, choose="another run folder (out in the recipe, or --set out=...)"):
         logs, stamps = out / "logs", out / "stamps"
         decisions = steps_until(plan_pipeline(recipe, limit), until)
         running = [decision.step.name for decision in decisions if decision.runs]
+        print_stages(recipe)
         estimate = print_estimate(recipe, decisions, limit, config, refuse=True)   # before the first paid step
         for line in preflight(config, overrides, running, overlays):
             print(f"[pipeline] preflight: {line}", flush=True)
