@@ -20,6 +20,16 @@ prep.testing.fault_server, its argument after a space:
 With --known-teacher it answers as prep.testing.known_teacher's teacher (model "known-teacher" unless --model
 says otherwise): answers drawn from a stated distribution per case (data/known_teacher/findings.json), with
 exact chat logprobs and /v1/completions prompt_logprobs under the Qwen2.5 tokenizer.
+
+With --hosted it plays a hosted teacher API (prep.testing.hosted_teacher): `qwen` is DashScope's Qwen2.5-72B
+(model "qwen2.5-72b-instruct": Qwen tokens as text and bytes, no token ids, top_logprobs up to 5, no
+/v1/completions), `foreign` is DeepSeek's deepseek-chat (a toy tokenizer of its own, top_logprobs up to 20).
+Its answers come from --upstream (a vLLM server) when given, else are made up with log-probs to match:
+
+    python -m launch.fault_server --hosted qwen --upstream http://127.0.0.1:8000/v1 --model tiny-qwen2.5
+    python -m launch.fault_server --hosted foreign --top-logprobs-cap 20
+
+Without --hosted, --upstream makes it a proxy: valid answers are the upstream server's, faults still injected.
 """
 from __future__ import annotations
 
@@ -29,6 +39,9 @@ import contextlib
 
 from prep.cli import command_parser
 from prep.testing.fault_server import DEFAULT_MODEL, FAULT_KINDS, FaultServer
+from prep.testing.hosted_teacher import DEFAULT_MODELS as HOSTED_MODELS
+from prep.testing.hosted_teacher import KINDS as HOSTED_KINDS
+from prep.testing.hosted_teacher import TOP_LOGPROBS_CAPS, hosted_teacher_server
 from prep.testing.known_teacher import DEFAULT_MODEL as KNOWN_TEACHER_MODEL
 from prep.testing.known_teacher import known_teacher_server
 
@@ -61,9 +74,21 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--latency", type=float, default=0.0, help="seconds each request takes")
     parser.add_argument("--capacity", type=int, default=None, help="requests served at once; more wait in line")
     parser.add_argument("--model", default=None,
-                        help=f"the served model's name (default {DEFAULT_MODEL}, or {KNOWN_TEACHER_MODEL})")
-    parser.add_argument("--known-teacher", action="store_true",
-                        help="answer as the known teacher (prep.testing.known_teacher), exact log-probs included")
+                        help=f"the served model's name (default {DEFAULT_MODEL}, {KNOWN_TEACHER_MODEL}, or the "
+                             f"hosted API's: " + ", ".join(f"{m} ({k})" for k, m in HOSTED_MODELS.items()) + ")")
+    teachers = parser.add_mutually_exclusive_group()
+    teachers.add_argument("--known-teacher", action="store_true",
+                          help="answer as the known teacher (prep.testing.known_teacher), exact log-probs included")
+    teachers.add_argument("--hosted", choices=HOSTED_KINDS, default=None,
+                          help="play a hosted teacher API (prep.testing.hosted_teacher): qwen (DashScope's "
+                               "Qwen2.5-72B) or foreign (DeepSeek's deepseek-chat, another tokenizer)")
+    parser.add_argument("--top-logprobs-cap", type=int, default=None, metavar="N",
+                        help="with --hosted: the largest top_logprobs answered, more is a 400 (default "
+                             + ", ".join(f"{n} for {k}" for k, n in TOP_LOGPROBS_CAPS.items()) + ")")
+    parser.add_argument("--upstream", default=None, metavar="URL",
+                        help="a vLLM server's /v1 URL whose answers are served (with --hosted: its log-probs "
+                             "rewritten into the hosted form, or its text re-tokenised); default: none, answers "
+                             "made up here")
     parser.add_argument("--api-key", default=None,
                         help="the key clients must present (a wrong one gets 401 echoing it); default: none needed")
     parser.add_argument("--fault", dest="faults", action="append", type=fault, default=[], metavar="KIND",
@@ -76,13 +101,20 @@ def parser() -> argparse.ArgumentParser:
 
 def build(argv: list[str] | None = None) -> FaultServer:
     """The server the command line describes, not started."""
-    args = parser().parse_args(argv)
+    command = parser()
+    args = command.parse_args(argv)
+    if args.top_logprobs_cap is not None and not args.hosted:
+        command.error("--top-logprobs-cap needs --hosted")
+    if args.upstream and args.known_teacher:
+        command.error("--upstream and --known-teacher exclude each other (the known teacher answers itself)")
     options = dict(latency_s=args.latency, capacity=args.capacity, api_key=args.api_key, faults=args.faults,
                    fault_rate=args.fault_rate, seed=args.seed)
     if args.known_teacher:
         server = known_teacher_server(model=args.model or KNOWN_TEACHER_MODEL, **options)
+    elif args.hosted:
+        server = hosted_teacher_server(args.hosted, args.top_logprobs_cap, args.upstream, args.model, **options)
     else:
-        server = FaultServer(model=args.model or DEFAULT_MODEL, **options)
+        server = FaultServer(model=args.model or DEFAULT_MODEL, upstream=args.upstream, **options)
     server.port = args.port
     return server
 

@@ -38,7 +38,12 @@ With `reasoning_fn` every answer also carries a trace beside its content, under 
 the trace's characters count in usage.completion_tokens, as a reasoning model's tokens do.
 
 With `body_fn` the server answers "ok" requests (chat and completions) with the body that function builds:
-how prep.testing.known_teacher serves a teacher with known answers and exact log-probs on this server.
+how prep.testing.known_teacher serves a teacher with known answers and exact log-probs on this server. It may
+be a coroutine function (awaited on the server's loop, so it can wait on a slow upstream), and may raise
+StatusError for an error status other than a ValueError's 400. With `finish_fn` the answers the server builds
+itself ("ok" without body_fn or upstream, {"answer": ...}, gzip/deflate) pass through it before they are sent.
+prep.testing.hosted_teacher uses both to play hosted teacher APIs: DashScope's Qwen2.5-72B (Qwen tokens as text
+and bytes, top_logprobs capped at 5, no /v1/completions) and DeepSeek's deepseek-chat (a foreign tokenizer).
 
 Setting `frozen` makes it stop answering anything (GET /models included) without closing a
 connection, as a machine that vanished from the network would, until it is cleared.
@@ -56,6 +61,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import inspect
 import json
 import random
 import socket
@@ -118,6 +124,14 @@ def gzip_bomb(inflated_mib: int = 1536) -> bytes:
     return header + first + segment * (inflated_mib - 1) + b"\x03\x00" + trailer
 
 
+class StatusError(ValueError):
+    """Raised by a body_fn or finish_fn: answer STATUS with an OpenAI-style error body (a plain ValueError: 400)."""
+
+    def __init__(self, message: str, status: int = 400, kind: str = "BadRequestError"):
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+
 class FaultServer:
     def __init__(self, model: str = DEFAULT_MODEL, latency_s: float = 0.0, capacity: int | None = None,
                  api_key: str | None = None, upstream: str | None = None,
@@ -125,14 +139,18 @@ class FaultServer:
                  reasoning_fn: Callable[[dict], str | None] | None = None,
                  reasoning_field: str = "reasoning_content", faults: list[str] | tuple[str, ...] = (),
                  fault_rate: float = 1.0, seed: int | None = None,
-                 body_fn: Callable[[str, dict, int], dict] | None = None):
+                 body_fn: Callable[[str, dict, int], Any] | None = None,
+                 finish_fn: Callable[[dict, dict], dict] | None = None):
         self.model, self.latency_s, self.capacity = model, latency_s, capacity
         self.faults, self.fault_rate, self._random = list(faults), fault_rate, random.Random(seed)
         self.reasoning_fn, self.reasoning_field = reasoning_fn, reasoning_field
         self.api_key, self.upstream, self.answer_fn, self.list_models = api_key, upstream, answer_fn, list_models
         # body_fn(path, request, received) -> the whole "ok" body (chat or completions): a server of its own, e.g.
-        # prep.testing.known_teacher's; a ValueError it raises is a 400.
+        # prep.testing.known_teacher's; a ValueError it raises is a 400 (StatusError: its status). It may return an
+        # awaitable, awaited on the loop, so a body_fn that waits on another server does not stall the others.
         self.body_fn = body_fn
+        # finish_fn(request, body) -> the body to send, for the valid answers the server builds itself.
+        self.finish_fn = finish_fn
         self.script: deque[Any] = deque()
         self.received = self.completed = self.in_flight = self.peak_in_flight = self.models_requests = 0
         self.requests: list[dict] = []          # chat request bodies, in arrival order
@@ -307,26 +325,32 @@ class FaultServer:
             return await self._send(writer, 200, b'{"id": "x", "choices": [{"message": ', mark_done=True)
         if kind in HOSTILE_FAULTS:
             return await self._hostile(kind, arg, request, writer, headers)
-        if kind in ENCODED_ANSWERS:
-            plain = json.dumps(self._chat_body(request, self.answer_fn(request), self._reasoning(request)),
-                               ensure_ascii=False).encode("utf-8")
-            packer = zlib.compressobj(6, zlib.DEFLATED, 31 if kind == "gzip" else 15)
-            return await self._send(writer, 200, packer.compress(plain) + packer.flush(),
-                                    headers={"Content-Encoding": kind}, mark_done=True)
-        if kind == "answer":
-            body = self._chat_body(request, item["answer"], item.get("reasoning", self._reasoning(request)))
-            return await self._send(writer, 200, body, mark_done=True)
-        if self.body_fn is not None:
-            try:
+        try:    # a ValueError from the hooks is the request's fault: an error status, not a dropped connection
+            if kind == "answer":
+                body = self._chat_body(request, item["answer"], item.get("reasoning", self._reasoning(request)))
+                body = self._finished(request, body)
+            elif kind not in ENCODED_ANSWERS and self.body_fn is not None:
                 body = self.body_fn(path, request, self.received)
-            except ValueError as err:
-                return await self._error(writer, 400, str(err), "BadRequestError")
-            return await self._send(writer, 200, body, mark_done=True)
-        if self.upstream:
-            status, payload = await asyncio.to_thread(self._proxy, path, raw)
-            return await self._send(writer, status, payload, mark_done=status == 200)
-        body = self._chat_body(request, self.answer_fn(request), self._reasoning(request))
+                if inspect.isawaitable(body):
+                    body = await body
+            elif kind not in ENCODED_ANSWERS and self.upstream:
+                body = await asyncio.to_thread(self._proxy, path, raw)
+            else:
+                body = self._finished(request, self._chat_body(request, self.answer_fn(request),
+                                                               self._reasoning(request)))
+        except ValueError as err:
+            return await self._error(writer, getattr(err, "status", 400), str(err),
+                                     getattr(err, "kind", "BadRequestError"))
+        if isinstance(body, tuple):       # the upstream's (status, payload)
+            return await self._send(writer, body[0], body[1], mark_done=body[0] == 200)
+        if kind in ENCODED_ANSWERS:
+            packer = zlib.compressobj(6, zlib.DEFLATED, 31 if kind == "gzip" else 15)
+            payload = packer.compress(json.dumps(body, ensure_ascii=False).encode("utf-8")) + packer.flush()
+            return await self._send(writer, 200, payload, headers={"Content-Encoding": kind}, mark_done=True)
         return await self._send(writer, 200, body, mark_done=True)
+
+    def _finished(self, request: dict, body: dict) -> dict:
+        return self.finish_fn(request, body) if self.finish_fn is not None else body
 
     async def _hostile(self, kind: str, arg: str, request: dict, writer, headers: dict) -> bool:
         """One of HOSTILE_FAULTS (see the module docstring); False when the connection is done with."""
