@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from custom_losses.kd.kd_loss import KDLossConfig, weighted_topk_kd_loss
+from custom_losses.kd.trainer import padded_topk
 from prep.answers import Answer, answer_json
 from prep.prompts import load_prompts
 from prep.qwen import IM_END_ID, NEWLINE_ID
@@ -79,8 +80,11 @@ def our_kd_loss(model, tokenizer, rows: list[dict], temperature: float = 1.0, al
         start = len(prompt) - offset
         hidden.append(states[start:start + len(answer)])
         targets.append(torch.tensor(answer))
-        ids.append(torch.tensor(row["target_token_ids"][:len(answer)]))
-        logprobs.append(torch.tensor(row["logprobs"][:len(answer)]))
+        width = int(row.get("k") or max(len(position) for position in row["target_token_ids"]))
+        padded_ids, padded_logprobs = padded_topk(row["target_token_ids"][:len(answer)], row["logprobs"][:len(answer)],
+                                                  width)
+        ids.append(padded_ids)
+        logprobs.append(padded_logprobs)
     config = KDLossConfig(alpha=alpha, temperature=temperature, divergence="forward_kl", support="renorm")
     target = torch.cat(targets)
     loss, _ = weighted_topk_kd_loss(torch.cat(hidden), model.lm_head.weight, target, torch.cat(ids),

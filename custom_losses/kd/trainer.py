@@ -1,7 +1,7 @@
 """The stage-two trainer: TRL's SFTTrainer trained on the weighted top-k distillation loss.
 
-Rows come from `prep.stages.softlabels` (messages, answer_token_ids [A], target_token_ids [A][k],
-logprobs [A][k], temperature). `build_kd_features` turns a row into input ids, labels (prompt
+Rows come from `prep.stages.softlabels` (messages, answer_token_ids [A], target_token_ids [A][<=k],
+logprobs [A][<=k]: ragged, each position its real candidates; temperature, k). `build_kd_features` turns a row into input ids, labels (prompt
 -100) and per-position soft labels and token weights; `KDDataCollator` batches them, one case a row or
 several packed into a row (custom_losses.kd.packing, recipe key kd_packing), with position ids that restart
 per case and no attention mask, so the soft labels stay on their label positions and no token attends
@@ -131,6 +131,19 @@ def build_kd_features(row: dict[str, Any], tokenizer, weights: TokenWeightConfig
     }
 
 
+def padded_topk(ids: list[list[int]], logprobs: list[list[float]], top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged soft-label rows (each position only its real candidates) -> [A, top_k] ids padded with -1, log-probs
+    with 0 (the loss masks id -1)."""
+    out_ids = torch.full((len(ids), top_k), -1, dtype=torch.long)
+    out_logprobs = torch.zeros((len(ids), top_k), dtype=torch.float32)
+    for position, (row_ids, row_logprobs) in enumerate(zip(ids, logprobs)):
+        size = min(len(row_ids), top_k)
+        if size:
+            out_ids[position, :size] = torch.tensor(row_ids[:size], dtype=torch.long)
+            out_logprobs[position, :size] = torch.tensor(row_logprobs[:size], dtype=torch.float32)
+    return out_ids, out_logprobs
+
+
 @dataclass
 class KDDataCollator:
     """Rows -> a micro-batch with position ids and no attention mask; soft labels on their label positions.
@@ -166,8 +179,7 @@ class KDDataCollator:
             input_ids[row, :size] = torch.tensor(feature["input_ids"])
             labels[row, :size] = torch.tensor(feature["labels"])
             position_ids[row, size:] = torch.arange(length - size)
-            ids = torch.tensor(feature["kd_topk_ids"], dtype=torch.long)[:, : self.top_k]
-            logprobs = torch.tensor(feature["kd_topk_logprobs"], dtype=torch.float32)[:, : self.top_k]
+            ids, logprobs = padded_topk(feature["kd_topk_ids"], feature["kd_topk_logprobs"], self.top_k)
             row_weights = torch.tensor(feature["kd_weights"], dtype=torch.float32)
             row_diseases = torch.tensor(feature["kd_in_diseases"], dtype=torch.bool)
             start = first_answer = 0

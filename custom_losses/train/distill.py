@@ -243,6 +243,14 @@ def check_lengths(features, rows, split: str, max_length: int | None, path: str)
                                      f"max_length or shorten them in prep", "messages")
 
 
+def topk_width(split) -> int:
+    """Alternatives per position the collator makes room for: the rows' k (rows are ragged: a position keeps only
+    its real candidates), or the widest stored position for rows written before the k column."""
+    if "k" in split.column_names and len(split):
+        return int(max(split["k"]))
+    return max((len(ids) for row in split["target_token_ids"] for ids in row), default=1)
+
+
 def build_trainer(script_args, training_args, model_args):
     """The WeightedKDTrainer over the soft-label dataset; InputError when the dataset does not match the recipe."""
     from custom_losses.kd.packing import PackedDataset
@@ -271,7 +279,7 @@ def build_trainer(script_args, training_args, model_args):
     model, tokenizer, peft_config = load_student(model_args, script_args, tokenizer_source)
     if training_args.kd_packing:  # bins of whole cases, fixed for the run (the sampler shuffles the bins)
         features = {split: PackedDataset(features[split], training_args.max_length) for split in splits}
-    top_k = max(len(ids) for ids in dataset[train_split][0]["target_token_ids"])
+    top_k = topk_width(dataset[train_split])
     collator = KDDataCollator(tokenizer.pad_token_id, top_k, padding_free=training_args.kd_padding_free)
     trainer = WeightedKDTrainer(
         model=model, args=training_args, train_dataset=features[train_split],

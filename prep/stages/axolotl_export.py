@@ -66,7 +66,10 @@ def axolotl_row(row: dict[str, Any], tokenizer: Any, kd_temperature: float = 1.0
         raise ValueError(f"case {row.get('id')}: {len(row['target_token_ids'])} soft-label rows for {length} "
                          f"answer tokens")
     scale = float(row.get("temperature") or 1.0) / kd_temperature
-    shifted = [renormalised(list(ids), list(lps), scale)
+    # Axolotl's kernel takes k alternatives at every position: the ragged rows padded back (id -1: masked).
+    width = int(row.get("k") or max((len(ids) for ids in row["target_token_ids"]), default=1))
+    shifted = [renormalised(list(ids) + [-1] * (width - len(ids)), list(lps) + [float("-inf")] * (width - len(lps)),
+                            scale)
                for ids, lps in zip(row["target_token_ids"][:length], row["logprobs"][:length])]
     # Position start - 1 + j predicts answer token j; the prompt before it and <|im_end|> itself predict nothing.
     before, after = [[]] * (start - 1), [[]]

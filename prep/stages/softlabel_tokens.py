@@ -41,10 +41,29 @@ class VocabIndex:
         to_byte = {char: byte for byte, char in bytes_to_unicode().items()}
         added = {token_id: token.content for token_id, token in tokenizer.added_tokens_decoder.items()}
         by_bytes: dict[bytes, int | None] = {}
+        id_bytes: dict[int, bytes] = {}
         for piece, token_id in tokenizer.get_vocab().items():
             raw = added[token_id].encode("utf-8") if token_id in added else bytes(to_byte[char] for char in piece)
             by_bytes[raw] = None if raw in by_bytes else token_id   # a collision would make bytes ambiguous
-        self.by_bytes = by_bytes
+            id_bytes[token_id] = raw
+        self.by_bytes, self.id_bytes = by_bytes, id_bytes
+        self.longest = max(len(raw) for raw in by_bytes)
+
+    def bytes_of(self, token_id: int) -> bytes:
+        """The exact bytes of a student token (an added token's: its text)."""
+        return self.id_bytes[token_id]
+
+    def exact_id(self, raw: bytes) -> int | None:
+        """The one student token whose bytes are RAW, or None."""
+        return self.by_bytes.get(raw)
+
+    def longest_prefix(self, raw: bytes) -> int:
+        """The longest student token whose bytes start RAW (byte-level BPE holds every single byte, so one does)."""
+        for size in range(min(len(raw), self.longest), 0, -1):
+            token_id = self.by_bytes.get(raw[:size])
+            if token_id is not None:
+                return token_id
+        raise ValueError(f"no student token starts {raw!r}")
 
     def lookup(self, entry: dict[str, Any], token_ids: bool) -> tuple[int | None, str]:
         """(student id, '') for one logprob entry, or (None, why it cannot be mapped exactly).

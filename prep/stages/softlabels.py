@@ -73,6 +73,7 @@ from prep.qwen import VOCAB_ROWS
 from prep.records import Case
 from prep.stages.api_stage import ApiRecipe, ApiStage, StageRun, Target, check_recipe_files, text_digest
 from prep.stages.axolotl_export import save_axolotl_dataset
+from prep.stages.cross_tokenizer import EXACT, MAPPED, TAIL, Misaligned, aligned_positions
 from prep.stages.fixed_answers import FixedAnswers, read_answers
 from prep.stages.softlabel_tokens import ForeignTokenizer, Position, VocabIndex, positions_from_chat, topk_row
 from prep.stages.teacher import Split, split_ids, validate_answer
@@ -84,6 +85,12 @@ CACHE_VERSION = 1                       # bump when the meaning of a cache row c
 API_TOP_LOGPROBS = 20                   # hosted APIs' cap on top_logprobs (OpenAI), and vLLM's default cap
 MAX_TOP_K = 128                         # the most asked of a self-hosted vLLM teacher (DistillKit uses 128)
 LOGPROB_DTYPES = ("float32", "float16")
+TEACHER_TOKENIZERS = ("same", "foreign")
+# End-of-turn tokens of the open models a foreign teacher is likely to be (DeepSeek-V3/R1, Llama 3, GLM, Mistral).
+DEFAULT_END_TOKENS = ("<｜end▁of▁sentence｜>", "<|eot_id|>", "<|end_of_text|>", "<|user|>", "</s>", "<|im_end|>",
+                      "<|endoftext|>")
+# vLLM reports the tokens a structured-output constraint forbids at -9999: not candidates at all (filler), dropped.
+MASKED_LOGPROB = -1000.0
 
 
 @dataclass
@@ -111,8 +118,23 @@ class SoftLabelSettings:
     # with the teacher re-tempered to axolotl_kd_temperature (set Axolotl's kd_temperature to the same).
     axolotl_export: bool = False
     axolotl_kd_temperature: float = 1.0
+    # same: the teacher writes Qwen2.5 tokens (a vLLM Qwen teacher, DashScope's hosted Qwen2.5-72B): each maps to
+    # one student id exactly. foreign: any other tokenizer (DeepSeek-V3's hosted deepseek-chat); its top-k is
+    # aligned onto the student's tokens by byte offsets (prep.stages.cross_tokenizer says what is approximated).
+    teacher_tokenizer: str = "same"
+    # foreign: the teacher's end-of-turn token texts, whose mass becomes the student's <|im_end|>.
+    teacher_end_tokens: list[str] = field(default_factory=lambda: list(DEFAULT_END_TOKENS))
 
     def __post_init__(self) -> None:
+        if self.teacher_tokenizer not in TEACHER_TOKENIZERS:
+            raise ValueError(f"key 'softlabels.teacher_tokenizer': must be one of {', '.join(TEACHER_TOKENIZERS)}, "
+                             f"got {self.teacher_tokenizer!r}")
+        if self.teacher_tokenizer == "foreign" and self.return_tokens_as_token_ids:
+            raise ValueError("key 'softlabels.return_tokens_as_token_ids': a foreign-tokenizer teacher's token ids "
+                             "mean nothing in the student's vocabulary; set it to false (tokens are read by their bytes)")
+        if not self.teacher_end_tokens or not all(isinstance(t, str) and t for t in self.teacher_end_tokens):
+            raise ValueError("key 'softlabels.teacher_end_tokens': must be a list of the teacher's end-of-turn token "
+                             "texts, e.g. ['<｜end▁of▁sentence｜>']")
         if not 1 <= self.top_k <= MAX_TOP_K:
             raise ValueError(f"key 'softlabels.top_k': must be between 1 and {MAX_TOP_K} (more than "
                              f"{API_TOP_LOGPROBS} only from a self-hosted vLLM teacher)")
@@ -197,6 +219,8 @@ class SoftLabeller:
                        "extra_body": {**constraint.get("extra_body", {}), **self.settings.request_params}}
         if self.settings.return_tokens_as_token_ids:
             self.params["extra_body"]["return_tokens_as_token_ids"] = True
+        self.foreign = self.settings.teacher_tokenizer == "foreign"
+        self.end_tokens = {token.encode("utf-8") for token in self.settings.teacher_end_tokens}
 
     @property
     def mode(self) -> str:
@@ -206,6 +230,8 @@ class SoftLabeller:
         common = dict(version=CACHE_VERSION, mode=self.mode, id=case.id, case=text_digest(case.feature_content),
                       prompt=self.prompts.hash, model=self.model, k=self.settings.top_k,
                       request=self.settings.request_params)
+        if self.foreign:   # rows aligned from another tokenizer: keyed apart from exact ones
+            common.update(tokenizer="foreign", end_tokens=sorted(self.settings.teacher_end_tokens))
         if self.answers is None:
             return cache_key(**common, params=self.params)
         return cache_key(**common, answer=text_digest(self.answers.get(case.id, ""), 16))
@@ -235,7 +261,7 @@ class SoftLabeller:
         return self._row(case, status="rejected", kind=error.kind, error=str(error), raw=raw, **extra)
 
     def _accepted(self, case: Case, text: str, answer_ids: list[int], positions: list[Position], result: ChatResult,
-                  source: str) -> dict[str, Any]:
+                  source: str, kinds: str | None = None) -> dict[str, Any]:
         rows = [topk_row(position, target, self.settings.top_k) for position, target in zip(positions, answer_ids)]
         sampling_temperature = self.recipe.sampling.temperature if self.answers is None else None
         # Padding's -inf is stored as null: the cache stays standard JSON.
@@ -244,6 +270,7 @@ class SoftLabeller:
                          target_token_ids=[ids for ids, _ in rows], logprobs=logprobs,
                          dropped=sum(position.dropped for position in positions),
                          chosen_end=positions[-1].chosen if source == "chat" else None, source=source,
+                         target_kinds=kinds or EXACT * len(answer_ids),
                          sampling_temperature=sampling_temperature, finish_reason=result.finish_reason,
                          usage=result.usage, retries=result.retries)
 
@@ -256,6 +283,8 @@ class SoftLabeller:
         text = result.text
         if not result.logprobs:
             raise ForeignTokenizer(f"{self.model} returned text only (no log-probs) for case {case.id}")
+        if self.foreign:
+            return self.row_from_foreign_chat(case, result)
         try:
             validate_answer(text, result.finish_reason)
             if result.finish_reason != "stop":
@@ -286,6 +315,25 @@ class SoftLabeller:
         except Rejected as err:
             return self._rejected(case, err, text, result)
         return self._accepted(case, text, answer_ids, positions, result, "chat")
+
+    def row_from_foreign_chat(self, case: Case, result: ChatResult) -> dict[str, Any]:
+        """A chat response of a teacher with another tokenizer: its top-k aligned onto the student's tokens of the
+        same text (prep.stages.cross_tokenizer); rejected with the reason when the tokens do not spell the answer."""
+        text = result.text
+        try:
+            validate_answer(text, result.finish_reason)
+            if result.finish_reason != "stop":
+                raise Rejected("not stopped", f"finish_reason is {result.finish_reason!r}, not 'stop'")
+            answer_ids = self.answer_ids(text)
+            try:
+                positions, kinds = aligned_positions(result.logprobs, text, answer_ids, self.vocab, self.end_tokens)
+            except Misaligned as err:
+                raise Rejected("misaligned tokens", str(err)) from None
+        except AnswerError as err:
+            return self._rejected(case, Rejected("invalid answer", str(err)), text, result)
+        except Rejected as err:
+            return self._rejected(case, err, text, result)
+        return self._accepted(case, text, answer_ids, positions, result, "chat", kinds)
 
     def scoring_prompt(self, case: Case, text: str) -> tuple[list[int], int]:
         """The conversation's token ids and where the answer starts; Rejected when the chat template does not
@@ -330,13 +378,24 @@ class SoftLabeller:
 
 # ---- from the cache to the dataset -------------------------------------------------------------------------
 
+def real_candidates(ids: list[int], logprobs: list[float | None], floor: float,
+                    keep_filler: bool = False) -> tuple[list[int], list[float]]:
+    """One position's stored candidates: without padding (id -1, log-prob null) and without filler (tokens a
+    structured-output constraint forbids, reported at -9999; KEEP_FILLER keeps them), raised to FLOOR."""
+    kept = [(token_id, max(lp, floor)) for token_id, lp in zip(ids, logprobs)
+            if token_id >= 0 and lp is not None and (keep_filler or lp > MASKED_LOGPROB)]
+    return [token_id for token_id, _ in kept], [lp for _, lp in kept]
+
+
 def dataset_row(cache_row: dict[str, Any], messages: list[dict[str, str]],
-                settings: SoftLabelSettings, agreement: float = 1.0) -> dict[str, Any]:
-    floor = settings.logprob_floor
-    logprobs = [[float("-inf") if lp is None or lp == float("-inf") else max(lp, floor) for lp in row]   # pads: -inf
-                for row in cache_row["logprobs"]]
+                settings: SoftLabelSettings, agreement: float = 1.0, keep_filler: bool = False) -> dict[str, Any]:
+    """A dataset row: ragged, each position holding only its real candidates (module docstring)."""
+    rows = [real_candidates(ids, lps, settings.logprob_floor, keep_filler)
+            for ids, lps in zip(cache_row["target_token_ids"], cache_row["logprobs"])]
+    kinds = cache_row.get("target_kinds") or EXACT * len(cache_row["answer_token_ids"])
     return {"id": cache_row["id"], "messages": messages, "answer_token_ids": cache_row["answer_token_ids"],
-            "target_token_ids": cache_row["target_token_ids"], "logprobs": logprobs,
+            "target_token_ids": [ids for ids, _ in rows], "logprobs": [lps for _, lps in rows],
+            "target_kinds": kinds,
             "temperature": settings.logprob_temperature, "sampling_temperature": cache_row.get("sampling_temperature"),
             "k": settings.top_k, "teacher_model": cache_row["model"], "source": cache_row["source"],
             "agreement": agreement}
@@ -350,7 +409,7 @@ def save_softlabel_dataset(train: list[dict], valid: list[dict], folder: Path, l
         "answer_token_ids": List(Value("int32")), "target_token_ids": List(List(Value("int32"))),
         "logprobs": List(List(Value(logprob_dtype))), "temperature": Value("float64"),
         "sampling_temperature": Value("float64"), "k": Value("int32"), "teacher_model": Value("string"),
-        "source": Value("string"), "agreement": Value("float64"),
+        "source": Value("string"), "agreement": Value("float64"), "target_kinds": Value("string"),
     })
     save_splits({"train": train, "validation": valid}, features, folder)
 
@@ -374,7 +433,9 @@ def derive_outputs(labeller: SoftLabeller, cases: list[Case], out: Path,
     """Rebuild rejects.jsonl and dataset/ from the cache (atomically); counts for the summary."""
     cache = load_cache(out / "cache.jsonl")
     rows, rejects, kinds, missing, used = [], [], Counter(), 0, set()
-    dropped = endoftext_stops = 0
+    dropped = endoftext_stops = filler = 0
+    export_rows: list[dict[str, Any]] = []
+    position_kinds: Counter = Counter()
     for case in cases:
         key = labeller.key(case)
         row = cache.get(key)
@@ -389,7 +450,11 @@ def derive_outputs(labeller: SoftLabeller, cases: list[Case], out: Path,
         messages = labeller.prompts.messages(case) + [{"role": "assistant", "content": row["answer"]}]
         agreement = labeller.fixed.agreement.get(case.id, 1.0) if labeller.fixed else 1.0
         rows.append(dataset_row(row, messages, labeller.settings, agreement))
+        if labeller.settings.axolotl_export:   # Axolotl's kernel wants k slots: the filler stays there (see below)
+            export_rows.append(dataset_row(row, messages, labeller.settings, agreement, keep_filler=True))
         dropped += row["dropped"]
+        filler += sum(lp is not None and lp <= MASKED_LOGPROB for lps in row["logprobs"] for lp in lps)
+        position_kinds.update(rows[-1]["target_kinds"])
         endoftext_stops += row.get("chosen_end") not in (None, labeller.vocab.im_end)
     for failure in failed or []:
         rejects.append({"id": failure["item"], "kind": "failed", "reason": failure["error"], "raw": None})
@@ -406,7 +471,12 @@ def derive_outputs(labeller: SoftLabeller, cases: list[Case], out: Path,
     answer_tokens = sum(len(row["answer_token_ids"]) for row in rows)
     axolotl = {}
     if settings.axolotl_export:
-        save_axolotl_dataset({"train": train, "validation": valid}, labeller.tokenizer, out / "axolotl",
+        # Axolotl's top-k kernel renormalises the student over all k slots, masked ones included, so rows with
+        # fewer real candidates than k would train another loss there: its export keeps vLLM's filler (at the
+        # floor, as before rows went ragged), which fills a constrained position's k slots.
+        export_train = [row for row in export_rows if row["id"] not in valid_ids]
+        export_valid = [row for row in export_rows if row["id"] in valid_ids]
+        save_axolotl_dataset({"train": export_train, "validation": export_valid}, labeller.tokenizer, out / "axolotl",
                              settings.axolotl_kd_temperature, settings.logprob_dtype)
         axolotl = {"axolotl_kd_temperature": settings.axolotl_kd_temperature,
                    **storage_figures(out / "axolotl", answer_tokens,
@@ -415,15 +485,19 @@ def derive_outputs(labeller: SoftLabeller, cases: list[Case], out: Path,
             "rejected_reasons": dict(kinds),
             "incomplete": missing, "train": len(train), "valid": len(valid), "answer_tokens": answer_tokens,
             "k": settings.top_k, "logprob_dtype": settings.logprob_dtype, "dropped_alternatives": dropped,
+            "filler_dropped": filler, "teacher_tokenizer": settings.teacher_tokenizer,
+            "positions": {"exact": position_kinds[EXACT], "mapped": position_kinds[MAPPED],
+                          "tail": position_kinds[TAIL]},
             "stopped_on_endoftext": endoftext_stops, **storage_figures(out / "dataset", answer_tokens), **axolotl,
             "stale_cache_rows": len(cache) - len(used)}
 
 
 # ---- the stage ---------------------------------------------------------------------------------------------
 
-async def probe_top_k(settings: ClientSettings, api_key: str, top_k: int, mode: str) -> None:
+async def probe_top_k(settings: ClientSettings, api_key: str, top_k: int, mode: str) -> list[Any]:
     """Ask the endpoint for TOP_K alternatives once, as the run will (chat top_logprobs, or completions
-    prompt_logprobs when scoring); ClientError in one sentence when it refuses or returns fewer."""
+    prompt_logprobs when scoring); ClientError in one sentence when it refuses or returns fewer. Returns the
+    alternatives of the probe's one position."""
     fix = (f"a self-hosted vLLM teacher needs --max-logprobs >= {top_k} in its serve recipe, and hosted APIs give "
            f"at most {API_TOP_LOGPROBS}: lower softlabels.top_k for them")
     async with ChatClient(settings, api_key=api_key) as client:
@@ -442,6 +516,24 @@ async def probe_top_k(settings: ClientSettings, api_key: str, top_k: int, mode: 
     if len(entries) < top_k:
         raise ClientError(f"softlabels.top_k is {top_k}, but {settings.base_url} returned {len(entries)} log-probs "
                           f"per position when asked for {top_k}; {fix}")
+    return entries
+
+
+def check_probe_tokens(entries: list[dict[str, Any]], vocab: VocabIndex, base_url: str) -> None:
+    """The probe's alternatives must be Qwen2.5 tokens for a same-tokenizer teacher: else one sentence before any
+    case is asked, naming the key that switches to the aligned path."""
+    unknown = []
+    for entry in entries:
+        try:
+            why = vocab.lookup(entry, token_ids=True)[1]
+        except ForeignTokenizer:
+            why = "unknown"
+        if why == "unknown":
+            unknown.append(entry.get("token"))
+    if unknown and len(unknown) * 2 >= len(entries):
+        raise ClientError(f"{base_url} answers in another tokenizer than Qwen2.5's (its tokens {unknown[:3]!r} are not "
+                          f"Qwen2.5 tokens); set softlabels.teacher_tokenizer: foreign to align its top-k onto the "
+                          f"student's tokens (docs/HOSTED_TEACHER.md)")
 
 
 class SoftLabelStage(ApiStage):
@@ -468,6 +560,11 @@ class SoftLabelStage(ApiStage):
                                   answers_from=str(resolve_path(answers)), **kwargs)
 
     def resolve(self) -> Target:
+        if self.fixed is not None and self.recipe.softlabels.teacher_tokenizer == "foreign":
+            raise RecipeError(self.recipe.recipe_path, "softlabels.teacher_tokenizer",
+                              "is foreign, but scoring given answers (--answers) sends the student's token ids to the "
+                              "teacher (prompt_logprobs): leave out --answers (fresh samples), or use a vLLM teacher "
+                              "with Qwen2.5's tokenizer")
         target = super().resolve()
         check_top_k(self.recipe, target.spec, self.recipe.recipe_path)
         tokenizer = load_tokenizer(self.recipe.softlabels.tokenizer)
@@ -496,9 +593,15 @@ class SoftLabelStage(ApiStage):
 
     def preflight(self, settings: ClientSettings, api_key: str) -> None:
         """One probe request with k before the run asks every case: when scoring fixed answers (prompt_logprobs,
-        which hosted chat APIs lack), or for more than 20 alternatives."""
-        if self.labeller.mode == "score" or self.recipe.softlabels.top_k > API_TOP_LOGPROBS:
-            asyncio.run(probe_top_k(settings, api_key, self.recipe.softlabels.top_k, self.labeller.mode))
+        which hosted chat APIs lack), for more than 20 alternatives, or from an endpoint read by bytes (a hosted
+        API: its cap on top_logprobs is its own, and its tokens must be Qwen2.5's unless teacher_tokenizer is
+        foreign)."""
+        softlabels = self.recipe.softlabels
+        if (self.labeller.mode == "score" or softlabels.top_k > API_TOP_LOGPROBS
+                or not softlabels.return_tokens_as_token_ids):
+            entries = asyncio.run(probe_top_k(settings, api_key, softlabels.top_k, self.labeller.mode))
+            if self.labeller.mode == "generate" and not self.labeller.foreign:
+                check_probe_tokens(entries, self.labeller.vocab, settings.base_url)
 
     def finish(self, out: Path, run: StageRun) -> dict[str, Any]:
         counts = derive_outputs(self.labeller, self.cases, out, run.failed)

