@@ -217,3 +217,126 @@ def test_a_foreign_recipe_validates_and_refuses_token_ids(tmp_path: Path):
 
 def test_position_type_is_shared():
     assert Position(1, -0.1, "", [1], [-0.1]).dropped == 0
+
+
+# ---- end to end: the stage against hosted-API emulations (prep.testing.hosted_teacher) ------------------------
+
+def hosted_args(out: Path, server, *extra: str, limit: int = 6) -> list[str]:
+    """launch.softlabels pointed at a hosted-style endpoint: tokens read by their bytes, one request at a time
+    (so a seeded sample is the same whichever run asks it)."""
+    from tests.test_softlabels import softlabel_args
+
+    return [*softlabel_args(out, server.base_url, server.model, "--limit", str(limit)),
+            "--set", "softlabels.return_tokens_as_token_ids=false", "--set", "client.concurrency=1", *extra]
+
+
+def dataset_rows(out: Path) -> dict[int, dict]:
+    from tests.test_softlabels import all_rows
+
+    return {row["id"]: row for row in all_rows(out)}
+
+
+@pytest.fixture(scope="module")
+def hosted_qwen(vllm_server, qwen_tokenizer):
+    """DashScope-like: the real tiny teacher's answers and log-probs, as Qwen tokens' text and bytes, top_logprobs
+    capped at 5, no /v1/completions."""
+    from prep.testing.hosted_teacher import hosted_teacher_server
+
+    with hosted_teacher_server("qwen", 5, vllm_server.base_url, tokenizer=qwen_tokenizer,
+                               upstream_model=vllm_server.spec.served_model_name) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def hosted_runs(hosted_qwen, vllm_server, tmp_path_factory):
+    """Top-5 soft labels for 6 cases three ways: from vLLM directly (token ids), and from the hosted emulation
+    through the same-tokenizer path and the foreign path (forced)."""
+    from launch.softlabels import main
+    from tests.test_softlabels import softlabel_args
+
+    root = tmp_path_factory.mktemp("hosted")
+    assert main([*softlabel_args(root / "vllm", vllm_server.base_url, vllm_server.spec.served_model_name,
+                                 "--limit", "6"), "--set", "softlabels.top_k=5", "--set", "client.concurrency=1"]) == 0
+    assert main(hosted_args(root / "same", hosted_qwen, "--set", "softlabels.top_k=5")) == 0
+    assert main(hosted_args(root / "foreign", hosted_qwen, "--set", "softlabels.top_k=5",
+                            "--set", "softlabels.teacher_tokenizer=foreign")) == 0
+    return root
+
+
+@pytest.mark.vllm
+def test_identity_end_to_end_a_qwen_teacher_through_the_foreign_path(hosted_runs):
+    """The real tiny teacher behind the hosted emulation: the foreign path's rows equal the same-tokenizer path's,
+    which equal vLLM's own token-id rows, every position exact, and the loss is the same."""
+    from tests.test_softlabels import summary
+
+    runs = {name: dataset_rows(hosted_runs / name) for name in ("vllm", "same", "foreign")}
+    assert len(runs["same"]) == 6 and set(runs["same"]) == set(runs["foreign"]) == set(runs["vllm"])
+    for case_id, row in runs["foreign"].items():
+        for other in ("same", "vllm"):
+            for key in ("messages", "answer_token_ids", "target_token_ids", "logprobs"):
+                assert row[key] == runs[other][case_id][key], (case_id, other, key)
+        assert set(row["target_kinds"]) == {EXACT}
+        assert row_loss(row) == row_loss(runs["same"][case_id]) == row_loss(runs["vllm"][case_id])
+    stats = summary(hosted_runs / "foreign")
+    assert stats["teacher_tokenizer"] == "foreign" and stats["positions"]["mapped"] == stats["positions"]["tail"] == 0
+    assert stats["dropped_alternatives"] == summary(hosted_runs / "same")["dropped_alternatives"] == 0
+
+
+def test_a_foreign_teacher_end_to_end_matches_the_alignment_of_its_entries(tmp_path, vocab, qwen_tokenizer):
+    """DeepSeek-like (toy foreign tokenizer, Chinese answers, top-20): the stage's rows are the alignment of the
+    entries the server sent, its answer tokens are Qwen's of the same text, and every kind of position occurs."""
+    from launch.softlabels import main
+    from prep.testing.hosted_teacher import foreign_logprobs, hosted_teacher_server
+    from tests.test_softlabels import summary
+
+    with hosted_teacher_server("foreign") as server:
+        assert main(hosted_args(tmp_path / "run", server, "--set", "softlabels.teacher_tokenizer=foreign",
+                                "--set", "structured_output.kind=json_object", limit=8)) == 0
+    rows, settings = dataset_rows(tmp_path / "run"), validate_recipe(RECIPE, overrides=["server=null"]).softlabels
+    assert len(rows) == 8
+    kinds = ""
+    for row in rows.values():
+        text = row["messages"][-1]["content"]
+        ids = qwen_tokenizer(text, add_special_tokens=False)["input_ids"] + [IM_END]
+        assert row["answer_token_ids"] == ids and not text.isascii()
+        positions, expected_kinds = aligned_positions(foreign_logprobs(text, 20), text, ids, vocab,
+                                                      {DEEPSEEK_END})
+        expected = [real_candidates(*topk_row(position, target, 20), settings.logprob_floor)
+                    for position, target in zip(positions, ids)]
+        assert row["target_token_ids"] == [candidate_ids for candidate_ids, _ in expected]
+        for (_, want), got in zip(expected, row["logprobs"]):
+            assert got == pytest.approx(want, abs=1e-5)
+        assert row["target_kinds"] == expected_kinds
+        kinds += expected_kinds
+    assert {EXACT, MAPPED, TAIL} <= set(kinds)
+    stats = summary(tmp_path / "run")
+    assert stats["positions"] == {"exact": kinds.count(EXACT), "mapped": kinds.count(MAPPED),
+                                  "tail": kinds.count(TAIL)}
+    print("foreign teacher positions:", stats["positions"])
+
+
+def test_a_qwen_tokenizer_run_against_a_foreign_teacher_stops_after_the_probe(tmp_path, capsys):
+    """teacher_tokenizer: same (the default) against a foreign endpoint: one probe, one sentence naming the key."""
+    from launch.softlabels import main
+    from prep.testing.hosted_teacher import hosted_teacher_server
+
+    with hosted_teacher_server("foreign") as server:
+        code = main(hosted_args(tmp_path / "run", server))
+        received = server.received
+    err = capsys.readouterr().err
+    assert code == 2 and "softlabels.teacher_tokenizer: foreign" in err and err.count("\n") == 1, err
+    assert received == 1
+
+
+def test_a_foreign_teacher_cannot_score_given_answers(tmp_path, capsys):
+    from launch.softlabels import main
+    from prep.testing.hosted_teacher import hosted_teacher_server
+
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text('{"id": 1, "reason": "发热", "diseases": "肺炎"}\n', encoding="utf-8")
+    with hosted_teacher_server("foreign") as server:
+        code = main([*hosted_args(tmp_path / "run", server, "--set", "softlabels.teacher_tokenizer=foreign"),
+                     "--answers", str(answers)])
+        received = server.received
+    err = capsys.readouterr().err
+    assert code == 2 and "teacher_tokenizer" in err and "--answers" in err and received == 0, err

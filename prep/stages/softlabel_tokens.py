@@ -24,8 +24,10 @@ class ForeignTokenizer(ClientError):
     """The teacher's tokens are not the student's: soft labels cannot be mapped, the run stops."""
 
     def __init__(self, problem: str):
-        super().__init__(f"{problem}; soft labels need a teacher that shares the student's Qwen2.5 tokenizer, so the "
-                         f"run stops (python -m launch.teacher takes text-only labels from any teacher)")
+        super().__init__(f"{problem}, so the run stops: a teacher with another tokenizer needs "
+                         f"softlabels.teacher_tokenizer: foreign (its top-k aligned onto the student's tokens, "
+                         f"docs/HOSTED_TEACHER.md); one that returns no log-probs can only give text labels "
+                         f"(python -m launch.teacher)")
 
 
 

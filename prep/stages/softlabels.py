@@ -530,7 +530,7 @@ def check_probe_tokens(entries: list[dict[str, Any]], vocab: VocabIndex, base_ur
             why = "unknown"
         if why == "unknown":
             unknown.append(entry.get("token"))
-    if unknown and len(unknown) * 2 >= len(entries):
+    if unknown:   # a Qwen teacher's tokens, read by their bytes, are always in the vocabulary
         raise ClientError(f"{base_url} answers in another tokenizer than Qwen2.5's (its tokens {unknown[:3]!r} are not "
                           f"Qwen2.5 tokens); set softlabels.teacher_tokenizer: foreign to align its top-k onto the "
                           f"student's tokens (docs/HOSTED_TEACHER.md)")
