@@ -1,10 +1,11 @@
 """Record the teacher's top-k log-probabilities at every answer token, in the student's token ids: stage two's
 data. Without --answers the teacher generates each answer with its top-k log-probs; with --answers (the teacher
 stage's output folder, or a JSONL file of rows with messages, or reason and diseases) a self-hosted vLLM teacher
-scores those fixed answers. A teacher whose tokens are not Qwen2.5's is refused (exit 2).
+scores those fixed answers. A teacher with another tokenizer (softlabels.teacher_tokenizer: foreign) has its
+top-k aligned onto Qwen2.5's tokens; one whose tokens are not Qwen2.5's without that key is refused (exit 2).
 
-Reads: the soft-label recipe (recipes/softlabels/*.yaml), the cases (--input), the fixed answers (--answers),
-the prompt files, the API key from the variable client.api_key_env names.
+Reads: the soft-label recipe (recipes/softlabels/*.yaml), the cases (--input), the fixed answers (--answers) or
+the teacher stage's split and agreement (--split-from), the prompt files, the API key from the variable client.api_key_env names.
 Writes: under OUT: cache.jsonl, rejects.jsonl, dataset/ (train/validation), summary.json, softlabels.log (and
 server.log).
 
@@ -30,12 +31,17 @@ def main(argv: list[str] | None = None) -> int:
                           "output folder (cache, rejects, dataset/, summary.json, softlabels.log)")
     parser.add_argument("--answers", help="score these fixed answers instead of generating: the teacher stage's "
                                           "output folder or a JSONL file (rows with messages, or reason and diseases)")
+    parser.add_argument("--split-from", help="fresh samples: the teacher stage's output folder (or answers JSONL) whose "
+                                             "held-out ids become the validation split and whose agreement weighs "
+                                             "each case, so stage two never trains on what stage one's score rates")
     args = parse_command(parser, argv)
     if args.print_config:
         return print_config(args.config, args.overlays, args.overrides)
     try:
         answers = cli_path(args.answers) if args.answers else None      # the working directory's, never the repo's
-        stage = SoftLabelStage.from_files(args.config, args.input, answers=answers, limit=args.limit,
+        split_from = cli_path(args.split_from) if args.split_from else None
+        stage = SoftLabelStage.from_files(args.config, args.input, answers=answers, split_from=split_from,
+                                          limit=args.limit,
                                           overlays=args.overlays, overrides=args.overrides)
         summary = stage.run(args.out, fresh=args.fresh, progress=not args.no_progress,
                                 server_url=args.server_url)

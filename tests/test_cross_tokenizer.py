@@ -340,3 +340,27 @@ def test_a_foreign_teacher_cannot_score_given_answers(tmp_path, capsys):
         received = server.received
     err = capsys.readouterr().err
     assert code == 2 and "teacher_tokenizer" in err and "--answers" in err and received == 0, err
+
+
+def test_fresh_samples_take_stage_ones_split_and_agreement(tmp_path):
+    """--split-from: the ids the teacher's answers hold out are the validation split of fresh soft labels, and each
+    row carries its case's agreement (what case_weight: agreement weighs), whichever answer was sampled now."""
+    from launch.softlabels import main
+    from prep.records import read_cases
+    from prep.testing.hosted_teacher import hosted_teacher_server
+    from tests.conftest import SAMPLE_CASES
+
+    ids = [case.id for case in read_cases(SAMPLE_CASES).cases[:6]]
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(
+        f'{{"id": {case_id}, "reason": "r", "diseases": "d", "agreement": {0.5 if i % 2 else 1.0}, '
+        f'"split": "{"valid" if i in (1, 4) else "train"}"}}\n' for i, case_id in enumerate(ids)), encoding="utf-8")
+    with hosted_teacher_server("qwen") as server:
+        assert main([*hosted_args(tmp_path / "run", server, "--set", "softlabels.top_k=5"),
+                     "--split-from", str(answers)]) == 0
+    from datasets import load_from_disk
+
+    dataset = load_from_disk(str(tmp_path / "run" / "dataset"))
+    assert sorted(dataset["validation"]["id"]) == sorted([ids[1], ids[4]])
+    agreement = {row["id"]: row["agreement"] for split in dataset.values() for row in split}
+    assert agreement == {case_id: 0.5 if i % 2 else 1.0 for i, case_id in enumerate(ids)}

@@ -183,7 +183,9 @@ def test_stage_two_scores_the_kept_answers_and_each_on_policy_round_continues_fr
 
     fresh = write_recipe(tmp_path, lambda r: r["stage2"].update(softlabel_answers="fresh"))
     steps = {step.name: step for step in build_plan(validate_recipe(fresh))}
-    assert "--answers" not in steps["softlabels"].argv and steps["softlabels"].deps == ()
+    # Fresh samples keep stage one's held-out cases out of stage two's training rows (and its agreement per case).
+    assert "--answers" not in steps["softlabels"].argv and steps["softlabels"].deps == ("teacher",)
+    assert flag_values(steps["softlabels"].argv, "--split-from") == [f"{out}/stage1/teacher"]
 
 
 def test_a_student_trained_on_reasoning_traces_is_asked_for_them_and_the_base_model_is_not(tmp_path):

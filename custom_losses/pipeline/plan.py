@@ -300,12 +300,14 @@ def stage_one_steps(recipe: PipelineRecipe, runs: dict[str, StageCommand], where
 def stage_two_steps(recipe: PipelineRecipe, runs: dict[str, StageCommand], where: Layout) -> list[Step]:
     s2 = where.stage2
     kept = recipe.stage2.softlabel_answers == "kept"
-    answers = ("--answers", str(where.teacher)) if kept else ()
+    # Fresh samples still take stage one's split (and its agreement as each case's weight): stage two must not train
+    # on the cases stage one holds out for the score table.
+    answers = ("--answers" if kept else "--split-from", str(where.teacher))
     steps = [
         Step("softlabels", runs["softlabels"].argv("--input", str(where.train_cases), *answers, *where.limit_flag,
                                                    "--out", str(s2 / "softlabels")),
              [s2 / "softlabels" / "dataset" / "dataset_dict.json"], inputs=(where.train_cases,),
-             deps=("teacher",) if kept else (), recipe=runs["softlabels"]),
+             deps=("teacher",), recipe=runs["softlabels"]),
         Step("distill", runs["distill"].argv(), [s2 / "distill" / "merged" / "config.json"],
              deps=("softlabels", "sft" if sft_is_full(recipe) else "merge"), recipe=runs["distill"],
              fresh_flag="--fresh"),

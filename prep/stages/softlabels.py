@@ -202,12 +202,14 @@ class SoftLabeller:
     """Keys, asks and checks one case for one recipe, prompt set, model and student tokenizer."""
 
     def __init__(self, recipe: SoftLabelRecipe, prompts: PromptSet, model: str, tokenizer,
-                 fixed: FixedAnswers | None = None):
+                 fixed: FixedAnswers | None = None, split_from: FixedAnswers | None = None):
         self.recipe, self.prompts, self.model, self.tokenizer = recipe, prompts, model, tokenizer
         # FIXED: the answers to score (None: generate). Their agreement goes into the dataset rows (not the cache
         # key: it does not change the soft labels), and their held-out ids, when they have a split, are the
         # dataset's validation split.
         self.fixed = fixed
+        # Fresh samples: the teacher stage's answers give only the split and each case's agreement (SPLIT_FROM).
+        self.reference = fixed or split_from
         self.settings = recipe.softlabels
         self.vocab = VocabIndex(tokenizer, self.settings.student_vocab_size)
         self.answers = fixed.texts if fixed else None   # None: generate; else id -> fixed answer text to score
@@ -448,7 +450,7 @@ def derive_outputs(labeller: SoftLabeller, cases: list[Case], out: Path,
             rejects.append({"id": case.id, "kind": "rejected", "reason": row["error"], "raw": row["raw"]})
             continue
         messages = labeller.prompts.messages(case) + [{"role": "assistant", "content": row["answer"]}]
-        agreement = labeller.fixed.agreement.get(case.id, 1.0) if labeller.fixed else 1.0
+        agreement = labeller.reference.agreement.get(case.id, 1.0) if labeller.reference else 1.0
         rows.append(dataset_row(row, messages, labeller.settings, agreement))
         if labeller.settings.axolotl_export:   # Axolotl's kernel wants k slots: the filler stays there (see below)
             export_rows.append(dataset_row(row, messages, labeller.settings, agreement, keep_filler=True))
@@ -459,10 +461,10 @@ def derive_outputs(labeller: SoftLabeller, cases: list[Case], out: Path,
     for failure in failed or []:
         rejects.append({"id": failure["item"], "kind": "failed", "reason": failure["error"], "raw": None})
     split = labeller.recipe.split
-    if labeller.fixed is None or labeller.fixed.valid_ids is None:
+    if labeller.reference is None or labeller.reference.valid_ids is None:
         valid_ids = split_ids(cases, [row["id"] for row in rows], split)   # duplicate groups kept together
     else:
-        valid_ids = labeller.fixed.valid_ids
+        valid_ids = labeller.reference.valid_ids
     train = [row for row in rows if row["id"] not in valid_ids]
     valid = [row for row in rows if row["id"] in valid_ids]
     settings = labeller.settings
@@ -543,17 +545,25 @@ class SoftLabelStage(ApiStage):
     recipe_schema = SoftLabelRecipe
 
     def __init__(self, recipe: SoftLabelRecipe, cases: list[Case], prompts: PromptSet,
-                 fixed: FixedAnswers | None = None, answers_from: str | None = None):
+                 fixed: FixedAnswers | None = None, answers_from: str | None = None,
+                 split_from: FixedAnswers | None = None, split_from_path: str | None = None):
         # Scoring: only the cases that have an answer; the others are counted, not asked.
         self.fixed, self.answers_from = fixed, answers_from
+        self.split_from, self.split_from_path = split_from, split_from_path
         answers = fixed.texts if fixed else None
         self.without_answer = 0 if answers is None else sum(case.id not in answers for case in cases)
         super().__init__(recipe, cases if answers is None else [case for case in cases if case.id in answers], prompts)
 
     @classmethod
     def from_files(cls, config: str | Path, cases_path: str | Path, *, answers: str | Path | None = None,
-                   **kwargs: Any) -> SoftLabelStage:
-        """As ApiStage.from_files; ANSWERS (prep.stages.teacher's output folder or a JSONL file) switches to scoring."""
+                   split_from: str | Path | None = None, **kwargs: Any) -> SoftLabelStage:
+        """As ApiStage.from_files; ANSWERS (prep.stages.teacher's output folder or a JSONL file) switches to scoring;
+        SPLIT_FROM (the same kinds of answers) gives fresh samples its held-out ids and agreement."""
+        if split_from and answers:
+            raise ValueError("--split-from is for fresh samples; with --answers the answers' own split applies")
+        if split_from:
+            return super().from_files(config, cases_path, split_from=read_answers(split_from),
+                                      split_from_path=str(resolve_path(split_from)), **kwargs)
         if not answers:
             return super().from_files(config, cases_path, **kwargs)
         return super().from_files(config, cases_path, fixed=read_answers(answers),
@@ -568,7 +578,8 @@ class SoftLabelStage(ApiStage):
         target = super().resolve()
         check_top_k(self.recipe, target.spec, self.recipe.recipe_path)
         tokenizer = load_tokenizer(self.recipe.softlabels.tokenizer)
-        self.labeller = SoftLabeller(self.recipe, self.prompts, target.identity, tokenizer, self.fixed)
+        self.labeller = SoftLabeller(self.recipe, self.prompts, target.identity, tokenizer, self.fixed,
+                                     self.split_from)
         return target
 
     def items(self) -> list[Case]:
@@ -610,7 +621,8 @@ class SoftLabelStage(ApiStage):
             "recipe": self.recipe.recipe_path, "mode": self.labeller.mode, "model": run.settings.model,
             # Which answers carry the soft labels: the fixed ones read from answers_from, or fresh samples.
             "answers": "fresh" if self.fixed is None else "kept", "answers_from": self.answers_from,
-            "valid_split": "recipe" if self.fixed is None or self.fixed.valid_ids is None else "answers",
+            "valid_split": ("recipe" if self.labeller.reference is None or self.labeller.reference.valid_ids is None
+                            else "answers"), "split_from": self.split_from_path,
             "base_url": run.settings.base_url, "prompt_hash": self.prompts.hash,
             "token_ids": "token_id" if settings.return_tokens_as_token_ids else "bytes",
             "logprob_temperature": settings.logprob_temperature, "cases_asked": len(run.asked),
