@@ -364,3 +364,25 @@ def test_fresh_samples_take_stage_ones_split_and_agreement(tmp_path):
     assert sorted(dataset["validation"]["id"]) == sorted([ids[1], ids[4]])
     agreement = {row["id"]: row["agreement"] for split in dataset.values() for row in split}
     assert agreement == {case_id: 0.5 if i % 2 else 1.0 for i, case_id in enumerate(ids)}
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_a_distill_run_on_a_hosted_top5_teacher(hosted_runs, tmp_path):
+    """Stage two on the DashScope-like endpoint's ragged top-5 rows (the tiny student, the CPU overlay, the tail
+    bucket that small k needs): it trains and every step logs a finite KD and CE term."""
+    import json
+    import subprocess
+
+    from tests.test_distill import distill_command
+
+    output = tmp_path / "distill"
+    command = distill_command(hosted_runs / "same", output, "max_steps=6", "save_steps=100", "kd_support=tail")
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    state = json.loads(next(output.rglob("trainer_state.json")).read_text())
+    steps = [entry for entry in state["log_history"] if "kd_loss" in entry]
+    assert [entry["step"] for entry in steps] == list(range(1, 7))
+    assert all(math.isfinite(entry["kd_loss"]) and math.isfinite(entry["ce_loss"]) for entry in steps)
+    print("hosted top-5, tail bucket:", [(entry["step"], round(entry["kd_loss"], 3), round(entry["ce_loss"], 3))
+                                         for entry in steps])

