@@ -506,3 +506,30 @@ def test_the_axolotl_export_of_a_real_run_gives_our_loss_in_axolotl(generated, s
     axolotl_loss, axolotl_grads = axolotl_kd_loss(student, qwen_tokenizer, exported, alpha=0.7)
     loss, grads = our_kd_loss(student, qwen_tokenizer, rows, alpha=0.7)
     assert axolotl_loss == pytest.approx(loss, rel=1e-5) and relative_error(grads, axolotl_grads) < 1e-4
+
+
+@pytest.mark.vllm
+def test_real_rows_without_filler_against_todays_on_the_same_answers(generated):
+    """The real tiny teacher's constrained answers: each stored position is today's row (filler kept at the floor)
+    minus the filler, in the same order with the same log-probs; the loss on the stored rows equals the loss on
+    today's rows with the filler turned into padding, under both supports; under renorm it differs from today's."""
+    from tests.test_cross_tokenizer import row_loss
+
+    settings = load_recipe(SoftLabelRecipe, RECIPE, []).softlabels
+    cache = {row["id"]: row for row in lines(generated / "cache.jsonl")}
+    changed = 0.0
+    for row in all_rows(generated):
+        today = dataset_row(cache[row["id"]], row["messages"], settings, keep_filler=True)
+        padded_ids, padded_logprobs = [], []
+        for ids, lps, old_ids, old_lps in zip(row["target_token_ids"], row["logprobs"], today["target_token_ids"],
+                                              today["logprobs"]):
+            assert len(old_ids) == K and ids == old_ids[:len(ids)]
+            assert lps == pytest.approx(old_lps[:len(lps)], abs=1e-6)       # dataset/ holds float32
+            assert all(lp == settings.logprob_floor for lp in old_lps[len(ids):])     # the rest was filler
+            padded_ids.append(ids + [-1] * (K - len(ids)))
+            padded_logprobs.append(lps + [0.0] * (K - len(lps)))
+        as_padding = {**today, "target_token_ids": padded_ids, "logprobs": padded_logprobs}
+        for support in ("renorm", "tail"):
+            assert row_loss(row, support) == row_loss(as_padding, support)
+        changed = max(changed, abs(float(row_loss(row) - row_loss(today))))
+    assert changed > 0
