@@ -46,6 +46,16 @@ def test_the_1gpu_plan_runs_both_stages_with_hosted_teachers_fresh_answers_and_n
     assert not (tmp_path / "run").exists()                          # --plan writes nothing
 
 
+def test_the_plan_of_the_recipe_as_shipped_shows_both_stages_before_the_cases_are_there(capsys):
+    """`--plan` on a fresh checkout (no data/competition/ case files): the steps, whom each stage asks, and one
+    sentence saying the price needs the cases and where they go; exit 0, nothing written."""
+    assert pipeline.main(["--config", str(RECIPE), "--plan", "--set", "train_cases=data/competition/nope.jsonl"]) == 0
+    out = capsys.readouterr().out
+    assert "softlabels      run  (its key needs the case files)" in out and "distill " in out
+    assert "[pipeline] stage one: teacher answers from hosted" in out and "[pipeline] stage two: soft labels" in out
+    assert "[pipeline] estimate: not priced: " in out and "nope.jsonl (the recipe's train_cases) not found" in out
+
+
 def test_the_plan_names_the_foreign_tokenizer_and_a_vllm_teachers_rounds():
     """The two swaps the recipe's comments show: DeepSeek-V3 (foreign, top-20), a self-hosted vLLM (kept answers,
     on-policy rounds possible)."""

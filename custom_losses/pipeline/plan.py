@@ -670,13 +670,21 @@ def check_teacher(role: str, teacher: ApiRecipe, scores_answers: bool = False, g
     return f"{role} endpoint(s) {', '.join(endpoint.base_url for endpoint in settings.resolved())} answer"
 
 
-def require_case_files(recipe: PipelineRecipe) -> None:
-    """The case files the keys of every step are made from exist: else one sentence naming the key and the fix."""
+def missing_case_files(recipe: PipelineRecipe) -> str | None:
+    """One sentence naming the first case file the recipe names that is not there, and the fix; None when both are."""
     for key in ("train_cases", "test_cases"):
         path = getattr(recipe, key)
         if not resolve_path(path).is_file():
-            raise PipelineError(f"{path} (the recipe's {key}) not found: put your cases there "
-                                f"(data/competition/README.md says which file is which) or name yours: --set {key}=PATH")
+            return (f"{path} (the recipe's {key}) not found: put your cases there "
+                    f"(data/competition/README.md says which file is which) or name yours: --set {key}=PATH")
+    return None
+
+
+def require_case_files(recipe: PipelineRecipe) -> None:
+    """The case files the keys of every step are made from exist: else PipelineError naming the key and the fix."""
+    missing = missing_case_files(recipe)
+    if missing:
+        raise PipelineError(missing)
 
 
 def plan_pipeline(recipe: PipelineRecipe, limit: int | None = None) -> list[Decision]:

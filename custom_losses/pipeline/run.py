@@ -19,8 +19,10 @@ from custom_losses.pipeline.cost_report import check_budget, estimate_lines, rec
 from custom_losses.pipeline.model_card import write_model_card
 from custom_losses.pipeline.plan import (
     absolute,
+    build_plan,
     contamination_figures,
     layout_of,
+    missing_case_files,
     plan_pipeline,
     stage_lines,
     validate_recipe,
@@ -77,6 +79,19 @@ def print_plan(decisions: list[Decision], limit: int | None = None) -> None:
     width = max(len(decision.step.name) for decision in decisions)
     for decision in decisions:
         print(decision.line(width), flush=True)
+
+
+def print_unkeyed_plan(recipe, limit: int | None, until: str | None) -> None:
+    """The steps a run would take, in order, when the case files their keys are made from are not there yet."""
+    steps = build_plan(recipe, limit)
+    names = [step.name for step in steps]
+    if until is not None and until not in names:
+        raise PipelineError(f"--until {until}: no such step; the steps are {', '.join(names)}")
+    last = steps[names.index(until)].rank if until else max(step.rank for step in steps)
+    width = max(len(name) for name in names)
+    for step in steps:
+        if step.rank <= last:
+            print(f"{step.name:<{width}}  run  (its key needs the case files)", flush=True)
 
 
 def print_stages(recipe) -> None:
@@ -141,6 +156,13 @@ def run_pipeline(config: str | Path, overrides: list[str] = (), *, overlays: lis
     overrides = command_line_paths(list(overrides))
     recipe = validate_recipe(config, overlays, overrides)
     out = layout_of(recipe).out
+    if plan_only and missing_case_files(recipe):
+        # Before the cases are in place the plan still says what would run and whom it asks; keys, up-to-date
+        # decisions and the price need the cases.
+        print_unkeyed_plan(recipe, limit, until)
+        print_stages(recipe)
+        print(f"[pipeline] estimate: not priced: {missing_case_files(recipe)}", flush=True)
+        return out
     if plan_only:
         decisions = steps_until(plan_pipeline(recipe, limit), until)
         print_plan(decisions, limit)
