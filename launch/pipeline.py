@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     pipeline_arguments(parser)
     parser.add_argument("--plan", action="store_true", help="print which steps would run and why; run nothing")
     parser.add_argument("--until", metavar="STEP", help="stop after this step (e.g. teacher, sft)")
+    parser.add_argument("--only", metavar="STEP,STEP", type=lambda value: [name for name in value.split(",") if name],
+                        help="run only these steps, e.g. teacher,softlabels: with hosted teachers, every paid label "
+                             "on a CPU box before a GPU is rented (a step's inputs from steps not named must be up "
+                             "to date)")
     parser.add_argument("--limit", type=int, metavar="N",
                         help="a trial on the first N training and test cases through every stage")
     args = parse_command(parser, argv)
@@ -65,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return print_config(args.config, args.overlays, overrides)
     try:
         out = run_pipeline(args.config, overrides, overlays=args.overlays, plan_only=args.plan, until=args.until,
-                           limit=args.limit)
+                           limit=args.limit, only=args.only)
     except PipelineError as err:
         return user_error(err, err.exit_code, PREFIX)
     except (RecipeError, InputError, FileNotFoundError, FolderInUse) as err:
@@ -74,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         if is_disk_full(err):
             return user_error(disk_full_at(err, "the run folder"), EXIT_DISK_FULL, PREFIX)
         return user_error(err, EXIT_BAD_INPUT, f"{PREFIX}: {type(err).__name__}")
-    if args.plan or args.until:
+    if args.plan or args.until or args.only:
         return 0
     print(f"[pipeline] scores: {out / 'scores' / 'scores.md'} and {out / 'scores' / 'scores.png'}")
     curves = sorted((out / "scores").glob("curves-*.png"))   # the score step wrote them (custom_losses.pipeline.plan.curve_files)

@@ -4,7 +4,7 @@
 # Builds the environments first (launch/setup.sh); --plan and --print-config run nothing, so they skip the
 # setup when the environments are there already.
 set -euo pipefail
-USAGE="usage: bash launch/run.sh recipes/pipeline/<one>.yaml [--stages 1,2] [--overlay FILE]... [--set key=value]... [--limit N] [--until STEP] [--plan] [--print-config]"
+USAGE="usage: bash launch/run.sh recipes/pipeline/<one>.yaml [--stages 1,2] [--overlay FILE]... [--set key=value]... [--limit N] [--until STEP] [--only STEP,STEP] [--plan] [--print-config]"
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$MEDKD_ROOT"
 case "${1:-}" in

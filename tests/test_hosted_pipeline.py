@@ -12,6 +12,7 @@ import pytest
 from custom_losses.checks.doctor import run_doctor
 from custom_losses.checks.machine import Machine
 from custom_losses.pipeline.plan import softlabel_teacher, stage_lines, validate_recipe
+from custom_losses.pipeline.steps import PipelineError
 from launch import pipeline
 from prep.paths import REPO_ROOT
 from prep.testing.fault_server import FaultServer
@@ -150,3 +151,48 @@ def test_the_doctor_fails_a_soft_label_teacher_that_returns_no_logprobs(monkeypa
     assert line.count("; fix: ") == 1 and "\n" not in line
     assert "softlabels.top_k is 5" in line and "returned 0 log-probs per position" in line
     assert "lower softlabels.top_k" in line and "logprobs/top_logprobs" in line
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", ["qwen", "foreign"])
+def test_both_hosted_teacher_steps_of_the_1gpu_recipe_run_on_this_box(kind, tmp_path, monkeypatch):
+    """The 1-GPU recipe's API steps against the hosted emulations, as a user's first paid hour would run them
+    (`--only teacher,softlabels`: every paid label on a CPU box before a GPU is rented): stage one's answers from the DashScope-like endpoint, stage
+    two's fresh soft labels from it (same tokenizer, top-5) or from the DeepSeek-like one (foreign, top-20), with
+    stage one's held-out cases as their validation split."""
+    import json
+
+    from datasets import load_from_disk
+
+    from custom_losses.pipeline.run import run_pipeline as run_in_process
+
+    monkeypatch.setenv("DASHSCOPE_API_KEY", "test-key-for-the-fault-server")
+    monkeypatch.setenv("DEEPSEEK_API_KEY", "test-key-for-the-fault-server")
+    with hosted_teacher_server("qwen") as teacher, hosted_teacher_server(kind) as labeller:
+        overrides = [f"out={tmp_path / 'run'}", *CASES, "min_free_disk_gb=1",
+                     f"stage1.teacher_set=[client.base_url={teacher.base_url},client.concurrency=4]",
+                     f"stage2.softlabels_set=[client.base_url={labeller.base_url}]"]
+        if kind == "foreign":
+            overrides.append("stage2.softlabels=recipes/softlabels/deepseek-v3.yaml")
+        with pytest.raises(PipelineError, match="--only softlabels: softlabels reads what teacher writes, which is "
+                                                "not up to date .*add it: --only teacher,softlabels"):
+            run_in_process(RECIPE, overrides, only=["softlabels"])
+        out = run_in_process(RECIPE, overrides, only=["teacher", "softlabels"])
+    softlabels = out / "stage2" / "softlabels"
+    summary = json.loads((softlabels / "summary.json").read_text(encoding="utf-8"))
+    assert summary["answered"] == summary["cases"] == 12 and summary["answers"] == "fresh"
+    assert summary["teacher_tokenizer"] == ("same" if kind == "qwen" else "foreign")
+    assert summary["k"] == (5 if kind == "qwen" else 20) and summary["split_from"] == str(out / "stage1" / "teacher")
+    held_out = {json.loads(line)["id"] for line in
+                (out / "stage1" / "teacher" / "sft" / "valid.jsonl").read_text(encoding="utf-8").splitlines()}
+    assert set(load_from_disk(str(softlabels / "dataset"))["validation"]["id"]) == held_out
+
+
+def test_only_plans_the_named_steps_and_refuses_an_unknown_one(tmp_path, capsys):
+    assert pipeline.main(argv(f"out={tmp_path / 'run'}") + ["--only", "teacher,softlabels"]) == 0
+    steps = [line.split()[0] for line in capsys.readouterr().out.splitlines() if not line.startswith("[pipeline]")]
+    assert steps == ["teacher", "softlabels"]
+    assert pipeline.main(argv(f"out={tmp_path / 'run'}") + ["--only", "teacher,sotflabels"]) == 2
+    err = capsys.readouterr().err
+    assert "no step sotflabels; the steps are teacher, softlabels" in err and err.count("\n") == 1
+    assert pipeline.main(argv(f"out={tmp_path / 'run'}") + ["--only", "teacher", "--until", "sft"]) == 2

@@ -129,6 +129,23 @@ def steps_until(decisions: list[Decision], until: str | None) -> list[Decision]:
     return [decision for decision in decisions if decision.step.rank <= last]
 
 
+def steps_only(decisions: list[Decision], only: list[str] | None) -> list[Decision]:
+    """The decisions of the steps ONLY names (all when None), in the run order. A named step whose input step is
+    neither named nor up to date would read stale or missing outputs: PipelineError naming the step to add."""
+    if only is None:
+        return decisions
+    by_name = {decision.step.name: decision for decision in decisions}
+    unknown = [name for name in only if name not in by_name]
+    if unknown:
+        raise PipelineError(f"--only {','.join(only)}: no step {unknown[0]}; the steps are {', '.join(by_name)}")
+    for name in only:
+        for dep in by_name[name].step.deps:
+            if dep not in only and dep in by_name and by_name[dep].runs:
+                raise PipelineError(f"--only {','.join(only)}: {name} reads what {dep} writes, which is not up to "
+                                    f"date ({by_name[dep].reason}); add it: --only {dep},{','.join(only)}")
+    return [decision for decision in decisions if decision.step.name in only]
+
+
 def run_steps(decisions: list[Decision], logs: Path, stamps: Path, timeout_s: float,
               progress_interval_s: float) -> list[dict]:
     """Run every decision in order, each API step on the server it shares with its neighbours when they serve the
@@ -144,9 +161,10 @@ def run_steps(decisions: list[Decision], logs: Path, stamps: Path, timeout_s: fl
 
 
 def run_pipeline(config: str | Path, overrides: list[str] = (), *, overlays: list[str] = (), plan_only: bool = False,
-                 until: str | None = None, limit: int | None = None) -> Path:
+                 until: str | None = None, limit: int | None = None, only: list[str] | None = None) -> Path:
     """Load the pipeline recipe CONFIG with OVERRIDES, check everything, run every step that is not up to date
-    (up to the step UNTIL); the run folder. PLAN_ONLY prints each step's decision and runs nothing. OVERLAYS are
+    (up to the step UNTIL, or only the steps ONLY names); the run folder. PLAN_ONLY prints each step's decision and
+    runs nothing. OVERLAYS are
     YAML files merged over CONFIG before OVERRIDES (prep.config.compose); LIMIT: a trial on the first LIMIT cases.
 
     Raises RecipeError, InputError, PipelineError, prep.locks.FolderInUse (another pipeline holds the run
@@ -163,15 +181,17 @@ def run_pipeline(config: str | Path, overrides: list[str] = (), *, overlays: lis
         print_stages(recipe)
         print(f"[pipeline] estimate: not priced: {missing_case_files(recipe)}", flush=True)
         return out
+    if until and only:
+        raise PipelineError("--until and --only: give one of them")
     if plan_only:
-        decisions = steps_until(plan_pipeline(recipe, limit), until)
+        decisions = steps_only(steps_until(plan_pipeline(recipe, limit), until), only)
         print_plan(decisions, limit)
         print_stages(recipe)
         print_estimate(recipe, decisions, limit, config, refuse=False)
         return out
     with folder_lock(out, choose="another run folder (out in the recipe, or --set out=...)"):
         logs, stamps = out / "logs", out / "stamps"
-        decisions = steps_until(plan_pipeline(recipe, limit), until)
+        decisions = steps_only(steps_until(plan_pipeline(recipe, limit), until), only)
         running = [decision.step.name for decision in decisions if decision.runs]
         print_stages(recipe)
         estimate = print_estimate(recipe, decisions, limit, config, refuse=True)   # before the first paid step
