@@ -14,7 +14,8 @@ from prep.prompts import load_prompts
 from prep.qwen import IM_END_ID, NEWLINE_ID
 from prep.records import read_cases
 from prep.stages.axolotl_export import axolotl_row, renormalised, save_axolotl_dataset
-from prep.stages.softlabels import SoftLabelSettings, dataset_row
+from prep.stages.softlabel_rows import dataset_row
+from prep.stages.softlabels import SoftLabelSettings
 from prep.tokenizer import chat_token_ids
 from tests.conftest import SAMPLE_CASES
 
@@ -31,7 +32,7 @@ def student(tiny_model_dir):
 
 
 def teacher_rows(tokenizer, count: int = 2, seed: int = 0) -> list[dict]:
-    """dataset/ rows (prep.stages.softlabels.dataset_row) from a synthetic teacher: top-k sorted, the answer token
+    """dataset/ rows (prep.stages.softlabel_rows.dataset_row) from a synthetic teacher: top-k sorted, the answer token
     among them, a spread of confident and uncertain positions."""
     generator = torch.Generator().manual_seed(seed)
     prompts, cases = load_prompts(), read_cases(SAMPLE_CASES).cases

@@ -15,15 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from custom_losses.kd.kd_loss import KDLossConfig, weighted_topk_kd_loss
 from custom_losses.kd.trainer import padded_topk
 from prep.api.endpoint import ChatResult
 from prep.prompts import load_prompts
 from prep.records import Case
 from prep.stages.cross_tokenizer import EXACT, MAPPED, TAIL, Misaligned, aligned_positions
+from prep.stages.softlabel_rows import MASKED_LOGPROB, dataset_row, real_candidates
 from prep.stages.softlabel_tokens import Position, VocabIndex, topk_row
-from prep.stages.softlabels import MASKED_LOGPROB, SoftLabeller, dataset_row, real_candidates, validate_recipe
+from prep.stages.softlabels import SoftLabeller, validate_recipe
 from tests.conftest import REPO_ROOT
+from tests.test_softlabels import row_loss
 
 RECIPE = REPO_ROOT / "recipes" / "softlabels" / "local-tiny-vllm.yaml"
 IM_END, VOCAB = 151645, 152064
@@ -152,18 +153,6 @@ def test_a_qwen_teacher_through_the_foreign_path_gives_the_same_rows_and_loss(te
     assert set(rows["foreign"]["target_kinds"]) == {EXACT}
     losses = [row_loss(dataset_row(rows[name], [], same.softlabels)) for name in ("same", "foreign")]
     assert losses[0] == losses[1]
-
-
-def row_loss(row: dict, support: str = "renorm", hidden_seed: int = 0) -> torch.Tensor:
-    """The KD + CE loss of one dataset row under a fixed random student (hidden states and head)."""
-    generator = torch.Generator().manual_seed(hidden_seed)
-    length = len(row["answer_token_ids"])
-    hidden = torch.randn(length, 16, generator=generator, dtype=torch.float64)
-    weight = torch.randn(VOCAB, 16, generator=generator, dtype=torch.float64) * 0.1
-    ids, logprobs = padded_topk(row["target_token_ids"], row["logprobs"], 20)
-    return weighted_topk_kd_loss(hidden, weight, torch.tensor(row["answer_token_ids"]), ids, logprobs.double(),
-                                 torch.ones(length, dtype=torch.float64),
-                                 KDLossConfig(alpha=0.5, support=support))[0]
 
 
 # ---- rows without filler -------------------------------------------------------------------------------------

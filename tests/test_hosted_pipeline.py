@@ -11,8 +11,9 @@ import pytest
 
 from custom_losses.checks.doctor import run_doctor
 from custom_losses.checks.machine import Machine
-from custom_losses.pipeline.plan import softlabel_teacher, stage_lines, validate_recipe
+from custom_losses.pipeline.plan import validate_recipe
 from custom_losses.pipeline.steps import PipelineError
+from custom_losses.pipeline.teachers import softlabel_teacher, stage_lines
 from launch import pipeline
 from prep.paths import REPO_ROOT
 from prep.testing.fault_server import FaultServer

@@ -12,7 +12,7 @@ import torch
 
 from custom_losses.kd.kd_loss import KDLossConfig, weighted_topk_kd_loss
 from custom_losses.kd.token_weights import TokenWeightConfig
-from custom_losses.kd.trainer import build_kd_features
+from custom_losses.kd.trainer import build_kd_features, padded_topk
 from launch.softlabels import main
 from prep.answers import Answer, answer_json, answer_regex
 from prep.api.pool import ChatClient
@@ -21,8 +21,9 @@ from prep.config import RecipeError, load_recipe
 from prep.prompts import load_prompts
 from prep.records import read_cases
 from prep.stages.fixed_answers import read_answers
+from prep.stages.softlabel_rows import dataset_row
 from prep.stages.softlabel_tokens import ForeignTokenizer, Position, VocabIndex, positions_from_chat, topk_row
-from prep.stages.softlabels import SoftLabelRecipe, dataset_row, validate_recipe
+from prep.stages.softlabels import SoftLabelRecipe, validate_recipe
 from prep.testing.fault_server import FaultServer
 from tests.conftest import REPO_ROOT, SAMPLE_CASES
 from tests.test_axolotl_export import (
@@ -513,8 +514,6 @@ def test_real_rows_without_filler_against_todays_on_the_same_answers(generated):
     """The real tiny teacher's constrained answers: each stored position is today's row (filler kept at the floor)
     minus the filler, in the same order with the same log-probs; the loss on the stored rows equals the loss on
     today's rows with the filler turned into padding, under both supports; under renorm it differs from today's."""
-    from tests.test_cross_tokenizer import row_loss
-
     settings = load_recipe(SoftLabelRecipe, RECIPE, []).softlabels
     cache = {row["id"]: row for row in lines(generated / "cache.jsonl")}
     changed = 0.0
@@ -533,3 +532,15 @@ def test_real_rows_without_filler_against_todays_on_the_same_answers(generated):
             assert row_loss(row, support) == row_loss(as_padding, support)
         changed = max(changed, abs(float(row_loss(row) - row_loss(today))))
     assert changed > 0
+
+
+def row_loss(row: dict, support: str = "renorm", hidden_seed: int = 0) -> torch.Tensor:
+    """The KD + CE loss of one dataset row under a fixed random student (hidden states and head)."""
+    generator = torch.Generator().manual_seed(hidden_seed)
+    length = len(row["answer_token_ids"])
+    hidden = torch.randn(length, 16, generator=generator, dtype=torch.float64)
+    weight = torch.randn(VOCAB, 16, generator=generator, dtype=torch.float64) * 0.1
+    ids, logprobs = padded_topk(row["target_token_ids"], row["logprobs"], 20)
+    return weighted_topk_kd_loss(hidden, weight, torch.tensor(row["answer_token_ids"]), ids, logprobs.double(),
+                                 torch.ones(length, dtype=torch.float64),
+                                 KDLossConfig(alpha=0.5, support=support))[0]

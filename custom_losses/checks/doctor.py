@@ -147,10 +147,10 @@ def check_split(train_cases: str | Path, teacher: Any) -> CheckResult:
 
 
 def check_teacher(role: str, teacher: Any, scores_answers: bool = False, generates: bool = False) -> CheckResult:
-    """A hosted teacher answers now with the key it is given (custom_losses.pipeline.plan.check_teacher; with SCORES_ANSWERS it
+    """A hosted teacher answers now with the key it is given (custom_losses.pipeline.teachers.check_teacher; with SCORES_ANSWERS it
     must also return prompt_logprobs, with GENERATES top_k chat log-probs); a self-hosted one starts with its step."""
-    from custom_losses.pipeline.plan import check_teacher as pipeline_check_teacher
     from custom_losses.pipeline.steps import PipelineError
+    from custom_losses.pipeline.teachers import check_teacher as pipeline_check_teacher
     from prep.api.preflight import EndpointUnreachable
 
     try:

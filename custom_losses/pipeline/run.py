@@ -24,11 +24,11 @@ from custom_losses.pipeline.plan import (
     layout_of,
     missing_case_files,
     plan_pipeline,
-    stage_lines,
     validate_recipe,
 )
 from custom_losses.pipeline.servers import SharedServer, add_starts, step_starts
 from custom_losses.pipeline.steps import Decision, PipelineError, run_decision
+from custom_losses.pipeline.teachers import stage_lines
 from prep.api.process import stderr_silenced
 from prep.config import parse_override
 from prep.jsonio import write_text_atomic
@@ -95,7 +95,7 @@ def print_unkeyed_plan(recipe, limit: int | None, until: str | None) -> None:
 
 
 def print_stages(recipe) -> None:
-    """Whom each stage asks and what stage two can do with that teacher (custom_losses.pipeline.plan.stage_lines), under
+    """Whom each stage asks and what stage two can do with that teacher (custom_losses.pipeline.teachers.stage_lines), under
     the step lines: which teacher is hosted, where stage two's answers come from, the tokenizer, on-policy rounds."""
     for line in stage_lines(recipe):
         print(f"[pipeline] {line}", flush=True)
