@@ -101,6 +101,54 @@ def test_a_foreign_teacher_is_aligned_as_computed_by_hand(vocab, qwen_tokenizer)
     assert rows[1] == ([67, -1, -1, -1], [round(-0.1 - lse(-0.1, -2.5), 5)] + [float("-inf")] * 3)
 
 
+# The toy foreign tokenizer of prep.testing.hosted_teacher (foreign_logprobs(ANSWER_2, 4), log-probs as it gives them):
+# ASCII in 3-byte pieces ({"r | eas | on" | :"), 天 (U+5929, % 5 == 0) split into its lead byte and the rest.
+ANSWER_2 = '{"reason":"天热"}'
+END_2 = [(DEEPSEEK_END, -0.6704), (b"\xe5", -1.4096), ("。".encode(), -2.1027), ("炎症".encode(), -2.7959)]
+FOREIGN_2 = [
+    entry(b'{"r', -0.7641, [(b'{"r', -0.7641), (b"{", -1.3201), (b'{"re', -2.0132), (b"\xe5", -2.7064)]),
+    entry(b"eas", -0.8211, [(b"eas", -0.8211), (b"e", -1.2729), (b"easo", -1.966), (b"\x8b", -2.6592)]),
+    entry(b'on"', -0.3283, [(b'on"', -0.3283), (b"o", -1.9666), (b'on":', -2.6598), (b"\xe5", -3.3529)]),
+    entry(b':"', -0.4365, [(b':"', -0.4365), (b":", -1.7324), (b':"' + "天".encode(), -2.4256), (b"\x8b", -3.1187)]),
+    entry(b"\xe5", -0.9121, [(b"\xe5", -0.9121), ("天".encode(), -1.2068), (b"1", -1.9), ("慢性".encode(), -2.5931)]),
+    entry(b"\xa4\xa9", -0.2643, [(b"\xa4\xa9", -0.2643), (b"\xa4", -2.153), (b"\xa4\xa9" + "热".encode(), -2.8462),
+                                (b"\x8b", -3.5393)]),
+    entry("热".encode(), -0.4585, [("热".encode(), -0.4585), (b"\xe7", -1.6934), ('热"'.encode(), -2.3866),
+                                  (b"\xe5", -3.0797)]),
+    entry(b'"}', -0.4064, [(b'"}', -0.4064), (b'"', -1.79), (b'"}\n', -2.4831), (b"\x8b", -3.1763)]),
+    entry(DEEPSEEK_END, -0.6704, END_2),
+]
+
+
+def test_a_split_character_and_straddling_json_as_computed_by_hand(vocab, qwen_tokenizer):
+    """A second answer: the student's 天 starts at a teacher piece holding only its lead byte; its reason and ":"
+    start inside the teacher's {"r and on"; merges on 天, 热 and {"; the toy server sends these very entries."""
+    from prep.testing.hosted_teacher import foreign_logprobs
+
+    sent = foreign_logprobs(ANSWER_2, 4)
+    assert [bytes(item["bytes"]) for item in sent] == [bytes(item["bytes"]) for item in FOREIGN_2]
+    assert [round(item["logprob"], 4) for item in sent] == [item["logprob"] for item in FOREIGN_2]
+    ids = qwen_tokenizer(ANSWER_2, add_special_tokens=False)["input_ids"] + [IM_END]
+    assert ids == [4913, 19895, 3252, 35727, 99259, 9207, IM_END]            # {" reason ":" 天 热 "} <|im_end|>
+    re_, colon_quote, lead_e5, lead_e7, one, chronic, quote_nl, byte_8b = 265, 788, 161, 163, 16, 108044, 16707, 233
+    z_0 = lse(-0.7641, -2.0132)          # {"r and {"re: what starts with the written {"
+    z_2 = lse(-0.3283, -2.6598)          # on" and on": what starts with the written on
+    expected = [
+        ([4913, 90, lead_e5], [lse(-0.7641, -2.0132), -1.3201, -2.7064], MAPPED),   # {"re -> {" (merged)
+        ([19895, re_], [-0.7641 - z_0, -2.0132 - z_0], MAPPED),                      # { and \xe5 inconsistent
+        ([3252, colon_quote], [-0.3283 - z_2, -2.6598 - z_2], MAPPED),               # on": -> ":
+        ([35727, one, chronic], [lse(-0.9121, -1.2068), -1.9, -2.5931], MAPPED),        # \xe5 (chosen) + 天 merged
+        ([99259, lead_e7, lead_e5], [lse(-0.4585, -2.3866), -1.6934, -3.0797], MAPPED),   # 热" -> 热 merged
+        ([9207, 1, quote_nl, byte_8b], [-0.4064, -1.79, -2.4831, -3.1763], EXACT),
+        ([IM_END, lead_e5, 1773, 110819], [-0.6704, -1.4096, -2.1027, -2.7959], MAPPED),
+    ]
+    positions, kinds = aligned_positions(FOREIGN_2, ANSWER_2, ids, vocab, {DEEPSEEK_END})
+    assert kinds == "".join(kind for _, _, kind in expected)
+    for position, (want_ids, want_logprobs, _) in zip(positions, expected):
+        assert position.ids == want_ids
+        assert position.logprobs == pytest.approx(want_logprobs, abs=1e-12)
+
+
 def test_misaligned_tokens_and_a_missing_end_entry(vocab, qwen_tokenizer):
     """Tokens that spell other text are refused with the byte where they differ; without an end-of-turn entry the
     <|im_end|> position has no soft label (kind t, CE only)."""
