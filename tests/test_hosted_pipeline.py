@@ -155,7 +155,7 @@ def test_the_doctor_fails_a_soft_label_teacher_that_returns_no_logprobs(monkeypa
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("kind", ["qwen", "foreign"])
+@pytest.mark.parametrize("kind", ["qwen"])   # "foreign" passes too (20 s more): its stage path is test_cross_tokenizer's
 def test_both_hosted_teacher_steps_of_the_1gpu_recipe_run_on_this_box(kind, tmp_path, monkeypatch):
     """The 1-GPU recipe's API steps against the hosted emulations, as a user's first paid hour would run them
     (`--only teacher,softlabels`: every paid label on a CPU box before a GPU is rented): stage one's answers from the DashScope-like endpoint, stage
