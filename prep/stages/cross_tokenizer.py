@@ -126,24 +126,39 @@ def _candidates(token: TeacherToken) -> list[tuple[bytes, float, bool]]:
 
 def student_offsets(answer_ids: list[int], vocab: VocabIndex, answer: bytes) -> list[int]:
     """Byte offset of each of the student's answer tokens (the content tokens, without <|im_end|>)."""
-    offsets, at = [], 0
-    for token_id in answer_ids:
-        offsets.append(at)
-        at += len(vocab.bytes_of(token_id))
-    if b"".join(vocab.bytes_of(token_id) for token_id in answer_ids) != answer:
+    pieces = [vocab.bytes_of(token_id) for token_id in answer_ids]
+    if b"".join(pieces) != answer:
         raise Misaligned("the student's tokenizer does not spell the answer byte for byte (it normalises the text)")
+    offsets, at = [], 0
+    for piece in pieces:
+        offsets.append(at)
+        at += len(piece)
     return offsets
+
+
+def _position(target: int, chosen: int | None, candidates: list[tuple[int, float]], exact: bool, shift: float = 0.0,
+              tail: int = 0) -> tuple[Position, str]:
+    """The Position of student token TARGET from its CANDIDATES (student id, teacher log-prob), summed per id in
+    first-seen order, each minus SHIFT; CHOSEN: the id the teacher's own token went to (None: not among them).
+    Its kind: EXACT when EXACT holds and no two candidates shared an id."""
+    mass: dict[int, list[float]] = {}
+    for token_id, logprob in candidates:
+        mass.setdefault(token_id, []).append(logprob)
+    merged = {token_id: _logsumexp(values) - shift for token_id, values in mass.items()}
+    exact = exact and all(len(values) == 1 for values in mass.values())
+    kind = EXACT if exact else (TAIL if set(merged) == {target} else MAPPED)
+    chosen_logprob = merged.get(chosen) if chosen is not None else None
+    return Position(chosen if chosen is not None else target, chosen_logprob, "", list(merged),
+                    list(merged.values()), tail), kind
 
 
 def align_position(token: TeacherToken, written: bytes, student_id: int, student_bytes: bytes,
                    vocab: VocabIndex) -> tuple[Position, str]:
     """The student position whose token (STUDENT_ID, STUDENT_BYTES) starts after WRITTEN, the part of teacher
     TOKEN already written; its Position (student ids, log-probs) and kind (module docstring)."""
-    mass: dict[int, list[float]] = {}
-    order: list[int] = []
+    candidates: list[tuple[int, float]] = []
     consistent: list[float] = []
-    chosen_logprobs: list[float] = []
-    tail = 0
+    tail, chosen_seen = 0, False
     exact = not written and token.raw == student_bytes
     for raw, logprob, chosen in _candidates(token):
         if not raw.startswith(written):
@@ -151,8 +166,7 @@ def align_position(token: TeacherToken, written: bytes, student_id: int, student
         consistent.append(logprob)
         rest = raw[len(written):]
         if chosen:
-            target = student_id
-            chosen_logprobs.append(logprob)
+            target, chosen_seen = student_id, True
         elif not rest:
             tail += 1
             exact = False
@@ -160,16 +174,10 @@ def align_position(token: TeacherToken, written: bytes, student_id: int, student
         else:
             target = vocab.longest_prefix(rest)
             exact = exact and len(vocab.bytes_of(target)) == len(rest)
-        if target not in mass:
-            mass[target] = []
-            order.append(target)
-        mass[target].append(logprob)
+        candidates.append((target, logprob))
     shift = _logsumexp(consistent) if written and consistent else 0.0
-    merged = {target: _logsumexp(values) - shift for target, values in mass.items()}
-    exact = exact and all(len(values) == 1 for values in mass.values())
-    kind = EXACT if exact else (TAIL if set(merged) == {student_id} else MAPPED)
-    chosen_logprob = merged.get(student_id) if chosen_logprobs else None
-    return Position(student_id, chosen_logprob, "", order, [merged[target] for target in order], tail), kind
+    # The teacher's own token has a log-prob unless the API gave none for it (then the student's has none either).
+    return _position(student_id, student_id if chosen_seen else None, candidates, exact, shift, tail)
 
 
 def end_position(token: TeacherToken | None, im_end: int, vocab: VocabIndex,
@@ -179,7 +187,7 @@ def end_position(token: TeacherToken | None, im_end: int, vocab: VocabIndex,
     if token is None:
         return Position(im_end, None, "", [], []), TAIL
 
-    def target_of(raw: bytes) -> int | None:
+    def target_of(raw: bytes) -> int:
         exact = vocab.exact_id(raw)
         if exact is not None:
             return exact
@@ -187,21 +195,9 @@ def end_position(token: TeacherToken | None, im_end: int, vocab: VocabIndex,
             return im_end
         return vocab.longest_prefix(raw)
 
-    mass: dict[int, list[float]] = {}
-    order: list[int] = []
-    exact = True
-    for raw, logprob, _ in _candidates(token):
-        target = target_of(raw)
-        exact = exact and vocab.exact_id(raw) is not None
-        if target not in mass:
-            mass[target] = []
-            order.append(target)
-        mass[target].append(logprob)
-    merged = {target: _logsumexp(values) for target, values in mass.items()}
-    exact = exact and all(len(values) == 1 for values in mass.values())
-    chosen = target_of(token.raw)
-    kind = EXACT if exact else (TAIL if set(merged) == {im_end} else MAPPED)
-    return Position(chosen, merged.get(chosen), "", order, [merged[target] for target in order]), kind
+    listed = _candidates(token)
+    exact = all(vocab.exact_id(raw) is not None for raw, _, _ in listed)
+    return _position(im_end, target_of(token.raw), [(target_of(raw), logprob) for raw, logprob, _ in listed], exact)
 
 
 def aligned_positions(content: list[dict[str, Any]], answer: str, answer_ids: list[int], vocab: VocabIndex,
