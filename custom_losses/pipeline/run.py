@@ -81,17 +81,9 @@ def print_plan(decisions: list[Decision], limit: int | None = None) -> None:
         print(decision.line(width), flush=True)
 
 
-def print_unkeyed_plan(recipe, limit: int | None, until: str | None) -> None:
-    """The steps a run would take, in order, when the case files their keys are made from are not there yet."""
-    steps = build_plan(recipe, limit)
-    names = [step.name for step in steps]
-    if until is not None and until not in names:
-        raise PipelineError(f"--until {until}: no such step; the steps are {', '.join(names)}")
-    last = steps[names.index(until)].rank if until else max(step.rank for step in steps)
-    width = max(len(name) for name in names)
-    for step in steps:
-        if step.rank <= last:
-            print(f"{step.name:<{width}}  run  (its key needs the case files)", flush=True)
+def unkeyed_decisions(recipe, limit: int | None) -> list[Decision]:
+    """Every step, to run, when the case files their keys are made from are not there yet (for --plan only)."""
+    return [Decision(step, "", {}, "its key needs the case files") for step in build_plan(recipe, limit)]
 
 
 def print_stages(recipe) -> None:
@@ -174,20 +166,20 @@ def run_pipeline(config: str | Path, overrides: list[str] = (), *, overlays: lis
     overrides = command_line_paths(list(overrides))
     recipe = validate_recipe(config, overlays, overrides)
     out = layout_of(recipe).out
-    if plan_only and missing_case_files(recipe):
-        # Before the cases are in place the plan still says what would run and whom it asks; keys, up-to-date
-        # decisions and the price need the cases.
-        print_unkeyed_plan(recipe, limit, until)
-        print_stages(recipe)
-        print(f"[pipeline] estimate: not priced: {missing_case_files(recipe)}", flush=True)
-        return out
     if until and only:
         raise PipelineError("--until and --only: give one of them")
     if plan_only:
-        decisions = steps_only(steps_until(plan_pipeline(recipe, limit), until), only)
+        # Before the cases are in place the plan still says what would run and whom it asks; keys, up-to-date
+        # decisions and the price need the cases.
+        missing = missing_case_files(recipe)
+        planned = unkeyed_decisions(recipe, limit) if missing else plan_pipeline(recipe, limit)
+        decisions = steps_only(steps_until(planned, until), only)
         print_plan(decisions, limit)
         print_stages(recipe)
-        print_estimate(recipe, decisions, limit, config, refuse=False)
+        if missing:
+            print(f"[pipeline] estimate: not priced: {missing}", flush=True)
+        else:
+            print_estimate(recipe, decisions, limit, config, refuse=False)
         return out
     with folder_lock(out, choose="another run folder (out in the recipe, or --set out=...)"):
         logs, stamps = out / "logs", out / "stamps"
