@@ -56,6 +56,15 @@ def _byte_to_unicode() -> dict[int, str]:
     return bytes_to_unicode()
 
 
+def token_bytes(tokenizer: Any) -> dict[int, bytes]:
+    """Every token id's exact bytes: a byte-level BPE piece through GPT-2's byte map, an added token as its text's
+    UTF-8. What a hosted API's `bytes` carry, and what the soft-label stage looks teacher tokens up by."""
+    to_byte = {char: byte for byte, char in _byte_to_unicode().items()}
+    added = {token_id: token.content for token_id, token in tokenizer.added_tokens_decoder.items()}
+    return {token_id: added[token_id].encode("utf-8") if token_id in added else bytes(to_byte[char] for char in piece)
+            for piece, token_id in tokenizer.get_vocab().items()}
+
+
 @contextmanager
 def _tiktoken_file_cache_off() -> Iterator[None]:
     """tiktoken keeps a copy of every file it reads under /tmp keyed by the file's *path*, so a ranks file

@@ -15,6 +15,7 @@ from typing import Any
 
 from prep.api.settings import ClientError
 from prep.qwen import END_OF_TEXT, IM_END
+from prep.tokenizer import token_bytes
 
 TOKEN_ID_PREFIX = "token_id:"
 _LOSSY = "\ufffd".encode("utf-8")       # what a byte piece becomes when a server decodes it on its own
@@ -38,16 +39,10 @@ class VocabIndex:
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
         self.im_end = tokenizer.convert_tokens_to_ids(IM_END)
         self.end_ids = {self.im_end, tokenizer.convert_tokens_to_ids(END_OF_TEXT)}
-        from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-        to_byte = {char: byte for byte, char in bytes_to_unicode().items()}
-        added = {token_id: token.content for token_id, token in tokenizer.added_tokens_decoder.items()}
+        id_bytes = token_bytes(tokenizer)
         by_bytes: dict[bytes, int | None] = {}
-        id_bytes: dict[int, bytes] = {}
-        for piece, token_id in tokenizer.get_vocab().items():
-            raw = added[token_id].encode("utf-8") if token_id in added else bytes(to_byte[char] for char in piece)
+        for token_id, raw in id_bytes.items():
             by_bytes[raw] = None if raw in by_bytes else token_id   # a collision would make bytes ambiguous
-            id_bytes[token_id] = raw
         self.by_bytes, self.id_bytes = by_bytes, id_bytes
         self.longest = max(len(raw) for raw in by_bytes)
 

@@ -31,6 +31,7 @@ from typing import Any
 
 from prep.qwen import END_OF_TEXT_ID, IM_END_ID
 from prep.testing.fault_server import FaultServer, StatusError, default_answer
+from prep.tokenizer import token_bytes
 
 KINDS = ("qwen", "foreign")
 TOP_LOGPROBS_CAPS = {"qwen": 5, "foreign": 20}          # DashScope's and DeepSeek's limits
@@ -181,21 +182,14 @@ class QwenPieces:
     """Qwen2.5 token ids as a hosted API shows them: lossy text and exact bytes."""
 
     def __init__(self, tokenizer: Any):
-        from transformers.convert_slow_tokenizer import bytes_to_unicode
-
         self.tokenizer = tokenizer
-        self._to_byte = {char: byte for byte, char in bytes_to_unicode().items()}
-        self._added = {token_id: token.content for token_id, token in tokenizer.added_tokens_decoder.items()}
+        self._bytes = token_bytes(tokenizer)
         self._cache: dict[int, tuple[str, bytes]] = {}
 
     def piece(self, token_id: int) -> tuple[str, bytes]:
         """(lossy text, exact bytes) of one id; ("", b"") for an id the tokenizer lacks (a padded model row)."""
         if token_id not in self._cache:
-            if token_id in self._added:
-                raw = self._added[token_id].encode("utf-8")
-            else:
-                symbol = self.tokenizer.convert_ids_to_tokens(token_id)
-                raw = bytes(self._to_byte[char] for char in symbol) if symbol is not None else b""
+            raw = self._bytes.get(token_id, b"")
             self._cache[token_id] = (self.tokenizer.decode([token_id]) if raw else "", raw)
         return self._cache[token_id]
 

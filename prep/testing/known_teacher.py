@@ -42,6 +42,7 @@ from typing import Any
 from prep.answers import Answer, answer_json
 from prep.paths import REPO_ROOT
 from prep.qwen import IM_END_ID
+from prep.tokenizer import token_bytes
 
 TABLE_PATH = REPO_ROOT / "data" / "known_teacher" / "findings.json"
 DEFAULT_MODEL = "known-teacher"
@@ -133,7 +134,7 @@ class KnownTeacher:
         self.user_header = encode("<|im_start|>user\n")
         self._encode = encode
         self._random = random.Random(0)
-        self._to_byte = _byte_table()
+        self._bytes = token_bytes(tokenizer)
         self._candidates: dict[str, list[Candidate]] = {}
 
     def candidates(self, case_text: str) -> list[Candidate]:
@@ -169,10 +170,7 @@ class KnownTeacher:
         return {"token": text, "logprob": logprob, "bytes": list(raw)}
 
     def _token_bytes(self, token: int) -> bytes:
-        piece = self.tokenizer.convert_ids_to_tokens(token)
-        if token in self.tokenizer.added_tokens_decoder:
-            return piece.encode("utf-8")
-        return bytes(self._to_byte[char] for char in piece)
+        return self._bytes[token]
 
     def chat_body(self, request: dict[str, Any], received: int) -> dict[str, Any]:
         """A chat completion: one sampled candidate, with logprobs when asked."""
@@ -299,12 +297,6 @@ def _user_turn(ids: list[int], header: tuple[int, ...]) -> list[int]:
         return []
     rest = ids[start:]
     return rest[:rest.index(IM_END_ID)] if IM_END_ID in rest else rest
-
-
-def _byte_table() -> dict[str, int]:
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    return {char: byte for byte, char in bytes_to_unicode().items()}
 
 
 def known_teacher_server(tokenizer: Any = None, table: FindingsTable | None = None, model: str = DEFAULT_MODEL,
