@@ -24,12 +24,17 @@ from prep.stages.teacher import split_ids
 MASKED_LOGPROB = -1000.0
 
 
+def is_filler(logprob: float | None) -> bool:
+    """A cache entry a structured-output constraint forbade (vLLM's -9999); padding (None) is not filler."""
+    return logprob is not None and logprob <= MASKED_LOGPROB
+
+
 def real_candidates(ids: list[int], logprobs: list[float | None], floor: float,
                     keep_filler: bool = False) -> tuple[list[int], list[float]]:
     """One position's stored candidates: without padding (id -1, log-prob null) and without filler (tokens a
     structured-output constraint forbids, reported at -9999; KEEP_FILLER keeps them), raised to FLOOR."""
     kept = [(token_id, max(lp, floor)) for token_id, lp in zip(ids, logprobs)
-            if token_id >= 0 and lp is not None and (keep_filler or lp > MASKED_LOGPROB)]
+            if token_id >= 0 and lp is not None and (keep_filler or not is_filler(lp))]
     return [token_id for token_id, _ in kept], [lp for _, lp in kept]
 
 
@@ -120,7 +125,7 @@ def derive_outputs(labeller: Any, cases: list[Case], out: Path,
         if labeller.settings.axolotl_export:   # Axolotl's kernel wants k slots: the filler stays there (see below)
             export_rows.append(dataset_row(row, messages, labeller.settings, agreement, keep_filler=True))
         dropped += row["dropped"]
-        filler += sum(lp is not None and lp <= MASKED_LOGPROB for lps in row["logprobs"] for lp in lps)
+        filler += sum(is_filler(lp) for lps in row["logprobs"] for lp in lps)
         position_kinds.update(rows[-1]["target_kinds"])
         endoftext_stops += row.get("chosen_end") not in (None, labeller.vocab.im_end)
     for failure in failed or []:
